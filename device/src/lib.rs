@@ -1,0 +1,6 @@
+//! `cap-device`: cap's model runtime. Model configuration, the tokenizer, the forward
+//! pass (generic over how a linear layer is stored) and perplexity scoring. `no_std` +
+//! `alloc`, so the same code runs on the host, on a Linux board and bare metal.
+#![cfg_attr(not(feature = "std"), no_std)]
+
+extern crate alloc;

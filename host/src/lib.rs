@@ -1,0 +1,2 @@
+//! `cap-host`: cap's host-side toolchain (import, evaluation, and later decomposition,
+//! budget search and packing). The binary `cap-host` is a thin CLI over this library.

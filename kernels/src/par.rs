@@ -1,0 +1,39 @@
+//! Data parallelism that degrades to a plain loop without `std`.
+
+/// Runs `f(i, chunk)` for every `chunk_len`-sized chunk of `data` (the last may be
+/// shorter), on up to `threads` threads when `std` is enabled.
+pub fn for_each_chunk<T: Send, F>(data: &mut [T], chunk_len: usize, threads: usize, f: F)
+where
+    F: Fn(usize, &mut [T]) + Sync + Send,
+{
+    assert!(chunk_len > 0, "chunk_len must be positive");
+    #[cfg(feature = "std")]
+    if threads > 1 {
+        use rayon::prelude::*;
+        data.par_chunks_mut(chunk_len).enumerate().for_each(|(i, c)| f(i, c));
+        return;
+    }
+    let _ = threads;
+    for (i, c) in data.chunks_mut(chunk_len).enumerate() {
+        f(i, c);
+    }
+}
+
+/// Sets the number of worker threads used by every parallel kernel in this process.
+/// Only the first call has an effect (the pool is global); returns whether it did.
+#[cfg(feature = "std")]
+pub fn init_threads(threads: usize) -> bool {
+    rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build_global().is_ok()
+}
+
+/// Number of worker threads the parallel kernels use.
+pub fn current_threads() -> usize {
+    #[cfg(feature = "std")]
+    {
+        rayon::current_num_threads()
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        1
+    }
+}

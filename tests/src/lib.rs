@@ -1,0 +1,1 @@
+//! Shared helpers for cap's end-to-end tests.
