@@ -1,0 +1,204 @@
+//! Model weights, generic over how a linear layer is stored.
+//!
+//! Weight convention (one for every source; importers convert): a linear layer maps
+//! `x ∈ R^in` to `W·x ∈ R^out` with `W` stored row-major `out × in` (PyTorch's
+//! `nn.Linear.weight`), and q/k rows are in Hugging Face order, where RoPE rotates the
+//! pairs `(i, i + head_dim/2)` of each head ("rotate half"). GGUF files interleave the
+//! pairs instead; the GGUF importer un-permutes their q/k rows.
+
+use alloc::vec::Vec;
+
+use cap_kernels::gemm::{MatMut, MatRef, matmul};
+
+use crate::config::Config;
+
+/// A linear layer `y = x·Wᵀ` applied to a batch of token rows.
+///
+/// The forward pass is generic over this trait so the same code runs dense weights,
+/// compressed (low-rank + sparse) weights and, during the budget search, masked ones.
+pub trait Linear: Sync {
+    /// Input width.
+    fn in_features(&self) -> usize;
+    /// Output width.
+    fn out_features(&self) -> usize;
+    /// Writes `y[t×out] = x[t×in]·Wᵀ` for `t = x.len() / in` rows, using up to
+    /// `threads` threads. `y`'s previous contents are ignored.
+    fn forward(&self, x: &[f32], y: &mut [f32], threads: usize);
+}
+
+/// A dense `f32` weight, row-major `out × in`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DenseLinear {
+    /// The weights, `out_features · in_features` values.
+    pub weight: Vec<f32>,
+    /// Output width (rows).
+    pub out_features: usize,
+    /// Input width (columns).
+    pub in_features: usize,
+}
+
+impl DenseLinear {
+    /// Wraps a row-major `out × in` weight; `None` if the length does not match.
+    pub fn new(weight: Vec<f32>, out_features: usize, in_features: usize) -> Option<Self> {
+        (out_features.checked_mul(in_features) == Some(weight.len())).then_some(DenseLinear {
+            weight,
+            out_features,
+            in_features,
+        })
+    }
+}
+
+/// `y[t×out] = x[t×in]·Wᵀ` for a row-major `out × in` weight slice.
+pub fn dense_forward(weight: &[f32], out_f: usize, in_f: usize, x: &[f32], y: &mut [f32], threads: usize) {
+    let t = x.len() / in_f;
+    assert!(x.len() == t * in_f && y.len() == t * out_f, "linear shape mismatch");
+    let w = MatRef::row_major(weight, out_f, in_f).t();
+    matmul(&mut MatMut::row_major(y, t, out_f), MatRef::row_major(x, t, in_f), w, 1.0, 0.0, threads);
+}
+
+impl Linear for DenseLinear {
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+    fn forward(&self, x: &[f32], y: &mut [f32], threads: usize) {
+        dense_forward(&self.weight, self.out_features, self.in_features, x, y, threads);
+    }
+}
+
+/// One transformer block: pre-norm attention, then pre-norm SwiGLU MLP.
+#[derive(Clone, Debug)]
+pub struct Block<L> {
+    /// RMSNorm weight before attention.
+    pub attn_norm: Vec<f32>,
+    /// Query projection (`q_dim × hidden`).
+    pub q: L,
+    /// Key projection (`kv_dim × hidden`).
+    pub k: L,
+    /// Value projection (`kv_dim × hidden`).
+    pub v: L,
+    /// Output projection (`hidden × q_dim`).
+    pub o: L,
+    /// Biases of q, k, v (Qwen2), in that order.
+    pub qkv_bias: Option<[Vec<f32>; 3]>,
+    /// RMSNorm weight before the MLP.
+    pub mlp_norm: Vec<f32>,
+    /// MLP gate projection (`intermediate × hidden`).
+    pub gate: L,
+    /// MLP up projection (`intermediate × hidden`).
+    pub up: L,
+    /// MLP down projection (`hidden × intermediate`).
+    pub down: L,
+}
+
+impl<L> Block<L> {
+    /// The block's linear layers with their conventional names, in a fixed order.
+    pub fn linears(&self) -> [(&'static str, &L); 7] {
+        [
+            ("q", &self.q),
+            ("k", &self.k),
+            ("v", &self.v),
+            ("o", &self.o),
+            ("gate", &self.gate),
+            ("up", &self.up),
+            ("down", &self.down),
+        ]
+    }
+}
+
+/// The output projection to vocabulary logits.
+#[derive(Clone, Debug)]
+pub enum Head<L> {
+    /// Reuses the token embedding matrix (`vocab × hidden`).
+    Tied,
+    /// A separate `vocab × hidden` layer.
+    Separate(L),
+}
+
+/// A complete decoder-only model.
+#[derive(Clone, Debug)]
+pub struct Model<L> {
+    /// Hyper-parameters.
+    pub config: Config,
+    /// Token embedding, row-major `vocab × hidden`.
+    pub embed: Vec<f32>,
+    /// The transformer blocks.
+    pub blocks: Vec<Block<L>>,
+    /// Final RMSNorm weight.
+    pub norm: Vec<f32>,
+    /// Output head.
+    pub head: Head<L>,
+}
+
+/// Why a set of weights does not form a valid model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShapeError(pub alloc::string::String);
+
+impl core::fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<L: Linear> Model<L> {
+    /// Checks every tensor's shape against the config.
+    pub fn validate(&self) -> Result<(), ShapeError> {
+        use alloc::format;
+        let c = &self.config;
+        c.validate().map_err(|e| ShapeError(e.into()))?;
+        let h = c.hidden_size;
+        let err = |what: &str| Err(ShapeError(what.into()));
+        if self.embed.len() != c.vocab_size * h {
+            return err("token embedding is not vocab × hidden");
+        }
+        if self.norm.len() != h {
+            return err("final norm is not hidden wide");
+        }
+        if self.blocks.len() != c.n_layers {
+            return err("number of blocks differs from the layer count");
+        }
+        if let Head::Separate(l) = &self.head {
+            if (l.out_features(), l.in_features()) != (c.vocab_size, h) {
+                return err("output head is not vocab × hidden");
+            }
+        }
+        let i = c.intermediate_size;
+        for (n, b) in self.blocks.iter().enumerate() {
+            let want = [
+                (c.q_dim(), h),
+                (c.kv_dim(), h),
+                (c.kv_dim(), h),
+                (h, c.q_dim()),
+                (i, h),
+                (i, h),
+                (h, i),
+            ];
+            for ((name, l), w) in b.linears().iter().zip(want) {
+                if (l.out_features(), l.in_features()) != w {
+                    return Err(ShapeError(format!(
+                        "block {n}: {name} is {}×{}, expected {}×{}",
+                        l.out_features(),
+                        l.in_features(),
+                        w.0,
+                        w.1
+                    )));
+                }
+            }
+            if b.attn_norm.len() != h || b.mlp_norm.len() != h {
+                return Err(ShapeError(format!("block {n}: norm weights are not hidden wide")));
+            }
+            match (&b.qkv_bias, c.qkv_bias) {
+                (Some([bq, bk, bv]), true) => {
+                    if bq.len() != c.q_dim() || bk.len() != c.kv_dim() || bv.len() != c.kv_dim() {
+                        return Err(ShapeError(format!("block {n}: q/k/v bias widths are wrong")));
+                    }
+                }
+                (None, false) => {}
+                _ => return Err(ShapeError(format!("block {n}: q/k/v biases disagree with the config"))),
+            }
+        }
+        Ok(())
+    }
+}

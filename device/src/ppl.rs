@@ -1,0 +1,146 @@
+//! Perplexity the way the field reports it, in two protocols.
+//!
+//! * [`Protocol::Standard`] (SparseGPT/Wanda): the token stream is cut into
+//!   non-overlapping windows of `ctx` tokens (the tail is dropped); every token of a
+//!   window but its first is scored; PPL = exp(mean NLL).
+//! * [`Protocol::LlamaCpp`] (llama.cpp's `llama-perplexity`): same windows, but when the
+//!   tokenizer adds a BOS the window's first token is replaced by BOS, and only the second
+//!   half of each window is scored (tokens `ctx/2 + 1 .. ctx`, so every scored token has
+//!   at least `ctx/2` tokens of context); the PPL comes with a standard error.
+
+use alloc::vec::Vec;
+
+use crate::forward::{ForwardError, Runner};
+use crate::model::Linear;
+
+/// A perplexity protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// SparseGPT/Wanda: all but the first token of each window scored.
+    Standard,
+    /// llama.cpp: BOS-led windows (when the model adds BOS), second half scored.
+    LlamaCpp,
+}
+
+impl Protocol {
+    /// The protocol's name as used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Standard => "standard",
+            Protocol::LlamaCpp => "llama-cpp",
+        }
+    }
+
+    /// Index of the first position whose *logits* are scored in a window of `ctx`.
+    pub fn first_scored(self, ctx: usize) -> usize {
+        match self {
+            Protocol::Standard => 0,
+            Protocol::LlamaCpp => ctx / 2,
+        }
+    }
+}
+
+/// Sums over the scored tokens of one or more windows.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct NllStats {
+    /// Σ NLL (nats).
+    pub sum: f64,
+    /// Σ NLL².
+    pub sum_sq: f64,
+    /// Number of scored tokens.
+    pub count: usize,
+}
+
+impl NllStats {
+    /// Adds another set of scored tokens.
+    pub fn merge(&mut self, o: &NllStats) {
+        self.sum += o.sum;
+        self.sum_sq += o.sum_sq;
+        self.count += o.count;
+    }
+    /// Mean NLL.
+    pub fn mean(&self) -> f64 {
+        self.sum / self.count as f64
+    }
+    /// exp(mean NLL).
+    pub fn ppl(&self) -> f64 {
+        libm::exp(self.mean())
+    }
+    /// llama.cpp's standard error of the PPL: `ppl · sqrt(var(NLL)/(n−1))`.
+    pub fn ppl_stderr(&self) -> Option<f64> {
+        if self.count < 2 {
+            return None;
+        }
+        let n = self.count as f64;
+        let var = self.sum_sq / n - self.mean() * self.mean();
+        (var > 0.0).then(|| libm::sqrt(var / (n - 1.0)) * self.ppl())
+    }
+}
+
+/// The windows a protocol evaluates: `(start, ctx)` ranges over the token stream,
+/// at most `max_windows` of them.
+pub fn windows(n_tokens: usize, ctx: usize, max_windows: Option<usize>) -> Vec<core::ops::Range<usize>> {
+    let n = if ctx == 0 { 0 } else { n_tokens / ctx };
+    let n = max_windows.map_or(n, |m| n.min(m));
+    (0..n).map(|i| i * ctx..(i + 1) * ctx).collect()
+}
+
+/// Scores one window: runs it from position 0 and returns the NLL stats of the tokens
+/// the protocol scores. `bos` replaces the first token under [`Protocol::LlamaCpp`].
+pub fn score_window<L: Linear>(
+    runner: &Runner<'_, L>,
+    window: &[u32],
+    protocol: Protocol,
+    bos: Option<u32>,
+) -> Result<NllStats, ForwardError> {
+    let mut toks = window.to_vec();
+    if let (Protocol::LlamaCpp, Some(b), Some(first)) = (protocol, bos, toks.first_mut()) {
+        *first = b;
+    }
+    let mut kv = runner.new_cache();
+    let mut hidden = Vec::new();
+    runner.forward(&toks, &mut kv, &mut hidden)?;
+    let first = protocol.first_scored(window.len());
+    let h = runner.model().config.hidden_size;
+    let scored_end = window.len().saturating_sub(1);
+    if first >= scored_end {
+        return Ok(NllStats::default());
+    }
+    let nll = runner.nll(&hidden[first * h..scored_end * h], &window[first + 1..]);
+    let mut s = NllStats::default();
+    for v in nll {
+        s.sum += v;
+        s.sum_sq += v * v;
+        s.count += 1;
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_drop_the_tail() {
+        assert_eq!(windows(10, 4, None), alloc::vec![0..4, 4..8]);
+        assert_eq!(windows(10, 4, Some(1)), alloc::vec![0..4]);
+        assert!(windows(3, 4, None).is_empty());
+    }
+
+    #[test]
+    fn stderr_matches_closed_form() {
+        // NLLs 1 and 3: mean 2, population variance 1, stderr = e² · sqrt(1/1).
+        let s = NllStats { sum: 4.0, sum_sq: 10.0, count: 2 };
+        assert!((s.ppl() - 2f64.exp()).abs() < 1e-12);
+        assert!((s.ppl_stderr().unwrap() - 2f64.exp()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn llama_cpp_scores_the_second_half() {
+        // ctx 512: llama.cpp scores n_ctx - 1 - n_ctx/2 = 255 tokens.
+        let ctx = 512;
+        let first = Protocol::LlamaCpp.first_scored(ctx);
+        assert_eq!(ctx - 1 - first, 255);
+        assert_eq!(ctx - 1 - Protocol::Standard.first_scored(ctx), 511);
+    }
+}
