@@ -4,3 +4,11 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 
 extern crate alloc;
+
+pub mod config;
+pub mod forward;
+pub mod model;
+pub mod ppl;
+
+#[cfg(test)]
+mod forward_tests;
