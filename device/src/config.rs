@@ -108,16 +108,19 @@ impl Config {
         if self.vocab_size == 0 || self.hidden_size == 0 || self.n_layers == 0 {
             return Err("vocabulary, hidden size and layer count must be positive");
         }
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             return Err("query heads must be a positive multiple of key/value heads");
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err("head dimension must be positive and even (RoPE rotates pairs)");
         }
-        if let RopeScaling::FreqFactors(f) = &self.rope_scaling {
-            if f.len() != self.head_dim / 2 {
-                return Err("rope frequency factors must have head_dim/2 entries");
-            }
+        if let RopeScaling::FreqFactors(f) = &self.rope_scaling
+            && f.len() != self.head_dim / 2
+        {
+            return Err("rope frequency factors must have head_dim/2 entries");
         }
         Ok(())
     }
@@ -132,14 +135,21 @@ impl Config {
         match &self.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::FreqFactors(f) => base.iter().zip(f).map(|(b, f)| b / f).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position,
+            } => {
                 let low_wavelen = original_max_position / low_freq_factor;
                 let high_wavelen = original_max_position / high_freq_factor;
                 base.iter()
                     .map(|&f| {
                         let wavelen = 2.0 * core::f32::consts::PI / f;
                         let scaled = if wavelen > low_wavelen { f / factor } else { f };
-                        let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                        // HF's `~(w < high) & ~(w > low)`; the wavelengths are finite, so this is
+                        // the closed band [high, low].
+                        let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                         if medium {
                             let smooth = (original_max_position / wavelen - low_freq_factor)
                                 / (high_freq_factor - low_freq_factor);

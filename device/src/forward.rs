@@ -47,7 +47,10 @@ impl core::fmt::Display for ForwardError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             ForwardError::ContextFull { capacity, needed } => {
-                write!(f, "context full: the KV cache holds {capacity} tokens, {needed} needed")
+                write!(
+                    f,
+                    "context full: the KV cache holds {capacity} tokens, {needed} needed"
+                )
             }
             ForwardError::TokenOutOfRange { token, vocab } => {
                 write!(f, "token id {token} is outside the vocabulary of {vocab}")
@@ -147,7 +150,11 @@ impl<'m, L: Linear> Runner<'m, L> {
     /// Prepares to run `model` for contexts of up to `max_ctx` tokens on `threads` threads.
     pub fn new(model: &'m Model<L>, max_ctx: usize, threads: usize) -> Self {
         let rope = RopeTable::new(&model.config.rope_inv_freq(), max_ctx);
-        Runner { model, rope, threads: threads.max(1) }
+        Runner {
+            model,
+            rope,
+            threads: threads.max(1),
+        }
     }
 
     /// The model being run.
@@ -158,18 +165,30 @@ impl<'m, L: Linear> Runner<'m, L> {
     /// A KV cache sized for this runner's maximum context.
     pub fn new_cache(&self) -> KvCache {
         let c = &self.model.config;
-        KvCache::new(c.n_layers, c.kv_dim(), self.rope.cos.len() / self.rope.half.max(1))
+        KvCache::new(
+            c.n_layers,
+            c.kv_dim(),
+            self.rope.cos.len() / self.rope.half.max(1),
+        )
     }
 
     /// Feeds `tokens` at the positions following those already in `kv` and writes the
     /// final (normalized) hidden state of each into `hidden` (`tokens × hidden_size`).
-    pub fn forward(&self, tokens: &[u32], kv: &mut KvCache, hidden: &mut Vec<f32>) -> Result<(), ForwardError> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        kv: &mut KvCache,
+        hidden: &mut Vec<f32>,
+    ) -> Result<(), ForwardError> {
         let c = &self.model.config;
         let (t, h) = (tokens.len(), c.hidden_size);
         let pos0 = kv.len;
         let needed = pos0 + t;
         if needed > kv.capacity {
-            return Err(ForwardError::ContextFull { capacity: kv.capacity, needed });
+            return Err(ForwardError::ContextFull {
+                capacity: kv.capacity,
+                needed,
+            });
         }
         if let Some(w) = c.sliding_window.filter(|&w| needed > w) {
             return Err(ForwardError::BeyondSlidingWindow { window: w });
@@ -178,7 +197,10 @@ impl<'m, L: Linear> Runner<'m, L> {
         for (row, &tok) in x.chunks_exact_mut(h).zip(tokens) {
             let id = tok as usize;
             if id >= c.vocab_size {
-                return Err(ForwardError::TokenOutOfRange { token: tok, vocab: c.vocab_size });
+                return Err(ForwardError::TokenOutOfRange {
+                    token: tok,
+                    vocab: c.vocab_size,
+                });
             }
             row.copy_from_slice(&self.model.embed[id * h..(id + 1) * h]);
         }
@@ -201,8 +223,15 @@ impl<'m, L: Linear> Runner<'m, L> {
                 add_bias(&mut k, bk);
                 add_bias(&mut v, bv);
             }
-            for (i, (qr, kr)) in q.chunks_exact_mut(qd).zip(k.chunks_exact_mut(kvd)).enumerate() {
-                for head in qr.chunks_exact_mut(c.head_dim).chain(kr.chunks_exact_mut(c.head_dim)) {
+            for (i, (qr, kr)) in q
+                .chunks_exact_mut(qd)
+                .zip(k.chunks_exact_mut(kvd))
+                .enumerate()
+            {
+                for head in qr
+                    .chunks_exact_mut(c.head_dim)
+                    .chain(kr.chunks_exact_mut(c.head_dim))
+                {
                     self.rope.apply(head, pos0 + i);
                 }
             }
@@ -241,23 +270,56 @@ impl<'m, L: Linear> Runner<'m, L> {
             let (r0, r1) = (blk * ATTN_BLOCK, ((blk + 1) * ATTN_BLOCK).min(t));
             let (rows, keys) = (r1 - r0, pos0 + r1);
             let g = head / group;
-            let qv = MatRef { data: &q[r0 * qd + head * hd..], rows, cols: hd, row_stride: qd, col_stride: 1 };
-            let kv = MatRef { data: &kc[g * hd..], rows: keys, cols: hd, row_stride: kvd, col_stride: 1 };
-            let vv = MatRef { data: &vc[g * hd..], rows: keys, cols: hd, row_stride: kvd, col_stride: 1 };
+            let qv = MatRef {
+                data: &q[r0 * qd + head * hd..],
+                rows,
+                cols: hd,
+                row_stride: qd,
+                col_stride: 1,
+            };
+            let kv = MatRef {
+                data: &kc[g * hd..],
+                rows: keys,
+                cols: hd,
+                row_stride: kvd,
+                col_stride: 1,
+            };
+            let vv = MatRef {
+                data: &vc[g * hd..],
+                rows: keys,
+                cols: hd,
+                row_stride: kvd,
+                col_stride: 1,
+            };
             let mut s = vec![0.0f32; rows * keys];
-            matmul(&mut MatMut::row_major(&mut s, rows, keys), qv, kv.t(), scale, 0.0, 1);
+            matmul(
+                &mut MatMut::row_major(&mut s, rows, keys),
+                qv,
+                kv.t(),
+                scale,
+                0.0,
+                1,
+            );
             for (i, row) in s.chunks_exact_mut(keys).enumerate() {
                 let visible = pos0 + r0 + i + 1;
                 ops::softmax(&mut row[..visible]);
                 row[visible..].fill(0.0);
             }
             let sv = MatRef::row_major(&s, rows, keys);
-            matmul(&mut MatMut::row_major(&mut chunk[..rows * hd], rows, hd), sv, vv, 1.0, 0.0, 1);
+            matmul(
+                &mut MatMut::row_major(&mut chunk[..rows * hd], rows, hd),
+                sv,
+                vv,
+                1.0,
+                0.0,
+                1,
+            );
         });
         for head in 0..c.n_heads {
             let src = &ho[head * blocks * ATTN_BLOCK * hd..];
             for i in 0..t {
-                out[i * qd + head * hd..i * qd + (head + 1) * hd].copy_from_slice(&src[i * hd..(i + 1) * hd]);
+                out[i * qd + head * hd..i * qd + (head + 1) * hd]
+                    .copy_from_slice(&src[i * hd..(i + 1) * hd]);
             }
         }
     }
@@ -266,7 +328,14 @@ impl<'m, L: Linear> Runner<'m, L> {
     pub fn logits(&self, hidden: &[f32], logits: &mut [f32]) {
         let c = &self.model.config;
         match &self.model.head {
-            Head::Tied => dense_forward(&self.model.embed, c.vocab_size, c.hidden_size, hidden, logits, self.threads),
+            Head::Tied => dense_forward(
+                &self.model.embed,
+                c.vocab_size,
+                c.hidden_size,
+                hidden,
+                logits,
+                self.threads,
+            ),
             Head::Separate(l) => l.forward(hidden, logits, self.threads),
         }
     }
@@ -278,7 +347,10 @@ impl<'m, L: Linear> Runner<'m, L> {
         assert_eq!(hidden.len(), targets.len() * h, "one hidden row per target");
         let mut out = Vec::with_capacity(targets.len());
         let mut logits = vec![0.0f32; LOGIT_BLOCK * vocab];
-        for (hrows, trows) in hidden.chunks(LOGIT_BLOCK * h).zip(targets.chunks(LOGIT_BLOCK)) {
+        for (hrows, trows) in hidden
+            .chunks(LOGIT_BLOCK * h)
+            .zip(targets.chunks(LOGIT_BLOCK))
+        {
             let lg = &mut logits[..trows.len() * vocab];
             self.logits(hrows, lg);
             let mut nll = vec![0.0f64; trows.len()];

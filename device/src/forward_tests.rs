@@ -11,7 +11,10 @@ use crate::model::{Block, DenseLinear, Head, Model};
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.4
     }
     fn vec(&mut self, n: usize) -> Vec<f32> {
@@ -59,19 +62,36 @@ fn random_model(c: Config, seed: u64) -> Model<DenseLinear> {
             down: r.lin(h, i),
         })
         .collect();
-    let head = if c.tie_embeddings { Head::Tied } else { Head::Separate(r.lin(c.vocab_size, h)) };
-    Model { embed: r.vec(c.vocab_size * h), norm: r.vec(h).iter().map(|v| 1.0 + v).collect(), blocks, head, config: c }
+    let head = if c.tie_embeddings {
+        Head::Tied
+    } else {
+        Head::Separate(r.lin(c.vocab_size, h))
+    };
+    Model {
+        embed: r.vec(c.vocab_size * h),
+        norm: r.vec(h).iter().map(|v| 1.0 + v).collect(),
+        blocks,
+        head,
+        config: c,
+    }
 }
 
 fn matvec(w: &DenseLinear, x: &[f64]) -> Vec<f64> {
     (0..w.out_features)
-        .map(|o| (0..w.in_features).map(|i| w.weight[o * w.in_features + i] as f64 * x[i]).sum())
+        .map(|o| {
+            (0..w.in_features)
+                .map(|i| w.weight[o * w.in_features + i] as f64 * x[i])
+                .sum()
+        })
         .collect()
 }
 
 fn rms(x: &[f64], w: &[f32], eps: f64) -> Vec<f64> {
     let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
-    x.iter().zip(w).map(|(v, w)| v / (ms + eps).sqrt() * *w as f64).collect()
+    x.iter()
+        .zip(w)
+        .map(|(v, w)| v / (ms + eps).sqrt() * *w as f64)
+        .collect()
 }
 
 /// Logits of every position, computed one token at a time.
@@ -93,13 +113,18 @@ fn naive_logits(m: &Model<DenseLinear>, tokens: &[u32]) -> Vec<Vec<f64>> {
     let mut vals: Vec<Vec<Vec<f64>>> = vec![Vec::new(); c.n_layers];
     let mut out = Vec::new();
     for (pos, &t) in tokens.iter().enumerate() {
-        let mut x: Vec<f64> = m.embed[t as usize * h..(t as usize + 1) * h].iter().map(|&v| v as f64).collect();
+        let mut x: Vec<f64> = m.embed[t as usize * h..(t as usize + 1) * h]
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
         for (l, b) in m.blocks.iter().enumerate() {
             let xn = rms(&x, &b.attn_norm, c.rms_eps as f64);
             let (mut q, mut k, mut v) = (matvec(&b.q, &xn), matvec(&b.k, &xn), matvec(&b.v, &xn));
             if let Some([bq, bk, bv]) = &b.qkv_bias {
                 for (a, bias) in [(&mut q, bq), (&mut k, bk), (&mut v, bv)] {
-                    a.iter_mut().zip(bias.iter()).for_each(|(a, b)| *a += *b as f64);
+                    a.iter_mut()
+                        .zip(bias.iter())
+                        .for_each(|(a, b)| *a += *b as f64);
                 }
             }
             rope(&mut q, pos);
@@ -112,7 +137,13 @@ fn naive_logits(m: &Model<DenseLinear>, tokens: &[u32]) -> Vec<Vec<f64>> {
                 let qh = &q[head * hd..(head + 1) * hd];
                 let s: Vec<f64> = keys[l]
                     .iter()
-                    .map(|k| qh.iter().zip(&k[g * hd..(g + 1) * hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt())
+                    .map(|k| {
+                        qh.iter()
+                            .zip(&k[g * hd..(g + 1) * hd])
+                            .map(|(a, b)| a * b)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
                     .collect();
                 let mx = s.iter().cloned().fold(f64::MIN, f64::max);
                 let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
@@ -127,7 +158,11 @@ fn naive_logits(m: &Model<DenseLinear>, tokens: &[u32]) -> Vec<Vec<f64>> {
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let xn = rms(&x, &b.mlp_norm, c.rms_eps as f64);
             let (g, u) = (matvec(&b.gate, &xn), matvec(&b.up, &xn));
-            let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let act: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
             let d = matvec(&b.down, &act);
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
         }
@@ -168,7 +203,10 @@ fn check(model: &Model<DenseLinear>, threads: usize) {
     }
     // NLLs from the blocked scorer equal -log softmax of the reference logits.
     let targets: Vec<u32> = tokens[1..].to_vec();
-    let nll = runner.nll(&hidden[..(tokens.len() - 1) * model.config.hidden_size], &targets);
+    let nll = runner.nll(
+        &hidden[..(tokens.len() - 1) * model.config.hidden_size],
+        &targets,
+    );
     for (p, (n, &t)) in nll.iter().zip(&targets).enumerate() {
         let row = &want[p];
         let mx = row.iter().cloned().fold(f64::MIN, f64::max);
@@ -189,7 +227,12 @@ fn qwen2_biases_untied_head_two_threads() {
 
 #[test]
 fn llama3_rope_scaling() {
-    let s = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position: 64.0 };
+    let s = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position: 64.0,
+    };
     let m = random_model(config(false, true, s), 3);
     // With these numbers the three bands (kept, smoothed, divided) all occur.
     let base = config(false, true, RopeScaling::None).rope_inv_freq();
@@ -205,8 +248,22 @@ fn context_overflow_is_an_error() {
     let runner = Runner::new(&m, 4, 1);
     let mut kv = runner.new_cache();
     let mut h = Vec::new();
-    let e = runner.forward(&[1, 2, 3, 4, 5], &mut kv, &mut h).unwrap_err();
-    assert_eq!(e, crate::forward::ForwardError::ContextFull { capacity: 4, needed: 5 });
+    let e = runner
+        .forward(&[1, 2, 3, 4, 5], &mut kv, &mut h)
+        .unwrap_err();
+    assert_eq!(
+        e,
+        crate::forward::ForwardError::ContextFull {
+            capacity: 4,
+            needed: 5
+        }
+    );
     let e = runner.forward(&[99], &mut kv, &mut h).unwrap_err();
-    assert_eq!(e, crate::forward::ForwardError::TokenOutOfRange { token: 99, vocab: 50 });
+    assert_eq!(
+        e,
+        crate::forward::ForwardError::TokenOutOfRange {
+            token: 99,
+            vocab: 50
+        }
+    );
 }

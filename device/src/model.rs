@@ -49,11 +49,28 @@ impl DenseLinear {
 }
 
 /// `y[t×out] = x[t×in]·Wᵀ` for a row-major `out × in` weight slice.
-pub fn dense_forward(weight: &[f32], out_f: usize, in_f: usize, x: &[f32], y: &mut [f32], threads: usize) {
+pub fn dense_forward(
+    weight: &[f32],
+    out_f: usize,
+    in_f: usize,
+    x: &[f32],
+    y: &mut [f32],
+    threads: usize,
+) {
     let t = x.len() / in_f;
-    assert!(x.len() == t * in_f && y.len() == t * out_f, "linear shape mismatch");
+    assert!(
+        x.len() == t * in_f && y.len() == t * out_f,
+        "linear shape mismatch"
+    );
     let w = MatRef::row_major(weight, out_f, in_f).t();
-    matmul(&mut MatMut::row_major(y, t, out_f), MatRef::row_major(x, t, in_f), w, 1.0, 0.0, threads);
+    matmul(
+        &mut MatMut::row_major(y, t, out_f),
+        MatRef::row_major(x, t, in_f),
+        w,
+        1.0,
+        0.0,
+        threads,
+    );
 }
 
 impl Linear for DenseLinear {
@@ -64,7 +81,14 @@ impl Linear for DenseLinear {
         self.out_features
     }
     fn forward(&self, x: &[f32], y: &mut [f32], threads: usize) {
-        dense_forward(&self.weight, self.out_features, self.in_features, x, y, threads);
+        dense_forward(
+            &self.weight,
+            self.out_features,
+            self.in_features,
+            x,
+            y,
+            threads,
+        );
     }
 }
 
@@ -159,10 +183,10 @@ impl<L: Linear> Model<L> {
         if self.blocks.len() != c.n_layers {
             return err("number of blocks differs from the layer count");
         }
-        if let Head::Separate(l) = &self.head {
-            if (l.out_features(), l.in_features()) != (c.vocab_size, h) {
-                return err("output head is not vocab × hidden");
-            }
+        if let Head::Separate(l) = &self.head
+            && (l.out_features(), l.in_features()) != (c.vocab_size, h)
+        {
+            return err("output head is not vocab × hidden");
         }
         let i = c.intermediate_size;
         for (n, b) in self.blocks.iter().enumerate() {
@@ -187,16 +211,24 @@ impl<L: Linear> Model<L> {
                 }
             }
             if b.attn_norm.len() != h || b.mlp_norm.len() != h {
-                return Err(ShapeError(format!("block {n}: norm weights are not hidden wide")));
+                return Err(ShapeError(format!(
+                    "block {n}: norm weights are not hidden wide"
+                )));
             }
             match (&b.qkv_bias, c.qkv_bias) {
                 (Some([bq, bk, bv]), true) => {
                     if bq.len() != c.q_dim() || bk.len() != c.kv_dim() || bv.len() != c.kv_dim() {
-                        return Err(ShapeError(format!("block {n}: q/k/v bias widths are wrong")));
+                        return Err(ShapeError(format!(
+                            "block {n}: q/k/v bias widths are wrong"
+                        )));
                     }
                 }
                 (None, false) => {}
-                _ => return Err(ShapeError(format!("block {n}: q/k/v biases disagree with the config"))),
+                _ => {
+                    return Err(ShapeError(format!(
+                        "block {n}: q/k/v biases disagree with the config"
+                    )));
+                }
             }
         }
         Ok(())

@@ -79,8 +79,12 @@ impl NllStats {
 
 /// The windows a protocol evaluates: `(start, ctx)` ranges over the token stream,
 /// at most `max_windows` of them.
-pub fn windows(n_tokens: usize, ctx: usize, max_windows: Option<usize>) -> Vec<core::ops::Range<usize>> {
-    let n = if ctx == 0 { 0 } else { n_tokens / ctx };
+pub fn windows(
+    n_tokens: usize,
+    ctx: usize,
+    max_windows: Option<usize>,
+) -> Vec<core::ops::Range<usize>> {
+    let n = n_tokens.checked_div(ctx).unwrap_or(0);
     let n = max_windows.map_or(n, |m| n.min(m));
     (0..n).map(|i| i * ctx..(i + 1) * ctx).collect()
 }
@@ -130,7 +134,11 @@ mod tests {
     #[test]
     fn stderr_matches_closed_form() {
         // NLLs 1 and 3: mean 2, population variance 1, stderr = e² · sqrt(1/1).
-        let s = NllStats { sum: 4.0, sum_sq: 10.0, count: 2 };
+        let s = NllStats {
+            sum: 4.0,
+            sum_sq: 10.0,
+            count: 2,
+        };
         assert!((s.ppl() - 2f64.exp()).abs() < 1e-12);
         assert!((s.ppl_stderr().unwrap() - 2f64.exp()).abs() < 1e-12);
     }

@@ -39,7 +39,13 @@ pub struct MatMut<'a> {
 impl<'a> MatRef<'a> {
     /// A contiguous row-major `rows × cols` matrix.
     pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        MatRef { data, rows, cols, row_stride: cols, col_stride: 1 }
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
     }
 
     /// The transposed view (no data moves).
@@ -60,18 +66,36 @@ impl<'a> MatRef<'a> {
     }
 
     fn covers(&self) -> bool {
-        covers(self.data.len(), self.rows, self.cols, self.row_stride, self.col_stride)
+        covers(
+            self.data.len(),
+            self.rows,
+            self.cols,
+            self.row_stride,
+            self.col_stride,
+        )
     }
 }
 
 impl<'a> MatMut<'a> {
     /// A contiguous row-major `rows × cols` matrix.
     pub fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
-        MatMut { data, rows, cols, row_stride: cols, col_stride: 1 }
+        MatMut {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
     }
 
     fn covers(&self) -> bool {
-        covers(self.data.len(), self.rows, self.cols, self.row_stride, self.col_stride)
+        covers(
+            self.data.len(),
+            self.rows,
+            self.cols,
+            self.row_stride,
+            self.col_stride,
+        )
     }
 }
 
@@ -104,8 +128,14 @@ pub fn matmul_ref(c: &mut MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, alpha: f32, 
 }
 
 fn check_shapes(c: &MatMut<'_>, a: &MatRef<'_>, b: &MatRef<'_>) {
-    assert!(a.rows == c.rows && b.cols == c.cols && a.cols == b.rows, "matmul shape mismatch");
-    assert!(a.covers() && b.covers() && c.covers(), "matmul view out of bounds");
+    assert!(
+        a.rows == c.rows && b.cols == c.cols && a.cols == b.rows,
+        "matmul shape mismatch"
+    );
+    assert!(
+        a.covers() && b.covers() && c.covers(),
+        "matmul view out of bounds"
+    );
 }
 
 /// `C = alpha·A·B + beta·C` with `f32` accumulation; `threads` bounds the parallelism
@@ -114,7 +144,14 @@ fn check_shapes(c: &MatMut<'_>, a: &MatRef<'_>, b: &MatRef<'_>) {
 ///
 /// Panics if the shapes disagree or a view does not fit its buffer: callers build views
 /// from their own tensors, so a mismatch is a bug, not bad input.
-pub fn matmul(c: &mut MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, alpha: f32, beta: f32, threads: usize) {
+pub fn matmul(
+    c: &mut MatMut<'_>,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    alpha: f32,
+    beta: f32,
+    threads: usize,
+) {
     check_shapes(c, &a, &b);
     if c.rows == 0 || c.cols == 0 {
         return;
@@ -122,7 +159,11 @@ pub fn matmul(c: &mut MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, alpha: f32, beta
     #[cfg(feature = "std")]
     {
         use gemm::{Parallelism, gemm};
-        let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
+        let par = if threads > 1 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        };
         // SAFETY: `check_shapes` proved that every element addressed through the strides
         // lies inside the borrowed slices, and `c` is borrowed mutably so it cannot alias
         // `a` or `b`.
@@ -179,7 +220,9 @@ mod tests {
     use alloc::vec::Vec;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     }
 
@@ -190,13 +233,24 @@ mod tests {
         let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
         let b: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
         let c0: Vec<f32> = (0..m * n).map(|_| lcg(&mut s)).collect();
-        let bv = if transpose_b { MatRef::row_major(&b, n, k).t() } else { MatRef::row_major(&b, k, n) };
+        let bv = if transpose_b {
+            MatRef::row_major(&b, n, k).t()
+        } else {
+            MatRef::row_major(&b, k, n)
+        };
         let av = MatRef::row_major(&a, m, k);
         let mut want = c0.clone();
         matmul_ref(&mut MatMut::row_major(&mut want, m, n), av, bv, 0.5, beta);
         for threads in [1, 2] {
             let mut got = c0.clone();
-            matmul(&mut MatMut::row_major(&mut got, m, n), av, bv, 0.5, beta, threads);
+            matmul(
+                &mut MatMut::row_major(&mut got, m, n),
+                av,
+                bv,
+                0.5,
+                beta,
+                threads,
+            );
             let tol = 1e-6 * (k as f32 + 1.0);
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= tol, "m={m} n={n} k={k} got {g} want {w}");
@@ -211,7 +265,15 @@ mod tests {
 
     #[test]
     fn matches_reference_on_awkward_shapes() {
-        for &(m, n, k) in &[(1, 1, 1), (0, 3, 2), (3, 0, 2), (1, 7, 0), (5, 17, 33), (64, 63, 65), (129, 31, 200)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (0, 3, 2),
+            (3, 0, 2),
+            (1, 7, 0),
+            (5, 17, 33),
+            (64, 63, 65),
+            (129, 31, 200),
+        ] {
             for tb in [false, true] {
                 for beta in [0.0, 1.0] {
                     check(m, n, k, tb, beta);
@@ -226,7 +288,20 @@ mod tests {
         let a = [0.0f32; 5];
         let b = [0.0f32; 6];
         let mut c = [0.0f32; 4];
-        let av = MatRef { data: &a, rows: 2, cols: 3, row_stride: 3, col_stride: 1 };
-        matmul(&mut MatMut::row_major(&mut c, 2, 2), av, MatRef::row_major(&b, 3, 2), 1.0, 0.0, 1);
+        let av = MatRef {
+            data: &a,
+            rows: 2,
+            cols: 3,
+            row_stride: 3,
+            col_stride: 1,
+        };
+        matmul(
+            &mut MatMut::row_major(&mut c, 2, 2),
+            av,
+            MatRef::row_major(&b, 3, 2),
+            1.0,
+            0.0,
+            1,
+        );
     }
 }

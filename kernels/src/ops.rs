@@ -8,7 +8,10 @@
 /// `out = weight * x / sqrt(mean(x²) + eps)`.
 pub fn rms_norm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
     let d = weight.len();
-    assert!(d > 0 && x.len() == out.len() && x.len() % d == 0, "rms_norm shape mismatch");
+    assert!(
+        d > 0 && x.len() == out.len() && x.len().is_multiple_of(d),
+        "rms_norm shape mismatch"
+    );
     for (o, r) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
         let ss: f32 = r.iter().map(|v| v * v).sum::<f32>() / d as f32;
         let inv = 1.0 / libm::sqrtf(ss + eps);
@@ -60,7 +63,10 @@ pub fn log_sum_exp(row: &[f32]) -> f64 {
 /// (pairs `(i, i + d/2)`) to one head vector `x` of width `2·cos.len()`.
 pub fn rope_rotate_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = cos.len();
-    assert!(x.len() == 2 * half && sin.len() == half, "rope shape mismatch");
+    assert!(
+        x.len() == 2 * half && sin.len() == half,
+        "rope shape mismatch"
+    );
     let (a, b) = x.split_at_mut(half);
     for i in 0..half {
         let (x0, x1) = (a[i], b[i]);

@@ -10,7 +10,9 @@ where
     #[cfg(feature = "std")]
     if threads > 1 {
         use rayon::prelude::*;
-        data.par_chunks_mut(chunk_len).enumerate().for_each(|(i, c)| f(i, c));
+        data.par_chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
         return;
     }
     let _ = threads;
@@ -23,7 +25,10 @@ where
 /// Only the first call has an effect (the pool is global); returns whether it did.
 #[cfg(feature = "std")]
 pub fn init_threads(threads: usize) -> bool {
-    rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build_global().is_ok()
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build_global()
+        .is_ok()
 }
 
 /// Number of worker threads the parallel kernels use.
