@@ -8,7 +8,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use cap_kernels::gemm::{MatMut, MatRef, matmul};
-use cap_kernels::{ops, par};
+use cap_kernels::{ops, par, vexp};
 
 use crate::model::{Head, Linear, Model, dense_forward};
 
@@ -245,7 +245,7 @@ impl<'m, L: Linear> Runner<'m, L> {
             ops::rms_norm(&mut xn, &x, &b.mlp_norm, c.rms_eps);
             b.gate.forward(&xn, &mut gate, self.threads);
             b.up.forward(&xn, &mut up, self.threads);
-            ops::silu_mul(&mut gate, &up);
+            vexp::silu_mul(&mut gate, &up);
             b.down.forward(&gate, &mut tmp, self.threads);
             add_into(&mut x, &tmp);
         }
@@ -302,7 +302,7 @@ impl<'m, L: Linear> Runner<'m, L> {
             );
             for (i, row) in s.chunks_exact_mut(keys).enumerate() {
                 let visible = pos0 + r0 + i + 1;
-                ops::softmax(&mut row[..visible]);
+                vexp::softmax(&mut row[..visible]);
                 row[visible..].fill(0.0);
             }
             let sv = MatRef::row_major(&s, rows, keys);
@@ -356,7 +356,7 @@ impl<'m, L: Linear> Runner<'m, L> {
             let mut nll = vec![0.0f64; trows.len()];
             par::for_each_chunk(&mut nll, 1, self.threads, |i, o| {
                 let row = &lg[i * vocab..(i + 1) * vocab];
-                o[0] = ops::log_sum_exp(row) - row[trows[i] as usize] as f64;
+                o[0] = vexp::log_sum_exp(row) - row[trows[i] as usize] as f64;
             });
             out.extend_from_slice(&nll);
         }

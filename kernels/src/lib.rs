@@ -10,5 +10,13 @@ extern crate alloc;
 pub mod gemm;
 pub mod ops;
 pub mod par;
+pub mod vexp;
+
+/// Whether `CAP_FORCE_SCALAR=1` asks for the scalar reference kernels (checked once).
+#[cfg(feature = "std")]
+pub fn force_scalar() -> bool {
+    static FORCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCE.get_or_init(|| std::env::var_os("CAP_FORCE_SCALAR").is_some_and(|v| v == "1"))
+}
 
 pub use gemm::{MatMut, MatRef};
