@@ -1,1 +1,0 @@
-//! Shared helpers for cap's end-to-end tests.
