@@ -9,6 +9,7 @@ pub mod config;
 pub mod forward;
 pub mod model;
 pub mod ppl;
+pub mod tokenizer;
 
 #[cfg(test)]
 mod forward_tests;

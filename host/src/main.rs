@@ -57,6 +57,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Token ids of a text under a model's tokenizer (one JSON array).
+    Tokenize {
+        /// A GGUF file or a Hugging Face checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The text (UTF-8).
+        #[arg(long)]
+        text: PathBuf,
+        /// Prepend BOS when the tokenizer adds one.
+        #[arg(long)]
+        add_special: bool,
+    },
     /// Architecture, dimensions, parameter counts and bytes per tensor group of a model.
     Inspect {
         /// A GGUF file or a Hugging Face checkpoint directory.
@@ -97,7 +109,16 @@ fn progress_bar(len: u64, what: &str) -> ProgressBar {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Eval { model, text, ctx, protocol, max_windows, wikitext, threads, json } => {
+        Command::Eval {
+            model,
+            text,
+            ctx,
+            protocol,
+            max_windows,
+            wikitext,
+            threads,
+            json,
+        } => {
             let protocol = match protocol {
                 ProtocolArg::Standard => Protocol::Standard,
                 ProtocolArg::LlamaCpp => Protocol::LlamaCpp,
@@ -106,18 +127,33 @@ fn run(cli: Cli) -> Result<()> {
                 Protocol::Standard => 2048,
                 Protocol::LlamaCpp => 512,
             });
-            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             cap_kernels::par::init_threads(threads);
             let body = read_text(&text, wikitext)?;
             let ck = Checkpoint::open(&model)?;
             let tokenizer = ck.tokenizer()?;
-            let m = ck.load_model().with_context(|| format!("loading {}", model.display()))?;
-            let opts = EvalOptions { ctx, protocol, max_windows, threads };
+            let m = ck
+                .load_model()
+                .with_context(|| format!("loading {}", model.display()))?;
+            let opts = EvalOptions {
+                ctx,
+                protocol,
+                max_windows,
+                threads,
+            };
             let pb = progress_bar(0, "eval");
-            let report = evaluate(&m, &tokenizer, &body, &text.display().to_string(), &opts, |done, total| {
-                pb.set_length(total as u64);
-                pb.set_position(done as u64);
-            })?;
+            let report = evaluate(
+                &m,
+                &tokenizer,
+                &body,
+                &text.display().to_string(),
+                &opts,
+                |done, total| {
+                    pb.set_length(total as u64);
+                    pb.set_position(done as u64);
+                },
+            )?;
             pb.finish_and_clear();
             if json {
                 let mut v = serde_json::to_value(&report)?;
@@ -126,12 +162,33 @@ fn run(cli: Cli) -> Result<()> {
                 v["wikitext"] = wikitext.into();
                 println!("{v}");
             } else {
-                let err = report.ppl_stderr.map(|e| format!(" ± {e:.4}")).unwrap_or_default();
+                let err = report
+                    .ppl_stderr
+                    .map(|e| format!(" ± {e:.4}"))
+                    .unwrap_or_default();
                 println!(
                     "PPL {:.4}{err}  ({} protocol, ctx {}, {} windows, {} tokens scored, {:.1} tokens/s, {} threads)",
-                    report.ppl, report.protocol, report.ctx, report.windows, report.tokens_scored, report.tokens_per_s, report.threads
+                    report.ppl,
+                    report.protocol,
+                    report.ctx,
+                    report.windows,
+                    report.tokens_scored,
+                    report.tokens_per_s,
+                    report.threads
                 );
             }
+        }
+        Command::Tokenize {
+            model,
+            text,
+            add_special,
+        } => {
+            let body = read_text(&text, false)?;
+            let tokenizer = Checkpoint::open(&model)?.tokenizer()?;
+            println!(
+                "{}",
+                serde_json::to_string(&tokenizer.encode(&body, add_special))?
+            );
         }
         Command::Inspect { path, json } => {
             let ck = Checkpoint::open(&path)?;

@@ -1,0 +1,192 @@
+//! Helpers shared by the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `../shared/data` beside the checkout.
+pub fn shared_data() -> PathBuf {
+    root().join("../shared/data")
+}
+
+/// WikiText-2 raw validation text.
+pub fn wikitext_valid() -> PathBuf {
+    shared_data().join("wikitext-2-raw/wiki.valid.raw")
+}
+
+/// The real test model (SmolLM2-135M-Instruct Q4_1), or `None` when the run opted out
+/// with `CAP_SKIP_MODEL_TESTS=1`. A missing model is a failure, not a silent pass.
+pub fn real_model() -> Option<PathBuf> {
+    if std::env::var_os("CAP_SKIP_MODEL_TESTS").is_some_and(|v| v == "1") {
+        eprintln!("SKIPPED: CAP_SKIP_MODEL_TESTS=1, real-model test not run");
+        return None;
+    }
+    let path = std::env::var_os("CAP_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            home.join(".cache/cap/model/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        path.exists(),
+        "test model {} is missing: run scripts/fetch-model.sh (or set CAP_MODEL, or CAP_SKIP_MODEL_TESTS=1 to skip)",
+        path.display()
+    );
+    Some(path)
+}
+
+/// Runs the `cap-host` binary; returns (exit code, stdout, stderr).
+pub fn cap_host(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cap-host"))
+        .args(args)
+        .output()
+        .expect("run cap-host");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A GGUF metadata value for [`gguf_bytes`].
+pub enum Kv {
+    /// u32 (type 4).
+    U32(u32),
+    /// f32 (type 6).
+    F32(f32),
+    /// string (type 8).
+    Str(&'static str),
+    /// array of strings.
+    Strs(Vec<String>),
+}
+
+/// Serializes a GGUF v3 file: metadata, then tensors `(name, dims, ggml type id, data)`
+/// aligned to 32 bytes. Data lengths are the caller's business (bad files are the point).
+pub fn gguf_bytes(kv: &[(&str, Kv)], tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) -> Vec<u8> {
+    fn s(b: &mut Vec<u8>, s: &str) {
+        b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        b.extend_from_slice(s.as_bytes());
+    }
+    let mut b = Vec::new();
+    b.extend_from_slice(b"GGUF");
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    b.extend_from_slice(&(kv.len() as u64).to_le_bytes());
+    for (k, v) in kv {
+        s(&mut b, k);
+        match v {
+            Kv::U32(x) => {
+                b.extend_from_slice(&4u32.to_le_bytes());
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+            Kv::F32(x) => {
+                b.extend_from_slice(&6u32.to_le_bytes());
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+            Kv::Str(x) => {
+                b.extend_from_slice(&8u32.to_le_bytes());
+                s(&mut b, x);
+            }
+            Kv::Strs(xs) => {
+                b.extend_from_slice(&9u32.to_le_bytes());
+                b.extend_from_slice(&8u32.to_le_bytes());
+                b.extend_from_slice(&(xs.len() as u64).to_le_bytes());
+                for x in xs {
+                    s(&mut b, x);
+                }
+            }
+        }
+    }
+    let mut offset = 0u64;
+    let mut offsets = Vec::new();
+    for (_, _, _, data) in tensors {
+        offsets.push(offset);
+        offset += (data.len() as u64).div_ceil(32) * 32;
+    }
+    for ((name, dims, ty, _), off) in tensors.iter().zip(&offsets) {
+        s(&mut b, name);
+        b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims {
+            b.extend_from_slice(&d.to_le_bytes());
+        }
+        b.extend_from_slice(&ty.to_le_bytes());
+        b.extend_from_slice(&off.to_le_bytes());
+    }
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    for (_, _, _, data) in tensors {
+        b.extend_from_slice(data);
+        while b.len() % 32 != 0 {
+            b.push(0);
+        }
+    }
+    b
+}
+
+/// A complete one-layer LLaMA GGUF (hidden 8, 2 heads, vocab 256 byte tokens) with F32
+/// zeros for weights, whose `blk.0.ffn_up.weight` has the GGML type `up_type` (and the
+/// right byte length for it when known). `arch` sets `general.architecture`.
+pub fn tiny_llama_gguf(arch: &'static str, up_type: u32, up_bytes: usize) -> Vec<u8> {
+    let (h, inter, vocab) = (8u64, 256u64, 256u64);
+    let f32s = |n: u64| vec![0u8; n as usize * 4];
+    let mut kv = vec![
+        ("general.architecture", Kv::Str(arch)),
+        ("llama.block_count", Kv::U32(1)),
+        ("llama.context_length", Kv::U32(64)),
+        ("llama.embedding_length", Kv::U32(h as u32)),
+        ("llama.feed_forward_length", Kv::U32(inter as u32)),
+        ("llama.attention.head_count", Kv::U32(2)),
+        ("llama.attention.head_count_kv", Kv::U32(2)),
+        ("llama.attention.layer_norm_rms_epsilon", Kv::F32(1e-5)),
+        ("llama.rope.freq_base", Kv::F32(10000.0)),
+        ("tokenizer.ggml.model", Kv::Str("gpt2")),
+        ("tokenizer.ggml.pre", Kv::Str("default")),
+    ];
+    // GPT-2 byte-level vocabulary: the 256 byte symbols.
+    let toks: Vec<String> = (0..=255u8).map(|b| gpt2_byte_char(b).to_string()).collect();
+    kv.push(("tokenizer.ggml.tokens", Kv::Strs(toks)));
+    let t = vec![
+        ("token_embd.weight", vec![h, vocab], 0, f32s(h * vocab)),
+        ("output_norm.weight", vec![h], 0, f32s(h)),
+        ("blk.0.attn_norm.weight", vec![h], 0, f32s(h)),
+        ("blk.0.attn_q.weight", vec![h, h], 0, f32s(h * h)),
+        ("blk.0.attn_k.weight", vec![h, h], 0, f32s(h * h)),
+        ("blk.0.attn_v.weight", vec![h, h], 0, f32s(h * h)),
+        ("blk.0.attn_output.weight", vec![h, h], 0, f32s(h * h)),
+        ("blk.0.ffn_norm.weight", vec![h], 0, f32s(h)),
+        ("blk.0.ffn_gate.weight", vec![h, inter], 0, f32s(h * inter)),
+        (
+            "blk.0.ffn_up.weight",
+            vec![h, inter],
+            up_type,
+            vec![0u8; up_bytes],
+        ),
+        ("blk.0.ffn_down.weight", vec![inter, h], 0, f32s(h * inter)),
+    ];
+    gguf_bytes(&kv, &t)
+}
+
+/// GPT-2's printable stand-in for a byte (the `bytes_to_unicode` table).
+pub fn gpt2_byte_char(b: u8) -> char {
+    let direct =
+        (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    if direct {
+        return b as char;
+    }
+    let mut n = 0u32;
+    for x in 0..b {
+        let d =
+            (b'!'..=b'~').contains(&x) || (0xA1..=0xAC).contains(&x) || (0xAE..=0xFF).contains(&x);
+        if !d {
+            n += 1;
+        }
+    }
+    char::from_u32(256 + n).unwrap()
+}

@@ -1,0 +1,267 @@
+//! The forward pass on the real model (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to
+//! f32) against the PyTorch + transformers reference numbers committed under
+//! tests/reference/ (made by scripts/reference/reference_eval.py).
+//!
+//! By default the per-window comparisons cover the first windows of WikiText-2
+//! validation (CI has 2 cores); `CAP_FULL_EVAL=1` runs every window and also compares
+//! the whole-text perplexity.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use cap_device::forward::Runner;
+use cap_device::model::{DenseLinear, Model};
+use cap_device::ppl::{NllStats, Protocol, score_window, windows};
+use cap_device::tokenizer::Tokenizer;
+use cap_host::import::Checkpoint;
+use serde_json::Value;
+
+/// Relative tolerance on per-window mean NLL and on perplexity (the 0.1%).
+/// Both sides compute in f32 with different summation orders; the observed differences
+/// are orders of magnitude below this.
+const NLL_REL_TOL: f64 = 1e-3;
+/// Absolute tolerance on logits: f32 rounding through 30 layers, logits of order 10.
+const LOGIT_ABS_TOL: f32 = 1e-3;
+
+fn reference_dir() -> PathBuf {
+    common::root().join("tests/reference/smollm2-135m-instruct-q4_1")
+}
+
+fn reference(name: &str) -> Value {
+    let p = reference_dir().join(name);
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
+}
+
+struct Loaded {
+    model: Model<DenseLinear>,
+    tokenizer: Tokenizer,
+    tokens: Vec<u32>,
+}
+
+/// The model, tokenizer and tokenized WikiText-2 validation text, loaded once.
+fn loaded() -> Option<&'static Loaded> {
+    static L: OnceLock<Option<Loaded>> = OnceLock::new();
+    L.get_or_init(|| {
+        let path = common::real_model()?;
+        let ck = Checkpoint::open(&path).expect("open model");
+        let tokenizer = ck.tokenizer().expect("tokenizer");
+        let model = ck.load_model().expect("load model");
+        let text = std::fs::read_to_string(common::wikitext_valid()).expect("read wiki.valid.raw");
+        let tokens = tokenizer.encode(&text, true);
+        Some(Loaded {
+            model,
+            tokenizer,
+            tokens,
+        })
+    })
+    .as_ref()
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[test]
+fn tokens_match_the_reference_tokenization() {
+    // The whole WikiText-2 validation text, against Hugging Face `tokenizers` with
+    // SmolLM2's original pre-tokenizer (digits isolated, then byte-level BPE).
+    use sha2::Digest;
+    let Some(l) = loaded() else { return };
+    let r = reference("tokens.json");
+    assert_eq!(l.tokens.len() as u64, r["n_tokens"].as_u64().unwrap());
+    let ids = |k: &str| -> Vec<u32> {
+        r[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let (first, last) = (ids("first"), ids("last"));
+    assert_eq!(&l.tokens[..first.len()], &first[..]);
+    assert_eq!(&l.tokens[l.tokens.len() - last.len()..], &last[..]);
+    let bytes: Vec<u8> = l.tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+    let sha = format!("{:x}", sha2::Sha256::digest(&bytes));
+    assert_eq!(sha, r["sha256_u32le"].as_str().unwrap());
+    // Byte-level BPE is lossless.
+    let text = std::fs::read_to_string(common::wikitext_valid()).unwrap();
+    assert!(
+        l.tokenizer.decode(&l.tokens) == text,
+        "decode(encode(text)) differs from the text"
+    );
+}
+
+fn check_windows(ctx: usize, default_windows: usize) {
+    let Some(l) = loaded() else { return };
+    let r = reference(&format!("eval_ctx{ctx}.json"));
+    let want: Vec<f64> = r["window_nll_mean"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let full = std::env::var_os("CAP_FULL_EVAL").is_some_and(|v| v == "1");
+    let n = if full {
+        want.len()
+    } else {
+        default_windows.min(want.len())
+    };
+    let wins = windows(l.tokens.len(), ctx, Some(n));
+    assert_eq!(
+        windows(l.tokens.len(), ctx, None).len(),
+        want.len(),
+        "window count differs from the reference"
+    );
+    let runner = Runner::new(&l.model, ctx, threads());
+    let mut total = NllStats::default();
+    for (i, w) in wins.iter().enumerate() {
+        let s = score_window(&runner, &l.tokens[w.clone()], Protocol::Standard, None).unwrap();
+        assert_eq!(s.count, ctx - 1);
+        let rel = (s.mean() - want[i]).abs() / want[i];
+        eprintln!(
+            "ctx {ctx} window {i}: cap {:.6} reference {:.6} (rel {rel:.2e})",
+            s.mean(),
+            want[i]
+        );
+        assert!(
+            rel < NLL_REL_TOL,
+            "ctx {ctx} window {i}: cap {} vs reference {}",
+            s.mean(),
+            want[i]
+        );
+        total.merge(&s);
+    }
+    let want_ppl = if full {
+        r["ppl"].as_f64().unwrap()
+    } else {
+        (want[..n].iter().sum::<f64>() / n as f64).exp()
+    };
+    let rel = (total.ppl() - want_ppl).abs() / want_ppl;
+    eprintln!(
+        "ctx {ctx}, {n} windows: PPL cap {:.4} reference {want_ppl:.4} (rel {rel:.2e})",
+        total.ppl()
+    );
+    assert!(rel < NLL_REL_TOL);
+}
+
+#[test]
+fn window_nlls_match_reference_ctx512() {
+    check_windows(512, 4);
+}
+
+#[test]
+fn window_nlls_match_reference_ctx2048() {
+    check_windows(2048, 1);
+}
+
+fn check_last_logits(ctx: usize) {
+    let Some(l) = loaded() else { return };
+    let p = reference_dir().join(format!("last_logits_ctx{ctx}.f32"));
+    let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let want: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let runner = Runner::new(&l.model, ctx, threads());
+    let mut kv = runner.new_cache();
+    let mut hidden = Vec::new();
+    runner
+        .forward(&l.tokens[..ctx], &mut kv, &mut hidden)
+        .unwrap();
+    let h = l.model.config.hidden_size;
+    let mut got = vec![0.0f32; l.model.config.vocab_size];
+    runner.logits(&hidden[(ctx - 1) * h..], &mut got);
+    assert_eq!(got.len(), want.len());
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!("ctx {ctx}: max |logit - reference| = {worst:.2e}");
+    assert!(worst < LOGIT_ABS_TOL, "max logit difference {worst}");
+}
+
+#[test]
+fn last_logits_match_reference_ctx512() {
+    check_last_logits(512);
+}
+
+#[test]
+fn last_logits_match_reference_ctx2048() {
+    check_last_logits(2048);
+}
+
+#[test]
+fn chunked_prefill_equals_one_shot() {
+    // The KV cache path (prefill in uneven chunks) must give the logits of one pass.
+    let Some(l) = loaded() else { return };
+    let toks = &l.tokens[..300];
+    let runner = Runner::new(&l.model, 300, threads());
+    let h = l.model.config.hidden_size;
+    let mut kv = runner.new_cache();
+    let mut one = Vec::new();
+    runner.forward(toks, &mut kv, &mut one).unwrap();
+    let mut kv = runner.new_cache();
+    let mut pieces = Vec::new();
+    for chunk in [&toks[..1], &toks[1..130], &toks[130..131], &toks[131..]] {
+        let mut hid = Vec::new();
+        runner.forward(chunk, &mut kv, &mut hid).unwrap();
+        pieces.extend_from_slice(&hid);
+    }
+    assert_eq!(kv.len(), 300);
+    // Same math in a different blocking: equal to f32 rounding of the attention sums.
+    let worst = one
+        .iter()
+        .zip(&pieces)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 1e-4,
+        "chunked vs one-shot hidden states differ by {worst} (h={h})"
+    );
+}
+
+#[test]
+fn eval_cli_json_on_the_real_model() {
+    let Some(model) = common::real_model() else {
+        return;
+    };
+    let text = common::wikitext_valid();
+    let (code, out, err) = common::cap_host(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--ctx",
+        "256",
+        "--max-windows",
+        "2",
+        "--protocol",
+        "llama-cpp",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    for k in [
+        "ppl",
+        "nll_mean",
+        "tokens_scored",
+        "windows",
+        "ctx",
+        "protocol",
+        "tokens_per_s",
+    ] {
+        assert!(!v[k].is_null(), "missing {k} in {out}");
+    }
+    assert_eq!(v["windows"], 2);
+    assert_eq!(v["tokens_scored"], 2 * (256 - 1 - 128));
+    assert_eq!(v["protocol"], "llama-cpp");
+    let ppl = v["ppl"].as_f64().unwrap();
+    assert!((v["nll_mean"].as_f64().unwrap().exp() - ppl).abs() < 1e-9 * ppl);
+    assert!(v["ppl_stderr"].as_f64().unwrap() > 0.0);
+}
