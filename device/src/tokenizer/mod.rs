@@ -329,10 +329,12 @@ impl Tokenizer {
         out.extend_from_slice(&syms);
     }
 
-    /// SentencePiece BPE (llama.cpp's `llm_tokenizer_spm`): merge the adjacent pair
-    /// whose concatenation is the best-scoring token, leftmost on ties, until none is
-    /// left; unknown symbols fall back to `<0xXX>` byte tokens.
+    /// SentencePiece BPE (llama.cpp's `llm_tokenizer_spm`): repeatedly merge the adjacent
+    /// pair whose concatenation is the best-scoring token (leftmost on ties), using a
+    /// heap over a linked list of symbols so long texts stay O(n log n); unknown symbols
+    /// fall back to `<0xXX>` byte tokens.
     fn spm(&self, text: &str, out: &mut Vec<u32>) {
+        use alloc::collections::BinaryHeap;
         let mut norm = String::with_capacity(text.len() + 3);
         if self.spec.add_space_prefix {
             norm.push('\u{2581}');
@@ -340,32 +342,52 @@ impl Tokenizer {
         for c in text.chars() {
             norm.push(if c == ' ' { '\u{2581}' } else { c });
         }
-        let mut syms: Vec<&str> = norm
-            .char_indices()
-            .map(|(i, c)| &norm[i..i + c.len_utf8()])
+        // Symbols are byte ranges of `norm`, linked left/right; `len == 0` marks a merged-away one.
+        let start: Vec<usize> = norm.char_indices().map(|(i, _)| i).collect();
+        let n = start.len();
+        let mut len: Vec<usize> = (0..n)
+            .map(|i| start.get(i + 1).copied().unwrap_or(norm.len()) - start[i])
             .collect();
-        let mut buf = String::new();
-        loop {
-            let mut best: Option<(f32, usize, u32)> = None;
-            for i in 0..syms.len().saturating_sub(1) {
-                buf.clear();
-                buf.push_str(syms[i]);
-                buf.push_str(syms[i + 1]);
-                if let Some(&id) = self.ids.get(buf.as_str()) {
-                    let score = self.spec.scores[id as usize];
-                    if best.is_none_or(|(s, _, _)| score > s) {
-                        best = Some((score, i, id));
-                    }
+        let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
+        let mut next: Vec<usize> = (1..=n).collect();
+        let mut heap = BinaryHeap::new();
+        let try_push =
+            |heap: &mut BinaryHeap<Bigram>, l: usize, r: usize, start: &[usize], len: &[usize]| {
+                let s = &norm[start[l]..start[r] + len[r]];
+                if let Some(&id) = self.ids.get(s) {
+                    heap.push(Bigram {
+                        score: self.spec.scores[id as usize],
+                        left: l,
+                        size: s.len(),
+                    });
                 }
-            }
-            let Some((_, i, _)) = best else { break };
-            // Symbols are adjacent slices of `norm`, so the merge is one wider slice.
-            let start = syms[i].as_ptr() as usize - norm.as_ptr() as usize;
-            let end = start + syms[i].len() + syms[i + 1].len();
-            syms[i] = &norm[start..end];
-            syms.remove(i + 1);
+            };
+        for i in 1..n {
+            try_push(&mut heap, i - 1, i, &start, &len);
         }
-        for s in syms {
+        while let Some(b) = heap.pop() {
+            let l = b.left;
+            let r = next[l];
+            // Stale entries: one side was merged since this bigram was pushed.
+            if len[l] == 0 || r >= n || len[l] + len[r] != b.size {
+                continue;
+            }
+            len[l] += len[r];
+            len[r] = 0;
+            next[l] = next[r];
+            if next[l] < n {
+                prev[next[l]] = l;
+            }
+            if prev[l] < n {
+                try_push(&mut heap, prev[l], l, &start, &len);
+            }
+            if next[l] < n {
+                try_push(&mut heap, l, next[l], &start, &len);
+            }
+        }
+        let mut i = 0;
+        while i < n {
+            let s = &norm[start[i]..start[i] + len[i]];
             match self.ids.get(s) {
                 Some(&id) => out.push(id),
                 None => {
@@ -374,6 +396,7 @@ impl Tokenizer {
                     }
                 }
             }
+            i = next[i];
         }
     }
 
@@ -400,6 +423,31 @@ impl Tokenizer {
             s.remove(0);
         }
         s
+    }
+}
+
+/// A candidate merge in [`Tokenizer::spm`]: best score first, then leftmost.
+#[derive(Debug)]
+struct Bigram {
+    score: f32,
+    left: usize,
+    size: usize,
+}
+
+impl PartialEq for Bigram {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == core::cmp::Ordering::Equal
+    }
+}
+impl Eq for Bigram {}
+impl PartialOrd for Bigram {
+    fn partial_cmp(&self, o: &Self) -> Option<core::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Bigram {
+    fn cmp(&self, o: &Self) -> core::cmp::Ordering {
+        self.score.total_cmp(&o.score).then(o.left.cmp(&self.left))
     }
 }
 
