@@ -96,3 +96,27 @@ fn every_tiny_checkpoint_matches_transformers() {
         "expected the tiny fixtures (4 architectures, sharded bf16, f16, GGUF), found {checked:?}"
     );
 }
+
+#[test]
+fn inspect_reports_architecture_and_parameter_counts() {
+    // Qwen2 tiny: embed 256·64, head 256·64, per layer q 64·64 + k,v 32·64 each + o 64·64
+    // + biases 64+32+32 + mlp 3·96·64 + 2 norms of 64; final norm 64.
+    let per_layer = 64 * 64 + 2 * 32 * 64 + 64 * 64 + (64 + 32 + 32) + 3 * 96 * 64 + 2 * 64;
+    let want = 2 * 256 * 64 + 2 * per_layer + 64;
+    let dir = tiny_dir().join("qwen2");
+    let (code, out, err) = common::cap_host(&["inspect", dir.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["arch"], "qwen2");
+    assert_eq!(v["format"], "safetensors");
+    assert_eq!(v["params"].as_u64().unwrap(), want as u64);
+    assert_eq!(v["bytes"].as_u64().unwrap(), 4 * want as u64, "f32 storage");
+    assert_eq!(v["groups"]["head"]["params"].as_u64().unwrap(), 256 * 64);
+    let gguf = tiny_dir().join("llama-tied/llama-tied.gguf");
+    let (code, out, err) = common::cap_host(&["inspect", gguf.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("architecture: llama") && out.contains("F32"),
+        "{out}"
+    );
+}
