@@ -466,10 +466,11 @@ mod tests {
     use alloc::string::ToString;
     use alloc::vec;
 
-    fn byte_level(merges: &[(&str, &str)], extra: &[&str]) -> Tokenizer {
+    /// The 256 byte symbols plus `extra` tokens, with `merges`.
+    fn byte_level_spec(merges: &[(&str, &str)], extra: &[&str]) -> TokenizerSpec {
         let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_char(b).to_string()).collect();
         tokens.extend(extra.iter().map(|s| s.to_string()));
-        Tokenizer::new(TokenizerSpec {
+        TokenizerSpec {
             kind: TokenizerKind::ByteLevelBpe,
             pre: PreTokenizer::Gpt2,
             tokens,
@@ -485,8 +486,11 @@ mod tests {
             unk_id: None,
             add_bos: false,
             add_space_prefix: false,
-        })
-        .unwrap()
+        }
+    }
+
+    fn byte_level(merges: &[(&str, &str)], extra: &[&str]) -> Tokenizer {
+        Tokenizer::new(byte_level_spec(merges, extra)).unwrap()
     }
 
     #[test]
@@ -508,22 +512,7 @@ mod tests {
 
     #[test]
     fn bad_merge_is_an_error() {
-        let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_char(b).to_string()).collect();
-        tokens.push("xy".into());
-        let spec = TokenizerSpec {
-            kind: TokenizerKind::ByteLevelBpe,
-            pre: PreTokenizer::Gpt2,
-            tokens,
-            scores: vec![],
-            special: vec![],
-            merges: vec![("q".into(), "z".into())],
-            ignore_merges: false,
-            bos_id: None,
-            eos_id: None,
-            unk_id: None,
-            add_bos: false,
-            add_space_prefix: false,
-        };
+        let spec = byte_level_spec(&[("q", "z")], &["xy"]);
         assert_eq!(
             Tokenizer::new(spec).unwrap_err(),
             TokenizerError::UnknownMerge("q z".into())
