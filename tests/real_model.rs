@@ -105,15 +105,13 @@ fn check_windows(ctx: usize, default_windows: usize) {
         .map(|v| v.as_f64().unwrap())
         .collect();
     let full = std::env::var_os("CAP_FULL_EVAL").is_some_and(|v| v == "1");
-    let n = if full {
-        want.len()
-    } else {
-        default_windows.min(want.len())
-    };
+    // A reference may cover only the first windows (a long run stopped early).
+    let complete = r["windows"] == r["windows_in_text"];
+    let n = if full { want.len() } else { default_windows.min(want.len()) };
     let wins = windows(l.tokens.len(), ctx, Some(n));
     assert_eq!(
-        windows(l.tokens.len(), ctx, None).len(),
-        want.len(),
+        windows(l.tokens.len(), ctx, None).len() as u64,
+        r["windows_in_text"].as_u64().unwrap(),
         "window count differs from the reference"
     );
     let runner = Runner::new(&l.model, ctx, threads());
@@ -135,7 +133,7 @@ fn check_windows(ctx: usize, default_windows: usize) {
         );
         total.merge(&s);
     }
-    let want_ppl = if full {
+    let want_ppl = if full && complete {
         r["ppl"].as_f64().unwrap()
     } else {
         (want[..n].iter().sum::<f64>() / n as f64).exp()

@@ -54,9 +54,8 @@ def main():
     json.dump(summary, open(os.path.join(a.out, "tokens.json"), "w"))
     print("tokens", len(ids), file=sys.stderr)
     for ctx in a.ctx:
-        n = len(ids) // ctx
-        if a.max_windows:
-            n = min(n, a.max_windows)
+        in_text = len(ids) // ctx
+        n = min(in_text, a.max_windows) if a.max_windows else in_text
         means, t0 = [], time.time()
         for w in range(n):
             x = torch.tensor([ids[w * ctx:(w + 1) * ctx]])
@@ -68,15 +67,17 @@ def main():
             nll = -lp.gather(1, x[0, 1:].unsqueeze(1)).squeeze(1)
             means.append(nll.mean().item())
             print(f"ctx {ctx} window {w + 1}/{n} nll {means[-1]:.6f} ({time.time() - t0:.0f}s)", file=sys.stderr)
-        secs = time.time() - t0
-        mean = sum(means) / len(means)
-        json.dump({"ctx": ctx, "protocol": "standard", "windows": n, "tokens_scored": n * (ctx - 1),
-                   "nll_mean": mean, "ppl": float(torch.tensor(mean).double().exp()),
-                   "window_nll_mean": means, "seconds": secs, "tokens_per_s": n * ctx / secs,
-                   "threads": a.threads, "torch": torch.__version__, "transformers": transformers.__version__,
-                   "attn_implementation": "eager", "log_softmax": "float64 from float32 logits"},
-                  open(os.path.join(a.out, f"eval_ctx{ctx}.json"), "w"), indent=1)
-
+            # Written after every window so a long run that is stopped keeps what it did;
+            # "windows" < "windows_in_text" marks a partial reference.
+            secs = time.time() - t0
+            mean = sum(means) / len(means)
+            json.dump({"ctx": ctx, "protocol": "standard", "windows": len(means), "windows_in_text": in_text,
+                       "tokens_scored": len(means) * (ctx - 1), "nll_mean": mean,
+                       "ppl": float(torch.tensor(mean).double().exp()), "window_nll_mean": means,
+                       "seconds": secs, "tokens_per_s": len(means) * ctx / secs,
+                       "threads": a.threads, "torch": torch.__version__, "transformers": transformers.__version__,
+                       "attn_implementation": "eager", "log_softmax": "float64 from float32 logits"},
+                      open(os.path.join(a.out, f"eval_ctx{ctx}.json"), "w"), indent=1)
 
 if __name__ == "__main__":
     main()
