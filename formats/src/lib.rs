@@ -1,12 +1,66 @@
-//! `cap-format`: the `.cap` file format (layout types, writer, validating zero-copy
-//! reader and exact byte accounting). The format itself is specified by the issue
-//! "The .cap file"; today this crate only holds the storage dtypes shared by the
-//! kernels and the runtime.
+//! `cap-format`: the `.cap` file format.
+//!
+//! A `.cap` file holds one compressed model: a fixed 64-byte little-endian header, a
+//! data region of tensor sections (each aligned, each with its own CRC-32), and a
+//! postcard-encoded [`Manifest`] (architecture, tokenizer, tensor directory,
+//! compression record, provenance) at the end. `formats/SPEC.md` is the single source
+//! of truth for the byte layout; this crate implements it:
+//!
+//! * [`encoding`]: how every tensor encoding (dense, low-rank, bitmask / block-CSR /
+//!   2:4 sparse, composite) is laid out, and the exact byte accounting
+//!   ([`encoded_bytes`], [`smallest_sparse_encoding`]) the budget search relies on.
+//! * [`reader`]: a validating, zero-copy, `no_std` reader ([`CapFile::parse`]) that
+//!   never panics on any input.
+//! * [`sparse`]: reference encoders/decoders between dense values and the sparse
+//!   parts, so packers and kernels share one implementation of the bit layouts.
+//! * `writer` (feature `std`): a streaming, deterministic, atomic writer.
+//!
+//! The reader and the accounting need only `alloc`; the writer needs `std`.
 #![no_std]
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
-/// Element type of a stored dense tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod encoding;
+pub mod error;
+pub mod fuzzing;
+pub mod header;
+pub mod manifest;
+pub mod reader;
+pub mod sparse;
+#[cfg(feature = "std")]
+pub mod writer;
+
+pub use encoding::{
+    Encoding, Part, PartKind, Sparse, TensorDesc, TensorLayout, encoded_bytes,
+    encoded_bytes_aligned, smallest_sparse_encoding,
+};
+pub use error::{FormatError, Region};
+pub use header::{FORMAT_MAJOR, FORMAT_MINOR, HEADER_LEN, Header, MAGIC};
+pub use manifest::{
+    Budget, BudgetKind, Compression, Extension, LayerCompression, Manifest, ModelConfig,
+    PerplexityProtocol, PerplexityRecord, Provenance, RopeScaling, TensorEntry, Tokenizer,
+    TokenizerKind, decode_manifest, encode_manifest,
+};
+pub use reader::{CapFile, CsrView, SparseView, TensorData, TensorView, Values};
+pub use sparse::{SparseKind, decode_sparse, encode_sparse};
+#[cfg(feature = "std")]
+pub use writer::{CapWriter, StreamWriter, WriteError, WriterOptions};
+
+/// Whether a stored checksum matches the computed one. Always a plain comparison,
+/// except in fuzzing builds (`--cfg fuzzing`, set by cargo-fuzz), where it accepts
+/// any value so the fuzzer can reach the structural checks behind the checksums.
+pub(crate) const fn checksum_matches(stored: u32, computed: u32) -> bool {
+    stored == computed || cfg!(fuzzing)
+}
+
+/// Element type of a stored tensor's values.
+///
+/// On disk (postcard) the variant index is the tag: `F32` = 0, `F16` = 1, `BF16` = 2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DType {
     /// IEEE 754 binary32.
     F32,
@@ -25,3 +79,38 @@ impl DType {
         }
     }
 }
+
+/// Smallest alignment of a tensor section (and of the data region) in bytes: one
+/// cache line on every target board, and the widest vector load we use (AVX-512 /
+/// two NEON q-register pairs). Writers may choose any larger power of two.
+pub const MIN_ALIGNMENT: u32 = 64;
+
+/// Largest alignment a reader accepts: a 2 MiB huge page. Anything larger can only
+/// be a corrupt header and would make padding dominate the file.
+pub const MAX_ALIGNMENT: u32 = 1 << 21;
+
+/// Alignment of each part (factor, mask, index array, values) inside a tensor
+/// section, relative to the section start. Fixed at 64 so the byte accounting does
+/// not depend on the file alignment except for the section's trailing padding.
+pub const PART_ALIGN: u64 = 64;
+
+/// Most tensors one file may hold. A 405B-parameter LLaMA has about 1,100 tensors; a
+/// million bounds the directory (and the reader's index allocations) generously.
+pub const MAX_TENSORS: u32 = 1 << 20;
+
+/// Largest manifest a reader accepts, in bytes. The biggest part is the tokenizer: a
+/// 256k vocabulary with scores and merges is under 10 MiB of postcard. Decoding
+/// allocates up to about 50 bytes per manifest byte in the worst case (an empty
+/// string is 1 byte on the wire and a 24-byte `String` in memory, and `Vec` growth
+/// can double that), so 32 MiB bounds a hostile manifest to about 1.6 GiB.
+pub const MAX_MANIFEST_LEN: u64 = 32 << 20;
+
+/// Longest tensor name in bytes (GGUF allows 64; Hugging Face names stay below 100).
+pub const MAX_NAME_LEN: usize = 256;
+
+/// Largest row or column count of a tensor: 2^24 is 64x the largest vocabulary in
+/// use (256k) and keeps `rows * cols * 4` far below `u64::MAX`.
+pub const MAX_DIM: u32 = 1 << 24;
+
+/// Most extension records in one extension list (manifest-level or per tensor).
+pub const MAX_EXTENSIONS: usize = 4096;

@@ -1,0 +1,216 @@
+//! Reference encoders and decoders for the sparse encodings (`no_std` + `alloc`).
+//!
+//! They convert between a dense row-major matrix of raw little-endian values and the
+//! parts of SPEC.md §5, so packers need not re-implement the bit layouts, and kernels
+//! have a reference to test against. An element counts as non-zero unless it is +0 or
+//! −0 (all bits zero apart from the sign).
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::encoding::CSR_BLOCK_COLS;
+use crate::reader::SparseView;
+use crate::{DType, Encoding, FormatError, Sparse, TensorDesc, TensorLayout};
+
+/// Which sparse encoding to produce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SparseKind {
+    /// [`Sparse::Bitmask`].
+    Bitmask,
+    /// [`Sparse::BlockCsr`].
+    BlockCsr,
+    /// [`Sparse::TwoFour`] (fails if a group of 4 holds more than 2 non-zeros).
+    TwoFour,
+}
+
+fn is_zero(v: &[u8]) -> bool {
+    // Little-endian: the sign bit is the top bit of the last byte.
+    let (last, rest) = v.split_last().unwrap_or((&0, &[]));
+    last & 0x7F == 0 && rest.iter().all(|&b| b == 0)
+}
+
+/// Encodes a dense `rows×cols` matrix (`dense` = raw little-endian values of `dtype`,
+/// row-major) as `kind`. Returns the encoding and its parts in layout order, ready for
+/// `add_tensor` (check: each part has the length [`TensorLayout`] gives).
+pub fn encode_sparse(
+    kind: SparseKind,
+    rows: u32,
+    cols: u32,
+    dtype: DType,
+    dense: &[u8],
+) -> Result<(Sparse, Vec<Vec<u8>>), FormatError> {
+    let ds = dtype.size();
+    let n = (rows as usize)
+        .checked_mul(cols as usize)
+        .ok_or(FormatError::SizeOverflow)?;
+    if dense.len() != n.checked_mul(ds).ok_or(FormatError::SizeOverflow)? {
+        return Err(FormatError::InvalidEncoding {
+            reason: "dense input length is not rows*cols*dtype size",
+        });
+    }
+    let elems = dense.chunks_exact(ds);
+    let (sparse, parts) = match kind {
+        SparseKind::Bitmask => {
+            let mut mask = vec![0u8; n.div_ceil(8)];
+            let mut values = Vec::new();
+            for (i, v) in elems.enumerate() {
+                if !is_zero(v) {
+                    mask[i / 8] |= 1 << (i % 8);
+                    values.extend_from_slice(v);
+                }
+            }
+            let nnz = (values.len() / ds) as u64;
+            (Sparse::Bitmask { nnz, dtype }, vec![mask, values])
+        }
+        SparseKind::BlockCsr => {
+            let c = cols as usize;
+            let bw = CSR_BLOCK_COLS as usize;
+            let mut ptr: Vec<u8> = Vec::new();
+            ptr.extend_from_slice(&0u32.to_le_bytes());
+            let (mut idx, mut values) = (Vec::new(), Vec::new());
+            for row in dense.chunks_exact(c * ds) {
+                for block in row.chunks(bw * ds) {
+                    for (k, v) in block.chunks_exact(ds).enumerate() {
+                        if !is_zero(v) {
+                            idx.push(k as u8);
+                            values.extend_from_slice(v);
+                        }
+                    }
+                    let p = u32::try_from(idx.len()).map_err(|_| FormatError::SizeOverflow)?;
+                    ptr.extend_from_slice(&p.to_le_bytes());
+                }
+            }
+            let nnz = idx.len() as u64;
+            (Sparse::BlockCsr { nnz, dtype }, vec![ptr, idx, values])
+        }
+        SparseKind::TwoFour => {
+            if cols % 4 != 0 {
+                return Err(FormatError::InvalidEncoding {
+                    reason: "2:4 needs cols to be a multiple of 4",
+                });
+            }
+            let mut meta = vec![0u8; (n / 4).div_ceil(2)];
+            let mut values = Vec::with_capacity(n / 2 * ds);
+            for (g, group) in dense.chunks_exact(4 * ds).enumerate() {
+                let mut kept = [0u8; 2];
+                let mut k = 0;
+                for (j, v) in group.chunks_exact(ds).enumerate() {
+                    if !is_zero(v) {
+                        if k == 2 {
+                            return Err(FormatError::InvalidEncoding {
+                                reason: "more than 2 non-zeros in a group of 4",
+                            });
+                        }
+                        kept[k] = j as u8;
+                        k += 1;
+                    }
+                }
+                // Pad to exactly two distinct increasing indices (stored values are 0).
+                match k {
+                    0 => kept = [0, 1],
+                    1 => {
+                        kept = if kept[0] == 3 {
+                            [2, 3]
+                        } else {
+                            [kept[0], kept[0] + 1]
+                        }
+                    }
+                    _ => {}
+                }
+                for &j in &kept {
+                    values.extend_from_slice(&group[j as usize * ds..(j as usize + 1) * ds]);
+                }
+                meta[g / 2] |= (kept[0] | (kept[1] << 2)) << (4 * (g % 2));
+            }
+            (Sparse::TwoFour { dtype }, vec![values, meta])
+        }
+    };
+    Ok((sparse, parts))
+}
+
+/// Decodes a sparse view back to a dense row-major matrix of raw little-endian values
+/// (`rows·cols·dtype.size()` bytes). Validates as it goes: inconsistent index data is
+/// an error, never a panic (it need not have been verified first).
+pub fn decode_sparse(
+    rows: u32,
+    cols: u32,
+    sparse: Sparse,
+    view: &SparseView<'_>,
+) -> Result<Vec<u8>, FormatError> {
+    // Reject shapes and parameters the layout rejects, and parts whose lengths differ
+    // from the layout: this bounds the output allocation by the input size.
+    let layout = TensorLayout::compute(
+        &TensorDesc {
+            rows,
+            cols,
+            encoding: Encoding::Sparse(sparse),
+        },
+        crate::MIN_ALIGNMENT,
+    )?;
+    let bad = |reason| FormatError::BadSparseStructure { index: 0, reason };
+    let given: Vec<usize> = match *view {
+        SparseView::Bitmask { mask, values } => vec![mask.len(), values.bytes.len()],
+        SparseView::BlockCsr(v) => vec![v.block_ptr.len(), v.col_idx.len(), v.values.bytes.len()],
+        SparseView::TwoFour { values, meta } => vec![values.bytes.len(), meta.len()],
+    };
+    let want = layout.parts().iter().map(|p| p.len);
+    if given.len() != layout.parts().len() || want.zip(&given).any(|(w, &g)| w != g as u64) {
+        return Err(bad("part lengths differ from the encoding's layout"));
+    }
+    let ds = sparse.dtype().size();
+    let n = rows as usize * cols as usize;
+    let mut out = vec![0u8; n.checked_mul(ds).ok_or(FormatError::SizeOverflow)?];
+    let value = |vals: &[u8], k: usize| -> Result<(), FormatError> {
+        vals.get(k * ds..(k + 1) * ds)
+            .map(|_| ())
+            .ok_or(bad("too few values"))
+    };
+    match *view {
+        SparseView::Bitmask { mask, values } => {
+            let mut k = 0usize;
+            for i in 0..n {
+                if mask.get(i / 8).ok_or(bad("mask too short"))? >> (i % 8) & 1 == 1 {
+                    value(values.bytes, k)?;
+                    out[i * ds..(i + 1) * ds].copy_from_slice(&values.bytes[k * ds..(k + 1) * ds]);
+                    k += 1;
+                }
+            }
+        }
+        SparseView::BlockCsr(v) => {
+            let nb = cols.div_ceil(CSR_BLOCK_COLS) as usize;
+            for r in 0..rows as usize {
+                for b in 0..nb {
+                    let lo = v
+                        .block_ptr_at(r * nb + b)
+                        .ok_or(bad("block pointers too short"))?;
+                    let hi = v
+                        .block_ptr_at(r * nb + b + 1)
+                        .ok_or(bad("block pointers too short"))?;
+                    for k in lo as usize..hi as usize {
+                        let c = b * CSR_BLOCK_COLS as usize
+                            + *v.col_idx.get(k).ok_or(bad("column indices too short"))? as usize;
+                        if c >= cols as usize {
+                            return Err(bad("column index out of range"));
+                        }
+                        value(v.values.bytes, k)?;
+                        let i = r * cols as usize + c;
+                        out[i * ds..(i + 1) * ds]
+                            .copy_from_slice(&v.values.bytes[k * ds..(k + 1) * ds]);
+                    }
+                }
+            }
+        }
+        SparseView::TwoFour { values, meta } => {
+            for g in 0..n / 4 {
+                let nib = meta.get(g / 2).ok_or(bad("meta too short"))? >> (4 * (g % 2)) & 0xF;
+                for (s, j) in [nib & 3, nib >> 2].into_iter().enumerate() {
+                    let k = 2 * g + s;
+                    value(values.bytes, k)?;
+                    let i = 4 * g + j as usize;
+                    out[i * ds..(i + 1) * ds].copy_from_slice(&values.bytes[k * ds..(k + 1) * ds]);
+                }
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,119 @@
+//! The reference sparse encoders/decoders: dense -> parts -> file -> parts -> dense.
+mod common;
+
+use cap_format::*;
+use common::*;
+
+/// A random dense matrix (raw bytes) with the given density and no −0 values; with
+/// `two_four`, at most 2 non-zeros per group of 4.
+fn dense(
+    rng: &mut Rng,
+    rows: u32,
+    cols: u32,
+    dtype: DType,
+    density: f64,
+    two_four: bool,
+) -> Vec<u8> {
+    let ds = dtype.size();
+    let mut out = vec![0u8; rows as usize * cols as usize * ds];
+    for (i, v) in out.chunks_exact_mut(ds).enumerate() {
+        let keep = if two_four {
+            let j = i % 4;
+            let g = (i / 4) as u64;
+            // Deterministic 2-of-4 choice per group, then thinned by density.
+            let (a, b) = ((g % 3) as usize, 3 - (g % 2) as usize);
+            (j == a || j == b) && rng.f64() < density.max(0.5) * 2.0 - 0.5
+        } else {
+            rng.f64() < density
+        };
+        if keep {
+            v.copy_from_slice(&rng.bytes(ds));
+            v[ds - 1] = (v[ds - 1] & 0x7F) | 0x01; // non-zero, positive sign
+        }
+    }
+    out
+}
+
+#[test]
+fn encode_write_read_decode_round_trip() {
+    let mut rng = Rng(0x5BA25E);
+    for case in 0..120 {
+        let dtype = rng.dtype();
+        let rows = rng.range(1, 40) as u32;
+        let cols = rng.range(1, 600) as u32 * 4;
+        let kind = [
+            SparseKind::Bitmask,
+            SparseKind::BlockCsr,
+            SparseKind::TwoFour,
+        ][case % 3];
+        let density = [0.0, 0.05, 0.3, 0.5, 1.0][rng.below(5) as usize];
+        let d = dense(
+            &mut rng,
+            rows,
+            cols,
+            dtype,
+            density,
+            kind == SparseKind::TwoFour,
+        );
+        let (s, parts) = encode_sparse(kind, rows, cols, dtype, &d).unwrap();
+        let desc = TensorDesc {
+            rows,
+            cols,
+            encoding: Encoding::Sparse(s),
+        };
+        let file = write_mem(&[("w".into(), desc, parts)], sample_manifest(false), 64);
+        let f = CapFile::parse(&file).unwrap();
+        f.verify_all()
+            .unwrap_or_else(|e| panic!("case {case} {kind:?}: {e}"));
+        let t = f.tensor(0).unwrap();
+        assert_eq!(t.bytes().len() as u64, encoded_bytes(&desc).unwrap());
+        let TensorData::Sparse(view) = t.data().unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            decode_sparse(rows, cols, s, &view).unwrap(),
+            d,
+            "case {case} {kind:?}"
+        );
+    }
+}
+
+#[test]
+fn encoder_rejects_bad_input() {
+    let d = vec![1u8; 2 * 4 * 2];
+    assert!(
+        encode_sparse(SparseKind::TwoFour, 2, 4, DType::F16, &d).is_err(),
+        "4 of 4 kept"
+    );
+    assert!(encode_sparse(SparseKind::Bitmask, 2, 4, DType::F16, &d[1..]).is_err());
+    assert!(encode_sparse(SparseKind::TwoFour, 1, 6, DType::F16, &[0; 12]).is_err());
+    // −0 counts as zero.
+    let neg_zero = [0x00, 0x80, 0x00, 0x3C];
+    let (s, _) = encode_sparse(SparseKind::Bitmask, 1, 2, DType::F16, &neg_zero).unwrap();
+    assert_eq!(
+        s,
+        Sparse::Bitmask {
+            nnz: 1,
+            dtype: DType::F16
+        }
+    );
+}
+
+#[test]
+fn decoder_rejects_inconsistent_views() {
+    let s = Sparse::Bitmask {
+        nnz: 3,
+        dtype: DType::F32,
+    };
+    let view = SparseView::Bitmask {
+        mask: &[0xFF],
+        values: Values {
+            dtype: DType::F32,
+            bytes: &[0; 12],
+        },
+    };
+    // Part lengths: mask ok (1 byte for 1x8), values 12 = 3*4 ok, but popcount 8 > 3.
+    assert!(decode_sparse(1, 8, s, &view).is_err());
+    // Huge declared shape with tiny parts: refused before allocating.
+    assert!(decode_sparse(1 << 24, 1 << 24, s, &view).is_err());
+}
