@@ -66,14 +66,16 @@ fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-#[test]
-fn tokens_match_the_reference_tokenization() {
-    // The whole WikiText-2 validation text, against Hugging Face `tokenizers` with
-    // SmolLM2's original pre-tokenizer (digits isolated, then byte-level BPE).
+/// Asserts that `tokens` are the ids of the reference file `name` (count, first and last
+/// ids, sha256 of all of them).
+fn assert_reference_tokens(tokens: &[u32], name: &str) {
     use sha2::Digest;
-    let Some(l) = loaded() else { return };
-    let r = reference("tokens.json");
-    assert_eq!(l.tokens.len() as u64, r["n_tokens"].as_u64().unwrap());
+    let r = reference(name);
+    assert_eq!(
+        tokens.len() as u64,
+        r["n_tokens"].as_u64().unwrap(),
+        "{name}"
+    );
     let ids = |k: &str| -> Vec<u32> {
         r[k].as_array()
             .unwrap()
@@ -82,17 +84,35 @@ fn tokens_match_the_reference_tokenization() {
             .collect()
     };
     let (first, last) = (ids("first"), ids("last"));
-    assert_eq!(&l.tokens[..first.len()], &first[..]);
-    assert_eq!(&l.tokens[l.tokens.len() - last.len()..], &last[..]);
-    let bytes: Vec<u8> = l.tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+    assert_eq!(&tokens[..first.len()], &first[..], "{name}");
+    assert_eq!(&tokens[tokens.len() - last.len()..], &last[..], "{name}");
+    let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
     let sha = format!("{:x}", sha2::Sha256::digest(&bytes));
-    assert_eq!(sha, r["sha256_u32le"].as_str().unwrap());
+    assert_eq!(sha, r["sha256_u32le"].as_str().unwrap(), "{name}");
+}
+
+#[test]
+fn tokens_match_the_reference_tokenization() {
+    // The whole WikiText-2 validation text, against Hugging Face `tokenizers` with
+    // SmolLM2's original pre-tokenizer (digits isolated, then byte-level BPE).
+    let Some(l) = loaded() else { return };
+    assert_reference_tokens(&l.tokens, "tokens.json");
     // Byte-level BPE is lossless.
     let text = std::fs::read_to_string(common::wikitext_valid()).unwrap();
     assert!(
         l.tokenizer.decode(&l.tokens) == text,
         "decode(encode(text)) differs from the text"
     );
+}
+
+#[test]
+fn wikitext_joined_tokens_match_the_reference_tokenization() {
+    // `eval --wikitext`: rows as the Hugging Face loader yields them, joined with "\n\n".
+    let Some(l) = loaded() else { return };
+    let raw = std::fs::read_to_string(common::wikitext_valid()).unwrap();
+    let joined = cap_host::eval::wikitext_rows(&raw);
+    let tokens = l.tokenizer.encode(&joined, true);
+    assert_reference_tokens(&tokens, "tokens_wikitext_joined.json");
 }
 
 fn check_windows(ctx: usize, default_windows: usize) {
@@ -107,7 +127,11 @@ fn check_windows(ctx: usize, default_windows: usize) {
     let full = std::env::var_os("CAP_FULL_EVAL").is_some_and(|v| v == "1");
     // A reference may cover only the first windows (a long run stopped early).
     let complete = r["windows"] == r["windows_in_text"];
-    let n = if full { want.len() } else { default_windows.min(want.len()) };
+    let n = if full {
+        want.len()
+    } else {
+        default_windows.min(want.len())
+    };
     let wins = windows(l.tokens.len(), ctx, Some(n));
     assert_eq!(
         windows(l.tokens.len(), ctx, None).len() as u64,
@@ -211,15 +235,19 @@ fn chunked_prefill_equals_one_shot() {
         pieces.extend_from_slice(&hid);
     }
     assert_eq!(kv.len(), 300);
-    // Same math in a different blocking: equal to f32 rounding of the attention sums.
+    // Same math in a different blocking (GEMM tiles, attention blocks): equal up to f32
+    // rounding carried through 30 layers. Relative to the largest hidden value (the
+    // residual stream reaches magnitudes in the tens), 1e-5 is ~100 ulps.
+    let scale = one.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let worst = one
         .iter()
         .zip(&pieces)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
+    println!("chunked vs one-shot: max abs diff {worst}, max |hidden| {scale}");
     assert!(
-        worst < 1e-4,
-        "chunked vs one-shot hidden states differ by {worst} (h={h})"
+        worst <= 1e-5 * scale,
+        "chunked vs one-shot hidden states differ by {worst}, max |hidden| {scale} (h={h})"
     );
 }
 

@@ -42,8 +42,8 @@ pub use error::{FormatError, Region};
 pub use header::{FORMAT_MAJOR, FORMAT_MINOR, HEADER_LEN, Header, MAGIC};
 pub use manifest::{
     Budget, BudgetKind, Compression, Extension, LayerCompression, Manifest, ModelConfig,
-    PerplexityProtocol, PerplexityRecord, Provenance, RopeScaling, TensorEntry, Tokenizer,
-    TokenizerKind, decode_manifest, encode_manifest,
+    PerplexityProtocol, PerplexityRecord, Provenance, RopeScaling, SpacePrefix, TensorEntry,
+    Tokenizer, TokenizerKind, decode_manifest, encode_manifest,
 };
 pub use reader::{CapFile, CsrView, SparseView, TensorData, TensorView, Values};
 pub use sparse::{SparseKind, decode_sparse, encode_sparse};

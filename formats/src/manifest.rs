@@ -134,8 +134,26 @@ pub struct Tokenizer {
     pub unk_id: Option<u32>,
     /// Whether encoding prepends BOS.
     pub add_bos: bool,
-    /// Whether encoding prepends a space (SentencePiece).
-    pub add_space_prefix: bool,
+    /// Where encoding puts a space before a stretch of text.
+    pub space_prefix: SpacePrefix,
+    /// SentencePiece: whether chars outside the vocabulary become `<0xXX>` byte tokens
+    /// (otherwise the unknown token).
+    pub byte_fallback: bool,
+}
+
+/// Where a tokenizer puts a space before each stretch of text (between special tokens).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SpacePrefix {
+    /// Never.
+    Never,
+    /// Always (SentencePiece `add_dummy_prefix`, llama.cpp `add_space_prefix`).
+    Always,
+    /// Unless the stretch already starts with a space (`Metaspace` with
+    /// `prepend_scheme: "always"`, `ByteLevel` with `add_prefix_space`).
+    UnlessSpace,
+    /// Only for the first stretch of the text, unless it starts with a space
+    /// (`Metaspace` with `prepend_scheme: "first"`).
+    FirstUnlessSpace,
 }
 
 /// One entry of the tensor directory.

@@ -27,6 +27,16 @@ enum ProtocolArg {
     LlamaCpp,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum DTypeArg {
+    /// IEEE half precision: half the bytes of f32, 11-bit mantissa.
+    F16,
+    /// bfloat16: half the bytes of f32, f32's range, 8-bit mantissa.
+    Bf16,
+    /// Single precision: exact for imported f32 weights, twice the bytes.
+    F32,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Perplexity of a model on a text, computed with the device's forward pass.
@@ -69,14 +79,55 @@ enum Command {
         #[arg(long)]
         add_special: bool,
     },
-    /// Architecture, dimensions, parameter counts and bytes per tensor group of a model.
+    /// Architecture, dimensions, parameter counts and bytes per tensor group of a model
+    /// (GGUF, Hugging Face directory, or `.cap` file: then also encodings, compression
+    /// and provenance records).
     Inspect {
-        /// A GGUF file or a Hugging Face checkpoint directory.
+        /// A GGUF file, a Hugging Face checkpoint directory or a `.cap` file.
         path: PathBuf,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
+    /// Writes a model uncompressed (dense) into a `.cap` file with its tokenizer: the
+    /// baseline compressed files are compared with. The write is atomic: an interrupted
+    /// pack leaves no `.cap` behind.
+    Pack {
+        /// A GGUF file or a Hugging Face checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The `.cap` file to write (replaced if it exists).
+        #[arg(short, long, value_name = "FILE.cap")]
+        output: PathBuf,
+        /// Storage type of the weight matrices (norms and biases stay f32).
+        #[arg(long, value_enum, default_value = "f16")]
+        dtype: DTypeArg,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checks a `.cap` file completely: header, manifest, directory, every section's
+    /// checksum and sparse structure. Exit status 0 when sound, 1 with the first
+    /// problem otherwise.
+    Verify {
+        /// The `.cap` file.
+        path: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Whether `path` looks like a `.cap` file (by extension, or by magic for other names).
+fn is_cap_file(path: &std::path::Path) -> bool {
+    if path.extension().is_some_and(|e| e == "cap") {
+        return true;
+    }
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && magic == cap_format::MAGIC
 }
 
 fn main() -> ExitCode {
@@ -190,6 +241,14 @@ fn run(cli: Cli) -> Result<()> {
                 serde_json::to_string(&tokenizer.encode(&body, add_special))?
             );
         }
+        Command::Inspect { path, json } if is_cap_file(&path) => {
+            let r = cap_host::capinfo::inspect_cap_file(&path)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                print!("{}", cap_host::capinfo::render(&r));
+            }
+        }
         Command::Inspect { path, json } => {
             let ck = Checkpoint::open(&path)?;
             let r = cap_host::inspect::inspect(&ck)?;
@@ -197,6 +256,56 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 print!("{}", cap_host::inspect::render(&r));
+            }
+        }
+        Command::Pack {
+            model,
+            output,
+            dtype,
+            json,
+        } => {
+            let dtype = match dtype {
+                DTypeArg::F16 => cap_format::DType::F16,
+                DTypeArg::Bf16 => cap_format::DType::BF16,
+                DTypeArg::F32 => cap_format::DType::F32,
+            };
+            let ck = Checkpoint::open(&model)?;
+            let sha = cap_host::pack::source_sha256(&model)?;
+            let source = model.file_name().map_or_else(
+                || model.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            let r = cap_host::pack::pack(&ck, &output, dtype, &source, &sha)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "wrote {}: {} bytes ({} tensors, {} parameters, {}{})",
+                    r.path,
+                    r.file_bytes,
+                    r.tensors,
+                    r.params,
+                    r.dtype,
+                    if r.tokenizer {
+                        ", with tokenizer"
+                    } else {
+                        ", no tokenizer"
+                    }
+                );
+            }
+        }
+        Command::Verify { path, json } => {
+            let r = cap_host::capinfo::verify_cap_file(&path)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{}: ok ({} tensors, {} section bytes checked, {} bytes)",
+                    path.display(),
+                    r.tensors,
+                    r.tensor_bytes,
+                    r.file_bytes
+                );
             }
         }
     }

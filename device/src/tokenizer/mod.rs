@@ -2,37 +2,74 @@
 //! LLaMA-3, Qwen2) and SentencePiece-style BPE (LLaMA-1/2), built from plain data
 //! ([`TokenizerSpec`]) so it can travel inside a model file.
 //!
-//! It reproduces Hugging Face `tokenizers` exactly (tested on the whole WikiText-2
-//! validation text): special tokens are split out first, then the pre-tokenizer's
-//! pieces are merged by BPE rank (byte-level) or by score (SentencePiece).
+//! It reproduces Hugging Face `tokenizers` (tested on the whole WikiText-2 validation
+//! text and on fuzzed strings): special tokens are split out of the text first
+//! (leftmost, longest), each stretch between them is pre-tokenized by a hand-written
+//! copy of the model's regular expression ([`PreTokenizer`]), and every piece is
+//! merged by BPE (lowest merge rank first, leftmost on ties).
 
+mod bpe;
+mod bytes;
 mod pretokenize;
+mod record;
 mod unicode_tables;
 
-use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
+
+use hashbrown::HashMap;
+
+use bpe::{Merge, Merger};
+pub use bytes::{byte_char, char_byte};
+pub use record::RecordError;
 
 /// The tokenization algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenizerKind {
-    /// GPT-2 byte-level BPE: bytes map to printable chars, merges by rank.
+    /// GPT-2 byte-level BPE: every byte is a printable char (see [`byte_char`]), merges
+    /// by rank.
     ByteLevelBpe,
-    /// SentencePiece BPE: `▁` for spaces, merges by score, `<0xXX>` byte fallback.
+    /// SentencePiece BPE: spaces become `▁`, merges by rank (Hugging Face) or by the
+    /// score of the merged token (llama.cpp, GGUF), unknown chars fall back to
+    /// `<0xXX>` byte tokens.
     SentencePieceBpe,
 }
 
-/// How text is split before BPE (byte-level only).
+/// How each stretch of text between special tokens is split before BPE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PreTokenizer {
-    /// GPT-2's regular expression.
+    /// No split: the stretch is one piece (SentencePiece, LLaMA-1/2).
+    None,
+    /// SentencePiece: a new piece before every `▁` (Hugging Face `Metaspace` with
+    /// `split: true`).
+    SplitSpaces,
+    /// GPT-2's regular expression
+    /// (`'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`).
     Gpt2,
-    /// Every digit on its own, then GPT-2's expression (SmolLM, StarCoder).
+    /// Every numeric char alone, then GPT-2's expression (SmolLM/SmolLM2, StarCoder:
+    /// Hugging Face `Digits(individual_digits)` + `ByteLevel`).
     SmolLm,
-    /// LLaMA-3's expression (numbers in groups of up to 3).
+    /// LLaMA-3's expression (contractions case-insensitive, numbers in groups of up to 3).
     Llama3,
-    /// Qwen2's expression (LLaMA-3's with single digits).
+    /// Qwen2's expression (LLaMA-3's with one digit per piece).
     Qwen2,
+}
+
+/// Whether a space is put in front of each stretch of text (between special tokens)
+/// before tokenizing it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpacePrefix {
+    /// Never.
+    Never,
+    /// Always: SentencePiece's `add_dummy_prefix`, llama.cpp's `add_space_prefix`, and
+    /// the `Prepend("▁")` normalizer of LLaMA-1/2's `tokenizer.json`.
+    Always,
+    /// Unless the stretch already starts with a space: Hugging Face `Metaspace` with
+    /// `prepend_scheme: "always"`, `ByteLevel` with `add_prefix_space: true`.
+    UnlessSpace,
+    /// Only for the stretch at the very start of the text, unless it starts with a
+    /// space: Hugging Face `Metaspace` with `prepend_scheme: "first"`.
+    FirstUnlessSpace,
 }
 
 /// Everything needed to build a [`Tokenizer`], as plain data.
@@ -40,28 +77,37 @@ pub enum PreTokenizer {
 pub struct TokenizerSpec {
     /// Algorithm.
     pub kind: TokenizerKind,
-    /// Pre-tokenizer (byte-level BPE).
+    /// Pre-tokenizer.
     pub pre: PreTokenizer,
-    /// Token strings by id (byte-level: in GPT-2's printable byte alphabet).
+    /// Token strings by id (byte-level: in GPT-2's printable byte alphabet, except
+    /// special tokens, which are plain text).
     pub tokens: Vec<String>,
-    /// Merge scores by id (SentencePiece), empty otherwise.
+    /// SentencePiece without `merges`: the score of each token; the pair whose merge is
+    /// the best-scoring token merges first (llama.cpp, GGUF). Empty otherwise.
     pub scores: Vec<f32>,
-    /// Ids of special tokens that are matched literally in the text before anything else.
+    /// Ids of the special (control and user-defined) tokens: matched literally in the
+    /// text before anything else, and decoded as their plain text.
     pub special: Vec<u32>,
-    /// Merges as pairs of token strings, highest priority first (byte-level).
+    /// Merges as pairs of token strings, highest priority first. Byte-level BPE needs
+    /// them; SentencePiece uses them instead of `scores` when given (Hugging Face).
     pub merges: Vec<(String, String)>,
     /// Take a whole piece as one token when it is in the vocabulary (LLaMA-3).
     pub ignore_merges: bool,
+    /// SentencePiece: chars outside the vocabulary become `<0xXX>` byte tokens
+    /// (otherwise the unknown token).
+    pub byte_fallback: bool,
     /// Beginning-of-sequence token.
     pub bos_id: Option<u32>,
     /// End-of-sequence token.
     pub eos_id: Option<u32>,
-    /// Unknown token.
+    /// Unknown token: what BPE gives for a char (SentencePiece, after byte fallback) or a
+    /// byte (byte-level) that has no token. Without one, such input is dropped, as
+    /// Hugging Face's BPE without `unk_token` (and llama.cpp) does.
     pub unk_id: Option<u32>,
     /// Whether encoding with special tokens prepends BOS.
     pub add_bos: bool,
-    /// SentencePiece: prepend a space to the text.
-    pub add_space_prefix: bool,
+    /// Whether a space is put before each stretch of text.
+    pub space_prefix: SpacePrefix,
 }
 
 /// Why a spec does not form a tokenizer.
@@ -69,57 +115,120 @@ pub struct TokenizerSpec {
 pub enum TokenizerError {
     /// The vocabulary is empty.
     EmptyVocabulary,
-    /// A merge names a string that is not a token.
+    /// The vocabulary or the merge list does not fit 32-bit ids.
+    TooLarge,
+    /// A merge names a string that is not a token, or merges into one that is not.
     UnknownMerge(String),
     /// A special-token or BOS/EOS/UNK id is out of range.
     IdOutOfRange(u32),
-    /// Byte-level BPE needs a token for each of the 256 byte symbols.
-    MissingByteToken(u8),
-    /// SentencePiece needs one score per token.
-    ScoresLength,
+    /// SentencePiece without merges needs one score per token.
+    ScoresLength {
+        /// Number of tokens.
+        tokens: usize,
+        /// Number of scores.
+        scores: usize,
+    },
+    /// The pre-tokenizer does not go with the algorithm.
+    PreTokenizerMismatch(PreTokenizer),
 }
 
 impl core::fmt::Display for TokenizerError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             TokenizerError::EmptyVocabulary => write!(f, "the vocabulary is empty"),
+            TokenizerError::TooLarge => write!(f, "the vocabulary does not fit 32-bit ids"),
             TokenizerError::UnknownMerge(m) => {
-                write!(f, "merge {m:?} names a string that is not a token")
+                write!(f, "merge {m:?} names or makes a string that is not a token")
             }
             TokenizerError::IdOutOfRange(i) => write!(f, "token id {i} is outside the vocabulary"),
-            TokenizerError::MissingByteToken(b) => write!(f, "no token for byte 0x{b:02X}"),
-            TokenizerError::ScoresLength => {
-                write!(f, "SentencePiece scores do not match the vocabulary")
+            TokenizerError::ScoresLength { tokens, scores } => write!(
+                f,
+                "SentencePiece needs one score per token: {scores} scores for {tokens} tokens"
+            ),
+            TokenizerError::PreTokenizerMismatch(p) => {
+                write!(
+                    f,
+                    "pre-tokenizer {p:?} does not go with this tokenizer kind"
+                )
             }
         }
     }
 }
 
-/// GPT-2's `bytes_to_unicode`: the printable char standing for each byte.
-pub fn byte_char(b: u8) -> char {
-    let direct = |x: u8| {
-        (b'!'..=b'~').contains(&x) || (0xA1..=0xAC).contains(&x) || (0xAE..=0xFF).contains(&x)
-    };
-    if direct(b) {
-        return b as char;
+/// Special tokens, found in the text by a first-byte filter and longest-first comparison.
+#[derive(Clone, Debug)]
+struct Specials {
+    /// Whether some special token starts with this byte.
+    first: [bool; 256],
+    /// (text, id), longest first.
+    list: Vec<(String, u32)>,
+}
+
+impl Specials {
+    /// The leftmost (then longest) special token at or after byte `from`: (start, end, id).
+    fn find(&self, text: &str, from: usize) -> Option<(usize, usize, u32)> {
+        if self.list.is_empty() {
+            return None;
+        }
+        let b = text.as_bytes();
+        (from..b.len())
+            .filter(|&i| self.first[b[i] as usize])
+            .find_map(|i| {
+                self.list
+                    .iter()
+                    .find(|(s, _)| b[i..].starts_with(s.as_bytes()))
+                    .map(|(s, id)| (i, i + s.len(), *id))
+            })
     }
-    let n = (0..b).filter(|&x| !direct(x)).count() as u32;
-    char::from_u32(256 + n).unwrap_or('?')
 }
 
 /// A ready-to-use tokenizer.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Tokenizer {
     spec: TokenizerSpec,
-    ids: BTreeMap<String, u32>,
-    /// Byte-level: `(left, right) → (rank, merged)`.
-    merges: BTreeMap<(u32, u32), (u32, u32)>,
-    /// Byte-level: the id of each byte's symbol; SentencePiece: the `<0xXX>` tokens.
+    /// Token string → id (the first id for duplicate strings).
+    vocab: HashMap<String, u32>,
+    /// (left, right) → merge.
+    merges: HashMap<(u32, u32), Merge>,
+    /// Byte-level: the token of each byte's symbol; SentencePiece: the `<0xXX>` tokens.
     byte_ids: [Option<u32>; 256],
-    /// Decoding: the bytes each token stands for.
-    bytes: Vec<Vec<u8>>,
-    /// Special tokens, longest first, for literal matching.
-    special: Vec<(String, u32)>,
+    /// SentencePiece: the one-char tokens of ASCII chars.
+    ascii_ids: [Option<u32>; 128],
+    /// SentencePiece without a pre-tokenizer: no token has `▁` after another char, so
+    /// the text can be cut before each run of `▁` without changing the result.
+    cut_at_spaces: bool,
+    /// Decoded bytes of token `i`: `text[starts[i]..starts[i + 1]]`.
+    text: Vec<u8>,
+    starts: Vec<u32>,
+    special: Specials,
+}
+
+impl core::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("kind", &self.spec.kind)
+            .field("pre", &self.spec.pre)
+            .field("vocab_size", &self.spec.tokens.len())
+            .field("merges", &self.merges.len())
+            .field("special", &self.special.list.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Scratch space of one [`Tokenizer::encode`] call.
+#[derive(Default)]
+struct Work {
+    merger: Merger,
+    buf: String,
+}
+
+/// `<0xAB>` → `0xAB`.
+fn parse_byte_token(t: &str) -> Option<u8> {
+    let h = t.strip_prefix("<0x")?.strip_suffix('>')?;
+    if h.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(h, 16).ok()
 }
 
 impl Tokenizer {
@@ -129,91 +238,146 @@ impl Tokenizer {
         if n == 0 {
             return Err(TokenizerError::EmptyVocabulary);
         }
-        for id in spec
+        if n >= u32::MAX as usize || spec.merges.len() >= u32::MAX as usize {
+            return Err(TokenizerError::TooLarge);
+        }
+        for &id in spec
             .special
             .iter()
             .chain(&spec.bos_id)
             .chain(&spec.eos_id)
             .chain(&spec.unk_id)
         {
-            if *id as usize >= n {
-                return Err(TokenizerError::IdOutOfRange(*id));
+            if id as usize >= n {
+                return Err(TokenizerError::IdOutOfRange(id));
             }
         }
-        let mut ids = BTreeMap::new();
+        let spm = spec.kind == TokenizerKind::SentencePieceBpe;
+        let pre_ok = match spec.pre {
+            PreTokenizer::None => true,
+            PreTokenizer::SplitSpaces => spm,
+            _ => !spm,
+        };
+        if !pre_ok {
+            return Err(TokenizerError::PreTokenizerMismatch(spec.pre));
+        }
+        let mut vocab: HashMap<String, u32> = HashMap::with_capacity(n);
         for (i, t) in spec.tokens.iter().enumerate() {
-            // The first id wins for duplicate strings, as in Hugging Face's vocab map.
-            ids.entry(t.clone()).or_insert(i as u32);
+            vocab.entry(t.clone()).or_insert(i as u32);
         }
+        let mut is_special = alloc::vec![false; n];
+        for &id in &spec.special {
+            is_special[id as usize] = true;
+        }
+
+        // Merges from the list: rank = position (a later duplicate replaces an earlier
+        // one, as in Hugging Face's merge map).
+        let mut merges: HashMap<(u32, u32), Merge> = HashMap::with_capacity(spec.merges.len());
+        let mut ab = String::new();
+        for (rank, (a, b)) in spec.merges.iter().enumerate() {
+            ab.clear();
+            ab.push_str(a);
+            ab.push_str(b);
+            let (Some(&ia), Some(&ib), Some(&id)) = (vocab.get(a), vocab.get(b), vocab.get(&ab))
+            else {
+                return Err(TokenizerError::UnknownMerge(alloc::format!("{a} {b}")));
+            };
+            merges.insert(
+                (ia, ib),
+                Merge {
+                    rank: rank as u32,
+                    id,
+                },
+            );
+        }
+        if spm && spec.merges.is_empty() {
+            if spec.scores.len() != n {
+                return Err(TokenizerError::ScoresLength {
+                    tokens: n,
+                    scores: spec.scores.len(),
+                });
+            }
+            merges = merges_from_scores(&spec.tokens, &spec.scores, &vocab);
+        }
+
         let mut byte_ids = [None; 256];
-        let mut merges = BTreeMap::new();
-        let bytes: Vec<Vec<u8>>;
-        match spec.kind {
-            TokenizerKind::ByteLevelBpe => {
-                let mut rev = BTreeMap::new();
-                for b in 0..=255u8 {
-                    let c = byte_char(b);
-                    rev.insert(c, b);
-                    let mut s = String::new();
-                    s.push(c);
-                    byte_ids[b as usize] = ids.get(&s).copied();
-                }
-                for (rank, (a, b)) in spec.merges.iter().enumerate() {
-                    let get = |s: &str| ids.get(s).copied();
-                    let mut ab = a.clone();
-                    ab.push_str(b);
-                    let (Some(ia), Some(ib), Some(iab)) = (get(a), get(b), get(&ab)) else {
-                        return Err(TokenizerError::UnknownMerge(alloc::format!("{a} {b}")));
-                    };
-                    merges.entry((ia, ib)).or_insert((rank as u32, iab));
-                }
-                let special: Vec<bool> =
-                    (0..n).map(|i| spec.special.contains(&(i as u32))).collect();
-                bytes = spec
-                    .tokens
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| {
-                        if special[i] {
-                            return t.as_bytes().to_vec();
-                        }
-                        t.chars()
-                            .map(|c| rev.get(&c).copied().unwrap_or(b'?'))
-                            .collect()
-                    })
-                    .collect();
-            }
-            TokenizerKind::SentencePieceBpe => {
-                if spec.scores.len() != n {
-                    return Err(TokenizerError::ScoresLength);
-                }
-                for b in 0..=255u8 {
-                    byte_ids[b as usize] = ids.get(&alloc::format!("<0x{b:02X}>")).copied();
-                }
-                bytes = spec
-                    .tokens
-                    .iter()
-                    .map(|t| match parse_byte_token(t) {
-                        Some(b) => alloc::vec![b],
-                        None => t.replace('\u{2581}', " ").into_bytes(),
-                    })
-                    .collect();
+        let mut ascii_ids = [None; 128];
+        let mut one = [0u8; 4];
+        for b in 0..=255u8 {
+            byte_ids[b as usize] = if spm {
+                vocab.get(alloc::format!("<0x{b:02X}>").as_str()).copied()
+            } else {
+                vocab
+                    .get(byte_char(b).encode_utf8(&mut one) as &str)
+                    .copied()
+            };
+            if spm && b < 128 {
+                ascii_ids[b as usize] = vocab
+                    .get((b as char).encode_utf8(&mut one) as &str)
+                    .copied();
             }
         }
-        let mut special: Vec<(String, u32)> = spec
+        let cut_at_spaces = spm
+            && spec.pre == PreTokenizer::None
+            && !spec.tokens.iter().any(|t| {
+                t.char_indices()
+                    .skip(1)
+                    .any(|(i, c)| c == '\u{2581}' && !t[..i].ends_with('\u{2581}'))
+            });
+
+        let mut text = Vec::new();
+        let mut starts = Vec::with_capacity(n + 1);
+        for (i, t) in spec.tokens.iter().enumerate() {
+            starts.push(text.len() as u32);
+            if is_special[i] {
+                text.extend_from_slice(t.as_bytes());
+            } else if spm {
+                match parse_byte_token(t) {
+                    Some(b) => text.push(b),
+                    None => {
+                        for c in t.chars() {
+                            let c = if c == '\u{2581}' { ' ' } else { c };
+                            text.extend_from_slice(c.encode_utf8(&mut one).as_bytes());
+                        }
+                    }
+                }
+            } else {
+                for c in t.chars() {
+                    match char_byte(c) {
+                        Some(b) => text.push(b),
+                        None => text.extend_from_slice(c.encode_utf8(&mut one).as_bytes()),
+                    }
+                }
+            }
+        }
+        if text.len() >= u32::MAX as usize {
+            return Err(TokenizerError::TooLarge);
+        }
+        starts.push(text.len() as u32);
+
+        let mut list: Vec<(String, u32)> = spec
             .special
             .iter()
             .map(|&i| (spec.tokens[i as usize].clone(), i))
             .filter(|(s, _)| !s.is_empty())
             .collect();
-        special.sort_by_key(|s| core::cmp::Reverse(s.0.len()));
+        list.sort_by_key(|s| core::cmp::Reverse(s.0.len()));
+        list.dedup_by(|a, b| a.0 == b.0);
+        let mut first = [false; 256];
+        for (s, _) in &list {
+            first[s.as_bytes()[0] as usize] = true;
+        }
+
         Ok(Tokenizer {
             spec,
-            ids,
+            vocab,
             merges,
             byte_ids,
-            bytes,
-            special,
+            ascii_ids,
+            cut_at_spaces,
+            text,
+            starts,
+            special: Specials { first, list },
         })
     }
 
@@ -233,231 +397,225 @@ impl Tokenizer {
     pub fn eos_id(&self) -> Option<u32> {
         self.spec.eos_id
     }
+    /// Unknown token.
+    pub fn unk_id(&self) -> Option<u32> {
+        self.spec.unk_id
+    }
     /// Whether [`encode`](Self::encode) with `add_special` prepends BOS.
     pub fn adds_bos(&self) -> bool {
         self.spec.add_bos && self.spec.bos_id.is_some()
     }
+    /// The id of a token string (as written in the vocabulary).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.vocab.get(token).copied()
+    }
 
     /// Token ids of `text`. With `add_special`, BOS is prepended when the tokenizer
-    /// adds one (Hugging Face's `add_special_tokens=True`).
+    /// adds one (Hugging Face's `add_special_tokens=True`). Special tokens written in
+    /// the text are always recognized.
     pub fn encode(&self, text: &str, add_special: bool) -> Vec<u32> {
-        let mut out = Vec::with_capacity(text.len() / 3);
+        let mut out = Vec::with_capacity(text.len() / 4 + 1);
         if add_special && self.adds_bos() {
             out.extend(self.spec.bos_id);
         }
-        let mut rest = text;
-        while !rest.is_empty() {
-            // The earliest special token (longest on ties) splits the text.
-            let hit = self
-                .special
-                .iter()
-                .filter_map(|(s, id)| rest.find(s.as_str()).map(|p| (p, s.len(), *id)))
-                .min_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-            let (plain, next) = match hit {
-                Some((p, len, id)) => (&rest[..p], Some((id, p + len))),
-                None => (rest, None),
-            };
-            self.encode_plain(plain, &mut out);
-            match next {
-                Some((id, end)) => {
+        let mut work = Work::default();
+        let mut pos = 0;
+        loop {
+            match self.special.find(text, pos) {
+                Some((start, end, id)) => {
+                    self.encode_stretch(&text[pos..start], pos == 0, &mut work, &mut out);
                     out.push(id);
-                    rest = &rest[end..];
+                    pos = end;
                 }
-                None => break,
+                None => {
+                    self.encode_stretch(&text[pos..], pos == 0, &mut work, &mut out);
+                    return out;
+                }
             }
         }
-        out
     }
 
-    fn encode_plain(&self, text: &str, out: &mut Vec<u32>) {
-        if text.is_empty() {
+    /// Encodes text that holds no special token; `at_start`: it starts the text.
+    fn encode_stretch(&self, s: &str, at_start: bool, work: &mut Work, out: &mut Vec<u32>) {
+        if s.is_empty() {
             return;
         }
+        // SentencePiece looks at the text after spaces became `▁`, so a `▁` written in
+        // the text counts as a space here.
+        let spm = self.spec.kind == TokenizerKind::SentencePieceBpe;
+        let space = s.starts_with(' ') || (spm && s.starts_with('\u{2581}'));
+        let prefix = match self.spec.space_prefix {
+            SpacePrefix::Never => false,
+            SpacePrefix::Always => true,
+            SpacePrefix::UnlessSpace => !space,
+            SpacePrefix::FirstUnlessSpace => at_start && !space,
+        };
         match self.spec.kind {
             TokenizerKind::ByteLevelBpe => {
-                let mut piece = |p: &str| self.bpe_piece(p, out);
-                match self.spec.pre {
-                    PreTokenizer::Gpt2 => pretokenize::split(text, pretokenize::gpt2, &mut piece),
-                    PreTokenizer::Llama3 => {
-                        pretokenize::split(text, |s| pretokenize::llama3(s, 3), &mut piece)
-                    }
-                    PreTokenizer::Qwen2 => {
-                        pretokenize::split(text, |s| pretokenize::llama3(s, 1), &mut piece)
-                    }
-                    PreTokenizer::SmolLm => {
-                        // Digits are isolated first, then each stretch between them is split
-                        // by GPT-2's expression.
-                        let mut start = 0;
-                        for (i, c) in text.char_indices() {
-                            if pretokenize::is_number(c) {
-                                pretokenize::split(&text[start..i], pretokenize::gpt2, &mut piece);
-                                piece(&text[i..i + c.len_utf8()]);
-                                start = i + c.len_utf8();
-                            }
+                let mut buf = String::new();
+                let s = if prefix {
+                    buf.reserve(s.len() + 1);
+                    buf.push(' ');
+                    buf.push_str(s);
+                    buf.as_str()
+                } else {
+                    s
+                };
+                pretokenize::split(self.spec.pre, s, |p| self.byte_level_piece(p, work, out));
+            }
+            TokenizerKind::SentencePieceBpe => {
+                let mut norm = String::with_capacity(s.len() + 3 * (s.len() / 4 + 1));
+                if prefix {
+                    norm.push('\u{2581}');
+                }
+                for c in s.chars() {
+                    norm.push(if c == ' ' { '\u{2581}' } else { c });
+                }
+                if self.cut_at_spaces {
+                    // Cut before each run of `▁`: no token spans such a cut.
+                    let mut start = 0;
+                    let mut prev_space = true;
+                    for (i, c) in norm.char_indices() {
+                        let space = c == '\u{2581}';
+                        if space && !prev_space {
+                            self.spm_piece(&norm[start..i], work, out);
+                            start = i;
                         }
-                        pretokenize::split(&text[start..], pretokenize::gpt2, &mut piece);
+                        prev_space = space;
                     }
+                    self.spm_piece(&norm[start..], work, out);
+                } else {
+                    pretokenize::split(self.spec.pre, &norm, |p| self.spm_piece(p, work, out));
                 }
             }
-            TokenizerKind::SentencePieceBpe => self.spm(text, out),
         }
+    }
+
+    fn merge_of(&self, a: u32, b: u32) -> Option<Merge> {
+        self.merges.get(&(a, b)).copied()
     }
 
     /// Byte-level BPE of one pre-tokenized piece.
-    fn bpe_piece(&self, piece: &str, out: &mut Vec<u32>) {
-        if self.spec.ignore_merges {
-            let s: String = piece.bytes().map(byte_char).collect();
-            if let Some(&id) = self.ids.get(&s) {
+    fn byte_level_piece(&self, piece: &str, work: &mut Work, out: &mut Vec<u32>) {
+        if self.spec.ignore_merges && piece.len() > 1 {
+            work.buf.clear();
+            work.buf.extend(piece.bytes().map(byte_char));
+            if let Some(&id) = self.vocab.get(work.buf.as_str()) {
                 out.push(id);
                 return;
             }
         }
-        let mut syms: Vec<u32> = piece
-            .bytes()
-            .filter_map(|b| self.byte_ids[b as usize].or(self.spec.unk_id))
-            .collect();
-        loop {
-            let best = syms
-                .windows(2)
-                .enumerate()
-                .filter_map(|(i, w)| self.merges.get(&(w[0], w[1])).map(|&(r, m)| (r, i, m)))
-                .min();
-            let Some((_, i, m)) = best else { break };
-            syms[i] = m;
-            syms.remove(i + 1);
-        }
-        out.extend_from_slice(&syms);
+        let syms = &mut work.merger.syms;
+        syms.clear();
+        // A byte without a symbol token becomes the unknown token, or is dropped
+        // (Hugging Face's BPE without `unk_token`).
+        syms.extend(
+            piece
+                .bytes()
+                .filter_map(|b| self.byte_ids[b as usize].or(self.spec.unk_id)),
+        );
+        work.merger.run(|a, b| self.merge_of(a, b), out);
     }
 
-    /// SentencePiece BPE (llama.cpp's `llm_tokenizer_spm`): repeatedly merge the adjacent
-    /// pair whose concatenation is the best-scoring token (leftmost on ties), using a
-    /// heap over a linked list of symbols so long texts stay O(n log n); unknown symbols
-    /// fall back to `<0xXX>` byte tokens.
-    fn spm(&self, text: &str, out: &mut Vec<u32>) {
-        use alloc::collections::BinaryHeap;
-        let mut norm = String::with_capacity(text.len() + 3);
-        if self.spec.add_space_prefix {
-            norm.push('\u{2581}');
+    /// SentencePiece BPE of one normalized piece (spaces already `▁`).
+    fn spm_piece(&self, piece: &str, work: &mut Work, out: &mut Vec<u32>) {
+        if piece.is_empty() {
+            return;
         }
-        for c in text.chars() {
-            norm.push(if c == ' ' { '\u{2581}' } else { c });
-        }
-        // Symbols are byte ranges of `norm`, linked left/right; `len == 0` marks a merged-away one.
-        let start: Vec<usize> = norm.char_indices().map(|(i, _)| i).collect();
-        let n = start.len();
-        let mut len: Vec<usize> = (0..n)
-            .map(|i| start.get(i + 1).copied().unwrap_or(norm.len()) - start[i])
-            .collect();
-        let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
-        let mut next: Vec<usize> = (1..=n).collect();
-        let mut heap = BinaryHeap::new();
-        let try_push =
-            |heap: &mut BinaryHeap<Bigram>, l: usize, r: usize, start: &[usize], len: &[usize]| {
-                let s = &norm[start[l]..start[r] + len[r]];
-                if let Some(&id) = self.ids.get(s) {
-                    heap.push(Bigram {
-                        score: self.spec.scores[id as usize],
-                        left: l,
-                        size: s.len(),
-                    });
-                }
+        let syms = &mut work.merger.syms;
+        syms.clear();
+        let mut one = [0u8; 4];
+        let mut last_unk = false;
+        for c in piece.chars() {
+            let id = if c.is_ascii() {
+                self.ascii_ids[c as usize]
+            } else {
+                self.vocab.get(c.encode_utf8(&mut one) as &str).copied()
             };
-        for i in 1..n {
-            try_push(&mut heap, i - 1, i, &start, &len);
-        }
-        while let Some(b) = heap.pop() {
-            let l = b.left;
-            let r = next[l];
-            // Stale entries: one side was merged since this bigram was pushed.
-            if len[l] == 0 || r >= n || len[l] + len[r] != b.size {
+            if let Some(id) = id {
+                syms.push(id);
+                last_unk = false;
                 continue;
             }
-            len[l] += len[r];
-            len[r] = 0;
-            next[l] = next[r];
-            if next[l] < n {
-                prev[next[l]] = l;
-            }
-            if prev[l] < n {
-                try_push(&mut heap, prev[l], l, &start, &len);
-            }
-            if next[l] < n {
-                try_push(&mut heap, l, next[l], &start, &len);
-            }
-        }
-        let mut i = 0;
-        while i < n {
-            let s = &norm[start[i]..start[i] + len[i]];
-            match self.ids.get(s) {
-                Some(&id) => out.push(id),
-                None => {
-                    for b in s.bytes() {
-                        out.extend(self.byte_ids[b as usize].or(self.spec.unk_id));
-                    }
+            let bytes = c.encode_utf8(&mut one).as_bytes();
+            if self.spec.byte_fallback && bytes.iter().all(|&b| self.byte_ids[b as usize].is_some())
+            {
+                syms.extend(bytes.iter().filter_map(|&b| self.byte_ids[b as usize]));
+                last_unk = false;
+            } else if let Some(unk) = self.spec.unk_id {
+                // Consecutive unknown chars fuse into one unknown token (`fuse_unk`).
+                if !last_unk {
+                    syms.push(unk);
                 }
+                last_unk = true;
             }
-            i = next[i];
+        }
+        work.merger.run(|a, b| self.merge_of(a, b), out);
+    }
+
+    /// The bytes token `id` stands for (empty for ids out of range): for streaming output.
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        let i = id as usize;
+        match (self.starts.get(i), self.starts.get(i + 1)) {
+            (Some(&a), Some(&b)) => &self.text[a as usize..b as usize],
+            _ => &[],
         }
     }
 
-    /// The bytes token `id` stands for (empty for ids out of range).
-    pub fn token_bytes(&self, id: u32) -> &[u8] {
-        self.bytes.get(id as usize).map_or(&[], |b| b.as_slice())
-    }
-
-    /// Text of a token sequence (invalid UTF-8 is replaced). SentencePiece drops the
-    /// space its encoder prepended.
+    /// Text of a token sequence (invalid UTF-8 is replaced by U+FFFD). Byte-level BPE
+    /// round-trips exactly: `decode(&encode(s, false)) == s`. SentencePiece drops a
+    /// leading BOS and the space its encoder put in front of the text.
     pub fn decode(&self, ids: &[u32]) -> String {
-        let mut b = Vec::new();
+        let spm = self.spec.kind == TokenizerKind::SentencePieceBpe;
+        let ids = match ids.split_first() {
+            Some((&first, rest)) if spm && Some(first) == self.spec.bos_id => rest,
+            _ => ids,
+        };
+        let mut b = Vec::with_capacity(ids.len() * 4);
         for &id in ids {
-            if Some(id) == self.spec.bos_id && self.spec.kind == TokenizerKind::SentencePieceBpe {
-                continue;
-            }
             b.extend_from_slice(self.token_bytes(id));
         }
-        let mut s = String::from_utf8_lossy(&b).into_owned();
-        if self.spec.kind == TokenizerKind::SentencePieceBpe
-            && self.spec.add_space_prefix
-            && s.starts_with(' ')
-        {
+        let mut s = match String::from_utf8(b) {
+            Ok(s) => s,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        };
+        if spm && self.spec.space_prefix != SpacePrefix::Never && s.starts_with(' ') {
             s.remove(0);
         }
         s
     }
 }
 
-/// A candidate merge in [`Tokenizer::spm`]: best score first, then leftmost.
-#[derive(Debug)]
-struct Bigram {
-    score: f32,
-    left: usize,
-    size: usize,
-}
-
-impl PartialEq for Bigram {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o) == core::cmp::Ordering::Equal
+/// SentencePiece merges from scores (llama.cpp): every split of a token into two
+/// tokens is a pair whose merge is that token, ranked by its score (higher first,
+/// equal scores equal rank, so ties go leftmost).
+fn merges_from_scores(
+    tokens: &[String],
+    scores: &[f32],
+    vocab: &HashMap<String, u32>,
+) -> HashMap<(u32, u32), Merge> {
+    let mut order: Vec<f32> = scores.to_vec();
+    order.sort_by(|a, b| b.total_cmp(a));
+    order.dedup_by(|a, b| a.total_cmp(b).is_eq());
+    let rank_of = |s: f32| -> u32 {
+        order
+            .binary_search_by(|x| s.total_cmp(x))
+            .unwrap_or_else(|i| i) as u32
+    };
+    let mut merges = HashMap::new();
+    for (id, t) in tokens.iter().enumerate() {
+        let id = id as u32;
+        if vocab.get(t.as_str()) != Some(&id) {
+            continue;
+        }
+        let rank = rank_of(scores[id as usize]);
+        for (k, _) in t.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (vocab.get(&t[..k]), vocab.get(&t[k..])) {
+                merges.insert((l, r), Merge { rank, id });
+            }
+        }
     }
-}
-impl Eq for Bigram {}
-impl PartialOrd for Bigram {
-    fn partial_cmp(&self, o: &Self) -> Option<core::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Bigram {
-    fn cmp(&self, o: &Self) -> core::cmp::Ordering {
-        self.score.total_cmp(&o.score).then(o.left.cmp(&self.left))
-    }
-}
-
-/// `<0xAB>` → `0xAB`.
-fn parse_byte_token(t: &str) -> Option<u8> {
-    let h = t.strip_prefix("<0x")?.strip_suffix('>')?;
-    if h.len() != 2 {
-        return None;
-    }
-    u8::from_str_radix(h, 16).ok()
+    merges
 }
 
 #[cfg(test)]
@@ -466,13 +624,13 @@ mod tests {
     use alloc::string::ToString;
     use alloc::vec;
 
-    /// The 256 byte symbols plus `extra` tokens, with `merges`.
-    fn byte_level_spec(merges: &[(&str, &str)], extra: &[&str]) -> TokenizerSpec {
-        let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_char(b).to_string()).collect();
-        tokens.extend(extra.iter().map(|s| s.to_string()));
+    fn spec(kind: TokenizerKind, tokens: Vec<String>, merges: &[(&str, &str)]) -> TokenizerSpec {
         TokenizerSpec {
-            kind: TokenizerKind::ByteLevelBpe,
-            pre: PreTokenizer::Gpt2,
+            kind,
+            pre: match kind {
+                TokenizerKind::ByteLevelBpe => PreTokenizer::Gpt2,
+                TokenizerKind::SentencePieceBpe => PreTokenizer::None,
+            },
             tokens,
             scores: vec![],
             special: vec![],
@@ -481,41 +639,121 @@ mod tests {
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .collect(),
             ignore_merges: false,
+            byte_fallback: true,
             bos_id: None,
             eos_id: None,
             unk_id: None,
             add_bos: false,
-            add_space_prefix: false,
+            space_prefix: SpacePrefix::Never,
         }
     }
 
-    fn byte_level(merges: &[(&str, &str)], extra: &[&str]) -> Tokenizer {
-        Tokenizer::new(byte_level_spec(merges, extra)).unwrap()
-    }
-
-    #[test]
-    fn byte_char_table_matches_gpt2() {
-        assert_eq!(byte_char(b' '), 'Ġ');
-        assert_eq!(byte_char(b'\n'), 'Ċ');
-        assert_eq!(byte_char(b'A'), 'A');
-        assert_eq!(byte_char(0), 'Ā');
-        assert_eq!(byte_char(0xAD), 'Ń');
+    fn byte_tokens(extra: &[&str]) -> Vec<String> {
+        let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_char(b).to_string()).collect();
+        tokens.extend(extra.iter().map(|s| s.to_string()));
+        tokens
     }
 
     #[test]
     fn merges_apply_by_rank() {
         // "Ġ" + "a" ranks before "a" + "b": " ab" → "Ġa", "b".
-        let t = byte_level(&[("Ġ", "a"), ("a", "b")], &["Ġa", "ab"]);
+        let s = spec(
+            TokenizerKind::ByteLevelBpe,
+            byte_tokens(&["Ġa", "ab"]),
+            &[("Ġ", "a"), ("a", "b")],
+        );
+        let t = Tokenizer::new(s).unwrap();
         assert_eq!(t.encode(" ab", false), vec![256, b'b' as u32]);
         assert_eq!(t.decode(&t.encode(" ab ü\n", false)), " ab ü\n");
+        assert_eq!(t.token_bytes(256), b" a");
+        assert_eq!(t.token_bytes(9999), b"");
     }
 
     #[test]
-    fn bad_merge_is_an_error() {
-        let spec = byte_level_spec(&[("q", "z")], &["xy"]);
+    fn special_tokens_split_first_leftmost_longest() {
+        let mut s = spec(
+            TokenizerKind::ByteLevelBpe,
+            byte_tokens(&["<a>", "<a>b"]),
+            &[],
+        );
+        s.special = vec![256, 257];
+        s.bos_id = Some(256);
+        s.add_bos = true;
+        let t = Tokenizer::new(s).unwrap();
+        assert_eq!(t.encode("x<a>b<a>", false), vec![b'x' as u32, 257, 256]);
+        assert_eq!(t.encode("<a>", true), vec![256, 256]);
+        assert_eq!(t.decode(&t.encode("x<a>b<a>", false)), "x<a>b<a>");
+    }
+
+    #[test]
+    fn ignore_merges_takes_whole_pieces() {
+        let mut s = spec(
+            TokenizerKind::ByteLevelBpe,
+            byte_tokens(&["ab", "abc"]),
+            &[("a", "b")],
+        );
+        s.pre = PreTokenizer::Llama3;
         assert_eq!(
-            Tokenizer::new(spec).unwrap_err(),
+            Tokenizer::new(s.clone()).unwrap().encode("abc", false),
+            vec![256, b'c' as u32]
+        );
+        s.ignore_merges = true;
+        assert_eq!(Tokenizer::new(s).unwrap().encode("abc", false), vec![257]);
+    }
+
+    #[test]
+    fn sentencepiece_scores_and_byte_fallback() {
+        let tokens: Vec<String> = [
+            "<unk>", "▁", "a", "b", "▁a", "ab", "▁ab", "<0xC3>", "<0xA9>",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut s = spec(TokenizerKind::SentencePieceBpe, tokens, &[]);
+        s.scores = vec![0.0, -1.0, -1.0, -1.0, -2.0, -3.0, -4.0, 0.0, 0.0];
+        s.unk_id = Some(0);
+        s.space_prefix = SpacePrefix::Always;
+        let t = Tokenizer::new(s.clone()).unwrap();
+        // "▁ab": "▁a" (-2) beats "ab" (-3), then "▁ab".
+        assert_eq!(t.encode("ab", false), vec![6]);
+        assert_eq!(t.encode("b é", false), vec![1, 3, 1, 7, 8]);
+        assert_eq!(t.decode(&t.encode("b é", false)), "b é");
+        s.byte_fallback = false;
+        let t = Tokenizer::new(s).unwrap();
+        assert_eq!(t.encode("éé", false), vec![1, 0]);
+    }
+
+    #[test]
+    fn malformed_specs_are_errors() {
+        assert_eq!(
+            Tokenizer::new(spec(TokenizerKind::ByteLevelBpe, vec![], &[])).unwrap_err(),
+            TokenizerError::EmptyVocabulary
+        );
+        let bad = spec(
+            TokenizerKind::ByteLevelBpe,
+            byte_tokens(&["xy"]),
+            &[("q", "z")],
+        );
+        assert_eq!(
+            Tokenizer::new(bad).unwrap_err(),
             TokenizerError::UnknownMerge("q z".into())
+        );
+        let mut s = spec(TokenizerKind::ByteLevelBpe, byte_tokens(&[]), &[]);
+        s.eos_id = Some(256);
+        assert_eq!(
+            Tokenizer::new(s).unwrap_err(),
+            TokenizerError::IdOutOfRange(256)
+        );
+        let s = spec(TokenizerKind::SentencePieceBpe, byte_tokens(&[]), &[]);
+        assert!(matches!(
+            Tokenizer::new(s).unwrap_err(),
+            TokenizerError::ScoresLength { .. }
+        ));
+        let mut s = spec(TokenizerKind::SentencePieceBpe, byte_tokens(&[]), &[]);
+        s.pre = PreTokenizer::Gpt2;
+        assert_eq!(
+            Tokenizer::new(s).unwrap_err(),
+            TokenizerError::PreTokenizerMismatch(PreTokenizer::Gpt2)
         );
     }
 }

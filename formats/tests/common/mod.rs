@@ -219,7 +219,8 @@ pub fn sample_manifest(with_tokenizer: bool) -> Manifest {
             eos_id: Some(0),
             unk_id: None,
             add_bos: false,
-            add_space_prefix: false,
+            space_prefix: SpacePrefix::Never,
+            byte_fallback: false,
         }),
         compression: with_tokenizer.then(|| Compression {
             method: "cap".into(),
