@@ -3,6 +3,9 @@
 //! `verify_cap` catching a flipped byte, and the real SmolLM2-135M packed to f16
 //! (skipped with `CAP_SKIP_MODEL_TESTS=1`).
 
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use cap_device::model::{DenseLinear, Head, Model};
@@ -228,13 +231,9 @@ fn verify_names_a_flipped_byte_in_a_tensor() {
 
 #[test]
 fn real_model_f16_size() {
-    if std::env::var("CAP_SKIP_MODEL_TESTS").as_deref() == Ok("1") {
-        println!("SKIPPED real_model_f16_size (CAP_SKIP_MODEL_TESTS=1)");
+    let Some(src) = common::real_model() else {
         return;
-    }
-    let home = std::env::var("HOME").expect("HOME");
-    let src = Path::new(&home).join(".cache/cap/model/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(src.exists(), "{} is missing", src.display());
+    };
     let gguf_bytes = std::fs::metadata(&src).unwrap().len();
     let ck = Checkpoint::open(&src).unwrap();
     let dir = tempfile::tempdir().unwrap();

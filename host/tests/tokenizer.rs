@@ -7,6 +7,9 @@
 //! scripts/reference/tokenizer_reference.py and tokenizer_fixtures.py.
 //! `CAP_TOKENIZER_FIXTURES=DIR` reads them from elsewhere (e.g. a larger fuzz run).
 
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -45,32 +48,8 @@ fn json(path: &Path) -> Value {
 fn wiki() -> &'static str {
     static W: OnceLock<String> = OnceLock::new();
     W.get_or_init(|| {
-        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/data/wikitext-2-raw/wiki.valid.raw");
-        String::from_utf8(read(&p)).expect("wiki.valid.raw is UTF-8")
+        String::from_utf8(read(&common::wikitext_valid())).expect("wiki.valid.raw is UTF-8")
     })
-}
-
-/// The real test model, or `None` with `CAP_SKIP_MODEL_TESTS=1`; missing is a failure.
-fn real_model() -> Option<PathBuf> {
-    if std::env::var_os("CAP_SKIP_MODEL_TESTS").is_some_and(|v| v == "1") {
-        eprintln!("SKIPPED: CAP_SKIP_MODEL_TESTS=1, real-model tokenizer test not run");
-        return None;
-    }
-    let path = std::env::var_os("CAP_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/cap/model/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        path.exists(),
-        "test model {} is missing: run scripts/fetch-model.sh (or set CAP_MODEL, or CAP_SKIP_MODEL_TESTS=1 to skip)",
-        path.display()
-    );
-    Some(path)
 }
 
 /// The tricky and fuzzed strings of cases.json, and the sha256 of the file.
@@ -243,7 +222,9 @@ fn check_variants(path: &Path, r: &Value, name: &str) -> usize {
 
 #[test]
 fn smollm2_gguf_matches_the_reference_tokenizer() {
-    let Some(path) = real_model() else { return };
+    let Some(path) = common::real_model() else {
+        return;
+    };
     let f = GgufFile::open(&path).expect("open the model");
     let spec = from_gguf(&f).expect("tokenizer metadata");
     // SmolLM2's original pre-tokenizer: digits isolated, then GPT-2's expression.
