@@ -5,3 +5,4 @@ pub mod eval;
 pub mod import;
 pub mod inspect;
 pub mod pack;
+pub mod rpca;
