@@ -258,6 +258,47 @@ fn interrupted_run_resumes_to_identical_files() {
 }
 
 #[test]
+fn activation_aware_caches_are_their_own() {
+    // --calib decomposes W·diag(d): the report says so, a rerun with the same text
+    // skips everything, and the plain mode never takes an activation-aware result.
+    let d = tempfile::tempdir().unwrap();
+    let calib = d.path().join("calib.json");
+    let doc = "Calibration text about many things, numbers 12345, and more words. ".repeat(40);
+    std::fs::write(
+        &calib,
+        format!("{{\"text\": {doc:?}}}\n{{\"text\": {doc:?}}}\n"),
+    )
+    .unwrap();
+    let out = d.path().join("c");
+    let args = [
+        "--calib",
+        calib.to_str().unwrap(),
+        "--calib-ctx",
+        "64",
+        "--calib-windows",
+        "4",
+    ];
+    let a = decompose(&out, &args, None);
+    assert_eq!(a["mode"], "activation-aware");
+    assert_eq!((count(&a, "computed"), count(&a, "skipped")), (14, 0));
+    let b = decompose(&out, &args, None);
+    assert_eq!((count(&b, "computed"), count(&b, "skipped")), (0, 14));
+    let p = decompose(&out, &[], None);
+    assert_eq!(p["mode"], "plain");
+    assert_eq!((count(&p, "computed"), count(&p, "skipped")), (14, 0));
+    // Same weights, different matrix decomposed: the splits differ.
+    let rank = |v: &Value| -> Vec<u64> {
+        v["matrices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["nnz"].as_u64().unwrap())
+            .collect()
+    };
+    assert_ne!(rank(&a), rank(&p));
+}
+
+#[test]
 fn shards_fill_the_same_cache() {
     let d = tempfile::tempdir().unwrap();
     let (full, sharded) = (d.path().join("full"), d.path().join("sharded"));

@@ -1,5 +1,6 @@
 //! `cap-host`: cap's host-side toolchain (import, evaluation, and later decomposition,
 //! budget search and packing). The binary `cap-host` is a thin CLI over this library.
+pub mod calib;
 pub mod capinfo;
 pub mod eval;
 pub mod import;

@@ -54,6 +54,65 @@ impl From<SvdArg> for cap_host::rpca::SvdMethod {
     }
 }
 
+/// Activation-aware decomposition: where the calibration activations come from.
+#[derive(clap::Args)]
+struct CalibArgs {
+    /// Decompose W·diag(d) instead of W, d = the RMS of each input channel over
+    /// calibration text (plain text, or JSON lines with a "text" field such as the C4
+    /// sample), then unscale. Calibrate on other text than you evaluate on.
+    #[arg(long, value_name = "FILE")]
+    calib: Option<PathBuf>,
+    /// Calibration windows (the first N non-overlapping windows of the text).
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    calib_windows: usize,
+    /// Tokens per calibration window.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    calib_ctx: usize,
+}
+
+impl CalibArgs {
+    /// The calibration text, read before any slow work so a bad path fails fast.
+    fn text(&self) -> Result<Option<String>> {
+        self.calib
+            .as_deref()
+            .map(cap_host::calib::read_calib_text)
+            .transpose()
+    }
+
+    /// Per-tensor input RMS from `text` (None in plain mode).
+    fn scales(
+        &self,
+        text: Option<&str>,
+        ck: &Checkpoint,
+        m: &cap_device::model::Model<cap_device::model::DenseLinear>,
+        threads: usize,
+    ) -> Result<Option<std::collections::BTreeMap<String, Vec<f32>>>> {
+        let (Some(text), Some(path)) = (text, &self.calib) else {
+            return Ok(None);
+        };
+        let tokenizer = ck.tokenizer()?;
+        let opts = cap_host::calib::CalibOptions {
+            ctx: self.calib_ctx,
+            windows: self.calib_windows,
+            threads,
+        };
+        let pb = progress_bar(0, "calibration");
+        let r = cap_host::calib::input_rms(
+            m,
+            &tokenizer,
+            text,
+            &path.display().to_string(),
+            &opts,
+            |done, total| {
+                pb.set_length(total as u64);
+                pb.set_position(done as u64);
+            },
+        );
+        pb.finish_and_clear();
+        r.map(Some)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Perplexity of a model on a text, computed with the device's forward pass.
@@ -153,6 +212,8 @@ enum Command {
         /// Process only matrices whose tensor name contains this text.
         #[arg(long, value_name = "TEXT")]
         only: Option<String>,
+        #[command(flatten)]
+        calib: CalibArgs,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -213,6 +274,8 @@ enum Command {
         /// Worker threads [default: all cores].
         #[arg(long)]
         threads: Option<usize>,
+        #[command(flatten)]
+        calib: CalibArgs,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -436,6 +499,7 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             shard,
             only,
+            calib,
             json,
         } => {
             let settings = cap_host::rpca::RpcaSettings {
@@ -457,15 +521,20 @@ fn run(cli: Cli) -> Result<()> {
                 ),
                 Err(_) => None,
             };
-            let m = Checkpoint::open(&model)?
+            let calib_text = calib.text()?;
+            let ck = Checkpoint::open(&model)?;
+            let m = ck
                 .load_model()
                 .with_context(|| format!("loading {}", model.display()))?;
+            cap_kernels::par::init_threads(threads);
+            let scales = calib.scales(calib_text.as_deref(), &ck, &m, threads)?;
             let opts = cap_host::rpca::model::DecomposeOptions {
                 settings,
                 threads,
                 shard,
                 only,
                 stop_after,
+                scales,
             };
             let r = run_decompose(&m, &out, &opts)?;
             if json {
@@ -545,6 +614,7 @@ fn run(cli: Cli) -> Result<()> {
             ctx,
             max_windows,
             threads,
+            calib,
             json,
         } => {
             let settings = cap_host::rpca::RpcaSettings {
@@ -557,11 +627,13 @@ fn run(cli: Cli) -> Result<()> {
             let threads = threads_or_all(threads)?;
             cap_kernels::par::init_threads(threads);
             let body = read_text(&text, false)?;
+            let calib_text = calib.text()?;
             let ck = Checkpoint::open(&model)?;
             let tokenizer = ck.tokenizer()?;
             let mut m = ck
                 .load_model()
                 .with_context(|| format!("loading {}", model.display()))?;
+            let scales = calib.scales(calib_text.as_deref(), &ck, &m, threads)?;
             // Names first (owned), so the model can then be borrowed mutably.
             let names: Vec<String> = cap_host::rpca::model::linear_matrices(&m)
                 .into_iter()
@@ -584,14 +656,15 @@ fn run(cli: Cli) -> Result<()> {
             }
             for (name, lin) in names.iter().zip(lins) {
                 let (r, c) = (lin.out_features, lin.in_features);
+                let scale = scales.as_ref().and_then(|s| s.get(name)).map(Vec::as_slice);
                 let d =
-                    cap_host::rpca::load_cached(&cache, name, &lin.weight, r, c, &settings, None)
+                    cap_host::rpca::load_cached(&cache, name, &lin.weight, r, c, &settings, scale)
                         .with_context(|| {
-                        format!(
-                            "{}: no cached decomposition of {name} with these settings",
-                            cache.display()
-                        )
-                    })?;
+                            format!(
+                                "{}: no cached decomposition of {name} with these settings",
+                                cache.display()
+                            )
+                        })?;
                 lin.weight = d.reconstruct();
             }
             let opts = EvalOptions {

@@ -6,6 +6,7 @@
 //! before taking the next job, so at most `threads` decompositions (each a few dense
 //! copies of its matrix) are alive at once, never a whole model's.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -65,6 +66,10 @@ pub struct DecomposeOptions {
     /// Stop after computing this many matrices (skipped ones do not count): a hook to
     /// simulate an interrupted run in tests (`CAP_RPCA_STOP_AFTER`).
     pub stop_after: Option<usize>,
+    /// Activation-aware mode: per tensor name, the input-channel scale `d` (see
+    /// [`crate::calib::input_rms`]); `W·diag(d)` is decomposed and unscaled. `None`:
+    /// plain mode. The scale is part of each cache key, so the two modes never mix.
+    pub scales: Option<BTreeMap<String, Vec<f32>>>,
 }
 
 /// One matrix in the report.
@@ -121,6 +126,8 @@ pub struct DecomposeReport {
     pub energy_l_mean: f64,
     /// Settings used.
     pub settings: RpcaSettings,
+    /// `plain` (W) or `activation-aware` (W·diag(d) from calibration inputs).
+    pub mode: &'static str,
     /// Worker threads.
     pub threads: usize,
     /// The slice processed, if any.
@@ -231,7 +238,15 @@ pub fn decompose_model(
         jobs.par_iter()
             .map(|(name, lin)| -> Result<Option<MatrixReport>> {
                 let (m, n) = (lin.out_features, lin.in_features);
-                let key = CacheKey::new(&lin.weight, m, n, &opts.settings, None);
+                let scale = match &opts.scales {
+                    None => None,
+                    Some(map) => Some(
+                        map.get(name)
+                            .map(Vec::as_slice)
+                            .with_context(|| format!("no calibration scale for {name}"))?,
+                    ),
+                };
+                let key = CacheKey::new(&lin.weight, m, n, &opts.settings, scale);
                 let path = cache::cache_path(out_dir, name)?;
                 let report = |d: &super::Decomposition, seconds, cached| MatrixReport {
                     name: name.clone(),
@@ -258,7 +273,7 @@ pub fn decompose_model(
                 }
                 on_event(Event::Start { name });
                 let (d, secs) =
-                    decompose_matrix(&lin.weight, m, n, &opts.settings, None, par, &mut |info| {
+                    decompose_matrix(&lin.weight, m, n, &opts.settings, scale, par, &mut |info| {
                         on_event(Event::Iter { name, info })
                     })
                     .with_context(|| format!("decomposing {name}"))?;
@@ -289,6 +304,11 @@ pub fn decompose_model(
         density_mean: mean(&|r| r.density_s),
         energy_l_mean: mean(&|r| r.energy_l),
         settings: opts.settings,
+        mode: if opts.scales.is_some() {
+            "activation-aware"
+        } else {
+            "plain"
+        },
         threads: opts.threads,
         shard: opts.shard,
         out: out_dir.display().to_string(),
@@ -327,7 +347,8 @@ pub fn render(r: &DecomposeReport) -> String {
     }
     let _ = writeln!(
         s,
-        "{} matrices selected: {} computed, {} cached, {} not run; mean rank {:.1}% of full, mean density(S) {:.1}%, mean E(L) {:.1}%; {:.1} s wall, {:.1} s compute, {} threads",
+        "{} mode; {} matrices selected: {} computed, {} cached, {} not run; mean rank {:.1}% of full, mean density(S) {:.1}%, mean E(L) {:.1}%; {:.1} s wall, {:.1} s compute, {} threads",
+        r.mode,
         r.selected,
         r.computed,
         r.skipped,

@@ -1,0 +1,290 @@
+//! Calibration statistics from the device's own forward pass: for every linear layer,
+//! the root-mean-square of each input channel over calibration tokens,
+//! `d_j = sqrt(mean_t x_tj²)` (the diagonal of `XᵀX / T`, square-rooted). These are the
+//! input-channel weights of activation-aware decomposition (W·diag(d), as OATS and
+//! Wanda weigh columns) and of later allocation steps.
+//!
+//! The statistics are gathered by wrapping each dense linear in [`Recording`], a
+//! [`Linear`] that accumulates the squares of its inputs and then runs the wrapped
+//! layer, so the forward pass itself is untouched and what is recorded is exactly what
+//! the layers see on the device.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, bail};
+use cap_device::forward::Runner;
+use cap_device::model::{Block, DenseLinear, Head, Linear, Model};
+use cap_device::tokenizer::Tokenizer;
+
+use crate::rpca::model::linear_matrices;
+
+/// A dense linear that records the per-column sum of squares of its inputs.
+pub struct Recording<'a> {
+    inner: &'a DenseLinear,
+    /// (sum over tokens of x², tokens seen); f64 so long calibration runs do not lose
+    /// small contributions.
+    acc: Mutex<(Vec<f64>, u64)>,
+}
+
+impl<'a> Recording<'a> {
+    /// Wraps `inner` with empty statistics.
+    pub fn new(inner: &'a DenseLinear) -> Self {
+        Recording {
+            inner,
+            acc: Mutex::new((vec![0.0; inner.in_features], 0)),
+        }
+    }
+
+    /// `sqrt(mean x²)` per input column over every token seen so far (zeros if none).
+    pub fn rms(&self) -> Vec<f32> {
+        let acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
+        let t = acc.1.max(1) as f64;
+        acc.0.iter().map(|s| (s / t).sqrt() as f32).collect()
+    }
+}
+
+impl Linear for Recording<'_> {
+    fn in_features(&self) -> usize {
+        self.inner.in_features
+    }
+    fn out_features(&self) -> usize {
+        self.inner.out_features
+    }
+    fn forward(&self, x: &[f32], y: &mut [f32], threads: usize) {
+        let n = self.inner.in_features;
+        let mut acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
+        for row in x.chunks_exact(n) {
+            for (s, v) in acc.0.iter_mut().zip(row) {
+                *s += f64::from(*v) * f64::from(*v);
+            }
+        }
+        acc.1 += (x.len() / n) as u64;
+        drop(acc);
+        self.inner.forward(x, y, threads);
+    }
+}
+
+/// The model with every linear wrapped in [`Recording`] (norms and embeddings
+/// borrowed by cloning: calibration is a host-side, one-off cost).
+fn recording_model(model: &Model<DenseLinear>) -> Model<Recording<'_>> {
+    fn wrap(b: &Block<DenseLinear>) -> Block<Recording<'_>> {
+        Block {
+            attn_norm: b.attn_norm.clone(),
+            q: Recording::new(&b.q),
+            k: Recording::new(&b.k),
+            v: Recording::new(&b.v),
+            o: Recording::new(&b.o),
+            qkv_bias: b.qkv_bias.clone(),
+            mlp_norm: b.mlp_norm.clone(),
+            gate: Recording::new(&b.gate),
+            up: Recording::new(&b.up),
+            down: Recording::new(&b.down),
+        }
+    }
+    Model {
+        config: model.config.clone(),
+        embed: model.embed.clone(),
+        blocks: model.blocks.iter().map(wrap).collect(),
+        norm: model.norm.clone(),
+        head: match &model.head {
+            Head::Tied => Head::Tied,
+            Head::Separate(h) => Head::Separate(Recording::new(h)),
+        },
+    }
+}
+
+/// Where the calibration tokens come from.
+#[derive(Clone, Debug)]
+pub struct CalibOptions {
+    /// Tokens per window (each window runs from position 0).
+    pub ctx: usize,
+    /// Number of windows: the first `windows` non-overlapping windows of the text.
+    pub windows: usize,
+    /// Worker threads of the forward pass.
+    pub threads: usize,
+}
+
+/// Reads a calibration text: JSON lines with a `text` field (the C4 layout) become the
+/// documents joined with `"\n\n"`; anything else is used as it is.
+pub fn read_calib_text(path: &Path) -> Result<String> {
+    let raw = crate::eval::read_text(path, false)?;
+    let first = raw.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    if !first.trim_start().starts_with('{') {
+        return Ok(raw);
+    }
+    let mut docs = Vec::new();
+    for (i, line) in raw
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}: line {}: not JSON", path.display(), i + 1))?;
+        match v.get("text").and_then(|t| t.as_str()) {
+            Some(t) => docs.push(t.to_string()),
+            None => bail!(
+                "{}: line {}: no string field \"text\"",
+                path.display(),
+                i + 1
+            ),
+        }
+    }
+    Ok(docs.join("\n\n"))
+}
+
+/// Per-linear input RMS (`d`, length = the layer's input width) keyed by GGUF tensor
+/// name, from running `model` on the first `opts.windows` windows of `text`.
+/// `progress(done, total)` is called after each window.
+pub fn input_rms(
+    model: &Model<DenseLinear>,
+    tokenizer: &Tokenizer,
+    text: &str,
+    text_name: &str,
+    opts: &CalibOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<BTreeMap<String, Vec<f32>>> {
+    if opts.ctx < 1 || opts.windows < 1 {
+        bail!("calibration needs at least one window of at least one token");
+    }
+    let tokens = tokenizer.encode(text, true);
+    let have = tokens.len() / opts.ctx;
+    if have == 0 {
+        bail!(
+            "{text_name}: {} tokens, fewer than one calibration window of {}",
+            tokens.len(),
+            opts.ctx
+        );
+    }
+    let n = opts.windows.min(have);
+    if n < opts.windows {
+        tracing::warn!(
+            "{text_name}: only {n} calibration windows of {} tokens",
+            opts.ctx
+        );
+    }
+    let rec = recording_model(model);
+    let runner = Runner::new(&rec, opts.ctx, opts.threads);
+    let mut hidden = Vec::new();
+    for w in 0..n {
+        let mut kv = runner.new_cache();
+        runner
+            .forward(
+                &tokens[w * opts.ctx..(w + 1) * opts.ctx],
+                &mut kv,
+                &mut hidden,
+            )
+            .map_err(|e| anyhow::anyhow!("calibration forward pass: {e:?}"))?;
+        progress(w + 1, n);
+    }
+    // Names in the same order and spelling as decompose uses.
+    let names: Vec<String> = linear_matrices(model).into_iter().map(|(n, _)| n).collect();
+    let mut stats = Vec::new();
+    for b in &rec.blocks {
+        for (_, l) in b.linears() {
+            stats.push(l.rms());
+        }
+    }
+    if let Head::Separate(h) = &rec.head {
+        stats.push(h.rms());
+    }
+    debug_assert_eq!(names.len(), stats.len());
+    Ok(names.into_iter().zip(stats).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recording_accumulates_the_mean_square_and_passes_through() {
+        let w = DenseLinear::new(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3).unwrap();
+        let r = Recording::new(&w);
+        let x = [1.0, -2.0, 0.5, 3.0, 0.0, -1.5];
+        let mut y = [0.0; 4];
+        r.forward(&x, &mut y, 1);
+        // y = x·Wᵀ, row by row.
+        assert_eq!(y, [-1.5, -3.0, -1.5, 3.0]);
+        let d = r.rms();
+        let want = [
+            ((1.0f64 + 9.0) / 2.0).sqrt(),
+            ((4.0f64 + 0.0) / 2.0).sqrt(),
+            ((0.25f64 + 2.25) / 2.0).sqrt(),
+        ];
+        for (a, b) in d.iter().zip(want) {
+            assert!((f64::from(*a) - b).abs() < 1e-6, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn first_layer_scales_match_the_closed_form() {
+        // The q/k/v inputs of block 0 are RMSNorm(embedding) · attn_norm, computed here
+        // independently in f64 from the token ids; the recorded RMS must match to f32
+        // rounding (1e-5 relative: a norm and a mean over a few hundred terms).
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/tiny/llama-tied/llama-tied.gguf");
+        let ck = crate::import::Checkpoint::open(&path).unwrap();
+        let model = ck.load_model().unwrap();
+        let tok = ck.tokenizer().unwrap();
+        let text = "The quick brown fox jumps over the lazy dog. 0123456789 ".repeat(8);
+        let opts = CalibOptions {
+            ctx: 32,
+            windows: 3,
+            threads: 1,
+        };
+        let got = input_rms(&model, &tok, &text, "t", &opts, |_, _| {}).unwrap();
+        let ids = tok.encode(&text, true);
+        let h = model.config.hidden_size;
+        let eps = f64::from(model.config.rms_eps);
+        let mut sum = vec![0.0f64; h];
+        let used = &ids[..opts.ctx * opts.windows];
+        for &t in used {
+            let e = &model.embed[t as usize * h..(t as usize + 1) * h];
+            let ms = e.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / h as f64;
+            let r = 1.0 / (ms + eps).sqrt();
+            for j in 0..h {
+                let x = f64::from(e[j]) * r * f64::from(model.blocks[0].attn_norm[j]);
+                sum[j] += x * x;
+            }
+        }
+        for name in [
+            "blk.0.attn_q.weight",
+            "blk.0.attn_k.weight",
+            "blk.0.attn_v.weight",
+        ] {
+            let d = &got[name];
+            assert_eq!(d.len(), h);
+            for j in 0..h {
+                let want = (sum[j] / used.len() as f64).sqrt();
+                assert!(
+                    (f64::from(d[j]) - want).abs() <= 1e-5 * want.max(1e-6),
+                    "{name}[{j}]: {} vs {want}",
+                    d[j]
+                );
+            }
+        }
+        // Every linear has a scale of its input width.
+        for (name, lin) in linear_matrices(&model) {
+            assert_eq!(got[&name].len(), lin.in_features, "{name}");
+            assert!(
+                got[&name].iter().all(|v| v.is_finite() && *v >= 0.0),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn json_lines_become_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c4.json");
+        std::fs::write(&p, "{\"text\":\"a b\"}\n{\"text\":\"c\\nd\"}\n").unwrap();
+        assert_eq!(read_calib_text(&p).unwrap(), "a b\n\nc\nd");
+        std::fs::write(&p, "{\"text\":\"a\"}\n{\"x\":1}\n").unwrap();
+        let e = read_calib_text(&p).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("c4.json"), "{e}");
+        let q = dir.path().join("plain.txt");
+        std::fs::write(&q, "just text\n").unwrap();
+        assert_eq!(read_calib_text(&q).unwrap(), "just text\n");
+    }
+}
