@@ -7,3 +7,4 @@ pub mod import;
 pub mod inspect;
 pub mod pack;
 pub mod rpca;
+pub mod targets;

@@ -301,6 +301,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The device profiles a budget can target (`targets/*.toml`, plus a folder of your
+    /// own): memory, memory reserved for the OS and runtime, bandwidth, CPU, GPU, Rust
+    /// target and preferred storage dtype.
+    Targets {
+        /// A folder of extra `NAME.toml` profiles (same fields; a name that exists
+        /// replaces the built-in profile).
+        #[arg(long, value_name = "DIR")]
+        targets_dir: Option<PathBuf>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Checks a `.cap` file completely: header, manifest, directory, every section's
     /// checksum and sparse structure. Exit status 0 when sound, 1 with the first
     /// problem otherwise.
@@ -698,6 +710,42 @@ fn run(cli: Cli) -> Result<()> {
             svd,
             json,
         } => bench_rpca(&sizes, &threads, iters, low_rank, svd.into(), json)?,
+        Command::Targets { targets_dir, json } => {
+            let all = cap_host::targets::load_all(targets_dir.as_deref())?;
+            if json {
+                let rows: Vec<_> = all
+                    .iter()
+                    .map(|p| {
+                        let mut v = serde_json::to_value(p).unwrap_or_default();
+                        v["usable_bytes"] = p.usable_bytes().into();
+                        v
+                    })
+                    .collect();
+                println!("{}", serde_json::json!({ "targets": rows }));
+            } else {
+                const GIB: f64 = (1u64 << 30) as f64;
+                println!(
+                    "{:<24} {:>8} {:>9} {:>8} {:>8}  {:<28} {:<8} dtype",
+                    "target", "memory", "reserved", "usable", "GB/s", "cpu", "gpu"
+                );
+                for p in &all {
+                    println!(
+                        "{:<24} {:>6.1}Gi {:>7.2}Gi {:>6.2}Gi {:>8.1}  {:<28} {:<8} {}",
+                        p.name,
+                        p.total_memory_bytes as f64 / GIB,
+                        p.reserved_bytes as f64 / GIB,
+                        p.usable_bytes() as f64 / GIB,
+                        p.memory_bandwidth_gbps,
+                        format!("{}x {}", p.cpu_cores, p.cpu_model),
+                        p.gpu.as_ref().map_or("none".to_string(), |g| format!(
+                            "sm_{}",
+                            g.cuda_compute_capability.replace('.', "")
+                        )),
+                        p.preferred_dtype.as_str()
+                    );
+                }
+            }
+        }
         Command::Verify { path, json } => {
             let r = cap_host::capinfo::verify_cap_file(&path)?;
             if json {
