@@ -1,0 +1,3 @@
+//! Subcommands that have grown beyond a few lines, one module per family.
+
+pub mod rpca;
