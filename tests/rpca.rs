@@ -366,3 +366,54 @@ fn decompose_bad_input() {
         &[f.as_str()],
     );
 }
+
+#[test]
+fn a_killed_run_resumes_to_identical_files() {
+    // A real SIGKILL in the middle of a run (not the stop hook): many iterations with
+    // no early stop make each tiny matrix take long enough to be caught part-way.
+    let slow = ["--iters", "600", "--tol", "0"];
+    let d = tempfile::tempdir().unwrap();
+    let (full, part) = (d.path().join("full"), d.path().join("part"));
+    let whole = decompose(&full, &slow, None);
+    assert_eq!(count(&whole, "computed"), 14);
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cap-host"))
+        .args(["decompose", "--model", &tiny_model(), "--out"])
+        .arg(&part)
+        .args(["--threads", "1", "--json"])
+        .args(slow)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let finished = |dir: &Path| {
+        std::fs::read_dir(dir).map_or(0, |r| {
+            r.filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "rpca"))
+                .count()
+        })
+    };
+    let t0 = std::time::Instant::now();
+    while finished(&part) < 2 && t0.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let at_kill = finished(&part);
+    if at_kill >= 14 {
+        // The machine outran the poll; nothing was interrupted, so nothing to check.
+        println!("SKIPPED: decompose finished before it could be killed");
+        return;
+    }
+    let again = decompose(&part, &slow, None);
+    assert_eq!(count(&again, "skipped") as usize, at_kill);
+    assert_eq!(count(&again, "computed") as usize, 14 - at_kill);
+    // Leftover temporary files (hidden) are not cache entries; the entries are identical.
+    let entries = |dir: &Path| -> BTreeMap<String, Vec<u8>> {
+        files(dir)
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with('.'))
+            .collect()
+    };
+    assert_eq!(entries(&full), entries(&part), "resumed cache differs");
+}
