@@ -3,21 +3,8 @@
 
 mod common;
 
-use common::{cap_host, tiny_llama_gguf};
+use common::{assert_clean_failure, tiny_llama_gguf};
 use std::path::Path;
-
-/// Asserts a clean failure: exit code 1, one line on stderr containing every `needle`,
-/// and no panic.
-fn assert_clean_failure(args: &[&str], needles: &[&str]) {
-    let (code, _out, err) = cap_host(args);
-    assert_eq!(code, 1, "expected exit 1 for {args:?}, stderr: {err}");
-    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one line for {args:?}, got: {err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr for {args:?} lacks {n:?}: {err}");
-    }
-}
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
     let p = dir.join(name);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{cap_host, root};
+use common::{assert_clean_failure, cap_host, root};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -104,11 +104,7 @@ fn verify_names_the_tensor_of_a_flipped_byte() {
     bytes[at] ^= 0x10;
     let bad = d.path().join("bad.cap");
     std::fs::write(&bad, &bytes).unwrap();
-    let (code, _out, err) = cap_host(&["verify", bad.to_str().unwrap()]);
-    assert_eq!(code, 1, "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("bad.cap") && err.contains("tensor"), "{err}");
+    assert_clean_failure(&["verify", bad.to_str().unwrap()], &["bad.cap", "tensor"]);
 }
 
 #[test]
@@ -119,13 +115,7 @@ fn verify_rejects_a_truncated_file_and_a_non_cap_file() {
     for cut in [4, 40, bytes.len() / 2, bytes.len() - 1] {
         let t = d.path().join("cut.cap");
         std::fs::write(&t, &bytes[..cut]).unwrap();
-        let (code, _out, err) = cap_host(&["verify", t.to_str().unwrap()]);
-        assert_eq!(code, 1, "cut {cut}: {err}");
-        assert!(
-            err.contains("cut.cap") && !err.contains("panicked"),
-            "{err}"
-        );
-        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert_clean_failure(&["verify", t.to_str().unwrap()], &["cut.cap"]);
     }
     let gguf = fixture("llama-tied").join("llama-tied.gguf");
     let (code, _out, err) = cap_host(&["verify", gguf.to_str().unwrap()]);
@@ -138,15 +128,15 @@ fn pack_into_a_missing_directory_fails_cleanly() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("no/such/dir/m.cap");
     let src = fixture("qwen2");
-    let (code, _out, err) = cap_host(&[
-        "pack",
-        "--model",
-        src.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("m.cap") && !err.contains("panicked"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_clean_failure(
+        &[
+            "pack",
+            "--model",
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &["m.cap"],
+    );
     assert!(!out.exists());
 }

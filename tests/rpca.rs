@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use cap_host::import::Checkpoint;
 use cap_host::rpca::{RpcaSettings, decompose_matrix, model::linear_matrices};
-use common::{cap_host, root};
+use common::{assert_clean_failure, root};
 use serde_json::Value;
 
 /// Rank of L may differ from the float64 reference by this much: a singular value
@@ -317,18 +317,6 @@ fn shards_fill_the_same_cache() {
     // --only selects by substring.
     let only = decompose(&d.path().join("only"), &["--only", "ffn_down"], None);
     assert_eq!(count(&only, "selected"), 2);
-}
-
-/// Exit 1, one line on stderr containing every needle, no panic.
-fn assert_clean_failure(args: &[&str], needles: &[&str]) {
-    let (code, _out, err) = cap_host(args);
-    assert_eq!(code, 1, "expected exit 1 for {args:?}, stderr: {err}");
-    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one line for {args:?}, got: {err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr for {args:?} lacks {n:?}: {err}");
-    }
 }
 
 #[test]

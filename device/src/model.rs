@@ -130,6 +130,19 @@ impl<L> Block<L> {
             ("down", &self.down),
         ]
     }
+
+    /// The same layers, mutable, in the order of [`Block::linears`].
+    pub fn linears_mut(&mut self) -> [&mut L; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
 }
 
 /// The output projection to vocabulary logits.

@@ -41,6 +41,19 @@ pub fn real_model() -> Option<PathBuf> {
     Some(path)
 }
 
+/// Asserts a clean failure of `cap-host args`: exit code 1, one line on stderr
+/// containing every `needle`, and no panic.
+pub fn assert_clean_failure(args: &[&str], needles: &[&str]) {
+    let (code, _out, err) = cap_host(args);
+    assert_eq!(code, 1, "expected exit 1 for {args:?}, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line for {args:?}, got: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr for {args:?} lacks {n:?}: {err}");
+    }
+}
+
 /// Runs the `cap-host` binary; returns (exit code, stdout, stderr).
 pub fn cap_host(args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cap-host"))

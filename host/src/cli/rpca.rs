@@ -260,15 +260,10 @@ pub(crate) fn run_bench(
     Ok(())
 }
 
-/// Arguments of `cap-host decompose`.
+/// The solver settings shared by `decompose` and `rpca-eval` (which must name the
+/// settings its cache was made with: they are part of every cache key).
 #[derive(clap::Args)]
-pub struct DecomposeArgs {
-    /// A GGUF file or a Hugging Face checkpoint directory.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// The cache directory (one `<tensor>.rpca` file per matrix).
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+pub struct SolverArgs {
     /// Maximum IALM iterations per matrix.
     #[arg(long, default_value_t = cap_host::rpca::DEFAULT_ITERS)]
     pub iters: usize,
@@ -281,6 +276,33 @@ pub struct DecomposeArgs {
     /// SVD inside the iterations.
     #[arg(long, value_enum, default_value = "exact")]
     pub svd: SvdArg,
+}
+
+impl SolverArgs {
+    /// The validated settings.
+    fn settings(&self) -> Result<cap_host::rpca::RpcaSettings> {
+        let s = cap_host::rpca::RpcaSettings {
+            max_iters: self.iters,
+            lambda_scale: self.lambda_scale,
+            tol: self.tol,
+            svd: self.svd.into(),
+        };
+        s.validate()?;
+        Ok(s)
+    }
+}
+
+/// Arguments of `cap-host decompose`.
+#[derive(clap::Args)]
+pub struct DecomposeArgs {
+    /// A GGUF file or a Hugging Face checkpoint directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The cache directory (one `<tensor>.rpca` file per matrix).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub solver: SolverArgs,
     /// Worker threads [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
@@ -302,24 +324,15 @@ pub fn decompose(a: DecomposeArgs) -> Result<()> {
     let DecomposeArgs {
         model,
         out,
-        iters,
-        lambda_scale,
-        tol,
-        svd,
+        solver,
         threads,
         shard,
         only,
         calib,
         json,
     } = a;
-    let settings = cap_host::rpca::RpcaSettings {
-        max_iters: iters,
-        lambda_scale,
-        tol,
-        svd: svd.into(),
-    };
     // Check everything cheap before the (slow) model load.
-    settings.validate()?;
+    let settings = solver.settings()?;
     let shard = shard
         .map(|s| s.parse::<cap_host::rpca::model::Shard>())
         .transpose()?;
@@ -452,18 +465,8 @@ pub struct RpcaEvalArgs {
     /// The text to score (UTF-8).
     #[arg(long)]
     pub text: PathBuf,
-    /// Iterations the cache was made with.
-    #[arg(long, default_value_t = cap_host::rpca::DEFAULT_ITERS)]
-    pub iters: usize,
-    /// λ scale the cache was made with.
-    #[arg(long, value_name = "X", default_value_t = cap_host::rpca::DEFAULT_LAMBDA_SCALE)]
-    pub lambda_scale: f64,
-    /// Tolerance the cache was made with.
-    #[arg(long, value_name = "T", default_value_t = cap_host::rpca::DEFAULT_TOL)]
-    pub tol: f64,
-    /// SVD the cache was made with.
-    #[arg(long, value_enum, default_value = "exact")]
-    pub svd: SvdArg,
+    #[command(flatten)]
+    pub solver: SolverArgs,
     /// Window length in tokens (standard protocol).
     #[arg(long, default_value_t = 512)]
     pub ctx: usize,
@@ -486,23 +489,14 @@ pub fn rpca_eval(a: RpcaEvalArgs) -> Result<()> {
         model,
         cache,
         text,
-        iters,
-        lambda_scale,
-        tol,
-        svd,
+        solver,
         ctx,
         max_windows,
         threads,
         calib,
         json,
     } = a;
-    let settings = cap_host::rpca::RpcaSettings {
-        max_iters: iters,
-        lambda_scale,
-        tol,
-        svd: svd.into(),
-    };
-    settings.validate()?;
+    let settings = solver.settings()?;
     let threads = threads_or_all(threads)?;
     cap_kernels::par::init_threads(threads);
     let body = read_text(&text, false)?;
@@ -520,15 +514,7 @@ pub fn rpca_eval(a: RpcaEvalArgs) -> Result<()> {
         .collect();
     let mut lins: Vec<&mut cap_device::model::DenseLinear> = Vec::new();
     for b in m.blocks.iter_mut() {
-        lins.extend([
-            &mut b.q,
-            &mut b.k,
-            &mut b.v,
-            &mut b.o,
-            &mut b.gate,
-            &mut b.up,
-            &mut b.down,
-        ]);
+        lins.extend(b.linears_mut());
     }
     if let cap_device::model::Head::Separate(h) = &mut m.head {
         lins.push(h);

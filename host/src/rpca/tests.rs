@@ -58,15 +58,16 @@ fn recovery_settings(svd: SvdMethod) -> RpcaSettings {
     }
 }
 
-#[test]
-fn exact_recovery_exact_svd() {
+/// Decomposes a rank-5 + 5%-sparse 200×150 matrix with `svd` and checks that L and S
+/// are recovered: rank exact, relative errors below [`RECOVERY_TOL`].
+fn check_exact_recovery(svd: SvdMethod, seed: u64) -> Decomposition {
     let (m, n) = (200, 150);
-    let (w, l0, s0) = low_rank_plus_sparse(m, n, 5, 0.05, 10.0, 1);
+    let (w, l0, s0) = low_rank_plus_sparse(m, n, 5, 0.05, 10.0, seed);
     let (d, _) = decompose_matrix(
         &w,
         m,
         n,
-        &recovery_settings(SvdMethod::Exact),
+        &recovery_settings(svd),
         None,
         Par::Seq,
         &mut |_| {},
@@ -75,38 +76,24 @@ fn exact_recovery_exact_svd() {
     let el = rel_err(&d.low_rank_dense(), &l0);
     let es = rel_err(&d.sparse_dense(), &s0);
     eprintln!(
-        "exact: rank {} nnz {} iters {} resid {:.2e} errL {el:.2e} errS {es:.2e}",
+        "{svd:?}: rank {} nnz {} iters {} resid {:.2e} errL {el:.2e} errS {es:.2e}",
         d.stats.rank, d.stats.nnz, d.stats.iterations, d.stats.residual
     );
     assert_eq!(d.stats.rank, 5);
     assert!(el < RECOVERY_TOL, "L error {el}");
     assert!(es < RECOVERY_TOL, "S error {es}");
+    d
+}
+
+#[test]
+fn exact_recovery_exact_svd() {
+    let d = check_exact_recovery(SvdMethod::Exact, 1);
     assert!(d.stats.residual < DEFAULT_TOL);
 }
 
 #[test]
 fn exact_recovery_randomized_svd() {
-    let (m, n) = (200, 150);
-    let (w, l0, s0) = low_rank_plus_sparse(m, n, 5, 0.05, 10.0, 2);
-    let (d, _) = decompose_matrix(
-        &w,
-        m,
-        n,
-        &recovery_settings(SvdMethod::Randomized),
-        None,
-        Par::Seq,
-        &mut |_| {},
-    )
-    .unwrap();
-    let el = rel_err(&d.low_rank_dense(), &l0);
-    let es = rel_err(&d.sparse_dense(), &s0);
-    eprintln!(
-        "randomized: rank {} iters {} errL {el:.2e} errS {es:.2e}",
-        d.stats.rank, d.stats.iterations
-    );
-    assert_eq!(d.stats.rank, 5);
-    assert!(el < RECOVERY_TOL, "L error {el}");
-    assert!(es < RECOVERY_TOL, "S error {es}");
+    check_exact_recovery(SvdMethod::Randomized, 2);
 }
 
 #[test]
