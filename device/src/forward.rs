@@ -106,6 +106,11 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Bytes a cache for `capacity` positions takes (`f32` keys and values).
+    pub fn bytes_for(n_layers: usize, kv_dim: usize, capacity: usize) -> u64 {
+        2 * 4 * n_layers as u64 * kv_dim as u64 * capacity as u64
+    }
+
     /// A cache for `capacity` positions of a model with `n_layers` layers and
     /// `kv_dim`-wide keys, allocated once.
     pub fn new(n_layers: usize, kv_dim: usize, capacity: usize) -> Self {
@@ -137,6 +142,35 @@ impl KvCache {
         let n = self.capacity * self.kv_dim;
         layer * n..(layer + 1) * n
     }
+}
+
+/// Bytes of working memory one [`Runner::forward`] call over `tokens` tokens (with up
+/// to `ctx` positions in the cache) and the logits of its rows take besides the
+/// weights and the KV cache: the activation buffers, the attention blocks of every
+/// thread, the RoPE table, one block of logits, and `max_rank` floats per token for
+/// the factored layers' intermediate. The budget of `cap-host compress` reserves this.
+pub fn scratch_bytes(
+    c: &crate::config::Config,
+    tokens: usize,
+    ctx: usize,
+    threads: usize,
+    max_rank: usize,
+) -> u64 {
+    let (t, h) = (tokens as u64, c.hidden_size as u64);
+    let (qd, kvd, inter) = (
+        c.q_dim() as u64,
+        c.kv_dim() as u64,
+        c.intermediate_size as u64,
+    );
+    let blocks = t.div_ceil(ATTN_BLOCK as u64);
+    let ab = ATTN_BLOCK as u64;
+    let floats = t * (3 * h + 2 * qd + 2 * kvd + 2 * inter + max_rank as u64)
+        + c.n_heads as u64 * blocks * ab * c.head_dim as u64
+        + threads.max(1) as u64 * ab * ctx as u64
+        + ctx as u64 * c.head_dim as u64
+        + LOGIT_BLOCK as u64 * c.vocab_size as u64
+        + t * h; // the caller's hidden-state output
+    floats * 4
 }
 
 /// Runs a [`Model`]: owns the RoPE table and the thread budget.

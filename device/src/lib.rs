@@ -6,6 +6,7 @@
 extern crate alloc;
 
 pub mod config;
+pub mod factored;
 pub mod forward;
 pub mod model;
 pub mod ppl;

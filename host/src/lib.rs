@@ -2,6 +2,7 @@
 //! budget search and packing). The binary `cap-host` is a thin CLI over this library.
 pub mod calib;
 pub mod capinfo;
+pub mod capmodel;
 pub mod eval;
 pub mod import;
 pub mod inspect;

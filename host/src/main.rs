@@ -43,7 +43,7 @@ enum DTypeArg {
 enum Command {
     /// Perplexity of a model on a text, computed with the device's forward pass.
     Eval {
-        /// A GGUF file or a Hugging Face checkpoint directory.
+        /// A GGUF file, a Hugging Face checkpoint directory or a `.cap` file.
         #[arg(long)]
         model: PathBuf,
         /// The text to score (UTF-8). A WikiText `.raw` file is used as-is unless --wikitext.
@@ -209,11 +209,6 @@ fn run(cli: Cli) -> Result<()> {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             cap_kernels::par::init_threads(threads);
             let body = read_text(&text, wikitext)?;
-            let ck = Checkpoint::open(&model)?;
-            let tokenizer = ck.tokenizer()?;
-            let m = ck
-                .load_model()
-                .with_context(|| format!("loading {}", model.display()))?;
             let opts = EvalOptions {
                 ctx,
                 protocol,
@@ -221,17 +216,27 @@ fn run(cli: Cli) -> Result<()> {
                 threads,
             };
             let pb = progress_bar(0, "eval");
-            let report = evaluate(
-                &m,
-                &tokenizer,
-                &body,
-                &text.display().to_string(),
-                &opts,
-                |done, total| {
-                    pb.set_length(total as u64);
-                    pb.set_position(done as u64);
-                },
-            )?;
+            let progress = |done: usize, total: usize| {
+                pb.set_length(total as u64);
+                pb.set_position(done as u64);
+            };
+            let text_name = text.display().to_string();
+            // A .cap file runs through the same forward pass, its compressed layers
+            // factored, so the two are compared like for like.
+            let report = if is_cap_file(&model) {
+                let cap = cap_host::capmodel::load_cap(&model)?;
+                let tokenizer = cap.tokenizer.as_ref().with_context(|| {
+                    format!("{}: the file carries no tokenizer", model.display())
+                })?;
+                evaluate(&cap.model, tokenizer, &body, &text_name, &opts, progress)?
+            } else {
+                let ck = Checkpoint::open(&model)?;
+                let tokenizer = ck.tokenizer()?;
+                let m = ck
+                    .load_model()
+                    .with_context(|| format!("loading {}", model.display()))?;
+                evaluate(&m, &tokenizer, &body, &text_name, &opts, progress)?
+            };
             pb.finish_and_clear();
             if json {
                 let mut v = serde_json::to_value(&report)?;
