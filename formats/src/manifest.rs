@@ -197,9 +197,10 @@ pub struct Compression {
 /// What a budget counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BudgetKind {
-    /// Total bytes of all tensor sections.
+    /// Bytes: the most the file (header, tensor sections, manifest) may take.
     TotalBytes,
-    /// Fraction of the dense f16 size.
+    /// Fraction of the compressed linears' dense size, counted in parameters as the
+    /// CAP paper does (`m + n` per kept singular value, 1 per kept sparse entry).
     FractionOfDense,
 }
 

@@ -143,7 +143,7 @@ pub fn input_rms(
     text: &str,
     text_name: &str,
     opts: &CalibOptions,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<BTreeMap<String, Vec<f32>>> {
     if opts.ctx < 1 || opts.windows < 1 {
         bail!("calibration needs at least one window of at least one token");
@@ -164,19 +164,31 @@ pub fn input_rms(
             opts.ctx
         );
     }
+    let windows: Vec<&[u32]> = tokens.chunks_exact(opts.ctx).take(n).collect();
+    input_rms_windows(model, &windows, opts.threads, progress)
+}
+
+/// Per-linear input RMS, as [`input_rms`], from running `model` on each token window
+/// of `windows` (each from position 0).
+pub fn input_rms_windows(
+    model: &Model<DenseLinear>,
+    windows: &[&[u32]],
+    threads: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<BTreeMap<String, Vec<f32>>> {
+    let max_ctx = windows.iter().map(|w| w.len()).max().unwrap_or(0);
+    if max_ctx == 0 {
+        bail!("calibration needs at least one window of at least one token");
+    }
     let rec = recording_model(model);
-    let runner = Runner::new(&rec, opts.ctx, opts.threads);
+    let runner = Runner::new(&rec, max_ctx, threads);
     let mut hidden = Vec::new();
-    for w in 0..n {
+    for (i, w) in windows.iter().enumerate() {
         let mut kv = runner.new_cache();
         runner
-            .forward(
-                &tokens[w * opts.ctx..(w + 1) * opts.ctx],
-                &mut kv,
-                &mut hidden,
-            )
+            .forward(w, &mut kv, &mut hidden)
             .map_err(|e| anyhow::anyhow!("calibration forward pass: {e:?}"))?;
-        progress(w + 1, n);
+        progress(i + 1, windows.len());
     }
     // Names in the same order and spelling as decompose uses.
     let names: Vec<String> = linear_matrices(model).into_iter().map(|(n, _)| n).collect();

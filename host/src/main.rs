@@ -118,6 +118,10 @@ enum Command {
     /// decompose cache (the evidence for the iteration count and λ): every linear must
     /// be cached with the given settings.
     RpcaEval(cli::rpca::RpcaEvalArgs),
+    /// Compresses a model under a budget (a device profile, a file size or the paper's
+    /// ratio) and writes a `.cap` file measured on held-out text: CAP (RPCA + learned
+    /// allocation) or a one-shot baseline (magnitude, wanda, svd).
+    Compress(Box<cli::compress::CompressArgs>),
     /// Seconds per matrix of the RPCA solve on random matrices of given shapes.
     BenchRpca(cli::rpca::BenchRpcaArgs),
     /// The device profiles a budget can target (`targets/*.toml`, plus a folder of your
@@ -329,6 +333,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Decompose(a) => cli::rpca::decompose(a)?,
         Command::RpcaSweep(a) => cli::rpca::rpca_sweep(a)?,
         Command::RpcaEval(a) => cli::rpca::rpca_eval(a)?,
+        Command::Compress(a) => cli::compress::run(*a)?,
         Command::BenchRpca(a) => cli::rpca::bench_rpca(a)?,
         Command::Targets { targets_dir, json } => {
             let all = cap_host::targets::load_all(targets_dir.as_deref())?;

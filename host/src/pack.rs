@@ -12,7 +12,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use cap_device::config::{Config, RopeScaling as DevRope};
-use cap_device::model::{DenseLinear, Head};
+use cap_device::model::{DenseLinear, Head, Model};
 use cap_format::manifest::{Manifest, ModelConfig, Provenance, RopeScaling};
 use cap_format::{CapWriter, DType, Encoding, TensorDesc, WriterOptions};
 use serde::Serialize;
@@ -89,7 +89,7 @@ pub fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn parse_sha256(hex: &str) -> Result<[u8; 32]> {
+pub(crate) fn parse_sha256(hex: &str) -> Result<[u8; 32]> {
     let hex = hex.trim();
     if hex.len() != 64 || !hex.is_ascii() {
         bail!("source sha256 must be 64 hex digits, got {hex:?}");
@@ -142,7 +142,7 @@ pub fn model_config(c: &Config) -> Result<ModelConfig> {
 }
 
 /// Writes tensors one by one, converting each to its dtype.
-struct Sink<'a> {
+pub(crate) struct Sink<'a> {
     w: CapWriter,
     out: &'a Path,
     buf: Vec<u8>,
@@ -193,6 +193,25 @@ impl Sink<'_> {
         self.tensors += 1;
         self.params += data.len() as u64;
         self.tensor_bytes += cap_format::encoded_bytes_aligned(&desc, self.alignment)
+            .with_context(|| format!("tensor {name}"))?;
+        Ok(())
+    }
+
+    /// Writes a tensor whose parts are already encoded; `params` is the number of
+    /// values it stands for (for the report).
+    pub(crate) fn add_parts(
+        &mut self,
+        name: &str,
+        desc: &TensorDesc,
+        parts: &[&[u8]],
+        params: u64,
+    ) -> Result<()> {
+        self.w
+            .add_tensor(name, desc, parts)
+            .with_context(|| format!("{}: writing tensor {name}", self.out.display()))?;
+        self.tensors += 1;
+        self.params += params;
+        self.tensor_bytes += cap_format::encoded_bytes_aligned(desc, self.alignment)
             .with_context(|| format!("tensor {name}"))?;
         Ok(())
     }
@@ -257,7 +276,35 @@ pub fn pack(
     };
     let has_tokenizer = tok.is_some();
     drop(tok);
+    let (path, tensors, params, tensor_bytes) =
+        write_model(&model, out, dtype, manifest, &mut |s, name, l| {
+            s.linear(name, l, dtype)
+        })?;
+    let file_bytes = std::fs::metadata(&path)
+        .with_context(|| format!("{}: cannot stat", path.display()))?
+        .len();
+    Ok(PackReport {
+        path: path.display().to_string(),
+        tensors,
+        params,
+        tensor_bytes,
+        file_bytes,
+        dtype: format!("{dtype:?}").to_lowercase(),
+        tokenizer: has_tokenizer,
+    })
+}
 
+/// Writes `model` to `out` in the tensor order and naming of [`pack`]: the embedding
+/// (and an untied head) in `dtype`, norms and biases in `f32`, and every block linear
+/// through `linear` (which may compress it). Returns the final path, the tensor count,
+/// the parameters and the bytes of the tensor sections.
+pub(crate) fn write_model(
+    model: &Model<DenseLinear>,
+    out: &Path,
+    dtype: DType,
+    manifest: Manifest,
+    linear: &mut dyn FnMut(&mut Sink<'_>, &str, &DenseLinear) -> Result<()>,
+) -> Result<(std::path::PathBuf, usize, u64, u64)> {
     let opts = WriterOptions::default();
     let w = CapWriter::create(out, opts)
         .with_context(|| format!("{}: cannot create", out.display()))?;
@@ -281,19 +328,19 @@ pub fn pack(
     )?;
     for (i, b) in model.blocks.iter().enumerate() {
         s.vector(&name(Role::AttnNorm, i), &b.attn_norm)?;
-        s.linear(&name(Role::Q, i), &b.q, dtype)?;
-        s.linear(&name(Role::K, i), &b.k, dtype)?;
-        s.linear(&name(Role::V, i), &b.v, dtype)?;
+        linear(&mut s, &name(Role::Q, i), &b.q)?;
+        linear(&mut s, &name(Role::K, i), &b.k)?;
+        linear(&mut s, &name(Role::V, i), &b.v)?;
         if let Some([qb, kb, vb]) = &b.qkv_bias {
             s.vector(&name(Role::QBias, i), qb)?;
             s.vector(&name(Role::KBias, i), kb)?;
             s.vector(&name(Role::VBias, i), vb)?;
         }
-        s.linear(&name(Role::O, i), &b.o, dtype)?;
+        linear(&mut s, &name(Role::O, i), &b.o)?;
         s.vector(&name(Role::MlpNorm, i), &b.mlp_norm)?;
-        s.linear(&name(Role::Gate, i), &b.gate, dtype)?;
-        s.linear(&name(Role::Up, i), &b.up, dtype)?;
-        s.linear(&name(Role::Down, i), &b.down, dtype)?;
+        linear(&mut s, &name(Role::Gate, i), &b.gate)?;
+        linear(&mut s, &name(Role::Up, i), &b.up)?;
+        linear(&mut s, &name(Role::Down, i), &b.down)?;
     }
     s.vector(&name(Role::FinalNorm, 0), &model.norm)?;
     if let Head::Separate(h) = &model.head {
@@ -309,16 +356,5 @@ pub fn pack(
     let path = w
         .finish(manifest)
         .with_context(|| format!("{}: finishing the file", out.display()))?;
-    let file_bytes = std::fs::metadata(&path)
-        .with_context(|| format!("{}: cannot stat", path.display()))?
-        .len();
-    Ok(PackReport {
-        path: path.display().to_string(),
-        tensors,
-        params,
-        tensor_bytes,
-        file_bytes,
-        dtype: format!("{dtype:?}").to_lowercase(),
-        tokenizer: has_tokenizer,
-    })
+    Ok((path, tensors, params, tensor_bytes))
 }

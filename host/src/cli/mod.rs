@@ -1,3 +1,4 @@
 //! Subcommands that have grown beyond a few lines, one module per family.
 
+pub mod compress;
 pub mod rpca;

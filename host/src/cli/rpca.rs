@@ -280,7 +280,7 @@ pub struct SolverArgs {
 
 impl SolverArgs {
     /// The validated settings.
-    fn settings(&self) -> Result<cap_host::rpca::RpcaSettings> {
+    pub fn settings(&self) -> Result<cap_host::rpca::RpcaSettings> {
         let s = cap_host::rpca::RpcaSettings {
             max_iters: self.iters,
             lambda_scale: self.lambda_scale,

@@ -1,0 +1,282 @@
+//! `cap-host compress`: stage 1 + stage 2 (or a one-shot baseline) under a budget, the
+//! `.cap` file written and measured.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use anyhow::{Result, bail};
+use cap_format::DType;
+use cap_host::compress::budget::BudgetSpec;
+use cap_host::compress::methods::{Allocation, Method};
+use cap_host::compress::reinforce::ReinforceOptions;
+use cap_host::compress::run::{
+    CompressOptions, CompressReport, Event, compress, default_cache_dir,
+};
+use cap_host::targets::Dtype;
+use indicatif::ProgressBar;
+
+use super::rpca::SolverArgs;
+use crate::{DTypeArg, progress_bar, threads_or_all};
+
+/// Arguments of `cap-host compress`.
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("limit").required(true).args(["target", "budget", "ratio"])))]
+pub struct CompressArgs {
+    /// A GGUF file or a Hugging Face checkpoint directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The `.cap` file to write (written atomically: nothing appears on failure).
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
+    /// A device profile (see `cap-host targets`): the file, the KV cache for --ctx ×
+    /// --batch tokens, the forward pass's scratch and the runtime must fit its usable
+    /// memory.
+    #[arg(long, value_name = "NAME")]
+    pub target: Option<String>,
+    /// A folder of extra `NAME.toml` device profiles.
+    #[arg(long, value_name = "DIR")]
+    pub targets_dir: Option<PathBuf>,
+    /// Context length the board must serve (KV cache and scratch), with --target.
+    #[arg(long, default_value_t = 2048)]
+    pub ctx: usize,
+    /// Sequences served at once, with --target.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// The written file must be at most this many bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub budget: Option<u64>,
+    /// The CAP paper's budget: kept parameters (m+n per singular value, 1 per sparse
+    /// entry) ≤ R × the linears' dense parameters; R in (0, 1].
+    #[arg(long, value_name = "R")]
+    pub ratio: Option<f64>,
+    /// What is kept of each linear: `cap` (RPCA L + S, allocated globally) or a
+    /// one-shot baseline at the same accounting.
+    #[arg(long, value_enum, default_value = "cap")]
+    pub method: Method,
+    /// How `cap` allocates: learned (REINFORCE + global top-K) or the uniform
+    /// threshold ablation.
+    #[arg(long, value_enum, default_value = "reinforce")]
+    pub allocation: Allocation,
+    /// Storage dtype of factors, sparse values and embeddings [default: the target's
+    /// preferred dtype, else f16].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// Calibration text: plain text, or JSON lines with a `text` field (the C4 layout).
+    /// Never calibrate on the text you evaluate on.
+    #[arg(long, value_name = "FILE")]
+    pub calib: PathBuf,
+    /// Calibration sequences (the papers use 128; 32 keeps a 2-core CPU within minutes).
+    #[arg(long, default_value_t = 32)]
+    pub calib_samples: usize,
+    /// Tokens per calibration sequence (the papers use 2048).
+    #[arg(long, default_value_t = 256)]
+    pub calib_len: usize,
+    /// Seed of the calibration sample and of the masks.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Held-out text to measure the result on [default: the last 10% of --calib, which
+    /// is then not used for calibration].
+    #[arg(long, value_name = "FILE")]
+    pub eval_text: Option<PathBuf>,
+    /// Build --eval-text as the papers do from the HF `wikitext` dataset.
+    #[arg(long)]
+    pub wikitext: bool,
+    /// Window of the held-out perplexity (stored in the file for the board's self-test).
+    #[arg(long, default_value_t = 512)]
+    pub eval_ctx: usize,
+    /// Windows of the held-out perplexity.
+    #[arg(long, default_value_t = 8)]
+    pub eval_windows: usize,
+    /// REINFORCE steps.
+    #[arg(long, default_value_t = 16)]
+    pub steps: usize,
+    /// REINFORCE step size on the keep-probabilities.
+    #[arg(long, default_value_t = 0.05)]
+    pub lr: f64,
+    /// Calibration sequences per REINFORCE step.
+    #[arg(long, default_value_t = 4)]
+    pub step_samples: usize,
+    #[command(flatten)]
+    pub solver: SolverArgs,
+    /// Stage 1's cache [default: ~/.cache/cap/rpca/<first 16 hex digits of the source's
+    /// SHA-256>].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn dtype_of(a: DTypeArg) -> DType {
+    match a {
+        DTypeArg::F16 => DType::F16,
+        DTypeArg::Bf16 => DType::BF16,
+        DTypeArg::F32 => DType::F32,
+    }
+}
+
+/// Runs `cap-host compress`.
+pub fn run(a: CompressArgs) -> Result<()> {
+    let threads = threads_or_all(a.threads)?;
+    cap_kernels::par::init_threads(threads);
+    let (budget, preferred) = match (&a.target, a.budget, a.ratio) {
+        (Some(t), None, None) => {
+            let profile = cap_host::targets::find(t, a.targets_dir.as_deref())?;
+            let d = match profile.preferred_dtype {
+                Dtype::F16 => DType::F16,
+                Dtype::Bf16 => DType::BF16,
+                Dtype::F32 => DType::F32,
+            };
+            (
+                BudgetSpec::Target {
+                    profile,
+                    ctx: a.ctx,
+                    batch: a.batch,
+                },
+                Some(d),
+            )
+        }
+        (None, Some(b), None) => (BudgetSpec::FileBytes(b), None),
+        (None, None, Some(r)) => {
+            if !(r > 0.0 && r <= 1.0) {
+                bail!("--ratio must be in (0, 1], got {r}");
+            }
+            (BudgetSpec::Ratio(r), None)
+        }
+        _ => bail!("give exactly one of --target, --budget, --ratio"),
+    };
+    let cache_dir = match a.cache_dir {
+        Some(d) => d,
+        None => default_cache_dir(&a.model)?,
+    };
+    let opts = CompressOptions {
+        model: a.model,
+        out: a.out,
+        method: a.method,
+        allocation: a.allocation,
+        budget,
+        dtype: a.dtype.map(dtype_of).or(preferred).unwrap_or(DType::F16),
+        calib: a.calib,
+        calib_samples: a.calib_samples,
+        calib_len: a.calib_len,
+        seed: a.seed,
+        eval_text: a.eval_text,
+        eval_wikitext: a.wikitext,
+        eval_ctx: a.eval_ctx,
+        eval_windows: a.eval_windows,
+        reinforce: ReinforceOptions {
+            steps: a.steps,
+            lr: a.lr,
+            seed: a.seed,
+            ..ReinforceOptions::default()
+        },
+        step_samples: a.step_samples,
+        rpca: a.solver.settings()?,
+        cache_dir,
+        threads,
+    };
+    let bar: Mutex<Option<ProgressBar>> = Mutex::new(None);
+    let on_event = |ev: Event<'_>| {
+        let Ok(mut b) = bar.lock() else { return };
+        match ev {
+            Event::Stage { name, total } => {
+                if let Some(old) = b.take() {
+                    old.finish_and_clear();
+                }
+                *b = Some(progress_bar(total, name));
+            }
+            Event::Progress(d) => {
+                if let Some(pb) = b.as_ref() {
+                    pb.set_position(d);
+                }
+            }
+            Event::Step(s) => {
+                if let Some(pb) = b.as_ref() {
+                    pb.set_position(s.step as u64);
+                }
+                tracing::info!(
+                    "step {}: loss {:.4} baseline {:.4} expected cost {:.0} mean p {:.4}",
+                    s.step,
+                    s.loss,
+                    s.baseline,
+                    s.expected_cost,
+                    s.mean_p
+                );
+            }
+        }
+    };
+    let report = compress(&opts, &on_event);
+    if let Ok(mut b) = bar.lock()
+        && let Some(pb) = b.take()
+    {
+        pb.finish_and_clear();
+    }
+    let report = report?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(())
+}
+
+/// The per-layer table and the totals against the budget.
+pub fn render(r: &CompressReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let unit = match r.budget.accounting {
+        cap_host::compress::budget::Accounting::Bytes => "bytes",
+        cap_host::compress::budget::Accounting::Params => "params",
+    };
+    let _ = writeln!(
+        s,
+        "{:<24} {:>11} {:>13} {:>21} {:<20} {:>10}",
+        "tensor", "shape", "rank kept", "non-zeros kept", "encoding", "bytes"
+    );
+    for l in &r.layers {
+        let _ = writeln!(
+            s,
+            "{:<24} {:>11} {:>13} {:>21} {:<20} {:>10}",
+            l.name,
+            format!("{}×{}", l.shape[0], l.shape[1]),
+            format!("{}/{}", l.rank[0], l.rank[1]),
+            format!("{}/{}", l.nnz[0], l.nnz[1]),
+            l.encoding,
+            l.bytes
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "budget: {}", r.budget.source);
+    for (what, b) in &r.budget.breakdown {
+        let _ = writeln!(s, "  {what:<40} {b:>14} bytes");
+    }
+    let _ = writeln!(
+        s,
+        "compressed linears: {} {unit} of a budget of {} ({:.2}%); {} bytes; paper ratio {:.4}",
+        r.linear_cost,
+        r.budget.limit,
+        100.0 * r.linear_cost as f64 / r.budget.limit.max(1) as f64,
+        r.linear_bytes,
+        r.param_ratio
+    );
+    let _ = writeln!(
+        s,
+        "dense tensors: {} bytes; file: {} bytes ({})",
+        r.dense_tensor_bytes, r.file_bytes, r.path
+    );
+    let _ = writeln!(
+        s,
+        "held-out PPL ({}, ctx {}, {} windows): {:.4} (source model {:.4})",
+        r.eval_text, r.eval.ctx, r.eval.windows, r.eval.ppl, r.dense_eval.ppl
+    );
+    let t: Vec<String> = r
+        .seconds
+        .iter()
+        .map(|(n, s)| format!("{n} {s:.1}s"))
+        .collect();
+    let _ = writeln!(s, "time: {}", t.join(", "));
+    s
+}

@@ -1,0 +1,293 @@
+//! What a compressed model may cost, and what each choice costs.
+//!
+//! Two accountings: true bytes (the default: exactly what cap-format writes, in the
+//! cheapest encoding it has for each layer) and the paper's parameter count (a kept
+//! singular value costs `m + n`, a kept sparse entry 1; for comparisons with papers).
+//! A budget is a limit on the compressed linears, derived from a device profile, a
+//! file size or a ratio.
+
+use anyhow::{Result, bail};
+use cap_device::config::Config;
+use cap_device::forward::{KvCache, scratch_bytes};
+use cap_format::{DType, Encoding, Sparse, TensorDesc, encoded_bytes};
+use serde::Serialize;
+
+use crate::targets::Profile;
+
+/// Memory a running `cap-device` needs besides the model file, the KV cache and the
+/// forward pass's scratch: the executable, the tokenizer's tables, thread stacks and
+/// allocator slack. A planning figure (the `cap-device` binary is a few MiB; SmolLM2's
+/// tokenizer tables take about 10 MiB), not a measurement.
+pub const RUNTIME_OVERHEAD_BYTES: u64 = 32 << 20;
+
+/// What a budget counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Accounting {
+    /// Bytes of the tensor sections as written (factor and value dtype `dtype`).
+    Bytes,
+    /// The paper's parameters: `m + n` per singular value, 1 per sparse entry.
+    Params,
+}
+
+/// Exact costs of keeping `rank` singular directions and `nnz` sparse entries of one
+/// `rows × cols` linear.
+#[derive(Clone, Copy, Debug)]
+pub struct CostModel {
+    /// What is counted.
+    pub accounting: Accounting,
+    /// Storage dtype of factors and sparse values.
+    pub dtype: DType,
+}
+
+impl CostModel {
+    /// The encoding the writer uses for such a layer and its exact bytes: the cheapest of
+    /// the factored encodings (low-rank, sparse or both) and a dense matrix holding the
+    /// same product.
+    pub fn encoding(&self, rows: usize, cols: usize, rank: usize, nnz: u64) -> (Encoding, u64) {
+        let (r32, c32) = (rows as u32, cols as u32);
+        let bytes = |encoding| {
+            encoded_bytes(&TensorDesc {
+                rows: r32,
+                cols: c32,
+                encoding,
+            })
+            .unwrap_or(u64::MAX)
+        };
+        let dtype = self.dtype;
+        let sparse = [
+            Sparse::Bitmask { nnz, dtype },
+            Sparse::BlockCsr { nnz, dtype },
+        ]
+        .into_iter()
+        .map(|s| (s, bytes(Encoding::Sparse(s))))
+        .min_by_key(|&(_, b)| b)
+        .map(|(s, _)| s)
+        .unwrap_or(Sparse::Bitmask { nnz, dtype });
+        let factored = match (rank, nnz) {
+            (0, _) => Encoding::Sparse(sparse),
+            (r, 0) => Encoding::LowRank {
+                rank: r as u32,
+                dtype,
+            },
+            (r, _) => Encoding::Composite {
+                rank: r as u32,
+                factor_dtype: dtype,
+                sparse,
+            },
+        };
+        let dense = Encoding::Dense { dtype };
+        let (f, d) = (bytes(factored), bytes(dense));
+        if f <= d { (factored, f) } else { (dense, d) }
+    }
+
+    /// The cost of the layer in this accounting.
+    pub fn cost(&self, rows: usize, cols: usize, rank: usize, nnz: u64) -> u64 {
+        match self.accounting {
+            Accounting::Bytes => self.encoding(rows, cols, rank, nnz).1,
+            Accounting::Params => rank as u64 * (rows + cols) as u64 + nnz,
+        }
+    }
+
+    /// Linear approximation of [`CostModel::cost`] for the relaxed problem of the
+    /// search: `(per singular value, per sparse entry, fixed)`. Exact for parameters;
+    /// for bytes it leaves out padding and the choice of encoding, which the final
+    /// exact selection accounts for.
+    pub fn marginal(&self, rows: usize, cols: usize) -> (f64, f64, u64) {
+        match self.accounting {
+            Accounting::Params => ((rows + cols) as f64, 1.0, 0),
+            Accounting::Bytes => {
+                let ds = self.dtype.size() as f64;
+                ((rows + cols) as f64 * ds, ds, self.cost(rows, cols, 0, 0))
+            }
+        }
+    }
+}
+
+/// Where a budget comes from.
+#[derive(Clone, Debug)]
+pub enum BudgetSpec {
+    /// A device profile: the model file, the KV cache for `ctx × batch` tokens, the
+    /// forward pass's scratch and the runtime must fit its usable memory.
+    Target {
+        /// The profile.
+        profile: Profile,
+        /// Context length the board must serve.
+        ctx: usize,
+        /// Sequences served at once.
+        batch: usize,
+    },
+    /// The written file must be at most this many bytes.
+    FileBytes(u64),
+    /// The paper's ratio: kept parameters ≤ ratio × the dense linears' parameters.
+    Ratio(f64),
+}
+
+/// What the model costs besides the compressed linears.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct FixedCosts {
+    /// Bytes of the tensors kept dense (embedding, norms, biases, an untied head).
+    pub dense_tensor_bytes: u64,
+    /// Upper bound of the header, padding and manifest bytes.
+    pub file_overhead_bytes: u64,
+    /// Parameters of the compressed linears when dense.
+    pub linear_params: u64,
+    /// Bytes of the compressed linears stored dense.
+    pub linear_dense_bytes: u64,
+    /// Cost of the linears when nothing is kept (the smallest they can be).
+    pub linear_min_bytes: u64,
+}
+
+/// A resolved budget.
+#[derive(Clone, Debug, Serialize)]
+pub struct Budget {
+    /// What `limit` counts.
+    pub accounting: Accounting,
+    /// The most the compressed linears may cost.
+    pub limit: u64,
+    /// Human-readable source (`target jetson-orin-nano-8gb, ctx 2048, batch 1`, ...).
+    pub source: String,
+    /// For a target: the terms subtracted from usable memory, in order.
+    pub breakdown: Vec<(String, u64)>,
+}
+
+/// Turns `spec` into a limit for the compressed linears of a model with `config` and
+/// fixed costs `fixed`; an infeasible budget is an error that says what is missing.
+pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result<Budget> {
+    let file_fixed = fixed.dense_tensor_bytes + fixed.file_overhead_bytes;
+    let need_min = file_fixed + fixed.linear_min_bytes;
+    match spec {
+        BudgetSpec::Ratio(r) => {
+            if !(*r > 0.0 && *r <= 1.0) {
+                bail!("--ratio must be in (0, 1], got {r}");
+            }
+            let limit = (r * fixed.linear_params as f64).floor() as u64;
+            Ok(Budget {
+                accounting: Accounting::Params,
+                limit,
+                source: format!("ratio {r} of {} linear parameters", fixed.linear_params),
+                breakdown: vec![],
+            })
+        }
+        BudgetSpec::FileBytes(b) => {
+            if *b < need_min {
+                bail!(
+                    "a budget of {b} bytes is below what the model needs with every compressed layer empty: \
+                     {file_fixed} bytes for the dense tensors (embedding, norms) and the file's header and manifest \
+                     plus {} bytes for the emptiest linears; {} bytes are missing (the smallest feasible --budget is {need_min}; \
+                     the uncompressed file is about {} bytes)",
+                    fixed.linear_min_bytes,
+                    need_min - b,
+                    file_fixed + fixed.linear_dense_bytes
+                );
+            }
+            Ok(Budget {
+                accounting: Accounting::Bytes,
+                limit: b - file_fixed,
+                source: format!("file of at most {b} bytes"),
+                breakdown: vec![
+                    ("dense tensors".into(), fixed.dense_tensor_bytes),
+                    (
+                        "header and manifest (bound)".into(),
+                        fixed.file_overhead_bytes,
+                    ),
+                ],
+            })
+        }
+        BudgetSpec::Target {
+            profile,
+            ctx,
+            batch,
+        } => {
+            if *ctx == 0 || *batch == 0 {
+                bail!("--ctx and --batch must be at least 1");
+            }
+            let usable = profile.usable_bytes();
+            let kv = KvCache::bytes_for(config.n_layers, config.kv_dim(), ctx * batch);
+            let scratch = scratch_bytes(
+                config,
+                ctx * batch,
+                *ctx,
+                profile.cpu_cores as usize,
+                config.hidden_size,
+            );
+            let breakdown = vec![
+                (format!("KV cache (f32, ctx {ctx} × batch {batch})"), kv),
+                ("activations and scratch".into(), scratch),
+                ("runtime".into(), RUNTIME_OVERHEAD_BYTES),
+                ("dense tensors".into(), fixed.dense_tensor_bytes),
+                (
+                    "header and manifest (bound)".into(),
+                    fixed.file_overhead_bytes,
+                ),
+            ];
+            let taken: u64 = breakdown.iter().map(|(_, b)| b).sum();
+            let need = taken + fixed.linear_min_bytes;
+            if usable < need {
+                let parts: Vec<String> =
+                    breakdown.iter().map(|(n, b)| format!("{n} {b}")).collect();
+                bail!(
+                    "target {}: {usable} usable bytes ({} total − {} reserved) cannot hold the model even with every \
+                     compressed layer empty: {} plus {} bytes for the emptiest linears; {} bytes are missing \
+                     (a smaller --ctx or --batch frees KV cache and scratch)",
+                    profile.name,
+                    profile.total_memory_bytes,
+                    profile.reserved_bytes,
+                    parts.join(", "),
+                    fixed.linear_min_bytes,
+                    need - usable
+                );
+            }
+            Ok(Budget {
+                accounting: Accounting::Bytes,
+                limit: usable - taken,
+                source: format!("target {}, ctx {ctx}, batch {batch}", profile.name),
+                breakdown,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_choice_is_the_cheapest_exact_one() {
+        let c = CostModel {
+            accounting: Accounting::Bytes,
+            dtype: DType::F16,
+        };
+        // Nothing kept: the empty block-CSR (row pointers only) beats an empty bitmask.
+        let (e, b) = c.encoding(576, 1536, 0, 0);
+        assert!(
+            matches!(e, Encoding::Sparse(Sparse::BlockCsr { nnz: 0, .. })),
+            "{e:?}"
+        );
+        assert_eq!(b, c.cost(576, 1536, 0, 0));
+        // 90% dense: a bitmask (1/8 + 0.9·2 bytes per entry) still beats dense f16.
+        let (e, _) = c.encoding(576, 1536, 0, 576 * 1536 * 9 / 10);
+        assert!(
+            matches!(e, Encoding::Sparse(Sparse::Bitmask { .. })),
+            "{e:?}"
+        );
+        // 95% dense: 1/8 + 1.9 > 2 bytes per entry → dense.
+        let (e, b) = c.encoding(576, 1536, 0, 576 * 1536 * 95 / 100);
+        assert_eq!(e, Encoding::Dense { dtype: DType::F16 });
+        assert_eq!(b, 576 * 1536 * 2);
+        // Full rank plus anything costs more than dense.
+        assert_eq!(
+            c.encoding(576, 576, 576, 10).0,
+            Encoding::Dense { dtype: DType::F16 }
+        );
+        // Low rank alone: two factors, each part padded to 64 bytes.
+        let (e, b) = c.encoding(576, 1536, 10, 0);
+        assert!(matches!(e, Encoding::LowRank { rank: 10, .. }));
+        assert_eq!(b, (10 * 1536 * 2 + 576 * 10 * 2u64).div_ceil(64) * 64);
+        let p = CostModel {
+            accounting: Accounting::Params,
+            dtype: DType::F16,
+        };
+        assert_eq!(p.cost(576, 1536, 10, 7), 10 * (576 + 1536) + 7);
+    }
+}

@@ -1,0 +1,81 @@
+//! Calibration and held-out evaluation text for `compress`.
+
+use anyhow::{Result, bail};
+
+/// Splits `text` into a calibration part and a held-out tail of about `tail_frac` of
+/// its characters, cut at a paragraph break (`"\n\n"`) where there is one near, so no
+/// document straddles the two.
+pub fn split_held_out(text: &str, tail_frac: f64) -> (&str, &str) {
+    let target = ((1.0 - tail_frac) * text.len() as f64) as usize;
+    let mut cut = target.min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    if let Some(p) = text[cut..].find("\n\n") {
+        cut += p + 2;
+    }
+    text.split_at(cut)
+}
+
+/// The first characters of `text` that hold about `tokens` tokens (≈ 8 characters a
+/// token leaves room for texts that tokenize densely), cut at a character boundary.
+pub fn prefix_for_tokens(text: &str, tokens: usize) -> &str {
+    let mut end = tokens.saturating_mul(8).min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// `samples` windows of `len` tokens at seeded random offsets of `tokens` (the
+/// SparseGPT/Wanda way of drawing calibration sequences).
+pub fn sample_windows(
+    tokens: &[u32],
+    samples: usize,
+    len: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    if samples == 0 || len < 2 {
+        bail!("--calib-samples must be at least 1 and --calib-len at least 2");
+    }
+    if tokens.len() < len {
+        bail!(
+            "the calibration text has {} tokens, fewer than one sample of --calib-len {len}",
+            tokens.len()
+        );
+    }
+    let mut rng = crate::rpca::rng::XorShift::new(seed ^ 0xCA1B);
+    let span = (tokens.len() - len + 1) as u64;
+    Ok((0..samples)
+        .map(|_| {
+            let at = (rng.next_u64() % span) as usize;
+            tokens[at..at + len].to_vec()
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_out_split_is_at_a_paragraph_break_and_disjoint() {
+        let text = "aaaa\n\nbbbb\n\ncccc\n\ndddd";
+        let (c, e) = split_held_out(text, 0.3);
+        assert_eq!(format!("{c}{e}"), text);
+        assert_eq!(e, "dddd");
+        assert!(c.ends_with("\n\n"));
+    }
+
+    #[test]
+    fn windows_are_seeded_slices() {
+        let toks: Vec<u32> = (0..100).collect();
+        let w = sample_windows(&toks, 5, 10, 3).unwrap();
+        assert_eq!(w, sample_windows(&toks, 5, 10, 3).unwrap());
+        for s in &w {
+            assert_eq!(s.len(), 10);
+            assert!(s.windows(2).all(|p| p[1] == p[0] + 1));
+        }
+        assert!(sample_windows(&toks, 1, 101, 0).is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! Stage 2 of CAP and the one-shot baselines: choose what every linear keeps under a
+//! budget, write the compressed `.cap` file and measure it.
+
+pub mod budget;
+pub mod build;
+pub mod calibration;
+pub mod methods;
+pub mod reinforce;
+pub mod run;
+pub mod select;
+pub mod write;
