@@ -10,7 +10,7 @@ use cap_host::compress::budget::BudgetSpec;
 use cap_host::compress::methods::{Allocation, Method};
 use cap_host::compress::reinforce::ReinforceOptions;
 use cap_host::compress::run::{
-    CompressOptions, CompressReport, Event, compress, default_cache_dir,
+    CompressOptions, CompressReport, Event, Outcome, Plan, compress, default_cache_dir,
 };
 use cap_host::targets::Dtype;
 use indicatif::ProgressBar;
@@ -90,8 +90,9 @@ pub struct CompressArgs {
     /// REINFORCE steps.
     #[arg(long, default_value_t = 16)]
     pub steps: usize,
-    /// REINFORCE step size on the keep-probabilities.
-    #[arg(long, default_value_t = 0.05)]
+    /// REINFORCE step size on the keep-probabilities (small: with a loss advantage of a
+    /// few nats, 0.05 pins every probability to 0 or 1 within two steps).
+    #[arg(long, default_value_t = 0.002)]
     pub lr: f64,
     /// Calibration sequences per REINFORCE step.
     #[arg(long, default_value_t = 4)]
@@ -105,6 +106,9 @@ pub struct CompressArgs {
     /// Worker threads [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Print the budget (and what takes the memory) and stop; nothing is written.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -132,7 +136,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
             };
             (
                 BudgetSpec::Target {
-                    profile,
+                    profile: Box::new(profile),
                     ctx: a.ctx,
                     batch: a.batch,
                 },
@@ -177,6 +181,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
         rpca: a.solver.settings()?,
         cache_dir,
         threads,
+        dry_run: a.dry_run,
     };
     let bar: Mutex<Option<ProgressBar>> = Mutex::new(None);
     let on_event = |ev: Event<'_>| {
@@ -214,13 +219,35 @@ pub fn run(a: CompressArgs) -> Result<()> {
     {
         pb.finish_and_clear();
     }
-    let report = report?;
-    if a.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print!("{}", render(&report));
+    match report? {
+        Outcome::Written(r) if a.json => println!("{}", serde_json::to_string(&r)?),
+        Outcome::Written(r) => print!("{}", render(&r)),
+        Outcome::Planned(p) if a.json => println!("{}", serde_json::to_string(&p)?),
+        Outcome::Planned(p) => print!("{}", render_plan(&p)),
     }
     Ok(())
+}
+
+/// The budget and where the memory goes.
+pub fn render_plan(p: &Plan) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "budget: {}", p.budget.source);
+    for (what, b) in &p.budget.breakdown {
+        let _ = writeln!(s, "  {what:<40} {b:>14} bytes");
+    }
+    let _ = writeln!(
+        s,
+        "compressed linears may take {} {} (dense f16 they take {} bytes, {} parameters)",
+        p.budget.limit,
+        match p.budget.accounting {
+            cap_host::compress::budget::Accounting::Bytes => "bytes",
+            cap_host::compress::budget::Accounting::Params => "parameters",
+        },
+        p.fixed.linear_dense_bytes,
+        p.fixed.linear_params
+    );
+    s
 }
 
 /// The per-layer table and the totals against the budget.

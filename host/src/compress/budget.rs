@@ -111,7 +111,7 @@ pub enum BudgetSpec {
     /// forward pass's scratch and the runtime must fit its usable memory.
     Target {
         /// The profile.
-        profile: Profile,
+        profile: Box<Profile>,
         /// Context length the board must serve.
         ctx: usize,
         /// Sequences served at once.

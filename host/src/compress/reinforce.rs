@@ -32,7 +32,7 @@ impl Default for ReinforceOptions {
     fn default() -> Self {
         ReinforceOptions {
             steps: 16,
-            lr: 0.05,
+            lr: 0.002,
             baseline_momentum: 0.9,
             seed: 0,
         }

@@ -76,6 +76,25 @@ pub struct CompressOptions {
     pub cache_dir: PathBuf,
     /// Worker threads.
     pub threads: usize,
+    /// Resolve the budget and stop: nothing is computed or written.
+    pub dry_run: bool,
+}
+
+/// The budget of a model, as `--dry-run` reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    /// The resolved budget.
+    pub budget: Budget,
+    /// The costs besides the compressed linears.
+    pub fixed: FixedCosts,
+}
+
+/// What [`compress`] produced.
+pub enum Outcome {
+    /// `--dry-run`: the budget only.
+    Planned(Plan),
+    /// The file was written and measured.
+    Written(Box<CompressReport>),
 }
 
 /// Progress of [`compress`].
@@ -313,10 +332,7 @@ pub fn calibration_loss(
 }
 
 /// Runs the whole pipeline.
-pub fn compress(
-    opts: &CompressOptions,
-    on_event: &(dyn Fn(Event<'_>) + Sync),
-) -> Result<CompressReport> {
+pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -> Result<Outcome> {
     let mut seconds = Vec::new();
     let mut clock = Instant::now();
     let mut lap = |name: &str, seconds: &mut Vec<(String, f64)>| {
@@ -448,6 +464,9 @@ pub fn compress(
             .sum(),
     };
     let budget = resolve(&opts.budget, &model.config, &fixed)?;
+    if opts.dry_run {
+        return Ok(Outcome::Planned(Plan { budget, fixed }));
+    }
     let c = manifest
         .compression
         .as_mut()
@@ -711,7 +730,7 @@ pub fn compress(
             budget.limit
         );
     }
-    Ok(CompressReport {
+    Ok(Outcome::Written(Box::new(CompressReport {
         path: path.display().to_string(),
         method: opts.method,
         allocation: (opts.method == Method::Cap).then_some(opts.allocation),
@@ -729,7 +748,7 @@ pub fn compress(
         eval_text: eval_name,
         steps,
         seconds,
-    })
+    })))
 }
 
 /// A short name of an encoding for tables.

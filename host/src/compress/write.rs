@@ -127,7 +127,6 @@ pub fn restamp(src: &Path, out: &Path, mut manifest: Manifest) -> Result<PathBuf
     let file = CapFile::parse(&bytes).with_context(|| format!("{}: invalid", src.display()))?;
     let opts = WriterOptions {
         alignment: file.header().alignment,
-        ..WriterOptions::default()
     };
     let mut w = CapWriter::create(out, opts)
         .with_context(|| format!("{}: cannot create", out.display()))?;

@@ -1,0 +1,453 @@
+//! `cap-host compress` end to end: the budget is exact for `--ratio`, `--budget` and
+//! `--target` (the written file's linear sections never exceed it and the printed
+//! totals are the file's), the stored perplexity is the written file's, a custom
+//! device profile that forces about half of SmolLM2's linear weights out is met with
+//! the KV cache, and bad input fails cleanly with nothing written.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use cap_format::CapFile;
+use common::{assert_clean_failure, cap_host, root};
+use serde_json::Value;
+
+fn tiny(name: &str) -> String {
+    root()
+        .join(format!("tests/fixtures/tiny/{name}/{name}.gguf"))
+        .display()
+        .to_string()
+}
+
+/// A calibration text of about 12k characters in paragraphs.
+fn calib_text(dir: &Path) -> String {
+    let words = [
+        "the", "model", "runs", "on", "a", "small", "board", "with", "little", "memory", "and",
+        "every", "byte", "counts", "when", "weights", "are", "stored", "in", "flash",
+    ];
+    let mut s = String::new();
+    for p in 0..60 {
+        for i in 0..40 {
+            s.push_str(words[(i * 7 + p * 3) % words.len()]);
+            s.push(if i % 9 == 8 { '.' } else { ' ' });
+        }
+        s.push_str("\n\n");
+    }
+    let path = dir.join("calib.txt");
+    std::fs::write(&path, s).unwrap();
+    path.display().to_string()
+}
+
+fn run_json(args: &[&str]) -> Value {
+    let (code, out, err) = cap_host(args);
+    assert_eq!(code, 0, "cap-host {args:?} failed: {err}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// Settings that keep a tiny model's run to a fraction of a second.
+fn small(calib: &str, cache: &str) -> Vec<String> {
+    [
+        "--calib",
+        calib,
+        "--calib-samples",
+        "4",
+        "--calib-len",
+        "24",
+        "--eval-ctx",
+        "32",
+        "--eval-windows",
+        "2",
+        "--steps",
+        "3",
+        "--step-samples",
+        "2",
+        "--threads",
+        "2",
+        "--cache-dir",
+        cache,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn is_linear(name: &str) -> bool {
+    [
+        "attn_q.",
+        "attn_k.",
+        "attn_v.",
+        "attn_output.",
+        "ffn_gate.",
+        "ffn_up.",
+        "ffn_down.",
+    ]
+    .iter()
+    .any(|p| name.contains(p))
+}
+
+/// Checks the written file against the report: the linear sections' bytes, the file
+/// size, the per-layer ranks and non-zeros, and the stored perplexity. Returns the
+/// paper's parameter count of what was kept.
+fn check_file(report: &Value, path: &Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    let file = CapFile::parse(&bytes).unwrap();
+    file.verify_all().unwrap();
+    let m = file.manifest();
+    let linear: u64 = m
+        .tensors
+        .iter()
+        .filter(|t| is_linear(&t.name))
+        .map(|t| t.len)
+        .sum();
+    assert_eq!(linear, report["linear_bytes"].as_u64().unwrap());
+    assert_eq!(bytes.len() as u64, report["file_bytes"].as_u64().unwrap());
+    let c = m.compression.as_ref().expect("compression record");
+    let rows = report["layers"].as_array().unwrap();
+    assert_eq!(c.layers.len(), rows.len());
+    let mut params = 0;
+    for (l, r) in c.layers.iter().zip(rows) {
+        assert_eq!(l.tensor, r["name"].as_str().unwrap());
+        assert_eq!(u64::from(l.rank), r["rank"][0].as_u64().unwrap());
+        assert_eq!(l.nnz, r["nnz"][0].as_u64().unwrap());
+        let t = &m.tensors[file.find(&l.tensor).unwrap()];
+        assert_eq!(t.len, r["bytes"].as_u64().unwrap(), "{}", l.tensor);
+        params += u64::from(l.rank) * u64::from(t.rows + t.cols) + l.nnz;
+    }
+    let p = c.perplexity.as_ref().expect("perplexity record");
+    assert_eq!(p.value, report["eval"]["ppl"].as_f64().unwrap());
+    params
+}
+
+fn dense_params(report: &Value) -> u64 {
+    report["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["shape"][0].as_u64().unwrap() * r["shape"][1].as_u64().unwrap())
+        .sum()
+}
+
+/// A profile like `targets/host.toml` with another name and memory.
+fn write_profile(dir: &Path, name: &str, total: u64, reserved: u64) {
+    let text = std::fs::read_to_string(root().join("targets/host.toml")).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        let line = if line.starts_with("name =") {
+            format!("name = \"{name}\"")
+        } else if line.starts_with("total_memory_bytes =") {
+            format!("total_memory_bytes = {total}")
+        } else if line.starts_with("reserved_bytes =") {
+            format!("reserved_bytes = {reserved}")
+        } else {
+            line.to_string()
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    std::fs::write(dir.join(format!("{name}.toml")), out).unwrap();
+}
+
+/// Memory a profile must have for `plan` (a `--dry-run --json` report) with
+/// `linear_bytes` left for the linears.
+fn needed(plan: &Value, linear_bytes: u64) -> u64 {
+    let taken: u64 = plan["budget"]["breakdown"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[1].as_u64().unwrap())
+        .sum();
+    taken + linear_bytes
+}
+
+#[test]
+fn budgets_are_exact_for_every_method_and_budget_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calib_text(dir.path());
+    let cache = dir.path().join("rpca").display().to_string();
+    for model in ["llama-tied", "llama3-scaled"] {
+        let m = tiny(model);
+        let out = dir.path().join(format!("{model}.cap"));
+        let out_s = out.display().to_string();
+        let base = |extra: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = ["compress", "--model", &m, "-o", &out_s, "--json"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            v.extend(small(&calib, &cache));
+            v.extend(extra.iter().map(|s| s.to_string()));
+            v
+        };
+        let refs = |v: &[String]| -> Vec<String> { v.to_vec() };
+        // The model's fixed costs, from a dry run.
+        let plan_args = base(&["--budget", "1000000000", "--dry-run"]);
+        let plan = run_json(&plan_args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        assert!(!out.exists(), "--dry-run wrote a file");
+        let fixed = &plan["fixed"];
+        let file_fixed = fixed["dense_tensor_bytes"].as_u64().unwrap()
+            + fixed["file_overhead_bytes"].as_u64().unwrap();
+        let half_linears = fixed["linear_dense_bytes"].as_u64().unwrap() / 2;
+        let file_budget = file_fixed + half_linears;
+
+        let tdir = dir.path().join("targets");
+        std::fs::create_dir_all(&tdir).unwrap();
+        let tplan_args = base(&["--target", "host", "--ctx", "64", "--dry-run"]);
+        let tplan = run_json(&tplan_args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        let reserved = 1 << 20;
+        let total = needed(&tplan, half_linears) + reserved;
+        write_profile(&tdir, "tiny-board", total, reserved);
+        let tdir_s = tdir.display().to_string();
+
+        for method in [
+            &["--method", "cap", "--allocation", "reinforce"][..],
+            &["--method", "cap", "--allocation", "threshold"],
+            &["--method", "magnitude"],
+            &["--method", "wanda"],
+            &["--method", "svd"],
+        ] {
+            // The paper's ratio: kept parameters ≤ ⌊0.5 · dense⌋.
+            let mut a = refs(&base(method));
+            a.extend(["--ratio", "0.5"].map(String::from));
+            let r = run_json(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+            let kept = check_file(&r, &out);
+            assert!(
+                kept <= dense_params(&r) / 2,
+                "{method:?}: {kept} params kept"
+            );
+            assert_eq!(kept, r["linear_cost"].as_u64().unwrap());
+            // A file budget: the whole file within it.
+            let mut a = refs(&base(method));
+            let fb = file_budget.to_string();
+            a.extend(["--budget".to_string(), fb]);
+            let r = run_json(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+            check_file(&r, &out);
+            assert!(
+                r["file_bytes"].as_u64().unwrap() <= file_budget,
+                "{method:?}: {r}"
+            );
+            assert!(r["linear_bytes"].as_u64().unwrap() <= r["budget"]["limit"].as_u64().unwrap());
+            // A device profile: file + KV cache + scratch + runtime within its memory.
+            let mut a = refs(&base(method));
+            a.extend(
+                [
+                    "--target",
+                    "tiny-board",
+                    "--targets-dir",
+                    &tdir_s,
+                    "--ctx",
+                    "64",
+                ]
+                .map(String::from),
+            );
+            let r = run_json(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+            check_file(&r, &out);
+            let linear = r["linear_bytes"].as_u64().unwrap();
+            assert!(
+                linear <= r["budget"]["limit"].as_u64().unwrap(),
+                "{method:?}: {r}"
+            );
+            // Independently: 2 layers × (k, v) × ctx 64 × kv_dim 32 × 4 bytes.
+            let kv = 2 * 2 * 64 * 32 * 4;
+            let scratch_runtime: u64 = r["budget"]["breakdown"].as_array().unwrap()[1..3]
+                .iter()
+                .map(|e| e[1].as_u64().unwrap())
+                .sum();
+            assert!(
+                r["file_bytes"].as_u64().unwrap() + kv + scratch_runtime <= total - reserved,
+                "{method:?}: does not fit the board"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_stored_perplexity_is_the_written_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calib_text(dir.path());
+    let cache = dir.path().join("rpca").display().to_string();
+    let out = dir.path().join("t.cap");
+    let (m, o) = (tiny("llama-tied"), out.display().to_string());
+    let mut a: Vec<String> = [
+        "compress", "--model", &m, "-o", &o, "--json", "--ratio", "0.6",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(small(&calib, &cache));
+    let r = run_json(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let bytes = std::fs::read(&out).unwrap();
+    let file = CapFile::parse(&bytes).unwrap();
+    let c = file.manifest().compression.clone().unwrap();
+    let p = c.perplexity.unwrap();
+    let text = dir.path().join("selftest.txt");
+    std::fs::write(&text, &c.self_test_text).unwrap();
+    let e = run_json(&[
+        "eval",
+        "--model",
+        &o,
+        "--text",
+        &text.display().to_string(),
+        "--ctx",
+        &p.ctx.to_string(),
+        "--max-windows",
+        &p.windows.to_string(),
+        "--threads",
+        "2",
+        "--json",
+    ]);
+    // Same file, text, windows and threads: the same sums in the same order.
+    assert_eq!(e["ppl"].as_f64().unwrap(), p.value);
+    assert_eq!(e["windows"].as_u64().unwrap(), u64::from(p.windows));
+    assert!(r["dense_eval"]["ppl"].as_f64().unwrap() > 1.0);
+}
+
+#[test]
+fn smollm2_target_that_forces_half_the_linears_out_is_met() {
+    let Some(model) = common::real_model() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let m = model.display().to_string();
+    let c4 = common::shared_data()
+        .join("c4/c4_sample.json")
+        .display()
+        .to_string();
+    let out = dir.path().join("smol.cap");
+    let o = out.display().to_string();
+    let common_args = [
+        "--calib",
+        &c4,
+        "--calib-samples",
+        "4",
+        "--calib-len",
+        "128",
+        "--eval-ctx",
+        "128",
+        "--eval-windows",
+        "2",
+        "--threads",
+        "2",
+        "--method",
+        "wanda",
+        "--ctx",
+        "2048",
+    ];
+    let mut a = vec![
+        "compress",
+        "--model",
+        &m,
+        "-o",
+        &o,
+        "--json",
+        "--target",
+        "host",
+        "--dry-run",
+    ];
+    a.extend(common_args);
+    let plan = run_json(&a);
+    let linear_dense = plan["fixed"]["linear_dense_bytes"].as_u64().unwrap();
+    let reserved = 256 << 20;
+    let total = needed(&plan, linear_dense / 2) + reserved;
+    let tdir = dir.path().join("targets");
+    std::fs::create_dir_all(&tdir).unwrap();
+    write_profile(&tdir, "half-board", total, reserved);
+    let td = tdir.display().to_string();
+    let mut a = vec![
+        "compress",
+        "--model",
+        &m,
+        "-o",
+        &o,
+        "--json",
+        "--target",
+        "half-board",
+        "--targets-dir",
+        &td,
+    ];
+    a.extend(common_args);
+    let r = run_json(&a);
+    check_file(&r, &out);
+    let linear = r["linear_bytes"].as_u64().unwrap();
+    let limit = r["budget"]["limit"].as_u64().unwrap();
+    assert!(linear <= limit);
+    // About half the dense f16 linear bytes (the uniform rule fills all but a sliver).
+    let frac = linear as f64 / linear_dense as f64;
+    assert!((0.49..=0.5).contains(&frac), "linears at {frac} of dense");
+    // File + f32 KV cache (30 layers × 2 × 2048 × 192 × 4, computed here) + the
+    // scratch and runtime terms fit the usable memory.
+    let kv: u64 = 30 * 2 * 2048 * 192 * 4;
+    let br = r["budget"]["breakdown"].as_array().unwrap();
+    assert_eq!(br[0][1].as_u64().unwrap(), kv);
+    let rest: u64 = br[1..3].iter().map(|e| e[1].as_u64().unwrap()).sum();
+    assert!(r["file_bytes"].as_u64().unwrap() + kv + rest <= total - reserved);
+    // And the result is a working model: the held-out PPL is finite and above dense.
+    let ppl = r["eval"]["ppl"].as_f64().unwrap();
+    assert!(ppl.is_finite() && ppl >= r["dense_eval"]["ppl"].as_f64().unwrap());
+}
+
+fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_none_or(|e| e != "txt"))
+        .collect()
+}
+
+#[test]
+fn bad_input_fails_cleanly_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calib_text(dir.path());
+    let work = dir.path().join("out");
+    std::fs::create_dir_all(&work).unwrap();
+    let o = work.join("x.cap").display().to_string();
+    let m = tiny("llama-tied");
+    let cache = dir.path().join("rpca").display().to_string();
+    let base = [
+        "compress",
+        "--model",
+        &m,
+        "-o",
+        &o,
+        "--calib",
+        &calib,
+        "--cache-dir",
+        &cache,
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (
+            with(&["--target", "no-such-board"]),
+            vec![
+                "unknown target `no-such-board`",
+                "jetson-orin-nano-8gb",
+                "raspberry-pi-5-8gb",
+            ],
+        ),
+        (
+            with(&["--ratio", "0.5", "--calib-len", "100000"]),
+            vec!["fewer than one sample", "100000"],
+        ),
+        (
+            with(&["--budget", "1000"]),
+            vec!["below what the model needs", "bytes are missing"],
+        ),
+        (with(&["--ratio", "0"]), vec!["--ratio must be in (0, 1]"]),
+        (with(&["--ratio", "1.5"]), vec!["--ratio must be in (0, 1]"]),
+        (with(&["--ratio", "NaN"]), vec!["--ratio must be in (0, 1]"]),
+    ];
+    for (args, needles) in cases {
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        assert_clean_failure(&a, &needles);
+        assert!(
+            leftovers(&work).is_empty(),
+            "{a:?} left {:?}",
+            leftovers(&work)
+        );
+    }
+    // Two budgets at once is a usage error (clap's exit code 2), also writing nothing.
+    let a = with(&["--ratio", "0.5", "--budget", "100"]);
+    let (code, _, err) = cap_host(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert_eq!(code, 2, "{err}");
+    assert!(leftovers(&work).is_empty());
+}
