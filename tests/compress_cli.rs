@@ -382,6 +382,15 @@ fn smollm2_target_that_forces_half_the_linears_out_is_met() {
     // And the result is a working model: the held-out PPL is finite and above dense.
     let ppl = r["eval"]["ppl"].as_f64().unwrap();
     assert!(ppl.is_finite() && ppl >= r["dense_eval"]["ppl"].as_f64().unwrap());
+    // The compressed file, evaluated by `eval`, gives the stored figure.
+    let bytes = std::fs::read(&out).unwrap();
+    let rec = CapFile::parse(&bytes)
+        .unwrap()
+        .manifest()
+        .compression
+        .clone()
+        .unwrap();
+    assert_eq!(rec.perplexity.unwrap().value, ppl);
 }
 
 fn leftovers(dir: &Path) -> Vec<PathBuf> {

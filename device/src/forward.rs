@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use cap_kernels::gemm::{MatMut, MatRef, matmul};
 use cap_kernels::{ops, par, vexp};
 
-use crate::model::{Head, Linear, Model, dense_forward};
+use crate::model::{Block, Head, Linear, Model, dense_forward};
 
 /// Query rows handled by one attention task; bounds the score buffer to
 /// `ATTN_BLOCK × context` floats per task.
@@ -238,6 +238,33 @@ impl<'m, L: Linear> Runner<'m, L> {
             }
             row.copy_from_slice(&self.model.embed[id * h..(id + 1) * h]);
         }
+        for (layer, b) in self.model.blocks.iter().enumerate() {
+            self.run_block(layer, b, &mut x, kv);
+        }
+        kv.len = needed;
+        hidden.resize(t * h, 0.0);
+        ops::rms_norm(hidden, &x, &self.model.norm, c.rms_eps);
+        Ok(())
+    }
+
+    /// Applies block `layer` (`block`, which may be stored differently from the
+    /// runner's model, e.g. with recording layers) in place to the residual stream `x`
+    /// of `t = x.len() / hidden` tokens at positions `kv.len()..`, writing its keys and
+    /// values into the cache's slot for `layer`. Does not advance the cache's length
+    /// (the caller does, once every block has run), and does not check capacity: the
+    /// caller ([`Runner::forward`], or a block-by-block driver) has.
+    pub fn run_block<B: Linear>(
+        &self,
+        layer: usize,
+        b: &Block<B>,
+        x: &mut [f32],
+        kv: &mut KvCache,
+    ) {
+        let c = &self.model.config;
+        let h = c.hidden_size;
+        let t = x.len() / h;
+        let pos0 = kv.len;
+        let needed = pos0 + t;
         let (qd, kvd, inter) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
         let mut xn = vec![0.0f32; t * h];
         let mut q = vec![0.0f32; t * qd];
@@ -247,46 +274,40 @@ impl<'m, L: Linear> Runner<'m, L> {
         let mut tmp = vec![0.0f32; t * h];
         let mut gate = vec![0.0f32; t * inter];
         let mut up = vec![0.0f32; t * inter];
-        for (layer, b) in self.model.blocks.iter().enumerate() {
-            ops::rms_norm(&mut xn, &x, &b.attn_norm, c.rms_eps);
-            b.q.forward(&xn, &mut q, self.threads);
-            b.k.forward(&xn, &mut k, self.threads);
-            b.v.forward(&xn, &mut v, self.threads);
-            if let Some([bq, bk, bv]) = &b.qkv_bias {
-                add_bias(&mut q, bq);
-                add_bias(&mut k, bk);
-                add_bias(&mut v, bv);
-            }
-            for (i, (qr, kr)) in q
-                .chunks_exact_mut(qd)
-                .zip(k.chunks_exact_mut(kvd))
-                .enumerate()
-            {
-                for head in qr
-                    .chunks_exact_mut(c.head_dim)
-                    .chain(kr.chunks_exact_mut(c.head_dim))
-                {
-                    self.rope.apply(head, pos0 + i);
-                }
-            }
-            let lr = kv.layer_range(layer);
-            kv.k[lr.clone()][pos0 * kvd..needed * kvd].copy_from_slice(&k);
-            kv.v[lr.clone()][pos0 * kvd..needed * kvd].copy_from_slice(&v);
-            self.attention(&q, &kv.k[lr.clone()], &kv.v[lr], pos0, t, &mut att);
-            b.o.forward(&att, &mut tmp, self.threads);
-            add_into(&mut x, &tmp);
-
-            ops::rms_norm(&mut xn, &x, &b.mlp_norm, c.rms_eps);
-            b.gate.forward(&xn, &mut gate, self.threads);
-            b.up.forward(&xn, &mut up, self.threads);
-            vexp::silu_mul(&mut gate, &up);
-            b.down.forward(&gate, &mut tmp, self.threads);
-            add_into(&mut x, &tmp);
+        ops::rms_norm(&mut xn, x, &b.attn_norm, c.rms_eps);
+        b.q.forward(&xn, &mut q, self.threads);
+        b.k.forward(&xn, &mut k, self.threads);
+        b.v.forward(&xn, &mut v, self.threads);
+        if let Some([bq, bk, bv]) = &b.qkv_bias {
+            add_bias(&mut q, bq);
+            add_bias(&mut k, bk);
+            add_bias(&mut v, bv);
         }
-        kv.len = needed;
-        hidden.resize(t * h, 0.0);
-        ops::rms_norm(hidden, &x, &self.model.norm, c.rms_eps);
-        Ok(())
+        for (i, (qr, kr)) in q
+            .chunks_exact_mut(qd)
+            .zip(k.chunks_exact_mut(kvd))
+            .enumerate()
+        {
+            for head in qr
+                .chunks_exact_mut(c.head_dim)
+                .chain(kr.chunks_exact_mut(c.head_dim))
+            {
+                self.rope.apply(head, pos0 + i);
+            }
+        }
+        let lr = kv.layer_range(layer);
+        kv.k[lr.clone()][pos0 * kvd..needed * kvd].copy_from_slice(&k);
+        kv.v[lr.clone()][pos0 * kvd..needed * kvd].copy_from_slice(&v);
+        self.attention(&q, &kv.k[lr.clone()], &kv.v[lr], pos0, t, &mut att);
+        b.o.forward(&att, &mut tmp, self.threads);
+        add_into(x, &tmp);
+
+        ops::rms_norm(&mut xn, x, &b.mlp_norm, c.rms_eps);
+        b.gate.forward(&xn, &mut gate, self.threads);
+        b.up.forward(&xn, &mut up, self.threads);
+        vexp::silu_mul(&mut gate, &up);
+        b.down.forward(&gate, &mut tmp, self.threads);
+        add_into(x, &tmp);
     }
 
     /// Causal grouped-query attention of `t` new queries (at positions `pos0..pos0+t`)

@@ -12,6 +12,12 @@ parameters) three ways, written from the papers' descriptions, not from cap's co
              (block 0's v input depends on nothing else, so it is exact here)
   svd        keep the largest singular values the ratio allows: each costs 192 + 576, so
              floor(55,296 / 768) = 72
+  sparsegpt  the reference code's algorithm (sparsegpt.py, fasterprune: blocks of 128
+             columns, dampening 1% of the mean diagonal, upper Cholesky of H^-1, OBS
+             updates), in float64, with H = X^T X for the same X cast to float32 (as cap
+             receives it), and one documented change shared with cap: exactly
+             ceil(0.5 * numel) entries pruned per block, ties to the lower index (the
+             reference prunes every score <= the one at rank 0.5 * numel)
 
 Ties (Q4_1 weights repeat values) go to the lower row-major index, as in cap
 (a stable sort on the negated score). Scores are float32 like cap's (|w| * rms with both
@@ -84,6 +90,47 @@ def main():
     wr = (u[:, :rank] * s[:rank]) @ vt[:rank]
     rel = float(np.linalg.norm(w - wr) / np.linalg.norm(w))
 
+    # SparseGPT.
+    H = (xn.T @ xn).astype(np.float32).astype(np.float64)
+    Wd = w.astype(np.float64).copy()
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1
+    Wd[:, dead] = 0
+    H[np.diag_indices(cols)] += 0.01 * np.mean(np.diag(H))
+    Hinv = np.linalg.inv(H)
+    U = np.linalg.cholesky(Hinv).T  # upper: Hinv = U^T U
+    keep = np.ones((rows, cols), dtype=bool)
+    for i1 in range(0, cols, 128):
+        i2 = min(i1 + 128, cols)
+        cnt = i2 - i1
+        W1 = Wd[:, i1:i2].copy()
+        Q1 = np.zeros_like(W1)
+        E1 = np.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        tmp = W1 ** 2 / (np.diag(U1).reshape(1, -1) ** 2)
+        k_pr = int(np.ceil(0.5 * tmp.size))
+        flat = tmp.reshape(-1)
+        o = np.lexsort((np.arange(flat.size), flat))  # by score, ties by index
+        m1 = np.ones(flat.size, dtype=bool)
+        m1[o[:k_pr]] = False
+        m1 = m1.reshape(rows, cnt)
+        for i in range(cnt):
+            wcol = W1[:, i]
+            d = U1[i, i]
+            q = np.where(m1[:, i], wcol, 0.0)
+            Q1[:, i] = q
+            e = (wcol - q) / d
+            W1[:, i:] -= np.outer(e, U1[i, i:])
+            E1[:, i] = e
+        Wd[:, i1:i2] = Q1
+        Wd[:, i2:] -= E1 @ U[i1:i2, i2:]
+        keep[:, i1:i2] = m1
+    keep[:, dead] = False
+    Wp = np.where(keep, Wd, 0.0)
+    x64 = xn
+    out_err = float(np.linalg.norm((Wp - w) @ x64.T) / np.linalg.norm(w.astype(np.float64) @ x64.T))
+    kept_vals = Wp[keep]
+
     out = {
         "model": os.path.basename(args.model),
         "tensor": "blk.0.attn_v.weight",
@@ -98,13 +145,19 @@ def main():
         "svd_rank": rank,
         "svd_sigma": [float(v) for v in s[:rank]],
         "svd_rel_error": rel,
+        "sparsegpt_mask_hex": mask_hex(keep),
+        "sparsegpt_first_values": [float(v) for v in kept_vals[:256]],
+        "sparsegpt_value_sum_sq": float((kept_vals ** 2).sum()),
+        "sparsegpt_output_rel_error": out_err,
+        "magnitude_output_rel_error": float(np.linalg.norm((np.where(mag.reshape(rows, cols), w, 0) - w).astype(np.float64) @ x64.T) / np.linalg.norm(w.astype(np.float64) @ x64.T)),
         "numpy": np.__version__,
         "gguf": getattr(gguf, "__version__", "unknown"),
     }
     path = os.path.join(REF, "baselines_blk0_attn_v.json")
     with open(path, "w") as f:
         json.dump(out, f)
-    print(f"wrote {path}: magnitude {mag.sum()}, wanda {wanda.sum()}, svd rank {rank}, rel err {rel:.6f}")
+    print(f"wrote {path}: magnitude {mag.sum()}, wanda {wanda.sum()}, svd rank {rank}, rel err {rel:.6f}, "
+          f"sparsegpt kept {keep.sum()} output error {out_err:.5f} (magnitude {out['magnitude_output_rel_error']:.5f})")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,9 @@ pub struct CompressArgs {
     /// Worker threads [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Skip measuring the source model on the same held-out windows.
+    #[arg(long)]
+    pub no_source_eval: bool,
     /// Print the budget (and what takes the memory) and stop; nothing is written.
     #[arg(long)]
     pub dry_run: bool,
@@ -182,6 +185,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
         cache_dir,
         threads,
         dry_run: a.dry_run,
+        source_eval: !a.no_source_eval,
     };
     let bar: Mutex<Option<ProgressBar>> = Mutex::new(None);
     let on_event = |ev: Event<'_>| {
@@ -294,10 +298,15 @@ pub fn render(r: &CompressReport) -> String {
         "dense tensors: {} bytes; file: {} bytes ({})",
         r.dense_tensor_bytes, r.file_bytes, r.path
     );
+    let source = r
+        .dense_eval
+        .as_ref()
+        .map(|d| format!(" (source model {:.4})", d.ppl))
+        .unwrap_or_default();
     let _ = writeln!(
         s,
-        "held-out PPL ({}, ctx {}, {} windows): {:.4} (source model {:.4})",
-        r.eval_text, r.eval.ctx, r.eval.windows, r.eval.ppl, r.dense_eval.ppl
+        "held-out PPL ({}, ctx {}, {} windows): {:.4}{source}",
+        r.eval_text, r.eval.ctx, r.eval.windows, r.eval.ppl
     );
     let t: Vec<String> = r
         .seconds

@@ -8,6 +8,8 @@
 //! * `wanda`: the same items ranked by `|W_ij|·‖X_j‖₂` within each output row (Sun et
 //!   al., 2023), with `‖X_j‖` from the calibration inputs of the dense model.
 //! * `svd`: `W`'s exact SVD; items are its singular directions, ranked by `σ_i`.
+//! * `sparsegpt`: the kept entries of SparseGPT's pruned `W` (see [`super::sparsegpt`]);
+//!   the pruning itself decides what is kept.
 
 use anyhow::{Result, anyhow};
 use faer::{MatRef, Par};
@@ -30,6 +32,8 @@ pub enum Method {
     Wanda,
     /// Truncated SVD (low rank only), uniform rank fraction per matrix.
     Svd,
+    /// SparseGPT: OBS pruning with error compensation, uniform sparsity, block by block.
+    Sparsegpt,
 }
 
 impl Method {
@@ -40,6 +44,7 @@ impl Method {
             Method::Magnitude => "magnitude",
             Method::Wanda => "wanda",
             Method::Svd => "svd",
+            Method::Sparsegpt => "sparsegpt",
         }
     }
 }
@@ -132,7 +137,7 @@ pub fn uniform_groups(method: Method, d: &Decomposition, in_norm: Option<&[f32]>
     };
     match method {
         Method::Svd => vec![sigma()],
-        Method::Magnitude => vec![Group {
+        Method::Magnitude | Method::Sparsegpt => vec![Group {
             kind: ItemKind::Entry,
             order: all_entries(),
         }],

@@ -8,4 +8,5 @@ pub mod methods;
 pub mod reinforce;
 pub mod run;
 pub mod select;
+pub mod sparsegpt;
 pub mod write;

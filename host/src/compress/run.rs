@@ -27,7 +27,8 @@ use super::methods::{
     Allocation, Method, probability_scores, sparse_candidate, svd_candidates, uniform_groups,
 };
 use super::reinforce::{self, ReinforceOptions, StepLog};
-use super::select::{Selection, global_top_k, uniform};
+use super::select::{Selection, global_top_k, selection_cost, uniform};
+use super::sparsegpt::{kept as sparsegpt_kept, sparsegpt_model};
 use super::write::{encode_linear, restamp};
 use crate::eval::{EvalOptions, EvalReport, evaluate, read_text};
 use crate::import::Checkpoint;
@@ -78,6 +79,8 @@ pub struct CompressOptions {
     pub threads: usize,
     /// Resolve the budget and stop: nothing is computed or written.
     pub dry_run: bool,
+    /// Also evaluate the source model on the held-out windows (for the report).
+    pub source_eval: bool,
 }
 
 /// The budget of a model, as `--dry-run` reports it.
@@ -160,8 +163,8 @@ pub struct CompressReport {
     pub uniform_fraction: Option<f64>,
     /// Perplexity of the written file on the held-out text.
     pub eval: EvalReport,
-    /// Perplexity of the source model on the same windows.
-    pub dense_eval: EvalReport,
+    /// Perplexity of the source model on the same windows (unless skipped).
+    pub dense_eval: Option<EvalReport>,
     /// Name of the held-out text.
     pub eval_text: String,
     /// The REINFORCE log (empty for other allocations).
@@ -512,6 +515,17 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
                 .collect();
             svd_candidates(&ws)?
         }
+        Method::Sparsegpt => {
+            on_event(Event::Stage {
+                name: "sparsegpt",
+                total: model.blocks.len() as u64,
+            });
+            let s = sparsegpt_sparsity(&linears, &cost, budget.limit);
+            let sp = vec![s; linears.len()];
+            sparsegpt_model(&model, &win_refs, &sp, opts.threads, |b| {
+                on_event(Event::Progress(b as u64))
+            })?
+        }
         Method::Cap => {
             on_event(Event::Stage {
                 name: "stage 1: RPCA",
@@ -555,7 +569,29 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     // ---- allocation
     let mut steps = Vec::new();
     let mut uniform_fraction = None;
+    let keep_all: Vec<Selection> = cref
+        .iter()
+        .map(|d| Selection {
+            sigma: vec![true; d.sigma.len()],
+            entries: vec![true; d.s.val.len()],
+        })
+        .collect();
+    let all_cost: u64 = cref
+        .iter()
+        .zip(&keep_all)
+        .map(|(d, s)| selection_cost(&cost, d, s))
+        .sum();
     let sels: Vec<Selection> = match (opts.method, opts.allocation) {
+        // Nothing to choose: the budget holds every item (SmolLM2 on any real board),
+        // or the method has chosen already.
+        (Method::Sparsegpt, _) => keep_all,
+        _ if all_cost <= budget.limit => {
+            tracing::info!(
+                "the budget ({}) holds every item ({all_cost}): nothing is dropped",
+                budget.limit
+            );
+            keep_all
+        }
         (Method::Cap, Allocation::Reinforce) => {
             on_event(Event::Stage {
                 name: "stage 2: REINFORCE",
@@ -693,18 +729,22 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         |d, _| on_event(Event::Progress(d as u64)),
     )?;
     drop(loaded);
-    on_event(Event::Stage {
-        name: "eval (source model)",
-        total: opts.eval_windows as u64,
-    });
-    let dense_eval = evaluate(
-        &model,
-        &tokenizer,
-        &self_test_text,
-        &eval_name,
-        &eval_opts,
-        |d, _| on_event(Event::Progress(d as u64)),
-    )?;
+    let dense_eval = if opts.source_eval {
+        on_event(Event::Stage {
+            name: "eval (source model)",
+            total: opts.eval_windows as u64,
+        });
+        Some(evaluate(
+            &model,
+            &tokenizer,
+            &self_test_text,
+            &eval_name,
+            &eval_opts,
+            |d, _| on_event(Event::Progress(d as u64)),
+        )?)
+    } else {
+        None
+    };
     lap("eval", &mut seconds);
     if let Some(c) = &mut manifest.compression
         && let Some(p) = &mut c.perplexity
@@ -775,4 +815,31 @@ pub fn default_cache_dir(model: &Path) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("neither XDG_CACHE_HOME nor HOME is set; pass --cache-dir"))?;
     let sha = source_sha256(model)?;
     Ok(base.join("cap").join("rpca").join(&sha[..16]))
+}
+
+/// The uniform sparsity SparseGPT runs at: the smallest whose exact cost fits `limit`.
+fn sparsegpt_sparsity(linears: &[(String, &DenseLinear)], cost: &CostModel, limit: u64) -> f64 {
+    let total = |s: f64| -> u64 {
+        linears
+            .iter()
+            .map(|(_, l)| {
+                let (m, n) = (l.out_features, l.in_features);
+                cost.cost(m, n, 0, sparsegpt_kept(m, n, s))
+            })
+            .sum()
+    };
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    if total(0.0) <= limit {
+        return 0.0;
+    }
+    // 50 halvings: below one entry of the largest matrix.
+    for _ in 0..50 {
+        let mid = 0.5 * (lo + hi);
+        if total(mid) <= limit {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    hi
 }
