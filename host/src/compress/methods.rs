@@ -34,6 +34,8 @@ pub enum Method {
     Svd,
     /// SparseGPT: OBS pruning with error compensation, uniform sparsity, block by block.
     Sparsegpt,
+    /// ADMM pruning with a gradual mask and an exact masked refit, block by block.
+    Admm,
 }
 
 impl Method {
@@ -45,6 +47,7 @@ impl Method {
             Method::Wanda => "wanda",
             Method::Svd => "svd",
             Method::Sparsegpt => "sparsegpt",
+            Method::Admm => "admm",
         }
     }
 }
@@ -137,7 +140,7 @@ pub fn uniform_groups(method: Method, d: &Decomposition, in_norm: Option<&[f32]>
     };
     match method {
         Method::Svd => vec![sigma()],
-        Method::Magnitude | Method::Sparsegpt => vec![Group {
+        Method::Magnitude | Method::Sparsegpt | Method::Admm => vec![Group {
             kind: ItemKind::Entry,
             order: all_entries(),
         }],

@@ -1,6 +1,7 @@
 //! Stage 2 of CAP and the one-shot baselines: choose what every linear keeps under a
 //! budget, write the compressed `.cap` file and measure it.
 
+pub mod admm;
 pub mod budget;
 pub mod build;
 pub mod calibration;

@@ -20,6 +20,7 @@ use cap_format::{
 };
 use serde::Serialize;
 
+use super::admm::{AdmmOptions, prune as admm_prune};
 use super::budget::{Accounting, Budget, BudgetSpec, CostModel, FixedCosts, resolve};
 use super::build::factored;
 use super::calibration::{prefix_for_tokens, sample_windows, split_held_out};
@@ -28,7 +29,7 @@ use super::methods::{
 };
 use super::reinforce::{self, ReinforceOptions, StepLog};
 use super::select::{Selection, global_top_k, selection_cost, uniform};
-use super::sparsegpt::{kept as sparsegpt_kept, sparsegpt_model};
+use super::sparsegpt::{kept as sparsegpt_kept, prune_sequential, sparsegpt_model};
 use super::write::{encode_linear, restamp};
 use crate::eval::{EvalOptions, EvalReport, evaluate, read_text};
 use crate::import::Checkpoint;
@@ -515,16 +516,30 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
                 .collect();
             svd_candidates(&ws)?
         }
-        Method::Sparsegpt => {
+        Method::Sparsegpt | Method::Admm => {
             on_event(Event::Stage {
-                name: "sparsegpt",
+                name: opts.method.name(),
                 total: model.blocks.len() as u64,
             });
             let s = sparsegpt_sparsity(&linears, &cost, budget.limit);
             let sp = vec![s; linears.len()];
-            sparsegpt_model(&model, &win_refs, &sp, opts.threads, |b| {
-                on_event(Event::Progress(b as u64))
-            })?
+            let progress = |b: usize| on_event(Event::Progress(b as u64));
+            if opts.method == Method::Sparsegpt {
+                sparsegpt_model(&model, &win_refs, &sp, opts.threads, progress)?
+            } else {
+                let ao = AdmmOptions {
+                    threads: opts.threads,
+                    ..AdmmOptions::default()
+                };
+                prune_sequential(
+                    &model,
+                    &win_refs,
+                    &sp,
+                    opts.threads,
+                    &|w, r, c, h, s| admm_prune(w, r, c, h, s, &ao),
+                    progress,
+                )?
+            }
         }
         Method::Cap => {
             on_event(Event::Stage {
@@ -584,7 +599,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     let sels: Vec<Selection> = match (opts.method, opts.allocation) {
         // Nothing to choose: the budget holds every item (SmolLM2 on any real board),
         // or the method has chosen already.
-        (Method::Sparsegpt, _) => keep_all,
+        (Method::Sparsegpt | Method::Admm, _) => keep_all,
         _ if all_cost <= budget.limit => {
             tracing::info!(
                 "the budget ({}) holds every item ({all_cost}): nothing is dropped",

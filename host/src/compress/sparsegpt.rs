@@ -214,6 +214,10 @@ fn recorder(l: &DenseLinear, record: bool) -> Recorder<'_> {
     }
 }
 
+/// How one linear is pruned: `(weight, rows, cols, H, sparsity) → keep mask`, the
+/// weight updated in place.
+pub type Pruner<'a> = dyn Fn(&mut [f32], usize, usize, &[f32], f64) -> Result<Vec<bool>> + 'a;
+
 /// Prunes every block linear of `model` with SparseGPT at per-linear sparsities
 /// `sparsity` (in block order: q, k, v, o, gate, up, down of each block), on the
 /// calibration `windows`. Returns one candidate per linear (kept entries only) and
@@ -223,6 +227,28 @@ pub fn sparsegpt_model(
     windows: &[&[u32]],
     sparsity: &[f64],
     threads: usize,
+    progress: impl FnMut(usize),
+) -> Result<Vec<Decomposition>> {
+    prune_sequential(
+        model,
+        windows,
+        sparsity,
+        threads,
+        &|w, r, c, h, s| prune(w, r, c, h, s),
+        progress,
+    )
+}
+
+/// Prunes every block linear of `model` with `pruner`, block by block: the Hessians
+/// of block `b` come from running the calibration `windows` through blocks `0..b`
+/// already pruned. Sparsities and the result are in block order (q, k, v, o, gate, up,
+/// down of each block); `progress(block)` is called after each block.
+pub fn prune_sequential(
+    model: &Model<DenseLinear>,
+    windows: &[&[u32]],
+    sparsity: &[f64],
+    threads: usize,
+    pruner: &Pruner<'_>,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Decomposition>> {
     let c = &model.config;
@@ -276,7 +302,7 @@ pub fn sparsegpt_model(
         for (k, (l, hm)) in pruned.linears_mut().into_iter().zip(hs).enumerate() {
             let s = sparsity[bi * 7 + k];
             let (rows, cols) = (l.out_features, l.in_features);
-            let mask = prune(&mut l.weight, rows, cols, hm, s)?;
+            let mask = pruner(&mut l.weight, rows, cols, hm, s)?;
             out.push(masked_candidate(&l.weight, &mask, rows, cols));
         }
         for x in &mut xs {
