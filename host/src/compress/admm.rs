@@ -191,22 +191,22 @@ pub fn prune(
                 ap[i] = 0.0;
             }
         }
-        for i in 0..rows {
+        for (i, rsi) in rs.iter_mut().enumerate() {
             let pap = row_dot(&p, &ap, i);
-            if pap <= 0.0 || rs[i] == 0.0 {
+            if pap <= 0.0 || *rsi == 0.0 {
                 continue;
             }
-            let alpha = (rs[i] / pap) as f32;
+            let alpha = (*rsi / pap) as f32;
             for j in i * n..(i + 1) * n {
                 v[j] += alpha * p[j];
                 r[j] -= alpha * ap[j];
             }
             let rs2 = row_dot(&r, &r, i);
-            let beta = (rs2 / rs[i]) as f32;
+            let beta = (rs2 / *rsi) as f32;
             for j in i * n..(i + 1) * n {
                 p[j] = r[j] + beta * p[j];
             }
-            rs[i] = rs2;
+            *rsi = rs2;
         }
     }
     for i in 0..total {
