@@ -203,6 +203,8 @@ fn budgets_are_exact_for_every_method_and_budget_kind() {
             &["--method", "magnitude"],
             &["--method", "wanda"],
             &["--method", "svd"],
+            &["--method", "sparsegpt"],
+            &["--method", "admm"],
         ] {
             // The paper's ratio: kept parameters ≤ ⌊0.5 · dense⌋.
             let mut a = refs(&base(method));

@@ -537,6 +537,9 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
                     &sp,
                     opts.threads,
                     &|w, r, c, h, s| admm_prune(w, r, c, h, s, &ao),
+                    // Measured: true-sequential inputs gave 30.37 against 29.85 (ratio
+                    // 0.5, WikiText-2 ctx 2048, 8 windows), so the dense block's inputs.
+                    false,
                     progress,
                 )?
             }

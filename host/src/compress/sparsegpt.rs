@@ -235,13 +235,15 @@ pub fn sparsegpt_model(
         sparsity,
         threads,
         &|w, r, c, h, s| prune(w, r, c, h, s),
+        false,
         progress,
     )
 }
 
 /// Prunes every block linear of `model` with `pruner`, block by block: the Hessians
 /// of block `b` come from running the calibration `windows` through blocks `0..b`
-/// already pruned. Sparsities and the result are in block order (q, k, v, o, gate, up,
+/// already pruned (and, with `true_sequential`, through the parts of block `b` already
+/// pruned: q/k/v, then o, then gate/up, then down). Sparsities and the result are in block order (q, k, v, o, gate, up,
 /// down of each block); `progress(block)` is called after each block.
 pub fn prune_sequential(
     model: &Model<DenseLinear>,
@@ -249,6 +251,7 @@ pub fn prune_sequential(
     sparsity: &[f64],
     threads: usize,
     pruner: &Pruner<'_>,
+    true_sequential: bool,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Decomposition>> {
     let c = &model.config;
@@ -270,41 +273,65 @@ pub fn prune_sequential(
         })
         .collect();
     let mut out = Vec::with_capacity(sparsity.len());
+    // Groups of linears that share an input (q/k/v, o, gate/up, down), by index in
+    // `Block::linears` order: the first of each is recorded.
+    const GROUPS: [&[usize]; 4] = [&[0, 1, 2], &[3], &[4, 5], &[6]];
     for (bi, b) in model.blocks.iter().enumerate() {
-        // q/k/v share their input, as do gate/up: record one of each.
-        let rec = Block {
-            attn_norm: b.attn_norm.clone(),
-            q: recorder(&b.q, true),
-            k: recorder(&b.k, false),
-            v: recorder(&b.v, false),
-            o: recorder(&b.o, true),
-            qkv_bias: b.qkv_bias.clone(),
-            mlp_norm: b.mlp_norm.clone(),
-            gate: recorder(&b.gate, true),
-            up: recorder(&b.up, false),
-            down: recorder(&b.down, true),
-        };
-        for x in &xs {
-            let mut kv = runner.new_cache();
-            let mut y = x.clone();
-            runner.run_block(bi, &rec, &mut y, &mut kv);
-        }
-        let take = |r: &Recorder<'_>| -> Vec<f32> {
-            r.h.as_ref()
-                .and_then(|m| m.lock().ok().map(|v| v.clone()))
-                .unwrap_or_default()
-        };
-        let (h_attn, h_o, h_mlp, h_down) =
-            (take(&rec.q), take(&rec.o), take(&rec.gate), take(&rec.down));
-        drop(rec);
         let mut pruned = b.clone();
-        let hs = [&h_attn, &h_attn, &h_attn, &h_o, &h_mlp, &h_mlp, &h_down];
-        for (k, (l, hm)) in pruned.linears_mut().into_iter().zip(hs).enumerate() {
-            let s = sparsity[bi * 7 + k];
-            let (rows, cols) = (l.out_features, l.in_features);
-            let mask = pruner(&mut l.weight, rows, cols, hm, s)?;
-            out.push(masked_candidate(&l.weight, &mask, rows, cols));
+        let mut cands: Vec<Option<Decomposition>> = vec![None; 7];
+        // With `true_sequential`, each group's inputs come from the block with the
+        // groups before it already pruned; otherwise every group sees the dense block.
+        let passes: Vec<&[&[usize]]> = if true_sequential {
+            GROUPS.iter().map(core::slice::from_ref).collect()
+        } else {
+            vec![&GROUPS[..]]
+        };
+        for groups in passes {
+            let source = if true_sequential { &pruned } else { b };
+            let record: Vec<usize> = groups.iter().map(|g| g[0]).collect();
+            let ls = source.linears();
+            let rec = Block {
+                attn_norm: source.attn_norm.clone(),
+                q: recorder(ls[0].1, record.contains(&0)),
+                k: recorder(ls[1].1, false),
+                v: recorder(ls[2].1, false),
+                o: recorder(ls[3].1, record.contains(&3)),
+                qkv_bias: source.qkv_bias.clone(),
+                mlp_norm: source.mlp_norm.clone(),
+                gate: recorder(ls[4].1, record.contains(&4)),
+                up: recorder(ls[5].1, false),
+                down: recorder(ls[6].1, record.contains(&6)),
+            };
+            for x in &xs {
+                let mut kv = runner.new_cache();
+                let mut y = x.clone();
+                runner.run_block(bi, &rec, &mut y, &mut kv);
+            }
+            let take = |r: &Recorder<'_>| -> Vec<f32> {
+                r.h.as_ref()
+                    .and_then(|m| m.lock().ok().map(|v| v.clone()))
+                    .unwrap_or_default()
+            };
+            let hs = [take(&rec.q), take(&rec.o), take(&rec.gate), take(&rec.down)];
+            drop(rec);
+            let lin = pruned.linears_mut();
+            for g in groups {
+                let hm = &hs[match g[0] {
+                    0 => 0,
+                    3 => 1,
+                    4 => 2,
+                    _ => 3,
+                }];
+                for &k in g.iter() {
+                    let l = &mut *lin[k];
+                    let s = sparsity[bi * 7 + k];
+                    let (rows, cols) = (l.out_features, l.in_features);
+                    let mask = pruner(&mut l.weight, rows, cols, hm, s)?;
+                    cands[k] = Some(masked_candidate(&l.weight, &mask, rows, cols));
+                }
+            }
         }
+        out.extend(cands.into_iter().flatten());
         for x in &mut xs {
             let mut kv = runner.new_cache();
             runner.run_block(bi, &pruned, x, &mut kv);
