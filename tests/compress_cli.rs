@@ -198,8 +198,23 @@ fn budgets_are_exact_for_every_method_and_budget_kind() {
         let tdir_s = tdir.display().to_string();
 
         for method in [
-            &["--method", "cap", "--allocation", "reinforce"][..],
-            &["--method", "cap", "--allocation", "threshold"],
+            &["--method", "cap"][..],
+            &[
+                "--method",
+                "cap",
+                "--variant",
+                "paper",
+                "--allocation",
+                "reinforce",
+            ],
+            &[
+                "--method",
+                "cap",
+                "--variant",
+                "paper",
+                "--allocation",
+                "threshold",
+            ],
             &["--method", "magnitude"],
             &["--method", "wanda"],
             &["--method", "svd"],

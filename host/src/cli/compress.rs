@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use anyhow::{Result, bail};
 use cap_format::DType;
 use cap_host::compress::budget::BudgetSpec;
-use cap_host::compress::methods::{Allocation, Method};
+use cap_host::compress::methods::{Allocation, Method, Variant};
 use cap_host::compress::reinforce::ReinforceOptions;
 use cap_host::compress::run::{
     CompressOptions, CompressReport, Event, Outcome, Plan, compress, default_cache_dir,
@@ -53,8 +53,13 @@ pub struct CompressArgs {
     /// one-shot baseline at the same accounting.
     #[arg(long, value_enum, default_value = "cap")]
     pub method: Method,
-    /// How `cap` allocates: learned (REINFORCE + global top-K) or the uniform
-    /// threshold ablation.
+    /// Which CAP: `cap` (the budget allocated across layers from measured calibration
+    /// losses, each layer pruned by ADMM with an exact refit) or `paper` (RPCA `L + S`
+    /// and the paper's allocation, see --allocation).
+    #[arg(long, value_enum, default_value = "cap")]
+    pub variant: Variant,
+    /// How `--variant paper` allocates: learned (REINFORCE + global top-K) or the
+    /// uniform threshold ablation.
     #[arg(long, value_enum, default_value = "reinforce")]
     pub allocation: Allocation,
     /// Storage dtype of factors, sparse values and embeddings [default: the target's
@@ -163,6 +168,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
         model: a.model,
         out: a.out,
         method: a.method,
+        variant: a.variant,
         allocation: a.allocation,
         budget,
         dtype: a.dtype.map(dtype_of).or(preferred).unwrap_or(DType::F16),

@@ -52,7 +52,19 @@ impl Method {
     }
 }
 
-/// How `cap` allocates the budget among its items.
+/// Which CAP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Variant {
+    /// cap's method: the budget allocated across layers from measured calibration
+    /// losses, each layer pruned by ADMM with an exact refit of what it keeps.
+    #[default]
+    Cap,
+    /// The paper as described: RPCA `L + S`, then `--allocation`.
+    Paper,
+}
+
+/// How the paper's variant allocates the budget among its items.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Allocation {

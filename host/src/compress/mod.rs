@@ -2,6 +2,7 @@
 //! budget, write the compressed `.cap` file and measure it.
 
 pub mod admm;
+pub mod allocate;
 pub mod budget;
 pub mod build;
 pub mod calibration;

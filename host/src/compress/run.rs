@@ -21,11 +21,13 @@ use cap_format::{
 use serde::Serialize;
 
 use super::admm::{AdmmOptions, prune as admm_prune};
+use super::allocate::{Allocation2, Trial, search, sparsities, wanda_pruned};
 use super::budget::{Accounting, Budget, BudgetSpec, CostModel, FixedCosts, resolve};
 use super::build::factored;
 use super::calibration::{prefix_for_tokens, sample_windows, split_held_out};
 use super::methods::{
-    Allocation, Method, probability_scores, sparse_candidate, svd_candidates, uniform_groups,
+    Allocation, Method, Variant, probability_scores, sparse_candidate, svd_candidates,
+    uniform_groups,
 };
 use super::reinforce::{self, ReinforceOptions, StepLog};
 use super::select::{Selection, global_top_k, selection_cost, uniform};
@@ -46,7 +48,9 @@ pub struct CompressOptions {
     pub out: PathBuf,
     /// What to keep of each linear.
     pub method: Method,
-    /// How `cap` allocates (ignored by the one-shot baselines, which are uniform).
+    /// Which CAP `--method cap` runs.
+    pub variant: Variant,
+    /// How the paper's variant allocates (ignored otherwise).
     pub allocation: Allocation,
     /// The budget.
     pub budget: BudgetSpec,
@@ -170,6 +174,8 @@ pub struct CompressReport {
     pub eval_text: String,
     /// The REINFORCE log (empty for other allocations).
     pub steps: Vec<StepLog>,
+    /// cap's learned allocation and the settings it tried.
+    pub allocation_search: Option<(Allocation2, Vec<Trial>)>,
     /// Seconds per stage, in order.
     pub seconds: Vec<(String, f64)>,
 }
@@ -319,8 +325,8 @@ fn factored_skeleton(model: &Model<DenseLinear>) -> Model<FactoredLinear> {
 }
 
 /// Mean NLL of `model` over `windows` (all but each window's first token scored).
-pub fn calibration_loss(
-    model: &Model<FactoredLinear>,
+pub fn calibration_loss<L: cap_device::model::Linear>(
+    model: &Model<L>,
     windows: &[&[u32]],
     threads: usize,
 ) -> Result<f64> {
@@ -427,15 +433,16 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         .compression
         .as_mut()
         .unwrap_or_else(|| unreachable!());
-    c.method = match opts.method {
-        Method::Cap => format!(
+    c.method = match (opts.method, opts.variant) {
+        (Method::Cap, Variant::Cap) => "cap".to_string(),
+        (Method::Cap, Variant::Paper) => format!(
             "cap/{}",
             match opts.allocation {
                 Allocation::Reinforce => "reinforce",
                 Allocation::Threshold => "threshold",
             }
         ),
-        m => m.name().to_string(),
+        (m, _) => m.name().to_string(),
     };
     match &opts.budget {
         BudgetSpec::Target { profile, .. } => c.target_profile = profile.name.clone(),
@@ -500,85 +507,121 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     } else {
         None
     };
-    let cands: Vec<Decomposition> = match opts.method {
-        Method::Magnitude | Method::Wanda => linears
+    let paper = opts.variant == Variant::Paper;
+    let mut alloc_trials = None;
+    let sparse_path = matches!(opts.method, Method::Sparsegpt | Method::Admm)
+        || (opts.method == Method::Cap && !paper);
+    let dense_fits = linears
+        .iter()
+        .map(|(_, l)| {
+            let (m, n) = (l.out_features, l.in_features);
+            cost.cost(m, n, 0, (m * n) as u64)
+        })
+        .sum::<u64>()
+        <= budget.limit;
+    let cands: Vec<Decomposition> = if sparse_path && dense_fits {
+        // The budget holds the dense linears (SmolLM2 on any real board): nothing to prune.
+        tracing::info!("the budget holds every linear dense: nothing is pruned");
+        linears
             .iter()
             .map(|(_, l)| sparse_candidate(&l.weight, l.out_features, l.in_features))
-            .collect(),
-        Method::Svd => {
-            on_event(Event::Stage {
-                name: "svd",
-                total: 0,
-            });
-            let ws: Vec<(&[f32], usize, usize)> = linears
-                .iter()
-                .map(|(_, l)| (l.weight.as_slice(), l.out_features, l.in_features))
-                .collect();
-            svd_candidates(&ws)?
-        }
-        Method::Sparsegpt | Method::Admm => {
-            on_event(Event::Stage {
-                name: opts.method.name(),
-                total: model.blocks.len() as u64,
-            });
+            .collect()
+    } else if sparse_path {
+        let sp = if opts.method == Method::Cap {
+            let (sp, a, trials) = learned_sparsities(
+                &model,
+                &linears,
+                &win_refs,
+                &cost,
+                budget.limit,
+                opts,
+                on_event,
+            )?;
+            alloc_trials = Some((a, trials));
+            lap("allocation search", &mut seconds);
+            sp
+        } else {
             let s = sparsegpt_sparsity(&linears, &cost, budget.limit);
-            let sp = vec![s; linears.len()];
-            let progress = |b: usize| on_event(Event::Progress(b as u64));
-            if opts.method == Method::Sparsegpt {
-                sparsegpt_model(&model, &win_refs, &sp, opts.threads, progress)?
-            } else {
-                let ao = AdmmOptions {
-                    threads: opts.threads,
-                    ..AdmmOptions::default()
-                };
-                prune_sequential(
-                    &model,
-                    &win_refs,
-                    &sp,
-                    opts.threads,
-                    &|w, r, c, h, s| admm_prune(w, r, c, h, s, &ao),
-                    // Measured: true-sequential inputs gave 30.37 against 29.85 (ratio
-                    // 0.5, WikiText-2 ctx 2048, 8 windows), so the dense block's inputs.
-                    false,
-                    progress,
-                )?
-            }
-        }
-        Method::Cap => {
-            on_event(Event::Stage {
-                name: "stage 1: RPCA",
-                total: linears.len() as u64,
-            });
-            let done = std::sync::atomic::AtomicU64::new(0);
-            let dopts = DecomposeOptions {
-                settings: opts.rpca,
+            vec![s; linears.len()]
+        };
+        on_event(Event::Stage {
+            name: opts.method.name(),
+            total: model.blocks.len() as u64,
+        });
+        let progress = |b: usize| on_event(Event::Progress(b as u64));
+        if opts.method == Method::Sparsegpt {
+            sparsegpt_model(&model, &win_refs, &sp, opts.threads, progress)?
+        } else {
+            let ao = AdmmOptions {
                 threads: opts.threads,
-                shard: None,
-                only: None,
-                stop_after: None,
-                scales: None,
+                ..AdmmOptions::default()
             };
-            decompose_model(&model, &opts.cache_dir, &dopts, &|ev| {
-                if let crate::rpca::model::Event::Done { .. } = ev {
-                    let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    on_event(Event::Progress(d));
-                }
-            })?;
-            linears
+            prune_sequential(
+                &model,
+                &win_refs,
+                &sp,
+                opts.threads,
+                &|w, r, c, h, s| admm_prune(w, r, c, h, s, &ao),
+                // Measured: true-sequential inputs gave 30.37 against 29.85 (ratio
+                // 0.5, WikiText-2 ctx 2048, 8 windows), so the dense block's inputs.
+                false,
+                progress,
+            )?
+        }
+    } else {
+        match opts.method {
+            Method::Magnitude | Method::Wanda => linears
                 .iter()
-                .map(|(n, l)| {
-                    load_cached(
-                        &opts.cache_dir,
-                        n,
-                        &l.weight,
-                        l.out_features,
-                        l.in_features,
-                        &opts.rpca,
-                        None,
-                    )
-                    .ok_or_else(|| anyhow!("{n}: no cached decomposition after stage 1"))
-                })
-                .collect::<Result<_>>()?
+                .map(|(_, l)| sparse_candidate(&l.weight, l.out_features, l.in_features))
+                .collect(),
+            Method::Svd => {
+                on_event(Event::Stage {
+                    name: "svd",
+                    total: 0,
+                });
+                let ws: Vec<(&[f32], usize, usize)> = linears
+                    .iter()
+                    .map(|(_, l)| (l.weight.as_slice(), l.out_features, l.in_features))
+                    .collect();
+                svd_candidates(&ws)?
+            }
+            // The paper's variant (the pruning methods took the branch above).
+            Method::Cap | Method::Sparsegpt | Method::Admm => {
+                on_event(Event::Stage {
+                    name: "stage 1: RPCA",
+                    total: linears.len() as u64,
+                });
+                let done = std::sync::atomic::AtomicU64::new(0);
+                let dopts = DecomposeOptions {
+                    settings: opts.rpca,
+                    threads: opts.threads,
+                    shard: None,
+                    only: None,
+                    stop_after: None,
+                    scales: None,
+                };
+                decompose_model(&model, &opts.cache_dir, &dopts, &|ev| {
+                    if let crate::rpca::model::Event::Done { .. } = ev {
+                        let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        on_event(Event::Progress(d));
+                    }
+                })?;
+                linears
+                    .iter()
+                    .map(|(n, l)| {
+                        load_cached(
+                            &opts.cache_dir,
+                            n,
+                            &l.weight,
+                            l.out_features,
+                            l.in_features,
+                            &opts.rpca,
+                            None,
+                        )
+                        .ok_or_else(|| anyhow!("{n}: no cached decomposition after stage 1"))
+                    })
+                    .collect::<Result<_>>()?
+            }
         }
     };
     lap("candidates", &mut seconds);
@@ -603,6 +646,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         // Nothing to choose: the budget holds every item (SmolLM2 on any real board),
         // or the method has chosen already.
         (Method::Sparsegpt | Method::Admm, _) => keep_all,
+        (Method::Cap, _) if !paper => keep_all,
         _ if all_cost <= budget.limit => {
             tracing::info!(
                 "the budget ({}) holds every item ({all_cost}): nothing is dropped",
@@ -791,7 +835,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     Ok(Outcome::Written(Box::new(CompressReport {
         path: path.display().to_string(),
         method: opts.method,
-        allocation: (opts.method == Method::Cap).then_some(opts.allocation),
+        allocation: (opts.method == Method::Cap && paper).then_some(opts.allocation),
         param_ratio: kept_params as f64 / fixed.linear_params.max(1) as f64,
         budget,
         fixed,
@@ -805,6 +849,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         dense_eval,
         eval_text: eval_name,
         steps,
+        allocation_search: alloc_trials,
         seconds,
     })))
 }
@@ -860,4 +905,57 @@ fn sparsegpt_sparsity(linears: &[(String, &DenseLinear)], cost: &CostModel, limi
         }
     }
     hi
+}
+
+/// cap's allocation: per-linear sparsities from [`super::allocate::search`], scored by
+/// the calibration loss of the Wanda-pruned model on the first 8 calibration sequences.
+fn learned_sparsities(
+    model: &Model<DenseLinear>,
+    linears: &[(String, &DenseLinear)],
+    windows: &[&[u32]],
+    cost: &CostModel,
+    limit: u64,
+    opts: &CompressOptions,
+    on_event: &(dyn Fn(Event<'_>) + Sync),
+) -> Result<(Vec<f64>, Allocation2, Vec<Trial>)> {
+    on_event(Event::Stage {
+        name: "input norms",
+        total: windows.len() as u64,
+    });
+    let norms = crate::calib::input_rms_windows(model, windows, opts.threads, |d, _| {
+        on_event(Event::Progress(d as u64))
+    })?;
+    let norm_refs: Vec<&[f32]> = linears
+        .iter()
+        .map(|(n, _)| {
+            norms
+                .get(n)
+                .map(|v| v.as_slice())
+                .ok_or_else(|| anyhow!("{n}: no input norms"))
+        })
+        .collect::<Result<_>>()?;
+    let shapes: Vec<(usize, usize)> = linears
+        .iter()
+        .map(|(_, l)| (l.out_features, l.in_features))
+        .collect();
+    let scoring = &windows[..windows.len().min(8)];
+    on_event(Event::Stage {
+        name: "allocation search",
+        total: 13,
+    });
+    let done = std::cell::Cell::new(0u64);
+    let (best, trials) = search(|a| {
+        let sp = sparsities(&shapes, model.blocks.len(), a, cost, limit);
+        let pruned = wanda_pruned(model, &norm_refs, &sp);
+        let l = calibration_loss(&pruned, scoring, opts.threads);
+        done.set(done.get() + 1);
+        on_event(Event::Progress(done.get()));
+        tracing::info!("allocation {a:?}: calibration loss {:?}", l.as_ref().ok());
+        l
+    })?;
+    Ok((
+        sparsities(&shapes, model.blocks.len(), &best, cost, limit),
+        best,
+        trials,
+    ))
 }
