@@ -1,9 +1,13 @@
 //! Pruning by ADMM with a gradual sparsity schedule and an exact masked refit (after
 //! Boža, "Fast and Optimal Weight Update for Pruned Large Language Models", 2024).
 //!
-//! Per linear, with `H = Σ x·xᵀ` of its calibration inputs (dampened by 1% of the mean
-//! diagonal, like SparseGPT) the layer's output error `tr((W' − W)·H·(W' − W)ᵀ)` is
-//! minimised over `W'` with the kept count fixed. In the scaled coordinates
+//! Per linear, with `H = Σ x·xᵀ` of its calibration inputs (dampened by 5% of the mean
+//! diagonal) the layer's output error `tr((W' − W)·H·(W' − W)ᵀ)` is minimised over `W'`
+//! with the kept count fixed. The dampening is a ridge on the refit: with 8k
+//! calibration tokens the exact refit overfits them, and 5% measured better than
+//! SparseGPT's 1% (SmolLM2, ratio 0.5, WikiText-2 ctx 2048, 8 windows: 28.72 against
+//! 29.60), as did 30 ADMM iterations and 20 refit steps against 40 and 40 (29.60
+//! against 30.13). In the scaled coordinates
 //! `Ŵ = W·D`, `Ĥ = D⁻¹·H·D⁻¹` (`D = diag(H)^½`, so every input channel weighs the same
 //! and `|Ŵ_ij|` is Wanda's score) ADMM alternates
 //!
@@ -37,6 +41,8 @@ pub struct AdmmOptions {
     pub rho_growth: f64,
     /// Conjugate-gradient iterations of the final masked refit.
     pub refit_iters: usize,
+    /// Dampening added to `H`'s diagonal, as a fraction of its mean.
+    pub damp: f64,
     /// Threads of the matrix products.
     pub threads: usize,
 }
@@ -49,6 +55,7 @@ impl Default for AdmmOptions {
             rho0: 0.1,
             rho_growth: 1.3,
             refit_iters: 20,
+            damp: 0.05,
             threads: 1,
         }
     }
@@ -117,7 +124,7 @@ pub fn prune(
     let keep_final = super::sparsegpt::kept(rows, cols, s) as usize;
     let mut hd = Mat::<f64>::from_fn(n, n, |i, j| f64::from(h[i * n + j]));
     let mean_diag = (0..n).map(|j| hd[(j, j)]).sum::<f64>() / n as f64;
-    let damp = super::sparsegpt::PERC_DAMP * mean_diag.max(f64::MIN_POSITIVE);
+    let damp = o.damp * mean_diag.max(f64::MIN_POSITIVE);
     for j in 0..n {
         hd[(j, j)] += damp;
     }
@@ -252,7 +259,7 @@ mod tests {
         assert_eq!(kept, crate::compress::sparsegpt::kept(rows, cols, 0.5));
         let mean = (0..cols).map(|j| f64::from(h[j * cols + j])).sum::<f64>() / cols as f64;
         let hd = |i: usize, j: usize| {
-            f64::from(h[i * cols + j]) + if i == j { 0.01 * mean } else { 0.0 }
+            f64::from(h[i * cols + j]) + if i == j { o.damp * mean } else { 0.0 }
         };
         let mut scale = 0f64;
         for row in 0..rows {

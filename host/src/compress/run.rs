@@ -941,7 +941,7 @@ fn learned_sparsities(
     let scoring = &windows[..windows.len().min(8)];
     on_event(Event::Stage {
         name: "allocation search",
-        total: 13,
+        total: 9,
     });
     let done = std::cell::Cell::new(0u64);
     let (best, trials) = search(|a| {
