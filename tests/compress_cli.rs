@@ -114,8 +114,14 @@ fn check_file(report: &Value, path: &Path) -> u64 {
         params += u64::from(l.rank) * u64::from(t.rows + t.cols) + l.nnz;
     }
     let p = c.perplexity.as_ref().expect("perplexity record");
-    assert_eq!(p.value, report["eval"]["ppl"].as_f64().unwrap());
+    assert!(same_f64(p.value, report["eval"]["ppl"].as_f64().unwrap()));
     params
+}
+
+/// Equal up to the last bits serde_json's (not correctly rounded) float parser may
+/// change: 1e-12 relative.
+fn same_f64(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-12 * a.abs().max(b.abs())
 }
 
 fn dense_params(report: &Value) -> u64 {
@@ -199,6 +205,7 @@ fn budgets_are_exact_for_every_method_and_budget_kind() {
 
         for method in [
             &["--method", "cap"][..],
+            &["--method", "cap", "--lowrank-share", "0.3"],
             &[
                 "--method",
                 "cap",
@@ -312,7 +319,7 @@ fn the_stored_perplexity_is_the_written_files() {
         "--json",
     ]);
     // Same file, text, windows and threads: the same sums in the same order.
-    assert_eq!(e["ppl"].as_f64().unwrap(), p.value);
+    assert!(same_f64(e["ppl"].as_f64().unwrap(), p.value), "{e} vs {}", p.value);
     assert_eq!(e["windows"].as_u64().unwrap(), u64::from(p.windows));
     assert!(r["dense_eval"]["ppl"].as_f64().unwrap() > 1.0);
 }
@@ -407,7 +414,7 @@ fn smollm2_target_that_forces_half_the_linears_out_is_met() {
         .compression
         .clone()
         .unwrap();
-    assert_eq!(rec.perplexity.unwrap().value, ppl);
+    assert!(same_f64(rec.perplexity.unwrap().value, ppl));
 }
 
 fn leftovers(dir: &Path) -> Vec<PathBuf> {

@@ -58,6 +58,11 @@ pub struct CompressArgs {
     /// and the paper's allocation, see --allocation).
     #[arg(long, value_enum, default_value = "cap")]
     pub variant: Variant,
+    /// `--variant cap`: spend this share (0–0.9) of every linear's kept parameters on a
+    /// low-rank part fit to what pruning removes [default: the allocation search tries
+    /// 0, 0.1 and 0.2 and keeps what the calibration loss prefers].
+    #[arg(long, value_name = "X")]
+    pub lowrank_share: Option<f64>,
     /// How `--variant paper` allocates: learned (REINFORCE + global top-K) or the
     /// uniform threshold ablation.
     #[arg(long, value_enum, default_value = "reinforce")]
@@ -169,6 +174,12 @@ pub fn run(a: CompressArgs) -> Result<()> {
         out: a.out,
         method: a.method,
         variant: a.variant,
+        lowrank_share: match a.lowrank_share {
+            Some(x) if !(0.0..=0.9).contains(&x) => {
+                bail!("--lowrank-share must be in [0, 0.9], got {x}")
+            }
+            x => x,
+        },
         allocation: a.allocation,
         budget,
         dtype: a.dtype.map(dtype_of).or(preferred).unwrap_or(DType::F16),

@@ -23,13 +23,38 @@ use serde::Serialize;
 use super::budget::CostModel;
 use super::sparsegpt::kept;
 
-/// The two allocation variables.
+/// The allocation variables.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Allocation2 {
     /// Sparsity change from the first block to the last.
     pub slope: f64,
     /// Sparsity of MLP layers minus that of attention layers.
     pub mlp_offset: f64,
+    /// Share of each linear's kept parameters spent on a low-rank part (CAP's `L`),
+    /// fit to what the sparse part leaves; 0 when the measured loss says it does not pay.
+    pub lowrank: f64,
+}
+
+/// What one linear keeps: sparsity of its sparse part and rank of its low-rank part.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Keep {
+    /// Sparsity of `S` (kept entries: [`kept`]).
+    pub sparsity: f64,
+    /// Rank of `L`.
+    pub rank: usize,
+}
+
+/// Splits a linear kept at sparsity `s` between `L` and `S`: `lowrank` of its kept
+/// parameters go to whole singular directions (`m + n` each), the rest stay sparse.
+pub fn split(m: usize, n: usize, s: f64, lowrank: f64) -> Keep {
+    let total = (1.0 - s) * (m * n) as f64;
+    let rank = ((lowrank * total) / (m + n) as f64).floor().max(0.0) as usize;
+    let rank = rank.min(m.min(n));
+    let sparse = (total - (rank * (m + n)) as f64).max(0.0);
+    Keep {
+        sparsity: (1.0 - sparse / (m * n) as f64).clamp(0.0, 1.0),
+        rank,
+    }
 }
 
 /// One scored setting, for the report.
@@ -43,15 +68,15 @@ pub struct Trial {
 
 const MAX_SPARSITY: f64 = 0.99;
 
-/// Per-linear sparsities for `a` (block order, 7 per block), shifted so the total exact
-/// cost of the kept entries is within `limit`.
+/// What each linear keeps under `a` (block order, 7 per block), shifted so the total
+/// exact cost is within `limit`.
 pub fn sparsities(
     shapes: &[(usize, usize)],
     n_blocks: usize,
     a: &Allocation2,
     cost: &CostModel,
     limit: u64,
-) -> Vec<f64> {
+) -> Vec<Keep> {
     let raw: Vec<f64> = (0..shapes.len())
         .map(|i| {
             let (b, k) = (i / 7, i % 7);
@@ -64,16 +89,17 @@ pub fn sparsities(
             a.slope * (depth - 0.5) + a.mlp_offset * mlp
         })
         .collect();
-    let at = |shift: f64| -> Vec<f64> {
+    let at = |shift: f64| -> Vec<Keep> {
         raw.iter()
-            .map(|r| (r + shift).clamp(0.0, MAX_SPARSITY))
+            .zip(shapes)
+            .map(|(r, &(m, n))| split(m, n, (r + shift).clamp(0.0, MAX_SPARSITY), a.lowrank))
             .collect()
     };
-    let total = |sp: &[f64]| -> u64 {
+    let total = |sp: &[Keep]| -> u64 {
         shapes
             .iter()
             .zip(sp)
-            .map(|(&(m, n), &s)| cost.cost(m, n, 0, kept(m, n, s)))
+            .map(|(&(m, n), k)| cost.cost(m, n, k.rank, kept(m, n, k.sparsity)))
             .sum()
     };
     // Cost falls as the shift rises; find the smallest shift that fits.
@@ -93,18 +119,22 @@ pub fn sparsities(
 }
 
 /// `model` with every block linear pruned by Wanda's rule (per output row, by
-/// `|W_ij|·‖X_j‖`) at `sparsity`; `norms` are the input norms in block order.
+/// `|W_ij|·‖X_j‖`) at its `keep` sparsity, plus, for a rank above 0, the truncated SVD
+/// of what pruning removed in activation-scaled coordinates (`(W − S)·diag(‖X‖)`, the
+/// directions that matter most for the outputs), unscaled; `norms` are the input norms
+/// in block order.
 pub fn wanda_pruned(
     model: &Model<DenseLinear>,
     norms: &[&[f32]],
-    sparsity: &[f64],
+    keep: &[Keep],
 ) -> Model<DenseLinear> {
     let mut m = model.clone();
     let mut ls: Vec<&mut DenseLinear> = m.blocks.iter_mut().flat_map(|b| b.linears_mut()).collect();
     ls.par_iter_mut().enumerate().for_each(|(i, l)| {
         let (rows, cols) = (l.out_features, l.in_features);
-        let prune = ((sparsity[i] * cols as f64).ceil() as usize).min(cols);
+        let prune = ((keep[i].sparsity * cols as f64).ceil() as usize).min(cols);
         let norm = norms[i];
+        let orig = (keep[i].rank > 0).then(|| l.weight.clone());
         let mut idx: Vec<usize> = Vec::with_capacity(cols);
         for r in 0..rows {
             let row = &mut l.weight[r * cols..(r + 1) * cols];
@@ -120,19 +150,43 @@ pub fn wanda_pruned(
                 row[j] = 0.0;
             }
         }
+        if let Some(orig) = orig {
+            let d: Vec<f32> = norm.iter().map(|&x| x.max(1e-6)).collect();
+            let resid: Vec<f32> = (0..rows * cols)
+                .map(|x| (orig[x] - l.weight[x]) * d[x % cols])
+                .collect();
+            if let Some((u, sigma, v)) = super::lowrank::truncated(&resid, rows, cols, keep[i].rank)
+            {
+                let k = sigma.len();
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let mut acc = 0f32;
+                        for t in 0..k {
+                            acc += u[r * k + t] * sigma[t] * v[c * k + t];
+                        }
+                        l.weight[r * cols + c] += acc / d[c];
+                    }
+                }
+            }
+        }
     });
     m
 }
 
-/// Coordinate search over the slope, then the MLP offset, on small grids; `loss`
+/// Coordinate search over the slope, then the MLP offset, then the low-rank share
+/// (unless `lowrank` fixes it), on small grids; `loss`
 /// scores a setting. (A finer second round picked settings with a lower calibration
 /// loss but a higher held-out perplexity: 29.95 against 29.60 at ratio 0.5. The grid
 /// is as fine as the calibration data supports.) Returns the best setting and every trial.
 pub fn search(
+    lowrank: Option<f64>,
     mut loss: impl FnMut(&Allocation2) -> Result<f64>,
 ) -> Result<(Allocation2, Vec<Trial>)> {
     let mut trials = Vec::new();
-    let mut best = Allocation2::default();
+    let mut best = Allocation2 {
+        lowrank: lowrank.unwrap_or(0.0),
+        ..Allocation2::default()
+    };
     let mut best_loss = loss(&best)?;
     trials.push(Trial {
         alloc: best,
@@ -149,6 +203,17 @@ pub fn search(
     let base = best;
     for mlp_offset in [-0.1, -0.05, 0.05, 0.1] {
         let a = Allocation2 { mlp_offset, ..base };
+        let l = loss(&a)?;
+        trials.push(Trial { alloc: a, loss: l });
+        if l < best_loss {
+            (best, best_loss) = (a, l);
+        }
+    }
+    // Does a low-rank part pay? Measured, not assumed (unless the caller fixed it).
+    let base = best;
+    let shares: &[f64] = if lowrank.is_some() { &[] } else { &[0.1, 0.2] };
+    for &lowrank in shares {
+        let a = Allocation2 { lowrank, ..base };
         let l = loss(&a)?;
         trials.push(Trial { alloc: a, loss: l });
         if l < best_loss {

@@ -6,6 +6,7 @@ pub mod allocate;
 pub mod budget;
 pub mod build;
 pub mod calibration;
+pub mod lowrank;
 pub mod methods;
 pub mod reinforce;
 pub mod run;

@@ -214,9 +214,11 @@ fn recorder(l: &DenseLinear, record: bool) -> Recorder<'_> {
     }
 }
 
-/// How one linear is pruned: `(weight, rows, cols, H, sparsity) → keep mask`, the
-/// weight updated in place.
-pub type Pruner<'a> = dyn Fn(&mut [f32], usize, usize, &[f32], f64) -> Result<Vec<bool>> + 'a;
+/// How one linear is compressed: `(index in block order, weight, rows, cols, H) →
+/// what it keeps`, with the weight replaced in place by the matrix the compressed
+/// layer computes (so the next blocks see its outputs).
+pub type Pruner<'a> =
+    dyn Fn(usize, &mut [f32], usize, usize, &[f32]) -> Result<Decomposition> + Sync + 'a;
 
 /// Prunes every block linear of `model` with SparseGPT at per-linear sparsities
 /// `sparsity` (in block order: q, k, v, o, gate, up, down of each block), on the
@@ -229,36 +231,37 @@ pub fn sparsegpt_model(
     threads: usize,
     progress: impl FnMut(usize),
 ) -> Result<Vec<Decomposition>> {
+    if sparsity.len() != model.blocks.len() * 7 {
+        return Err(anyhow!("one sparsity per block linear expected"));
+    }
     prune_sequential(
         model,
         windows,
-        sparsity,
         threads,
-        &|w, r, c, h, s| prune(w, r, c, h, s),
+        &|i, w, r, c, h| {
+            let mask = prune(w, r, c, h, sparsity[i])?;
+            Ok(masked_candidate(w, &mask, r, c))
+        },
         false,
         progress,
     )
 }
 
-/// Prunes every block linear of `model` with `pruner`, block by block: the Hessians
-/// of block `b` come from running the calibration `windows` through blocks `0..b`
-/// already pruned (and, with `true_sequential`, through the parts of block `b` already
-/// pruned: q/k/v, then o, then gate/up, then down). Sparsities and the result are in block order (q, k, v, o, gate, up,
-/// down of each block); `progress(block)` is called after each block.
+/// Compresses every block linear of `model` with `pruner`, block by block: the
+/// Hessians of block `b` come from running the calibration `windows` through blocks
+/// `0..b` already compressed (and, with `true_sequential`, through the parts of block
+/// `b` already compressed: q/k/v, then o, then gate/up, then down). The result is in
+/// block order (q, k, v, o, gate, up, down of each block); `progress(block)` is called
+/// after each block.
 pub fn prune_sequential(
     model: &Model<DenseLinear>,
     windows: &[&[u32]],
-    sparsity: &[f64],
     threads: usize,
     pruner: &Pruner<'_>,
     true_sequential: bool,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Decomposition>> {
-    let c = &model.config;
-    let h = c.hidden_size;
-    if sparsity.len() != model.blocks.len() * 7 {
-        return Err(anyhow!("one sparsity per block linear expected"));
-    }
+    let h = model.config.hidden_size;
     let ctx = windows.iter().map(|w| w.len()).max().unwrap_or(0);
     let runner = Runner::new(model, ctx, threads);
     let mut xs: Vec<Vec<f32>> = windows
@@ -272,7 +275,7 @@ pub fn prune_sequential(
             x
         })
         .collect();
-    let mut out = Vec::with_capacity(sparsity.len());
+    let mut out = Vec::with_capacity(model.blocks.len() * 7);
     // Groups of linears that share an input (q/k/v, o, gate/up, down), by index in
     // `Block::linears` order: the first of each is recorded.
     const GROUPS: [&[usize]; 4] = [&[0, 1, 2], &[3], &[4, 5], &[6]];
@@ -324,10 +327,8 @@ pub fn prune_sequential(
                 }];
                 for &k in g.iter() {
                     let l = &mut *lin[k];
-                    let s = sparsity[bi * 7 + k];
                     let (rows, cols) = (l.out_features, l.in_features);
-                    let mask = pruner(&mut l.weight, rows, cols, hm, s)?;
-                    cands[k] = Some(masked_candidate(&l.weight, &mask, rows, cols));
+                    cands[k] = Some(pruner(bi * 7 + k, &mut l.weight, rows, cols, hm)?);
                 }
             }
         }
