@@ -319,7 +319,11 @@ fn the_stored_perplexity_is_the_written_files() {
         "--json",
     ]);
     // Same file, text, windows and threads: the same sums in the same order.
-    assert!(same_f64(e["ppl"].as_f64().unwrap(), p.value), "{e} vs {}", p.value);
+    assert!(
+        same_f64(e["ppl"].as_f64().unwrap(), p.value),
+        "{e} vs {}",
+        p.value
+    );
     assert_eq!(e["windows"].as_u64().unwrap(), u64::from(p.windows));
     assert!(r["dense_eval"]["ppl"].as_f64().unwrap() > 1.0);
 }
