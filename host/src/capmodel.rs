@@ -75,7 +75,8 @@ pub fn values_f32(v: &Values<'_>) -> Vec<f32> {
     raw_f32(v.dtype, v.bytes)
 }
 
-fn raw_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+/// Little-endian raw values of `dtype` as `f32` (a trailing partial value is ignored).
+pub fn raw_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     match dtype {
         DType::F32 => bytes
             .chunks_exact(4)

@@ -192,32 +192,29 @@ pub fn search(
         alloc: best,
         loss: best_loss,
     });
-    for slope in [-0.2, -0.1, 0.1, 0.2] {
-        let a = Allocation2 { slope, ..best };
-        let l = loss(&a)?;
-        trials.push(Trial { alloc: a, loss: l });
-        if l < best_loss {
-            (best, best_loss) = (a, l);
-        }
-    }
-    let base = best;
-    for mlp_offset in [-0.1, -0.05, 0.05, 0.1] {
-        let a = Allocation2 { mlp_offset, ..base };
-        let l = loss(&a)?;
-        trials.push(Trial { alloc: a, loss: l });
-        if l < best_loss {
-            (best, best_loss) = (a, l);
-        }
-    }
+    type Set = fn(Allocation2, f64) -> Allocation2;
     // Does a low-rank part pay? Measured, not assumed (unless the caller fixed it).
-    let base = best;
     let shares: &[f64] = if lowrank.is_some() { &[] } else { &[0.1, 0.2] };
-    for &lowrank in shares {
-        let a = Allocation2 { lowrank, ..base };
-        let l = loss(&a)?;
-        trials.push(Trial { alloc: a, loss: l });
-        if l < best_loss {
-            (best, best_loss) = (a, l);
+    let coordinates: [(&[f64], Set); 3] = [
+        (&[-0.2, -0.1, 0.1, 0.2], |a, v| Allocation2 {
+            slope: v,
+            ..a
+        }),
+        (&[-0.1, -0.05, 0.05, 0.1], |a, v| Allocation2 {
+            mlp_offset: v,
+            ..a
+        }),
+        (shares, |a, v| Allocation2 { lowrank: v, ..a }),
+    ];
+    for (values, set) in coordinates {
+        let base = best;
+        for &v in values {
+            let a = set(base, v);
+            let l = loss(&a)?;
+            trials.push(Trial { alloc: a, loss: l });
+            if l < best_loss {
+                (best, best_loss) = (a, l);
+            }
         }
     }
     Ok((best, trials))

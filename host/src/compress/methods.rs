@@ -74,7 +74,8 @@ pub enum Allocation {
     Threshold,
 }
 
-fn stats(rank: usize, nnz: usize) -> Stats {
+/// Statistics of a candidate that no solver produced.
+pub(crate) fn stats(rank: usize, nnz: usize) -> Stats {
     Stats {
         rank,
         nnz,

@@ -23,7 +23,7 @@ use cap_kernels::gemm::{MatMut, MatRef, matmul};
 use faer::Mat;
 use faer::linalg::solvers::DenseSolveCore;
 
-use crate::rpca::{Csr, Decomposition, Mode, Stats};
+use crate::rpca::{Csr, Decomposition, Mode};
 
 /// Columns per OBS block (the paper's and reference code's 128).
 pub const BLOCK: usize = 128;
@@ -161,15 +161,7 @@ pub fn masked_candidate(w: &[f32], mask: &[bool], rows: usize, cols: usize) -> D
         sigma: vec![],
         v: vec![],
         s: Csr { row_ptr, col, val },
-        stats: Stats {
-            rank: 0,
-            nnz,
-            residual: 0.0,
-            iterations: 0,
-            energy_l: 0.0,
-            energy_s: 0.0,
-            lambda: 0.0,
-        },
+        stats: super::methods::stats(0, nnz),
     }
 }
 

@@ -300,20 +300,14 @@ impl TensorSource for HfCheckpoint {
                 n * width
             )));
         }
-        let data = match e.dtype {
-            Dtype::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => b
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            _ => b
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        };
+        let data = crate::capmodel::raw_f32(
+            match e.dtype {
+                Dtype::F32 => cap_format::DType::F32,
+                Dtype::F16 => cap_format::DType::F16,
+                _ => cap_format::DType::BF16,
+            },
+            b,
+        );
         Ok((data, e.shape.clone()))
     }
 }
