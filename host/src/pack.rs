@@ -168,20 +168,7 @@ impl Sink<'_> {
             );
         }
         self.buf.clear();
-        self.buf.reserve(data.len() * dtype.size());
-        match dtype {
-            DType::F32 => data
-                .iter()
-                .for_each(|x| self.buf.extend_from_slice(&x.to_le_bytes())),
-            DType::F16 => data.iter().for_each(|&x| {
-                self.buf
-                    .extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes())
-            }),
-            DType::BF16 => data.iter().for_each(|&x| {
-                self.buf
-                    .extend_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes())
-            }),
-        }
+        crate::compress::write::extend_bytes(&mut self.buf, data, dtype);
         let desc = TensorDesc {
             rows: u32_of(rows, "rows")?,
             cols: u32_of(cols, "cols")?,

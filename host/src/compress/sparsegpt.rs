@@ -304,7 +304,7 @@ pub fn prune_sequential(
             }
             let take = |r: &Recorder<'_>| -> Vec<f32> {
                 r.h.as_ref()
-                    .and_then(|m| m.lock().ok().map(|v| v.clone()))
+                    .and_then(|m| m.lock().ok().map(|mut v| std::mem::take(&mut *v)))
                     .unwrap_or_default()
             };
             let hs = [take(&rec.q), take(&rec.o), take(&rec.gate), take(&rec.down)];

@@ -13,20 +13,23 @@ use super::build::factored;
 use super::select::Selection;
 use crate::rpca::Decomposition;
 
-/// Little-endian bytes of `values` in `dtype`.
+/// Little-endian bytes of `values` in `dtype` (rounded to nearest for f16/bf16).
 pub fn to_bytes(values: &[f32], dtype: DType) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * dtype.size());
-    for &x in values {
-        push(&mut out, x, dtype);
-    }
+    let mut out = Vec::new();
+    extend_bytes(&mut out, values, dtype);
     out
 }
 
-fn push(out: &mut Vec<u8>, x: f32, dtype: DType) {
-    match dtype {
-        DType::F32 => out.extend_from_slice(&x.to_le_bytes()),
-        DType::F16 => out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
-        DType::BF16 => out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+/// Appends the little-endian bytes of `values` in `dtype` to `out` (one conversion
+/// for `pack` and `compress`).
+pub fn extend_bytes(out: &mut Vec<u8>, values: &[f32], dtype: DType) {
+    out.reserve(values.len() * dtype.size());
+    for &x in values {
+        match dtype {
+            DType::F32 => out.extend_from_slice(&x.to_le_bytes()),
+            DType::F16 => out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
+            DType::BF16 => out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+        }
     }
 }
 
