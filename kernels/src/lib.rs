@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+pub mod cpu;
 pub mod gemm;
 pub mod ops;
 pub mod par;
