@@ -114,7 +114,10 @@ fn check_file(report: &Value, path: &Path) -> u64 {
         params += u64::from(l.rank) * u64::from(t.rows + t.cols) + l.nnz;
     }
     let p = c.perplexity.as_ref().expect("perplexity record");
-    assert!(same_f64(p.value, report["eval"]["ppl"].as_f64().unwrap()));
+    assert!(same_f64(
+        p.value,
+        report["self_test"]["ppl"].as_f64().unwrap()
+    ));
     params
 }
 
@@ -316,9 +319,11 @@ fn the_stored_perplexity_is_the_written_files() {
         &p.windows.to_string(),
         "--threads",
         "2",
+        "--protocol",
+        "llama-cpp",
         "--json",
     ]);
-    // Same file, text, windows and threads: the same sums in the same order.
+    // Same file, text, windows, protocol and threads: the same sums in the same order.
     assert!(
         same_f64(e["ppl"].as_f64().unwrap(), p.value),
         "{e} vs {}",
@@ -410,7 +415,7 @@ fn smollm2_target_that_forces_half_the_linears_out_is_met() {
     // And the result is a working model: the held-out PPL is finite and above dense.
     let ppl = r["eval"]["ppl"].as_f64().unwrap();
     assert!(ppl.is_finite() && ppl >= r["dense_eval"]["ppl"].as_f64().unwrap());
-    // The compressed file, evaluated by `eval`, gives the stored figure.
+    // The file stores its self-test figure (llama.cpp's rule on the same windows).
     let bytes = std::fs::read(&out).unwrap();
     let rec = CapFile::parse(&bytes)
         .unwrap()
@@ -418,7 +423,12 @@ fn smollm2_target_that_forces_half_the_linears_out_is_met() {
         .compression
         .clone()
         .unwrap();
-    assert!(same_f64(rec.perplexity.unwrap().value, ppl));
+    let stored = rec.perplexity.unwrap();
+    assert_eq!(stored.protocol, cap_format::PerplexityProtocol::LlamaCpp);
+    assert!(same_f64(
+        stored.value,
+        r["self_test"]["ppl"].as_f64().unwrap()
+    ));
 }
 
 fn leftovers(dir: &Path) -> Vec<PathBuf> {

@@ -82,7 +82,7 @@ impl Linear for FactoredLinear {
     fn out_features(&self) -> usize {
         self.rows
     }
-    fn forward(&self, x: &[f32], y: &mut [f32], threads: usize) {
+    fn forward(&self, x: &[f32], y: &mut [f32], scratch: &mut Vec<f32>, threads: usize) {
         let t = x.len() / self.cols;
         assert!(
             x.len() == t * self.cols && y.len() == t * self.rows,
@@ -94,9 +94,12 @@ impl Linear for FactoredLinear {
             beta = 1.0;
         }
         if self.rank > 0 {
-            let mut h = vec![0.0f32; t * self.rank];
+            if scratch.len() < t * self.rank {
+                scratch.resize(t * self.rank, 0.0);
+            }
+            let h = &mut scratch[..t * self.rank];
             matmul(
-                &mut MatMut::row_major(&mut h, t, self.rank),
+                &mut MatMut::row_major(h, t, self.rank),
                 MatRef::row_major(x, t, self.cols),
                 MatRef::row_major(&self.a, self.rank, self.cols).t(),
                 1.0,
@@ -105,7 +108,7 @@ impl Linear for FactoredLinear {
             );
             matmul(
                 &mut MatMut::row_major(y, t, self.rows),
-                MatRef::row_major(&h, t, self.rank),
+                MatRef::row_major(h, t, self.rank),
                 MatRef::row_major(&self.b, self.rows, self.rank).t(),
                 1.0,
                 beta,
@@ -153,7 +156,7 @@ mod tests {
             assert!(l.is_consistent());
             let x: Vec<f32> = (0..t * cols).map(|_| r()).collect();
             let mut y = vec![f32::NAN; t * rows];
-            l.forward(&x, &mut y, 2);
+            l.forward(&x, &mut y, &mut Vec::new(), 2);
             let w = l.to_dense();
             let mut want = vec![0.0; t * rows];
             matmul_ref(

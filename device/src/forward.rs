@@ -7,10 +7,12 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
+use cap_format::{DType, Values};
 use cap_kernels::gemm::{MatMut, MatRef, matmul};
-use cap_kernels::{ops, par, vexp};
+use cap_kernels::{cpu, ops, par, vexp};
 
-use crate::model::{Block, Head, Linear, Model, dense_forward};
+use crate::config::Config;
+use crate::model::{Block, Embedding, Head, Linear, Model};
 
 /// Query rows handled by one attention task; bounds the score buffer to
 /// `ATTN_BLOCK × context` floats per task.
@@ -95,30 +97,99 @@ impl RopeTable {
     }
 }
 
-/// Keys and values of every layer for the positions seen so far.
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvDtype {
+    /// `f32`: what the host measures with; the default.
+    F32,
+    /// IEEE `f16`: half the memory; keys and values are rounded once when stored.
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes per stored element.
+    pub const fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum KvStore {
+    F32(Vec<f32>),
+    F16(Vec<u16>),
+}
+
+impl KvStore {
+    fn new(dtype: KvDtype, n: usize) -> Self {
+        match dtype {
+            KvDtype::F32 => KvStore::F32(vec![0.0; n]),
+            KvDtype::F16 => KvStore::F16(vec![0; n]),
+        }
+    }
+    fn dtype(&self) -> KvDtype {
+        match self {
+            KvStore::F32(_) => KvDtype::F32,
+            KvStore::F16(_) => KvDtype::F16,
+        }
+    }
+    /// Elements `range` as raw little-endian values.
+    fn values(&self, r: core::ops::Range<usize>) -> Values<'_> {
+        match self {
+            KvStore::F32(v) => Values {
+                dtype: DType::F32,
+                bytes: bytemuck::cast_slice(&v[r]),
+            },
+            KvStore::F16(v) => Values {
+                dtype: DType::F16,
+                bytes: bytemuck::cast_slice(&v[r]),
+            },
+        }
+    }
+    /// Stores `x` at elements `start..start + x.len()`.
+    fn store(&mut self, start: usize, x: &[f32]) {
+        match self {
+            KvStore::F32(v) => v[start..start + x.len()].copy_from_slice(x),
+            KvStore::F16(v) => (cpu::kernels().from_f32)(
+                x,
+                DType::F16,
+                bytemuck::cast_slice_mut(&mut v[start..start + x.len()]),
+            ),
+        }
+    }
+}
+
+/// Keys and values of every layer for the positions seen so far, allocated once for
+/// a fixed capacity. Layout: layer, then KV head, then position, then the head's
+/// `head_dim` values, so one head's keys are a contiguous `positions × head_dim`
+/// matrix the kernels read in place.
 #[derive(Clone, Debug)]
 pub struct KvCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: KvStore,
+    v: KvStore,
     capacity: usize,
-    kv_dim: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
     len: usize,
 }
 
 impl KvCache {
-    /// Bytes a cache for `capacity` positions takes (`f32` keys and values).
-    pub fn bytes_for(n_layers: usize, kv_dim: usize, capacity: usize) -> u64 {
-        2 * 4 * n_layers as u64 * kv_dim as u64 * capacity as u64
+    /// Bytes a cache for `capacity` positions takes.
+    pub fn bytes_for(c: &Config, capacity: usize, dtype: KvDtype) -> u64 {
+        2 * dtype.size() as u64 * c.n_layers as u64 * c.kv_dim() as u64 * capacity as u64
     }
 
-    /// A cache for `capacity` positions of a model with `n_layers` layers and
-    /// `kv_dim`-wide keys, allocated once.
-    pub fn new(n_layers: usize, kv_dim: usize, capacity: usize) -> Self {
+    /// A cache for `capacity` positions of a model with configuration `c`.
+    pub fn new(c: &Config, capacity: usize, dtype: KvDtype) -> Self {
+        let n = c.n_layers * c.kv_dim() * capacity;
         KvCache {
-            k: vec![0.0; n_layers * capacity * kv_dim],
-            v: vec![0.0; n_layers * capacity * kv_dim],
+            k: KvStore::new(dtype, n),
+            v: KvStore::new(dtype, n),
             capacity,
-            kv_dim,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
             len: 0,
         }
     }
@@ -134,55 +205,141 @@ impl KvCache {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+    /// Element type of the stored keys and values.
+    pub fn dtype(&self) -> KvDtype {
+        self.k.dtype()
+    }
+    /// Bytes the cache holds.
+    pub fn bytes(&self) -> u64 {
+        let n = match &self.k {
+            KvStore::F32(v) => v.len(),
+            KvStore::F16(v) => v.len(),
+        };
+        2 * (n * self.dtype().size()) as u64
+    }
     /// Forgets all positions (the memory is kept).
     pub fn clear(&mut self) {
         self.len = 0;
     }
-    fn layer_range(&self, layer: usize) -> core::ops::Range<usize> {
-        let n = self.capacity * self.kv_dim;
-        layer * n..(layer + 1) * n
+    /// First element of `(layer, kv head, position 0)`.
+    fn head_start(&self, layer: usize, g: usize) -> usize {
+        (layer * self.n_kv_heads + g) * self.capacity * self.head_dim
     }
 }
 
-/// Bytes of working memory one [`Runner::forward`] call over `tokens` tokens (with up
-/// to `ctx` positions in the cache) and the logits of its rows take besides the
-/// weights and the KV cache: the activation buffers, the attention blocks of every
-/// thread, the RoPE table, one block of logits, and `max_rank` floats per token for
-/// the factored layers' intermediate. The budget of `cap-host compress` reserves this.
+/// Working memory of the forward pass, grown on first use and reused after: a decode
+/// loop that keeps one `Workspace` allocates nothing per token. One per concurrent
+/// caller.
+#[derive(Clone, Debug, Default)]
+pub struct Workspace {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    tmp: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    heads: Vec<f32>,
+    lin: Vec<f32>,
+    hidden: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+impl Workspace {
+    /// An empty workspace (it grows on first use).
+    pub fn new() -> Self {
+        Workspace::default()
+    }
+
+    /// Floats currently held (for memory reports and tests).
+    pub fn floats(&self) -> usize {
+        [
+            &self.x,
+            &self.xn,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.att,
+            &self.tmp,
+            &self.gate,
+            &self.up,
+            &self.heads,
+            &self.lin,
+            &self.hidden,
+            &self.logits,
+        ]
+        .iter()
+        .map(|v| v.capacity())
+        .sum()
+    }
+}
+
+/// `v[..n]`, growing `v` first if it is shorter (never shrinking, so a later call with
+/// `n` no larger allocates nothing).
+fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+/// Prompt tokens processed per forward call when a longer input is split; bounds the
+/// activation buffers to `PREFILL_CHUNK` rows.
+pub const PREFILL_CHUNK: usize = 256;
+
+/// Floats of per-head attention scratch for `t` new tokens over `keys` positions.
+fn head_floats(hd: usize, t: usize, keys: usize, kv: KvDtype) -> usize {
+    let conv = if t > 1 && kv == KvDtype::F16 {
+        2 * keys * hd
+    } else {
+        0
+    };
+    t * hd + t.min(ATTN_BLOCK) * keys + conv
+}
+
+/// Upper bound on the bytes of working memory a [`Runner`] takes besides the weights
+/// and the KV cache when it runs `tokens` new tokens (at most [`PREFILL_CHUNK`] at a
+/// time) with up to `ctx` positions in the cache: the [`Workspace`] buffers (linear
+/// scratch: `linear_scratch` floats, see [`Linear`]), the RoPE table, one block of
+/// logits and the caller's hidden-state output. The budget of `cap-host compress`
+/// reserves this.
 pub fn scratch_bytes(
-    c: &crate::config::Config,
+    c: &Config,
     tokens: usize,
     ctx: usize,
-    threads: usize,
-    max_rank: usize,
+    kv: KvDtype,
+    linear_scratch: usize,
 ) -> u64 {
-    let (t, h) = (tokens as u64, c.hidden_size as u64);
-    let (qd, kvd, inter) = (
+    let t = tokens.min(PREFILL_CHUNK) as u64;
+    let (h, qd, kvd, inter) = (
+        c.hidden_size as u64,
         c.q_dim() as u64,
         c.kv_dim() as u64,
         c.intermediate_size as u64,
     );
-    let blocks = t.div_ceil(ATTN_BLOCK as u64);
-    let ab = ATTN_BLOCK as u64;
-    let floats = t * (3 * h + 2 * qd + 2 * kvd + 2 * inter + max_rank as u64)
-        + c.n_heads as u64 * blocks * ab * c.head_dim as u64
-        + threads.max(1) as u64 * ab * ctx as u64
+    let heads =
+        c.n_heads as u64 * head_floats(c.head_dim, tokens.min(PREFILL_CHUNK), ctx, kv) as u64;
+    let floats = t * (3 * h + 2 * qd + 2 * kvd + 2 * inter)
+        + heads
+        + linear_scratch as u64
         + ctx as u64 * c.head_dim as u64
         + LOGIT_BLOCK as u64 * c.vocab_size as u64
-        + t * h; // the caller's hidden-state output
+        + 2 * tokens as u64 * h; // the hidden states returned, and their copy
     floats * 4
 }
 
 /// Runs a [`Model`]: owns the RoPE table and the thread budget.
-pub struct Runner<'m, L> {
-    model: &'m Model<L>,
+pub struct Runner<'m, L, E = Vec<f32>> {
+    model: &'m Model<L, E>,
     rope: RopeTable,
     threads: usize,
 }
 
-impl<'m, L: Linear> Runner<'m, L> {
+impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
     /// Prepares to run `model` for contexts of up to `max_ctx` tokens on `threads` threads.
-    pub fn new(model: &'m Model<L>, max_ctx: usize, threads: usize) -> Self {
+    pub fn new(model: &'m Model<L, E>, max_ctx: usize, threads: usize) -> Self {
         let rope = RopeTable::new(&model.config.rope_inv_freq(), max_ctx);
         Runner {
             model,
@@ -192,59 +349,125 @@ impl<'m, L: Linear> Runner<'m, L> {
     }
 
     /// The model being run.
-    pub fn model(&self) -> &'m Model<L> {
+    pub fn model(&self) -> &'m Model<L, E> {
         self.model
     }
 
-    /// A KV cache sized for this runner's maximum context.
+    /// The largest context this runner was prepared for.
+    pub fn max_ctx(&self) -> usize {
+        self.rope.cos.len() / self.rope.half.max(1)
+    }
+
+    /// An `f32` KV cache sized for this runner's maximum context.
     pub fn new_cache(&self) -> KvCache {
-        let c = &self.model.config;
-        KvCache::new(
-            c.n_layers,
-            c.kv_dim(),
-            self.rope.cos.len() / self.rope.half.max(1),
-        )
+        KvCache::new(&self.model.config, self.max_ctx(), KvDtype::F32)
     }
 
     /// Feeds `tokens` at the positions following those already in `kv` and writes the
     /// final (normalized) hidden state of each into `hidden` (`tokens × hidden_size`).
+    /// Convenience form of [`Runner::forward_with`] with a fresh workspace.
     pub fn forward(
         &self,
         tokens: &[u32],
         kv: &mut KvCache,
         hidden: &mut Vec<f32>,
     ) -> Result<(), ForwardError> {
+        self.forward_with(tokens, kv, &mut Workspace::new(), hidden)
+    }
+
+    /// [`Runner::forward`] with the caller's workspace; long inputs run in chunks of
+    /// [`PREFILL_CHUNK`] tokens.
+    pub fn forward_with(
+        &self,
+        tokens: &[u32],
+        kv: &mut KvCache,
+        ws: &mut Workspace,
+        hidden: &mut Vec<f32>,
+    ) -> Result<(), ForwardError> {
         let c = &self.model.config;
-        let (t, h) = (tokens.len(), c.hidden_size);
-        let pos0 = kv.len;
-        let needed = pos0 + t;
-        if needed > kv.capacity {
+        let h = c.hidden_size;
+        self.check(tokens, kv)?;
+        hidden.resize(tokens.len() * h, 0.0);
+        for (chunk, out) in tokens
+            .chunks(PREFILL_CHUNK)
+            .zip(hidden.chunks_mut(PREFILL_CHUNK * h))
+        {
+            self.chunk(chunk, kv, ws);
+            out.copy_from_slice(&ws.hidden[..chunk.len() * h]);
+        }
+        Ok(())
+    }
+
+    /// Feeds `tokens` (a prompt, or the one token just sampled) and returns the logits
+    /// of the last one (`vocab` values, in the workspace). Allocates nothing once the
+    /// workspace has grown for inputs this long.
+    pub fn next_logits<'w>(
+        &self,
+        tokens: &[u32],
+        kv: &mut KvCache,
+        ws: &'w mut Workspace,
+    ) -> Result<&'w [f32], ForwardError> {
+        let c = &self.model.config;
+        let (h, vocab) = (c.hidden_size, c.vocab_size);
+        self.check(tokens, kv)?;
+        if tokens.is_empty() {
+            return Ok(&[]);
+        }
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            self.chunk(chunk, kv, ws);
+        }
+        let t = tokens.len().min(PREFILL_CHUNK);
+        let last = tokens.len() - 1 - (tokens.len() - 1) / PREFILL_CHUNK * PREFILL_CHUNK;
+        debug_assert!(last < t);
+        let Workspace {
+            hidden,
+            logits,
+            lin,
+            ..
+        } = ws;
+        let lg = grow(logits, vocab);
+        self.logits_with(&hidden[last * h..(last + 1) * h], lg, lin);
+        Ok(&ws.logits[..vocab])
+    }
+
+    fn check(&self, tokens: &[u32], kv: &KvCache) -> Result<(), ForwardError> {
+        let c = &self.model.config;
+        let needed = kv.len + tokens.len();
+        if needed > kv.capacity || needed > self.max_ctx() {
             return Err(ForwardError::ContextFull {
-                capacity: kv.capacity,
+                capacity: kv.capacity.min(self.max_ctx()),
                 needed,
             });
         }
         if let Some(w) = c.sliding_window.filter(|&w| needed > w) {
             return Err(ForwardError::BeyondSlidingWindow { window: w });
         }
-        let mut x = vec![0.0f32; t * h];
-        for (row, &tok) in x.chunks_exact_mut(h).zip(tokens) {
-            let id = tok as usize;
-            if id >= c.vocab_size {
-                return Err(ForwardError::TokenOutOfRange {
-                    token: tok,
-                    vocab: c.vocab_size,
-                });
-            }
-            row.copy_from_slice(&self.model.embed[id * h..(id + 1) * h]);
+        if let Some(&tok) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ForwardError::TokenOutOfRange {
+                token: tok,
+                vocab: c.vocab_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs one checked chunk through every block; leaves the normalized hidden states
+    /// in `ws.hidden` and advances the cache.
+    fn chunk(&self, tokens: &[u32], kv: &mut KvCache, ws: &mut Workspace) {
+        let c = &self.model.config;
+        let (t, h) = (tokens.len(), c.hidden_size);
+        let mut x = core::mem::take(&mut ws.x);
+        let xs = grow(&mut x, t * h);
+        for (row, &tok) in xs.chunks_exact_mut(h).zip(tokens) {
+            self.model.embed.row_into(tok as usize, row);
         }
         for (layer, b) in self.model.blocks.iter().enumerate() {
-            self.run_block(layer, b, &mut x, kv);
+            self.run_block_with(layer, b, xs, kv, ws);
         }
-        kv.len = needed;
-        hidden.resize(t * h, 0.0);
-        ops::rms_norm(hidden, &x, &self.model.norm, c.rms_eps);
-        Ok(())
+        kv.len += t;
+        let out = grow(&mut ws.hidden, t * h);
+        ops::rms_norm(out, xs, &self.model.norm, c.rms_eps);
+        ws.x = x;
     }
 
     /// Applies block `layer` (`block`, which may be stored differently from the
@@ -260,28 +483,56 @@ impl<'m, L: Linear> Runner<'m, L> {
         x: &mut [f32],
         kv: &mut KvCache,
     ) {
+        self.run_block_with(layer, b, x, kv, &mut Workspace::new());
+    }
+
+    fn run_block_with<B: Linear>(
+        &self,
+        layer: usize,
+        b: &Block<B>,
+        x: &mut [f32],
+        kv: &mut KvCache,
+        ws: &mut Workspace,
+    ) {
         let c = &self.model.config;
         let h = c.hidden_size;
         let t = x.len() / h;
         let pos0 = kv.len;
-        let needed = pos0 + t;
         let (qd, kvd, inter) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let mut xn = vec![0.0f32; t * h];
-        let mut q = vec![0.0f32; t * qd];
-        let mut k = vec![0.0f32; t * kvd];
-        let mut v = vec![0.0f32; t * kvd];
-        let mut att = vec![0.0f32; t * qd];
-        let mut tmp = vec![0.0f32; t * h];
-        let mut gate = vec![0.0f32; t * inter];
-        let mut up = vec![0.0f32; t * inter];
-        ops::rms_norm(&mut xn, x, &b.attn_norm, c.rms_eps);
-        b.q.forward(&xn, &mut q, self.threads);
-        b.k.forward(&xn, &mut k, self.threads);
-        b.v.forward(&xn, &mut v, self.threads);
+        let th = self.threads;
+        let Workspace {
+            xn,
+            q,
+            k,
+            v,
+            att,
+            tmp,
+            gate,
+            up,
+            heads,
+            lin,
+            ..
+        } = ws;
+        let (xn, q, k, v) = (
+            grow(xn, t * h),
+            grow(q, t * qd),
+            grow(k, t * kvd),
+            grow(v, t * kvd),
+        );
+        let (att, tmp, gate, up) = (
+            grow(att, t * qd),
+            grow(tmp, t * h),
+            grow(gate, t * inter),
+            grow(up, t * inter),
+        );
+        ops::rms_norm(xn, x, &b.attn_norm, c.rms_eps);
+        b.q.forward(xn, q, lin, th);
+        b.k.forward(xn, k, lin, th);
+        b.v.forward(xn, v, lin, th);
         if let Some([bq, bk, bv]) = &b.qkv_bias {
-            add_bias(&mut q, bq);
-            add_bias(&mut k, bk);
-            add_bias(&mut v, bv);
+            add_bias(q, bq);
+            add_bias(k, bk);
+            add_bias(v, bv);
         }
         for (i, (qr, kr)) in q
             .chunks_exact_mut(qd)
@@ -295,83 +546,120 @@ impl<'m, L: Linear> Runner<'m, L> {
                 self.rope.apply(head, pos0 + i);
             }
         }
-        let lr = kv.layer_range(layer);
-        kv.k[lr.clone()][pos0 * kvd..needed * kvd].copy_from_slice(&k);
-        kv.v[lr.clone()][pos0 * kvd..needed * kvd].copy_from_slice(&v);
-        self.attention(&q, &kv.k[lr.clone()], &kv.v[lr], pos0, t, &mut att);
-        b.o.forward(&att, &mut tmp, self.threads);
-        add_into(x, &tmp);
+        let hd = c.head_dim;
+        for g in 0..c.n_kv_heads {
+            let base = kv.head_start(layer, g);
+            for i in 0..t {
+                let src = i * kvd + g * hd..i * kvd + (g + 1) * hd;
+                let dst = base + (pos0 + i) * hd;
+                kv.k.store(dst, &k[src.clone()]);
+                kv.v.store(dst, &v[src]);
+            }
+        }
+        self.attention(layer, q, kv, pos0, t, heads, att);
+        b.o.forward(att, tmp, lin, th);
+        add_into(x, tmp);
 
-        ops::rms_norm(&mut xn, x, &b.mlp_norm, c.rms_eps);
-        b.gate.forward(&xn, &mut gate, self.threads);
-        b.up.forward(&xn, &mut up, self.threads);
-        vexp::silu_mul(&mut gate, &up);
-        b.down.forward(&gate, &mut tmp, self.threads);
-        add_into(x, &tmp);
+        ops::rms_norm(xn, x, &b.mlp_norm, c.rms_eps);
+        b.gate.forward(xn, gate, lin, th);
+        b.up.forward(xn, up, lin, th);
+        vexp::silu_mul(gate, up);
+        b.down.forward(gate, tmp, lin, th);
+        add_into(x, tmp);
     }
 
     /// Causal grouped-query attention of `t` new queries (at positions `pos0..pos0+t`)
-    /// over the cached keys/values of one layer; writes `t × q_dim` into `out`.
-    fn attention(&self, q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, t: usize, out: &mut [f32]) {
+    /// over the cached keys/values of `layer`; writes `t × q_dim` into `out`. Heads run
+    /// in parallel, each in its own slice of `heads`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        q: &[f32],
+        kv: &KvCache,
+        pos0: usize,
+        t: usize,
+        heads: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
         let c = &self.model.config;
-        let (hd, qd, kvd) = (c.head_dim, c.q_dim(), c.kv_dim());
+        let (hd, qd) = (c.head_dim, c.q_dim());
         let group = c.n_heads / c.n_kv_heads;
         let scale = 1.0 / libm::sqrtf(hd as f32);
-        let blocks = t.div_ceil(ATTN_BLOCK);
-        // Head-major output so every task owns one contiguous chunk.
-        let mut ho = vec![0.0f32; c.n_heads * blocks * ATTN_BLOCK * hd];
-        par::for_each_chunk(&mut ho, ATTN_BLOCK * hd, self.threads, |task, chunk| {
-            let (head, blk) = (task / blocks, task % blocks);
-            let (r0, r1) = (blk * ATTN_BLOCK, ((blk + 1) * ATTN_BLOCK).min(t));
-            let (rows, keys) = (r1 - r0, pos0 + r1);
-            let g = head / group;
-            let qv = MatRef {
-                data: &q[r0 * qd + head * hd..],
-                rows,
-                cols: hd,
-                row_stride: qd,
-                col_stride: 1,
-            };
-            let kv = MatRef {
-                data: &kc[g * hd..],
-                rows: keys,
-                cols: hd,
-                row_stride: kvd,
-                col_stride: 1,
-            };
-            let vv = MatRef {
-                data: &vc[g * hd..],
-                rows: keys,
-                cols: hd,
-                row_stride: kvd,
-                col_stride: 1,
-            };
-            let mut s = vec![0.0f32; rows * keys];
-            matmul(
-                &mut MatMut::row_major(&mut s, rows, keys),
-                qv,
-                kv.t(),
-                scale,
-                0.0,
-                1,
-            );
-            for (i, row) in s.chunks_exact_mut(keys).enumerate() {
-                let visible = pos0 + r0 + i + 1;
-                vexp::softmax(&mut row[..visible]);
-                row[visible..].fill(0.0);
+        let keys = pos0 + t;
+        let per_head = head_floats(hd, t, keys, kv.dtype());
+        let kern = cpu::kernels();
+        // Sized for the cache's capacity, not today's length, so decoding the next
+        // token never finds the buffer too small.
+        grow(
+            heads,
+            c.n_heads * head_floats(hd, t, kv.capacity, kv.dtype()),
+        );
+        let hs = &mut heads[..c.n_heads * per_head];
+        par::for_each_chunk(hs, per_head, self.threads, |head, chunk| {
+            let (o, rest) = chunk.split_at_mut(t * hd);
+            let (s, conv) = rest.split_at_mut(t.min(ATTN_BLOCK) * keys);
+            let base = kv.head_start(layer, head / group);
+            let kvals = kv.k.values(base..base + keys * hd);
+            let vvals = kv.v.values(base..base + keys * hd);
+            if t == 1 {
+                // Decode: two matrix-vector products straight over the cache.
+                let qh = &q[head * hd..(head + 1) * hd];
+                s.fill(0.0);
+                (kern.dense_rows)(kvals, hd, 0, qh, s);
+                s.iter_mut().for_each(|v| *v *= scale);
+                vexp::softmax(s);
+                o.fill(0.0);
+                (kern.dense_t_rows)(vvals, hd, 0, s, o);
+                return;
             }
-            let sv = MatRef::row_major(&s, rows, keys);
-            matmul(
-                &mut MatMut::row_major(&mut chunk[..rows * hd], rows, hd),
-                sv,
-                vv,
-                1.0,
-                0.0,
-                1,
-            );
+            let (kf, vf): (&[f32], &[f32]) = match (&kv.k, &kv.v) {
+                (KvStore::F32(kc), KvStore::F32(vc)) => {
+                    (&kc[base..base + keys * hd], &vc[base..base + keys * hd])
+                }
+                _ => {
+                    let (kf, vf) = conv.split_at_mut(keys * hd);
+                    (kern.to_f32)(kvals, 0, kf);
+                    (kern.to_f32)(vvals, 0, vf);
+                    (kf, vf)
+                }
+            };
+            for r0 in (0..t).step_by(ATTN_BLOCK) {
+                let r1 = (r0 + ATTN_BLOCK).min(t);
+                let (rows, seen) = (r1 - r0, pos0 + r1);
+                let qv = MatRef {
+                    data: &q[r0 * qd + head * hd..],
+                    rows,
+                    cols: hd,
+                    row_stride: qd,
+                    col_stride: 1,
+                };
+                let sb = &mut s[..rows * seen];
+                matmul(
+                    &mut MatMut::row_major(sb, rows, seen),
+                    qv,
+                    MatRef::row_major(&kf[..seen * hd], seen, hd).t(),
+                    scale,
+                    0.0,
+                    1,
+                );
+                for (i, row) in sb.chunks_exact_mut(seen).enumerate() {
+                    let visible = pos0 + r0 + i + 1;
+                    vexp::softmax(&mut row[..visible]);
+                    row[visible..].fill(0.0);
+                }
+                matmul(
+                    &mut MatMut::row_major(&mut o[r0 * hd..r1 * hd], rows, hd),
+                    MatRef::row_major(sb, rows, seen),
+                    MatRef::row_major(&vf[..seen * hd], seen, hd),
+                    1.0,
+                    0.0,
+                    1,
+                );
+            }
         });
         for head in 0..c.n_heads {
-            let src = &ho[head * blocks * ATTN_BLOCK * hd..];
+            let src = &hs[head * per_head..];
             for i in 0..t {
                 out[i * qd + head * hd..i * qd + (head + 1) * hd]
                     .copy_from_slice(&src[i * hd..(i + 1) * hd]);
@@ -381,17 +669,18 @@ impl<'m, L: Linear> Runner<'m, L> {
 
     /// Logits (`rows × vocab`) of normalized hidden states (`rows × hidden`).
     pub fn logits(&self, hidden: &[f32], logits: &mut [f32]) {
+        self.logits_with(hidden, logits, &mut Vec::new());
+    }
+
+    fn logits_with(&self, hidden: &[f32], logits: &mut [f32], scratch: &mut Vec<f32>) {
         let c = &self.model.config;
         match &self.model.head {
-            Head::Tied => dense_forward(
-                &self.model.embed,
-                c.vocab_size,
-                c.hidden_size,
-                hidden,
-                logits,
-                self.threads,
-            ),
-            Head::Separate(l) => l.forward(hidden, logits, self.threads),
+            Head::Tied => {
+                self.model
+                    .embed
+                    .head_forward(hidden, logits, c.vocab_size, scratch, self.threads)
+            }
+            Head::Separate(l) => l.forward(hidden, logits, scratch, self.threads),
         }
     }
 
@@ -402,12 +691,13 @@ impl<'m, L: Linear> Runner<'m, L> {
         assert_eq!(hidden.len(), targets.len() * h, "one hidden row per target");
         let mut out = Vec::with_capacity(targets.len());
         let mut logits = vec![0.0f32; LOGIT_BLOCK * vocab];
+        let mut scratch = Vec::new();
         for (hrows, trows) in hidden
             .chunks(LOGIT_BLOCK * h)
             .zip(targets.chunks(LOGIT_BLOCK))
         {
             let lg = &mut logits[..trows.len() * vocab];
-            self.logits(hrows, lg);
+            self.logits_with(hrows, lg, &mut scratch);
             let mut nll = vec![0.0f64; trows.len()];
             par::for_each_chunk(&mut nll, 1, self.threads, |i, o| {
                 let row = &lg[i * vocab..(i + 1) * vocab];

@@ -5,11 +5,14 @@
 
 extern crate alloc;
 
+pub mod caplinear;
 pub mod config;
 pub mod factored;
 pub mod forward;
+pub mod load;
 pub mod model;
 pub mod ppl;
+pub mod sample;
 pub mod tokenizer;
 
 #[cfg(test)]

@@ -22,8 +22,50 @@ pub trait Linear: Sync {
     /// Output width.
     fn out_features(&self) -> usize;
     /// Writes `y[t×out] = x[t×in]·Wᵀ` for `t = x.len() / in` rows, using up to
-    /// `threads` threads. `y`'s previous contents are ignored.
-    fn forward(&self, x: &[f32], y: &mut [f32], threads: usize);
+    /// `threads` threads. `y`'s previous contents are ignored. `scratch` is the
+    /// caller's working memory: an implementation may grow it (once; a later call with
+    /// as many rows reuses it), so a decode loop that keeps its scratch allocates
+    /// nothing per token.
+    fn forward(&self, x: &[f32], y: &mut [f32], scratch: &mut Vec<f32>, threads: usize);
+}
+
+/// The token embedding table (`vocab × hidden`), which is also the output head when
+/// the model ties them. Host models hold it as `Vec<f32>`; the board's runtime
+/// borrows it from the file in its stored type.
+pub trait Embedding: Sync {
+    /// Number of stored values (`vocab · hidden`).
+    fn numel(&self) -> usize;
+    /// Writes row `id` (`out.len()` = hidden values) into `out`.
+    fn row_into(&self, id: usize, out: &mut [f32]);
+    /// The tied head: `y[t×vocab] = x[t×hidden]·Eᵀ` (see [`Linear::forward`]).
+    fn head_forward(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        vocab: usize,
+        scratch: &mut Vec<f32>,
+        threads: usize,
+    );
+}
+
+impl Embedding for Vec<f32> {
+    fn numel(&self) -> usize {
+        self.len()
+    }
+    fn row_into(&self, id: usize, out: &mut [f32]) {
+        let h = out.len();
+        out.copy_from_slice(&self[id * h..(id + 1) * h]);
+    }
+    fn head_forward(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        vocab: usize,
+        _scratch: &mut Vec<f32>,
+        threads: usize,
+    ) {
+        dense_forward(self, vocab, self.len() / vocab.max(1), x, y, threads);
+    }
 }
 
 /// A dense `f32` weight, row-major `out × in`.
@@ -80,7 +122,7 @@ impl Linear for DenseLinear {
     fn out_features(&self) -> usize {
         self.out_features
     }
-    fn forward(&self, x: &[f32], y: &mut [f32], threads: usize) {
+    fn forward(&self, x: &[f32], y: &mut [f32], _scratch: &mut Vec<f32>, threads: usize) {
         dense_forward(
             &self.weight,
             self.out_features,
@@ -154,13 +196,14 @@ pub enum Head<L> {
     Separate(L),
 }
 
-/// A complete decoder-only model.
+/// A complete decoder-only model: linear layers stored as `L`, the token embedding as
+/// `E` (dense `f32` on the host, borrowed from the file on the board).
 #[derive(Clone, Debug)]
-pub struct Model<L> {
+pub struct Model<L, E = Vec<f32>> {
     /// Hyper-parameters.
     pub config: Config,
     /// Token embedding, row-major `vocab × hidden`.
-    pub embed: Vec<f32>,
+    pub embed: E,
     /// The transformer blocks.
     pub blocks: Vec<Block<L>>,
     /// Final RMSNorm weight.
@@ -179,7 +222,7 @@ impl core::fmt::Display for ShapeError {
     }
 }
 
-impl<L: Linear> Model<L> {
+impl<L: Linear, E: Embedding> Model<L, E> {
     /// Checks every tensor's shape against the config.
     pub fn validate(&self) -> Result<(), ShapeError> {
         use alloc::format;
@@ -187,7 +230,7 @@ impl<L: Linear> Model<L> {
         c.validate().map_err(|e| ShapeError(e.into()))?;
         let h = c.hidden_size;
         let err = |what: &str| Err(ShapeError(what.into()));
-        if self.embed.len() != c.vocab_size * h {
+        if self.embed.numel() != c.vocab_size * h {
             return err("token embedding is not vocab × hidden");
         }
         if self.norm.len() != h {

@@ -10,8 +10,8 @@
 
 use alloc::vec::Vec;
 
-use crate::forward::{ForwardError, Runner};
-use crate::model::Linear;
+use crate::forward::{ForwardError, KvCache, KvDtype, Runner};
+use crate::model::{Embedding, Linear};
 
 /// A perplexity protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,17 +91,28 @@ pub fn windows(
 
 /// Scores one window: runs it from position 0 and returns the NLL stats of the tokens
 /// the protocol scores. `bos` replaces the first token under [`Protocol::LlamaCpp`].
-pub fn score_window<L: Linear>(
-    runner: &Runner<'_, L>,
+pub fn score_window<L: Linear, E: Embedding>(
+    runner: &Runner<'_, L, E>,
     window: &[u32],
     protocol: Protocol,
     bos: Option<u32>,
+) -> Result<NllStats, ForwardError> {
+    score_window_kv(runner, window, protocol, bos, KvDtype::F32)
+}
+
+/// [`score_window`] with a KV cache of element type `kv`.
+pub fn score_window_kv<L: Linear, E: Embedding>(
+    runner: &Runner<'_, L, E>,
+    window: &[u32],
+    protocol: Protocol,
+    bos: Option<u32>,
+    kv: KvDtype,
 ) -> Result<NllStats, ForwardError> {
     let mut toks = window.to_vec();
     if let (Protocol::LlamaCpp, Some(b), Some(first)) = (protocol, bos, toks.first_mut()) {
         *first = b;
     }
-    let mut kv = runner.new_cache();
+    let mut kv = KvCache::new(&runner.model().config, window.len(), kv);
     let mut hidden = Vec::new();
     runner.forward(&toks, &mut kv, &mut hidden)?;
     let first = protocol.first_scored(window.len());

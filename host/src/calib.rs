@@ -52,7 +52,7 @@ impl Linear for Recording<'_> {
     fn out_features(&self) -> usize {
         self.inner.out_features
     }
-    fn forward(&self, x: &[f32], y: &mut [f32], threads: usize) {
+    fn forward(&self, x: &[f32], y: &mut [f32], scratch: &mut Vec<f32>, threads: usize) {
         let n = self.inner.in_features;
         let mut acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
         for row in x.chunks_exact(n) {
@@ -62,7 +62,7 @@ impl Linear for Recording<'_> {
         }
         acc.1 += (x.len() / n) as u64;
         drop(acc);
-        self.inner.forward(x, y, threads);
+        self.inner.forward(x, y, scratch, threads);
     }
 }
 
@@ -215,7 +215,7 @@ mod tests {
         let r = Recording::new(&w);
         let x = [1.0, -2.0, 0.5, 3.0, 0.0, -1.5];
         let mut y = [0.0; 4];
-        r.forward(&x, &mut y, 1);
+        r.forward(&x, &mut y, &mut Vec::new(), 1);
         // y = x·Wᵀ, row by row.
         assert_eq!(y, [-1.5, -3.0, -1.5, 3.0]);
         let d = r.rms();

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use cap_device::forward::Runner;
-use cap_device::model::{Linear, Model};
+use cap_device::model::{Embedding, Linear, Model};
 use cap_device::ppl::{NllStats, Protocol, score_window, windows};
 use cap_device::tokenizer::Tokenizer;
 use serde::Serialize;
@@ -79,8 +79,8 @@ pub fn wikitext_rows(raw: &str) -> String {
 }
 
 /// Evaluates `model` on `text`; `progress(done, total)` is called after each window.
-pub fn evaluate<L: Linear>(
-    model: &Model<L>,
+pub fn evaluate<L: Linear, E: Embedding>(
+    model: &Model<L, E>,
     tokenizer: &Tokenizer,
     text: &str,
     text_name: &str,

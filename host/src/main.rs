@@ -225,14 +225,14 @@ fn run(cli: Cli) -> Result<()> {
                 pb.set_position(done as u64);
             };
             let text_name = text.display().to_string();
-            // A .cap file runs through the same forward pass, its compressed layers
-            // factored, so the two are compared like for like.
+            // A .cap file runs in place through the board's runtime (cap-device's
+            // loader and kernels), so the host measures what the board computes.
             let report = if is_cap_file(&model) {
-                let cap = cap_host::capmodel::load_cap(&model)?;
-                let tokenizer = cap.tokenizer.as_ref().with_context(|| {
-                    format!("{}: the file carries no tokenizer", model.display())
-                })?;
-                evaluate(&cap.model, tokenizer, &body, &text_name, &opts, progress)?
+                let map = cap_host::capmodel::map(&model)?;
+                let file = cap_host::capmodel::parse_verified(&model, &map)?;
+                let m = cap_host::capmodel::model(&model, &file)?;
+                let tokenizer = cap_host::capmodel::tokenizer(&model, file.manifest())?;
+                evaluate(&m, &tokenizer, &body, &text_name, &opts, progress)?
             } else {
                 let ck = Checkpoint::open(&model)?;
                 let tokenizer = ck.tokenizer()?;

@@ -21,6 +21,23 @@ where
     }
 }
 
+/// Runs `f` on a worker thread of the pool (with `std`; without, on the caller).
+///
+/// Parallel work started from a worker is queued on that worker's own deque; started
+/// from outside, it is injected into a shared queue that allocates a block every few
+/// dozen jobs. A decode loop run inside `install` therefore allocates nothing per
+/// token, on any number of threads.
+pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    #[cfg(feature = "std")]
+    {
+        rayon::scope(|_| f())
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        f()
+    }
+}
+
 /// Sets the number of worker threads used by every parallel kernel in this process.
 /// Only the first call has an effect (the pool is global); returns whether it did.
 #[cfg(feature = "std")]

@@ -8,7 +8,7 @@
 
 use anyhow::{Result, bail};
 use cap_device::config::Config;
-use cap_device::forward::{KvCache, scratch_bytes};
+use cap_device::forward::{KvCache, KvDtype, scratch_bytes};
 use cap_format::{DType, Encoding, Sparse, TensorDesc, encoded_bytes};
 use serde::Serialize;
 
@@ -203,13 +203,13 @@ pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result
                 bail!("--ctx and --batch must be at least 1");
             }
             let usable = profile.usable_bytes();
-            let kv = KvCache::bytes_for(config.n_layers, config.kv_dim(), ctx * batch);
+            let kv = KvCache::bytes_for(config, ctx * batch, KvDtype::F32);
             let scratch = scratch_bytes(
                 config,
                 ctx * batch,
                 *ctx,
-                profile.cpu_cores as usize,
-                config.hidden_size,
+                KvDtype::F32,
+                cap_device::caplinear::scratch_bound(config),
             );
             let breakdown = vec![
                 (format!("KV cache (f32, ctx {ctx} × batch {batch})"), kv),

@@ -175,6 +175,9 @@ pub struct CompressReport {
     pub eval: EvalReport,
     /// Perplexity of the source model on the same windows (unless skipped).
     pub dense_eval: Option<EvalReport>,
+    /// The file's self-test figure: the same windows under llama.cpp's rule (second
+    /// half of each window scored), stored in the file for `cap-device selftest`.
+    pub self_test: EvalReport,
     /// Name of the held-out text.
     pub eval_text: String,
     /// The REINFORCE log (empty for other allocations).
@@ -414,7 +417,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
             layers: vec![],
             perplexity: Some(PerplexityRecord {
                 value: 0.0,
-                protocol: PerplexityProtocol::Standard,
+                protocol: PerplexityProtocol::LlamaCpp,
                 text_name: eval_name.clone(),
                 ctx: 0,
                 windows: 0,
@@ -794,16 +797,37 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         name: "eval (compressed file)",
         total: opts.eval_windows as u64,
     });
-    let loaded = crate::capmodel::load_cap(&unmeasured)?;
+    // The written file, run in place by the board's loader and kernels: the figures
+    // below are what `cap-device` computes from these bytes.
+    let map = crate::capmodel::map(&unmeasured)?;
+    let file = crate::capmodel::parse_verified(&unmeasured, &map)?;
+    let written = crate::capmodel::model(&unmeasured, &file)?;
     let eval = evaluate(
-        &loaded.model,
+        &written,
         &tokenizer,
         &self_test_text,
         &eval_name,
         &eval_opts,
         |d, _| on_event(Event::Progress(d as u64)),
     )?;
-    drop(loaded);
+    on_event(Event::Stage {
+        name: "self-test figure (llama.cpp protocol)",
+        total: opts.eval_windows as u64,
+    });
+    let self_test = evaluate(
+        &written,
+        &tokenizer,
+        &self_test_text,
+        &eval_name,
+        &EvalOptions {
+            protocol: Protocol::LlamaCpp,
+            ..eval_opts.clone()
+        },
+        |d, _| on_event(Event::Progress(d as u64)),
+    )?;
+    drop(written);
+    drop(file);
+    drop(map);
     let dense_eval = if opts.source_eval {
         on_event(Event::Stage {
             name: "eval (source model)",
@@ -824,9 +848,9 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     if let Some(c) = &mut manifest.compression
         && let Some(p) = &mut c.perplexity
     {
-        p.value = eval.ppl;
+        p.value = self_test.ppl;
         p.ctx = opts.eval_ctx as u32;
-        p.windows = eval.windows as u32;
+        p.windows = self_test.windows as u32;
     }
     let path = restamp(&unmeasured, &opts.out, manifest)?;
     lap("re-stamp", &mut seconds);
@@ -860,6 +884,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         uniform_fraction,
         eval,
         dense_eval,
+        self_test,
         eval_text: eval_name,
         steps,
         allocation_search: alloc_trials,

@@ -178,7 +178,7 @@ impl Linear for Recorder<'_> {
     fn out_features(&self) -> usize {
         self.inner.out_features
     }
-    fn forward(&self, x: &[f32], y: &mut [f32], threads: usize) {
+    fn forward(&self, x: &[f32], y: &mut [f32], scratch: &mut Vec<f32>, threads: usize) {
         if let Some(h) = &self.h
             && let Ok(mut h) = h.lock()
         {
@@ -194,7 +194,7 @@ impl Linear for Recorder<'_> {
                 threads,
             );
         }
-        self.inner.forward(x, y, threads);
+        self.inner.forward(x, y, scratch, threads);
     }
 }
 

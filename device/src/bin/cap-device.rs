@@ -1,0 +1,580 @@
+//! `cap-device`: runs a `.cap` file on the board. `info` describes it, `selftest`
+//! measures its perplexity and compares it with the figure the host stored in it,
+//! `generate` writes text. The file is memory-mapped and run in place.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use cap_device::forward::{KvCache, KvDtype, Runner, Workspace};
+use cap_device::load::{self, CapModel};
+use cap_device::ppl::{NllStats, Protocol, score_window, windows};
+use cap_device::sample::{Sampler, SamplerConfig};
+use cap_device::tokenizer::{Tokenizer, TokenizerSpec};
+use cap_format::manifest::PerplexityProtocol;
+use cap_format::{CapFile, Encoding, FORMAT_MAJOR, FORMAT_MINOR};
+use cap_kernels::{cpu, par};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+/// Largest relative difference between the self-test perplexity and the host's
+/// figure that passes. The board runs the host's code on the same bytes; only the
+/// order of `f32` summations differs (SIMD width, GEMM blocking, threads), which moves
+/// the perplexity by about 1e-5 relative (measured: README, "Self-test"). 1e-3 leaves
+/// a hundredfold margin yet is far below what a wrong kernel or a corrupted weight
+/// does (percents or more).
+const SELFTEST_REL_TOLERANCE: f64 = 1e-3;
+
+/// Exit status when the self-test ran but its perplexity differs from the stored one.
+const EXIT_MISMATCH: u8 = 1;
+/// Exit status for unusable input (bad file, checksum failure, bad arguments).
+const EXIT_ERROR: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "cap-device",
+    version,
+    about = "Run a compressed .cap model on this machine: describe it, self-test it, generate text",
+    long_about = "Run a compressed .cap model on this machine.\n\n\
+        The file is memory-mapped and run in place: compressed layers are never expanded.\n\
+        Kernels are chosen at run time for this CPU (AVX2 on x86-64, NEON on aarch64);\n\
+        CAP_FORCE_SCALAR=1 forces the portable reference kernels."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum KvArg {
+    /// 32-bit floats (what the host measures with).
+    F32,
+    /// 16-bit floats: half the cache memory.
+    F16,
+}
+
+impl From<KvArg> for KvDtype {
+    fn from(k: KvArg) -> Self {
+        match k {
+            KvArg::F32 => KvDtype::F32,
+            KvArg::F16 => KvDtype::F16,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Describe a file: model, compression, memory needs, kernels; verifies checksums.
+    Info {
+        /// The .cap file.
+        file: PathBuf,
+        /// Context length to size the KV cache for.
+        #[arg(long, default_value_t = 2048)]
+        ctx: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure perplexity (llama.cpp's rule: second half of each window scored) and
+    /// compare it with the host-measured figure stored in the file.
+    ///
+    /// Exit status: 0 when it matches (relative difference at most 1e-3), 1 when it
+    /// differs, 2 when the file or the arguments are unusable (including a checksum
+    /// failure). With --text, --ctx or --max-windows different from the stored
+    /// figure's settings there is nothing to compare with: the figure is reported and
+    /// the status is 0.
+    Selftest {
+        /// The .cap file.
+        file: PathBuf,
+        /// Text to measure on (default: the self-test text stored in the file).
+        #[arg(long)]
+        text: Option<PathBuf>,
+        /// Window length in tokens (default: the stored figure's).
+        #[arg(long)]
+        ctx: Option<usize>,
+        /// Windows to score (default: the stored figure's).
+        #[arg(long)]
+        max_windows: Option<usize>,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// KV cache element type.
+        #[arg(long, value_enum, default_value_t = KvArg::F32)]
+        kv: KvArg,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate text from a prompt, streaming tokens; reports prefill and decode speed.
+    Generate {
+        /// The .cap file.
+        file: PathBuf,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to generate at most (stops early at end-of-sequence).
+        #[arg(short = 'n', long, default_value_t = 64)]
+        n: usize,
+        /// Sampling temperature (0 = greedy).
+        #[arg(long, default_value_t = 0.8)]
+        temp: f32,
+        /// Nucleus sampling mass.
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        /// Random seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Context length (prompt + generated tokens; sizes the KV cache).
+        #[arg(long, default_value_t = 2048)]
+        ctx: usize,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// KV cache element type.
+        #[arg(long, value_enum, default_value_t = KvArg::F32)]
+        kv: KvArg,
+        /// Print one JSON object at the end instead of streaming.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.cmd) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// The file's bytes, mapped read-only.
+fn map(path: &Path) -> Result<memmap2::Mmap> {
+    let f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    // SAFETY: read-only private map; the parser validates everything it relies on, so
+    // a concurrent writer could change results but not break memory safety.
+    unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("{}: cannot map", path.display()))
+}
+
+/// Parses and verifies every checksum; refuses files from a newer major version.
+fn open<'a>(path: &Path, bytes: &'a [u8]) -> Result<CapFile<'a>> {
+    let file = CapFile::parse(bytes).map_err(|e| {
+        anyhow!(
+            "{}: not a usable .cap file (this build reads format {FORMAT_MAJOR}.{FORMAT_MINOR}): {e}",
+            path.display()
+        )
+    })?;
+    file.verify_all()
+        .map_err(|e| anyhow!("{}: checksum verification failed: {e}", path.display()))?;
+    Ok(file)
+}
+
+fn load_model<'a>(path: &Path, file: &CapFile<'a>) -> Result<CapModel<'a>> {
+    load::model(file).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+fn tokenizer(path: &Path, file: &CapFile<'_>) -> Result<Tokenizer> {
+    let r = file
+        .manifest()
+        .tokenizer
+        .as_ref()
+        .with_context(|| format!("{}: the file carries no tokenizer", path.display()))?;
+    let spec = TokenizerSpec::from_record(r)
+        .map_err(|e| anyhow!("{}: tokenizer record: {e}", path.display()))?;
+    Tokenizer::new(spec).map_err(|e| anyhow!("{}: tokenizer: {e}", path.display()))
+}
+
+fn threads(t: Option<usize>) -> usize {
+    let n = t.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    par::init_threads(n);
+    n.max(1)
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn encoding_name(e: &Encoding) -> &'static str {
+    use cap_format::Sparse;
+    let sparse = |s: &Sparse| match s {
+        Sparse::Bitmask { .. } => "bitmask",
+        Sparse::BlockCsr { .. } => "block-csr",
+        Sparse::TwoFour { .. } => "2:4",
+    };
+    match e {
+        Encoding::Dense { .. } => "dense",
+        Encoding::LowRank { .. } => "low-rank",
+        Encoding::Sparse(s) => sparse(s),
+        Encoding::Composite { .. } => "low-rank+sparse",
+    }
+}
+
+fn run(cmd: Cmd) -> Result<u8> {
+    match cmd {
+        Cmd::Info { file, ctx, json } => info(&file, ctx, json),
+        Cmd::Selftest {
+            file,
+            text,
+            ctx,
+            max_windows,
+            threads: t,
+            kv,
+            json,
+        } => selftest(&file, text.as_deref(), ctx, max_windows, t, kv.into(), json),
+        Cmd::Generate {
+            file,
+            prompt,
+            n,
+            temp,
+            top_p,
+            seed,
+            ctx,
+            threads: t,
+            kv,
+            json,
+        } => {
+            let cfg = SamplerConfig {
+                temperature: temp,
+                top_p,
+                seed,
+            };
+            generate(&file, &prompt, n, cfg, ctx, t, kv.into(), json)
+        }
+    }
+}
+
+fn info(path: &Path, ctx: usize, json: bool) -> Result<u8> {
+    let bytes = map(path)?;
+    let file = open(path, &bytes)?;
+    let model = load_model(path, &file)?;
+    let m = file.manifest();
+    let c = &model.config;
+    let mut encodings = std::collections::BTreeMap::<&str, (usize, u64)>::new();
+    for t in &m.tensors {
+        let e = encodings.entry(encoding_name(&t.encoding)).or_default();
+        e.0 += 1;
+        e.1 += t.len;
+    }
+    let kv = KvCache::bytes_for(c, ctx, KvDtype::F32);
+    let per_token = load::weight_bytes_per_token(&model);
+    let comp = m.compression.as_ref();
+    let record = comp.and_then(|c| c.perplexity.as_ref());
+    let k = cpu::kernels();
+    let v = json!({
+        "file": path.display().to_string(),
+        "file_bytes": bytes.len(),
+        "format": format!("{}.{}", file.header().major, file.header().minor),
+        "checksums": "ok",
+        "architecture": m.model.architecture,
+        "layers": c.n_layers, "hidden": c.hidden_size, "heads": c.n_heads,
+        "kv_heads": c.n_kv_heads, "vocab": c.vocab_size,
+        "tensors": m.tensors.len(),
+        "encodings": encodings.iter().map(|(k, (n, b))| json!({"encoding": k, "tensors": n, "bytes": b})).collect::<Vec<_>>(),
+        "method": comp.map(|c| c.method.clone()),
+        "target_profile": comp.map(|c| c.target_profile.clone()),
+        "stored_ppl": record.map(|r| json!({"value": r.value, "ctx": r.ctx, "windows": r.windows,
+            "protocol": match r.protocol { PerplexityProtocol::LlamaCpp => "llama-cpp", PerplexityProtocol::Standard => "standard" },
+            "text": r.text_name})),
+        "self_test_text_bytes": comp.map_or(0, |c| c.self_test_text.len()),
+        "weight_bytes_per_token": per_token,
+        "ctx": ctx,
+        "kv_cache_bytes_f32": kv,
+        "kv_cache_bytes_f16": KvCache::bytes_for(c, ctx, KvDtype::F16),
+        "kernels": k.isa.name(),
+        "cpu_features": cpu::cpu_features(),
+    });
+    if json {
+        println!("{v}");
+        return Ok(0);
+    }
+    println!(
+        "{}: {} bytes, format {}, checksums ok",
+        path.display(),
+        bytes.len(),
+        v["format"].as_str().unwrap_or("?")
+    );
+    println!(
+        "model: {} ({} layers, hidden {}, {} heads / {} KV heads, vocab {})",
+        m.model.architecture, c.n_layers, c.hidden_size, c.n_heads, c.n_kv_heads, c.vocab_size
+    );
+    if let Some(cm) = comp {
+        println!(
+            "compression: method {}, target {}",
+            cm.method,
+            if cm.target_profile.is_empty() {
+                "-"
+            } else {
+                &cm.target_profile
+            }
+        );
+    }
+    for (e, (n, b)) in &encodings {
+        println!("  {e:<16} {n:>4} tensors  {b:>12} bytes");
+    }
+    println!("weights read per decoded token: {per_token} bytes");
+    println!(
+        "KV cache at ctx {ctx}: {kv} bytes (f32), {} bytes (f16)",
+        KvCache::bytes_for(c, ctx, KvDtype::F16)
+    );
+    match record {
+        Some(r) => println!(
+            "stored self-test figure: PPL {:.4} (ctx {}, {} windows, {})",
+            r.value, r.ctx, r.windows, r.text_name
+        ),
+        None => println!("stored self-test figure: none"),
+    }
+    println!(
+        "kernels: {} (cpu: {})",
+        k.isa.name(),
+        cpu::cpu_features().join(", ")
+    );
+    Ok(0)
+}
+
+fn selftest(
+    path: &Path,
+    text: Option<&Path>,
+    ctx: Option<usize>,
+    max_windows: Option<usize>,
+    threads_arg: Option<usize>,
+    kv: KvDtype,
+    json: bool,
+) -> Result<u8> {
+    let th = threads(threads_arg);
+    let bytes = map(path)?;
+    let file = open(path, &bytes)?;
+    let model = load_model(path, &file)?;
+    let tok = tokenizer(path, &file)?;
+    let comp = file.manifest().compression.as_ref();
+    let record = comp
+        .and_then(|c| c.perplexity.as_ref())
+        .filter(|r| r.protocol == PerplexityProtocol::LlamaCpp);
+    let body = match text {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("{}: cannot read the text (UTF-8 expected)", p.display()))?,
+        None => match comp.map(|c| c.self_test_text.as_str()) {
+            Some(t) if !t.is_empty() => t.to_string(),
+            _ => bail!(
+                "{}: the file stores no self-test text; pass one with --text",
+                path.display()
+            ),
+        },
+    };
+    let ctx = ctx.or(record.map(|r| r.ctx as usize)).unwrap_or(512);
+    if ctx < 2 {
+        bail!("--ctx must be at least 2");
+    }
+    let max_windows = max_windows.or(record.map(|r| r.windows as usize));
+    let tokens = tok.encode(&body, true);
+    let wins = windows(tokens.len(), ctx, max_windows);
+    if wins.is_empty() {
+        bail!(
+            "the text has {} tokens, fewer than one window of {ctx}",
+            tokens.len()
+        );
+    }
+    let runner = Runner::new(&model, ctx, th);
+    let bos = tok.bos_id().filter(|_| tok.adds_bos());
+    let start = Instant::now();
+    let mut total = NllStats::default();
+    let score = |w: &std::ops::Range<usize>| {
+        par::install(|| {
+            if kv == KvDtype::F32 {
+                score_window(&runner, &tokens[w.clone()], Protocol::LlamaCpp, bos)
+            } else {
+                cap_device::ppl::score_window_kv(
+                    &runner,
+                    &tokens[w.clone()],
+                    Protocol::LlamaCpp,
+                    bos,
+                    kv,
+                )
+            }
+        })
+    };
+    for w in &wins {
+        let s = score(w).map_err(|e| anyhow!("forward pass: {e}"))?;
+        total.merge(&s);
+        if !json {
+            eprint!(".");
+        }
+    }
+    if !json {
+        eprintln!();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let ppl = total.ppl();
+    let comparable = record.filter(|r| {
+        text.is_none()
+            && r.ctx as usize == ctx
+            && r.windows as usize == wins.len()
+            && kv == KvDtype::F32
+    });
+    let rel = comparable.map(|r| (ppl - r.value).abs() / r.value);
+    let pass = rel.map(|d| d <= SELFTEST_REL_TOLERANCE);
+    let v = json!({
+        "file": path.display().to_string(),
+        "ppl": ppl,
+        "ppl_stderr": total.ppl_stderr(),
+        "protocol": "llama-cpp",
+        "ctx": ctx,
+        "windows": wins.len(),
+        "tokens_scored": total.count,
+        "stored_ppl": comparable.map(|r| r.value),
+        "relative_difference": rel,
+        "tolerance": SELFTEST_REL_TOLERANCE,
+        "pass": pass,
+        "kv": match kv { KvDtype::F32 => "f32", KvDtype::F16 => "f16" },
+        "threads": th,
+        "kernels": cpu::kernels().isa.name(),
+        "tokens_per_s": (wins.len() * ctx) as f64 / secs,
+        "seconds": secs,
+        "file_bytes": bytes.len(),
+        "kv_cache_bytes": KvCache::bytes_for(&model.config, ctx, kv),
+        "peak_rss_bytes": peak_rss(),
+    });
+    if json {
+        println!("{v}");
+    } else {
+        let err = total
+            .ppl_stderr()
+            .map(|e| format!(" ± {e:.4}"))
+            .unwrap_or_default();
+        println!(
+            "PPL {ppl:.4}{err} (llama.cpp rule, ctx {ctx}, {} windows, {} tokens scored, {:.1} tokens/s, {th} threads, {} kernels)",
+            wins.len(),
+            total.count,
+            (wins.len() * ctx) as f64 / secs,
+            cpu::kernels().isa.name()
+        );
+        match (comparable, rel, pass) {
+            (Some(r), Some(d), Some(ok)) => println!(
+                "stored figure {:.4}: relative difference {d:.2e} (tolerance {SELFTEST_REL_TOLERANCE:.0e}): {}",
+                r.value,
+                if ok { "PASS" } else { "FAIL" }
+            ),
+            _ => println!("no stored figure for these settings: nothing to compare"),
+        }
+    }
+    Ok(match pass {
+        Some(false) => EXIT_MISMATCH,
+        _ => 0,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generate(
+    path: &Path,
+    prompt: &str,
+    n: usize,
+    cfg: SamplerConfig,
+    ctx: usize,
+    threads_arg: Option<usize>,
+    kv: KvDtype,
+    json: bool,
+) -> Result<u8> {
+    if !cfg.temperature.is_finite() || cfg.temperature < 0.0 {
+        bail!("--temp must be a finite number ≥ 0 (0 = greedy)");
+    }
+    if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1]");
+    }
+    let th = threads(threads_arg);
+    let bytes = map(path)?;
+    let file = open(path, &bytes)?;
+    let model = load_model(path, &file)?;
+    let tok = tokenizer(path, &file)?;
+    let ids = tok.encode(prompt, true);
+    if ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    if ids.len() > ctx {
+        bail!(
+            "the prompt is {} tokens, longer than the context of {ctx} (raise --ctx or shorten it)",
+            ids.len()
+        );
+    }
+    let ctx = ctx.min(ids.len() + n);
+    let runner = Runner::new(&model, ctx, th);
+    let mut cache = KvCache::new(&model.config, ctx, kv);
+    let mut ws = Workspace::new();
+    let mut sampler = Sampler::new(cfg, model.config.vocab_size);
+    let eos = tok.eos_id();
+    // The loop runs on a worker thread of the pool, where the kernels' parallel work
+    // allocates nothing per token.
+    let (out, decoded, prefill_s, decode_s) = par::install(|| -> Result<_> {
+        let t0 = Instant::now();
+        let mut next = sampler.sample(
+            runner
+                .next_logits(&ids, &mut cache, &mut ws)
+                .map_err(|e| anyhow!("prefill: {e}"))?,
+        );
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let mut out = Vec::new();
+        let mut stdout = std::io::stdout().lock();
+        let t1 = Instant::now();
+        let mut decoded = 0usize;
+        while out.len() < n && Some(next) != eos {
+            out.push(next);
+            if !json {
+                stdout.write_all(tok.token_bytes(next))?;
+                stdout.flush()?;
+            }
+            if out.len() == n || cache.len() >= ctx {
+                break;
+            }
+            let logits = runner
+                .next_logits(&[next], &mut cache, &mut ws)
+                .map_err(|e| anyhow!("decode: {e}"))?;
+            decoded += 1;
+            next = sampler.sample(logits);
+        }
+        Ok((out, decoded, prefill_s, t1.elapsed().as_secs_f64()))
+    })?;
+    let text = tok.decode(&out);
+    let prefill_tps = ids.len() as f64 / prefill_s;
+    let decode_tps = if decoded > 0 {
+        decoded as f64 / decode_s
+    } else {
+        0.0
+    };
+    if json {
+        let v = json!({
+            "file": path.display().to_string(),
+            "prompt_tokens": ids.len(),
+            "generated_tokens": out.len(),
+            "tokens": out,
+            "text": text,
+            "prefill_tokens_per_s": prefill_tps,
+            "decode_tokens_per_s": decode_tps,
+            "prefill_seconds": prefill_s,
+            "decode_seconds": decode_s,
+            "threads": th,
+            "kernels": cpu::kernels().isa.name(),
+            "kv": match kv { KvDtype::F32 => "f32", KvDtype::F16 => "f16" },
+            "file_bytes": bytes.len(),
+            "kv_cache_bytes": cache.bytes(),
+            "weight_bytes_per_token": load::weight_bytes_per_token(&model),
+            "peak_rss_bytes": peak_rss(),
+        });
+        println!("{v}");
+    } else {
+        println!();
+        eprintln!(
+            "prompt {} tokens: {prefill_tps:.1} tokens/s prefill; {} generated: {decode_tps:.1} tokens/s decode ({th} threads, {} kernels)",
+            ids.len(),
+            out.len(),
+            cpu::kernels().isa.name()
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,198 @@
+//! Builds a runnable model from a parsed `.cap` file without copying weight data: every
+//! linear layer and the embedding borrow the file's bytes ([`CapLinear`]); only the
+//! norm weights and biases (a few kilobytes) are converted to `f32`.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use cap_format::manifest::{ModelConfig, RopeScaling};
+use cap_format::{CapFile, FormatError};
+use cap_kernels::cpu;
+
+use crate::caplinear::CapLinear;
+use crate::config::{Arch, Config, RopeScaling as DevRope};
+use crate::model::{Block, Head, Model};
+
+/// A model read in place from a `.cap` file.
+pub type CapModel<'a> = Model<CapLinear<'a>, CapLinear<'a>>;
+
+/// Why a `.cap` file cannot be run.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LoadError {
+    /// The file's structure (see [`FormatError`]).
+    Format(FormatError),
+    /// A tensor the architecture needs is missing.
+    Missing(String),
+    /// A tensor or the model record is inconsistent.
+    Invalid(String),
+}
+
+impl core::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            LoadError::Format(e) => write!(f, "{e}"),
+            LoadError::Missing(n) => write!(f, "tensor {n} is missing"),
+            LoadError::Invalid(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<FormatError> for LoadError {
+    fn from(e: FormatError) -> Self {
+        LoadError::Format(e)
+    }
+}
+
+/// Tensor names inside a `.cap` file: llama.cpp's GGUF names, which `cap-host` writes.
+pub mod names {
+    use alloc::format;
+    use alloc::string::String;
+
+    /// Token embedding (`vocab × hidden`).
+    pub const EMBED: &str = "token_embd.weight";
+    /// Final RMSNorm weight.
+    pub const FINAL_NORM: &str = "output_norm.weight";
+    /// Untied output head.
+    pub const HEAD: &str = "output.weight";
+
+    /// Tensor `suffix` (e.g. `attn_q.weight`) of block `layer`.
+    pub fn block(layer: usize, suffix: &str) -> String {
+        format!("blk.{layer}.{suffix}")
+    }
+}
+
+/// The runtime configuration of a manifest's model record.
+pub fn runtime_config(m: &ModelConfig) -> Result<Config, LoadError> {
+    let arch = Arch::from_name(&m.architecture).ok_or_else(|| {
+        LoadError::Invalid(format!("unsupported architecture {:?}", m.architecture))
+    })?;
+    let rope_scaling = match &m.rope_scaling {
+        RopeScaling::None => DevRope::None,
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        } => DevRope::Llama3 {
+            factor: *factor,
+            low_freq_factor: *low_freq_factor,
+            high_freq_factor: *high_freq_factor,
+            original_max_position: *original_max_position as f32,
+        },
+        RopeScaling::PerFrequency { factors } => DevRope::FreqFactors(factors.clone()),
+    };
+    let c = Config {
+        arch,
+        vocab_size: m.vocab_size as usize,
+        hidden_size: m.hidden_size as usize,
+        intermediate_size: m.intermediate_size as usize,
+        n_layers: m.num_layers as usize,
+        n_heads: m.num_heads as usize,
+        n_kv_heads: m.num_kv_heads as usize,
+        head_dim: m.head_dim as usize,
+        rope_theta: m.rope_theta,
+        rope_scaling,
+        rms_eps: m.rms_norm_eps,
+        tie_embeddings: m.tie_word_embeddings,
+        qkv_bias: m.qkv_bias,
+        max_position: m.max_position as usize,
+        sliding_window: None,
+    };
+    c.validate()
+        .map_err(|e| LoadError::Invalid(format!("model record: {e}")))?;
+    Ok(c)
+}
+
+fn linear<'a>(file: &CapFile<'a>, name: &str) -> Result<CapLinear<'a>, LoadError> {
+    let i = file
+        .find(name)
+        .ok_or_else(|| LoadError::Missing(name.into()))?;
+    Ok(CapLinear::from_view(&file.tensor(i)?)?)
+}
+
+/// A dense vector tensor (norm weight, bias) of `len` values, as `f32`.
+fn vector(file: &CapFile<'_>, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
+    let l = linear(file, name)?;
+    match l.dense {
+        Some(v) if l.rows * l.cols == len => {
+            let mut out = alloc::vec![0.0; len];
+            (cpu::kernels().to_f32)(v, 0, &mut out);
+            Ok(out)
+        }
+        _ => Err(LoadError::Invalid(format!(
+            "tensor {name}: expected {len} dense values"
+        ))),
+    }
+}
+
+/// The model of a parsed file, borrowing its bytes. Checks every shape against the
+/// model record; does not verify checksums (call [`CapFile::verify_all`] first to
+/// trust the numbers: the kernels are memory-safe on any bytes, but a flipped bit
+/// would silently change results).
+pub fn model<'a>(file: &CapFile<'a>) -> Result<CapModel<'a>, LoadError> {
+    let config = runtime_config(&file.manifest().model)?;
+    let (h, qd, kvd) = (config.hidden_size, config.q_dim(), config.kv_dim());
+    let embed = linear(file, names::EMBED)?;
+    if embed.dense.is_none() {
+        return Err(LoadError::Invalid(format!(
+            "tensor {}: the token embedding must be stored dense",
+            names::EMBED
+        )));
+    }
+    let mut blocks = Vec::with_capacity(config.n_layers);
+    for i in 0..config.n_layers {
+        let lin = |s: &str| linear(file, &names::block(i, s));
+        let vec = |s: &str, n| vector(file, &names::block(i, s), n);
+        let qkv_bias = if config.qkv_bias {
+            Some([
+                vec("attn_q.bias", qd)?,
+                vec("attn_k.bias", kvd)?,
+                vec("attn_v.bias", kvd)?,
+            ])
+        } else {
+            None
+        };
+        blocks.push(Block {
+            attn_norm: vec("attn_norm.weight", h)?,
+            q: lin("attn_q.weight")?,
+            k: lin("attn_k.weight")?,
+            v: lin("attn_v.weight")?,
+            o: lin("attn_output.weight")?,
+            qkv_bias,
+            mlp_norm: vec("ffn_norm.weight", h)?,
+            gate: lin("ffn_gate.weight")?,
+            up: lin("ffn_up.weight")?,
+            down: lin("ffn_down.weight")?,
+        });
+    }
+    let head = if config.tie_embeddings {
+        Head::Tied
+    } else {
+        Head::Separate(linear(file, names::HEAD)?)
+    };
+    let model = Model {
+        norm: vector(file, names::FINAL_NORM, h)?,
+        config,
+        embed,
+        blocks,
+        head,
+    };
+    model.validate().map_err(|e| LoadError::Invalid(e.0))?;
+    Ok(model)
+}
+
+/// Bytes of weight data one decoded token reads: every linear layer (and the output
+/// head: the tied embedding in full), plus one embedding row.
+pub fn weight_bytes_per_token(m: &CapModel<'_>) -> usize {
+    let blocks: usize = m
+        .blocks
+        .iter()
+        .flat_map(|b| b.linears().map(|(_, l)| l.weight_bytes()))
+        .sum();
+    let head = match &m.head {
+        Head::Tied => m.embed.weight_bytes(),
+        Head::Separate(l) => l.weight_bytes() + m.embed.weight_bytes() / m.embed.rows.max(1),
+    };
+    blocks + head
+}

@@ -1,0 +1,326 @@
+//! A tiny random model written as a `.cap` file with every encoding the format has
+//! (dense f32/f16/bf16, low-rank, bitmask, block-CSR, 2:4, low-rank + sparse), and the
+//! same weights as a dense `f32` reference model built independently of the loader.
+#![allow(dead_code)]
+
+use std::io::Cursor;
+
+use cap_device::config::{Arch, Config, RopeScaling};
+use cap_device::model::{Block, DenseLinear, Head, Model};
+use cap_format::manifest::{Manifest, ModelConfig, Provenance, RopeScaling as RecRope};
+use cap_format::sparse::{SparseKind, encode_sparse};
+use cap_format::{DType, Encoding, StreamWriter, TensorDesc, WriterOptions};
+
+/// Deterministic generator.
+pub struct Lcg(pub u64);
+impl Lcg {
+    /// Uniform in [-0.5, 0.5).
+    pub fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    }
+}
+
+/// The tiny model's configuration (intermediate 300: not a multiple of 256, so
+/// block-CSR rows have a short last block; all widths multiples of 4 for 2:4).
+pub fn config(tied: bool, qkv_bias: bool) -> Config {
+    Config {
+        arch: if qkv_bias { Arch::Qwen2 } else { Arch::Llama },
+        vocab_size: 96,
+        hidden_size: 36,
+        intermediate_size: 300,
+        n_layers: 3,
+        n_heads: 6,
+        n_kv_heads: 2,
+        head_dim: 6,
+        rope_theta: 10000.0,
+        rope_scaling: RopeScaling::None,
+        rms_eps: 1e-5,
+        tie_embeddings: tied,
+        qkv_bias,
+        max_position: 1024,
+        sliding_window: None,
+    }
+}
+
+/// Rounds `v` to `dtype` and returns (raw little-endian bytes, the rounded values).
+fn store(v: &[f32], dtype: DType) -> (Vec<u8>, Vec<f32>) {
+    let mut bytes = Vec::new();
+    let mut vals = Vec::new();
+    for &x in v {
+        match dtype {
+            DType::F32 => {
+                bytes.extend_from_slice(&x.to_le_bytes());
+                vals.push(x);
+            }
+            DType::F16 => {
+                let h = half::f16::from_f32(x);
+                bytes.extend_from_slice(&h.to_le_bytes());
+                vals.push(h.to_f32());
+            }
+            DType::BF16 => {
+                let h = half::bf16::from_f32(x);
+                bytes.extend_from_slice(&h.to_le_bytes());
+                vals.push(h.to_f32());
+            }
+        }
+    }
+    (bytes, vals)
+}
+
+/// How one linear layer is stored.
+#[derive(Clone, Copy, Debug)]
+pub enum Enc {
+    Dense(DType),
+    LowRank(u32, DType),
+    Sparse(SparseKind, f32, DType),
+    Composite(u32, DType, SparseKind, f32, DType),
+}
+
+/// The encodings assigned to the linear layers in turn.
+pub const ENCODINGS: [Enc; 9] = [
+    Enc::Dense(DType::F16),
+    Enc::LowRank(5, DType::F32),
+    Enc::Sparse(SparseKind::Bitmask, 0.4, DType::BF16),
+    Enc::Sparse(SparseKind::BlockCsr, 0.3, DType::F16),
+    Enc::Sparse(SparseKind::TwoFour, 0.5, DType::F16),
+    Enc::Composite(3, DType::F16, SparseKind::Bitmask, 0.2, DType::F16),
+    Enc::Dense(DType::F32),
+    Enc::Composite(2, DType::BF16, SparseKind::BlockCsr, 0.25, DType::F32),
+    Enc::Dense(DType::BF16),
+];
+
+/// A sparse `rows × cols` matrix of density about `d` (2:4: at most 2 of each 4).
+fn sparse_dense(r: &mut Lcg, rows: usize, cols: usize, kind: SparseKind, d: f32) -> Vec<f32> {
+    let mut w = vec![0.0f32; rows * cols];
+    for (i, v) in w.iter_mut().enumerate() {
+        let keep = match kind {
+            SparseKind::TwoFour => i % 4 == (i / cols) % 4 || i % 4 == (i / cols + 2) % 4,
+            _ => r.next() + 0.5 < d,
+        };
+        let x = r.next();
+        if keep {
+            // Never exactly zero, so the encoders keep every chosen position.
+            *v = if x == 0.0 { 0.25 } else { x };
+        }
+    }
+    w
+}
+
+/// One encoded layer: (desc, parts) for the writer, and its dense reference weight.
+fn encode(r: &mut Lcg, rows: usize, cols: usize, e: Enc) -> (TensorDesc, Vec<Vec<u8>>, Vec<f32>) {
+    let (rows32, cols32) = (rows as u32, cols as u32);
+    let low = |r: &mut Lcg, rank: u32, dt: DType| {
+        let k = rank as usize;
+        let a: Vec<f32> = (0..k * cols).map(|_| r.next()).collect();
+        let b: Vec<f32> = (0..rows * k).map(|_| r.next()).collect();
+        let (ab, av) = store(&a, dt);
+        let (bb, bv) = store(&b, dt);
+        // The reference product in f64, rounded once.
+        let mut w = vec![0.0f32; rows * cols];
+        for i in 0..rows {
+            for j in 0..cols {
+                let s: f64 = (0..k)
+                    .map(|p| bv[i * k + p] as f64 * av[p * cols + j] as f64)
+                    .sum();
+                w[i * cols + j] = s as f32;
+            }
+        }
+        (vec![ab, bb], w)
+    };
+    let sparse = |r: &mut Lcg, kind: SparseKind, d: f32, dt: DType| {
+        let s = sparse_dense(r, rows, cols, kind, d);
+        let (raw, vals) = store(&s, dt);
+        let (sp, parts) = encode_sparse(kind, rows32, cols32, dt, &raw).expect("encodable");
+        (sp, parts, vals)
+    };
+    match e {
+        Enc::Dense(dt) => {
+            let w: Vec<f32> = (0..rows * cols).map(|_| r.next()).collect();
+            let (b, v) = store(&w, dt);
+            (
+                TensorDesc {
+                    rows: rows32,
+                    cols: cols32,
+                    encoding: Encoding::Dense { dtype: dt },
+                },
+                vec![b],
+                v,
+            )
+        }
+        Enc::LowRank(rank, dt) => {
+            let (parts, w) = low(r, rank, dt);
+            (
+                TensorDesc {
+                    rows: rows32,
+                    cols: cols32,
+                    encoding: Encoding::LowRank { rank, dtype: dt },
+                },
+                parts,
+                w,
+            )
+        }
+        Enc::Sparse(kind, d, dt) => {
+            let (sp, parts, w) = sparse(r, kind, d, dt);
+            (
+                TensorDesc {
+                    rows: rows32,
+                    cols: cols32,
+                    encoding: Encoding::Sparse(sp),
+                },
+                parts,
+                w,
+            )
+        }
+        Enc::Composite(rank, fdt, kind, d, sdt) => {
+            let (mut parts, mut w) = low(r, rank, fdt);
+            let (sp, sparts, s) = sparse(r, kind, d, sdt);
+            parts.extend(sparts);
+            for (a, b) in w.iter_mut().zip(&s) {
+                *a += b;
+            }
+            (
+                TensorDesc {
+                    rows: rows32,
+                    cols: cols32,
+                    encoding: Encoding::Composite {
+                        rank,
+                        factor_dtype: fdt,
+                        sparse: sp,
+                    },
+                },
+                parts,
+                w,
+            )
+        }
+    }
+}
+
+/// The `.cap` bytes and the dense reference model with the same (rounded) weights.
+pub fn tiny_cap(seed: u64, tied: bool, qkv_bias: bool) -> (Vec<u8>, Model<DenseLinear>) {
+    let c = config(tied, qkv_bias);
+    let mut r = Lcg(seed);
+    let mut w = StreamWriter::new(Cursor::new(Vec::new()), WriterOptions::default()).unwrap();
+    let (h, qd, kvd, inter, vocab) = (
+        c.hidden_size,
+        c.q_dim(),
+        c.kv_dim(),
+        c.intermediate_size,
+        c.vocab_size,
+    );
+    let add =
+        |w: &mut StreamWriter<Cursor<Vec<u8>>>, name: &str, d: &TensorDesc, parts: &[Vec<u8>]| {
+            let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+            w.add_tensor(name, d, &refs).unwrap();
+        };
+    let vector =
+        |w: &mut StreamWriter<Cursor<Vec<u8>>>, r: &mut Lcg, name: &str, n: usize, base: f32| {
+            let v: Vec<f32> = (0..n).map(|_| base + r.next()).collect();
+            let (b, v) = store(&v, DType::F32);
+            let d = TensorDesc {
+                rows: 1,
+                cols: n as u32,
+                encoding: Encoding::Dense { dtype: DType::F32 },
+            };
+            add(w, name, &d, &[b]);
+            v
+        };
+    let (ed, eparts, embed) = encode(&mut r, vocab, h, Enc::Dense(DType::F16));
+    let refs: Vec<&[u8]> = eparts.iter().map(|p| p.as_slice()).collect();
+    w.add_tensor("token_embd.weight", &ed, &refs).unwrap();
+    let mut k = 0usize;
+    let mut blocks = Vec::new();
+    for l in 0..c.n_layers {
+        let name = |s: &str| format!("blk.{l}.{s}");
+        let attn_norm = vector(&mut w, &mut r, &name("attn_norm.weight"), h, 1.0);
+        let mlp_norm = vector(&mut w, &mut r, &name("ffn_norm.weight"), h, 1.0);
+        let qkv_bias = qkv_bias.then(|| {
+            [
+                vector(&mut w, &mut r, &name("attn_q.bias"), qd, 0.0),
+                vector(&mut w, &mut r, &name("attn_k.bias"), kvd, 0.0),
+                vector(&mut w, &mut r, &name("attn_v.bias"), kvd, 0.0),
+            ]
+        });
+        let mut lin = |s: &str, rows: usize, cols: usize| {
+            let (d, parts, wt) = encode(&mut r, rows, cols, ENCODINGS[k % ENCODINGS.len()]);
+            k += 1;
+            let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+            w.add_tensor(&name(s), &d, &refs).unwrap();
+            DenseLinear::new(wt, rows, cols).unwrap()
+        };
+        let q = lin("attn_q.weight", qd, h);
+        let kk = lin("attn_k.weight", kvd, h);
+        let v = lin("attn_v.weight", kvd, h);
+        let o = lin("attn_output.weight", h, qd);
+        let gate = lin("ffn_gate.weight", inter, h);
+        let up = lin("ffn_up.weight", inter, h);
+        let down = lin("ffn_down.weight", h, inter);
+        blocks.push(Block {
+            attn_norm,
+            q,
+            k: kk,
+            v,
+            o,
+            qkv_bias,
+            mlp_norm,
+            gate,
+            up,
+            down,
+        });
+    }
+    let norm = vector(&mut w, &mut r, "output_norm.weight", h, 1.0);
+    let head = if tied {
+        Head::Tied
+    } else {
+        let (d, parts, wt) = encode(
+            &mut r,
+            vocab,
+            h,
+            Enc::Sparse(SparseKind::Bitmask, 0.6, DType::F16),
+        );
+        let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+        w.add_tensor("output.weight", &d, &refs).unwrap();
+        Head::Separate(DenseLinear::new(wt, vocab, h).unwrap())
+    };
+    let manifest = Manifest {
+        model: ModelConfig {
+            architecture: c.arch.name().into(),
+            vocab_size: vocab as u32,
+            hidden_size: h as u32,
+            intermediate_size: inter as u32,
+            num_layers: c.n_layers as u32,
+            num_heads: c.n_heads as u32,
+            num_kv_heads: c.n_kv_heads as u32,
+            head_dim: c.head_dim as u32,
+            rope_theta: c.rope_theta,
+            rope_scaling: RecRope::None,
+            rms_norm_eps: c.rms_eps,
+            tie_word_embeddings: tied,
+            qkv_bias,
+            max_position: c.max_position as u32,
+        },
+        tokenizer: None,
+        compression: None,
+        provenance: Provenance {
+            source_file: "tiny".into(),
+            source_sha256: [0; 32],
+            cap_version: "test".into(),
+            created_unix: None,
+        },
+        tensors: vec![],
+        extensions: vec![],
+    };
+    let bytes = w.finish(manifest).unwrap().into_inner();
+    let model = Model {
+        config: c,
+        embed,
+        blocks,
+        norm,
+        head,
+    };
+    model.validate().unwrap();
+    (bytes, model)
+}

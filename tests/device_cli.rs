@@ -1,0 +1,343 @@
+//! `cap-device` end to end: a file written by `cap-host compress` passes its self-test
+//! (the board recomputes the host's stored figure), generation reports its speeds,
+//! bad input fails cleanly, and on SmolLM2 the aarch64 build under qemu computes the
+//! same perplexity as the x86 build, within peak memory of file + KV cache + overhead.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::root;
+
+/// The self-test tolerance `cap-device` applies (its `SELFTEST_REL_TOLERANCE`).
+const SELFTEST_TOL: f64 = 1e-3;
+
+/// Peak resident memory beyond the file (mapped, every page touched) and the KV
+/// cache: the workspace (activations of one 256-token chunk, attention scores, one
+/// block of 64 × vocab logits: about 25 MB for SmolLM2 at ctx 2048), the tokenizer
+/// and manifest (about 10 MB), the program, its libraries and thread stacks.
+const RSS_OVERHEAD: u64 = 96 << 20;
+
+/// The x86-64 `cap-device`: beside `cap-host` when the workspace's tests were built
+/// (`cargo test --workspace`), else built here into a target directory of its own.
+fn cap_device() -> PathBuf {
+    let host = PathBuf::from(env!("CARGO_BIN_EXE_cap-host"));
+    let beside = host.with_file_name("cap-device");
+    if beside.exists() {
+        return beside;
+    }
+    let dir = root().join("target/device-cli");
+    let st = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-p",
+            "cap-device",
+            "--bin",
+            "cap-device",
+            "--target-dir",
+        ])
+        .arg(&dir)
+        .current_dir(root())
+        .status()
+        .expect("run cargo");
+    assert!(st.success(), "building cap-device failed");
+    dir.join("debug/cap-device")
+}
+
+fn run(bin: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .expect("run cap-device");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(bin: &Path, args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = run(bin, args);
+    assert_eq!(code, 0, "{args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: bad JSON {e}: {out}"))
+}
+
+/// Clean failure: exit 2, no panic, the message names `needle`.
+fn fails(bin: &Path, args: &[&str], needle: &str) {
+    let (code, _, err) = run(bin, args);
+    assert_eq!(code, 2, "{args:?}: expected exit 2, stderr: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert!(err.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
+}
+
+/// Compresses `model` into `out` with `args` (small settings) and returns the report.
+fn compress(model: &str, out: &Path, calib: &Path, extra: &[&str]) -> serde_json::Value {
+    let o = out.display().to_string();
+    let c = calib.display().to_string();
+    let mut a = vec![
+        "compress",
+        "--model",
+        model,
+        "-o",
+        &o,
+        "--calib",
+        &c,
+        "--json",
+        "--no-source-eval",
+    ];
+    a.extend_from_slice(extra);
+    let (code, stdout, err) = common::cap_host(&a);
+    assert_eq!(code, 0, "compress failed: {err}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+fn calib_text(dir: &Path) -> PathBuf {
+    let words = [
+        "the", "model", "runs", "on", "a", "small", "board", "with", "little", "memory", "and",
+        "every", "byte", "counts",
+    ];
+    let mut s = String::new();
+    for p in 0..60 {
+        for i in 0..40 {
+            s.push_str(words[(i * 5 + p * 3) % words.len()]);
+            s.push(if i % 9 == 8 { '.' } else { ' ' });
+        }
+        s.push_str("\n\n");
+    }
+    let path = dir.join("calib.txt");
+    std::fs::write(&path, s).unwrap();
+    path
+}
+
+#[test]
+fn tiny_model_self_test_generation_and_bad_input() {
+    let bin = cap_device();
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calib_text(dir.path());
+    let model = root().join("tests/fixtures/tiny/llama-tied/llama-tied.gguf");
+    let out = dir.path().join("t.cap");
+    let o = out.display().to_string();
+    compress(
+        &model.display().to_string(),
+        &out,
+        &calib,
+        &[
+            "--ratio",
+            "0.5",
+            "--calib-samples",
+            "4",
+            "--calib-len",
+            "24",
+            "--eval-ctx",
+            "32",
+            "--eval-windows",
+            "2",
+            "--method",
+            "wanda",
+        ],
+    );
+    // The self-test reproduces the stored figure on the stored text.
+    let s = json(&bin, &["selftest", &o, "--json", "--threads", "2"]);
+    assert_eq!(s["pass"], true, "{s}");
+    assert!(s["relative_difference"].as_f64().unwrap() <= SELFTEST_TOL);
+    assert_eq!(s["protocol"], "llama-cpp");
+    // Forcing the scalar reference kernels gives the same figure.
+    let out_scalar = Command::new(&bin)
+        .args(["selftest", &o, "--json"])
+        .env("CAP_FORCE_SCALAR", "1")
+        .output()
+        .unwrap();
+    let sc: serde_json::Value = serde_json::from_slice(&out_scalar.stdout).unwrap();
+    assert_eq!(sc["kernels"], "scalar");
+    assert_eq!(sc["pass"], true, "{sc}");
+    // Generation: deterministic under a seed, and reports its speeds.
+    let g = |seed: &str| {
+        json(
+            &bin,
+            &[
+                "generate",
+                &o,
+                "--prompt",
+                "the model runs",
+                "-n",
+                "8",
+                "--seed",
+                seed,
+                "--json",
+            ],
+        )
+    };
+    let (a, b) = (g("3"), g("3"));
+    assert_eq!(a["tokens"], b["tokens"]);
+    assert!(a["generated_tokens"].as_u64().unwrap() >= 1);
+    assert!(a["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(a["decode_tokens_per_s"].as_f64().unwrap() >= 0.0);
+    let info = json(&bin, &["info", &o, "--json"]);
+    assert_eq!(info["checksums"], "ok");
+    assert_eq!(
+        info["file_bytes"].as_u64().unwrap(),
+        std::fs::metadata(&out).unwrap().len()
+    );
+
+    // Bad input: clean errors, exit 2.
+    let bytes = std::fs::read(&out).unwrap();
+    let corrupt = dir.path().join("corrupt.cap");
+    let mut c = bytes.clone();
+    let mid = c.len() / 3;
+    c[mid] ^= 0x40;
+    std::fs::write(&corrupt, &c).unwrap();
+    fails(
+        &bin,
+        &["selftest", &corrupt.display().to_string()],
+        "checksum",
+    );
+    let truncated = dir.path().join("truncated.cap");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 100]).unwrap();
+    fails(
+        &bin,
+        &["selftest", &truncated.display().to_string()],
+        "not a usable .cap file",
+    );
+    let newer = dir.path().join("newer.cap");
+    let mut n = bytes.clone();
+    // The major version is the u16 after the 8-byte magic (SPEC.md §2).
+    n[8] = n[8].wrapping_add(1);
+    std::fs::write(&newer, &n).unwrap();
+    fails(&bin, &["info", &newer.display().to_string()], "version");
+    fails(
+        &bin,
+        &[
+            "generate",
+            &o,
+            "--prompt",
+            &"the model runs ".repeat(40),
+            "--ctx",
+            "16",
+        ],
+        "longer than the context",
+    );
+    fails(
+        &bin,
+        &["selftest", &o, "--text", "/nonexistent/text.txt"],
+        "cannot read",
+    );
+    fails(&bin, &["info", "/nonexistent/file.cap"], "cannot open");
+}
+
+/// Runs `cap-device` for aarch64 under qemu, if built and qemu is installed. CI
+/// (`.ci/run`) builds it and sets `CAP_REQUIRE_QEMU=1`, which turns a skip into a
+/// failure.
+fn aarch64_device() -> Option<(PathBuf, PathBuf)> {
+    let bin = root().join("target/aarch64-unknown-linux-gnu/release/cap-device");
+    let qemu = ["qemu-aarch64", "qemu-aarch64-static"]
+        .iter()
+        .find(|q| Command::new(q).arg("--version").output().is_ok())
+        .map(PathBuf::from);
+    let required = std::env::var_os("CAP_REQUIRE_QEMU").is_some_and(|v| v == "1");
+    match (bin.exists(), qemu) {
+        (true, Some(q)) => Some((q, bin)),
+        (has_bin, q) => {
+            let why = if has_bin {
+                "qemu-aarch64 is not installed".to_string()
+            } else {
+                format!(
+                    "{} is not built (cargo build --release -p cap-device --target aarch64-unknown-linux-gnu)",
+                    bin.display()
+                )
+            };
+            assert!(
+                !required || q.is_some() && has_bin,
+                "CAP_REQUIRE_QEMU=1 but {why}"
+            );
+            eprintln!("SKIPPED: aarch64 self-test: {why}");
+            None
+        }
+    }
+}
+
+#[test]
+fn smollm2_self_test_on_x86_and_aarch64() {
+    let Some(model) = common::real_model() else {
+        return;
+    };
+    let bin = cap_device();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2.cap");
+    let o = out.display().to_string();
+    let calib = root().join("../shared/data/c4/c4_sample.json");
+    let r = compress(
+        &model.display().to_string(),
+        &out,
+        &calib,
+        &[
+            "--ratio",
+            "0.5",
+            "--method",
+            "wanda",
+            "--calib-samples",
+            "8",
+            "--calib-len",
+            "128",
+            "--eval-ctx",
+            "128",
+            "--eval-windows",
+            "2",
+        ],
+    );
+    let stored = r["self_test"]["ppl"].as_f64().unwrap();
+    let x86 = json(&bin, &["selftest", &o, "--json", "--threads", "2"]);
+    assert_eq!(x86["pass"], true, "{x86}");
+    let ppl = x86["ppl"].as_f64().unwrap();
+    assert!((ppl - stored).abs() / stored <= SELFTEST_TOL);
+    // Peak memory: the mapped file, the KV cache and a stated overhead.
+    let file = x86["file_bytes"].as_u64().unwrap();
+    let kv = x86["kv_cache_bytes"].as_u64().unwrap();
+    let rss = x86["peak_rss_bytes"].as_u64().unwrap();
+    assert!(
+        rss <= file + kv + RSS_OVERHEAD,
+        "peak RSS {rss} > file {file} + KV {kv} + {RSS_OVERHEAD}"
+    );
+    let g = json(
+        &bin,
+        &[
+            "generate",
+            &o,
+            "--prompt",
+            "The capital of France is",
+            "-n",
+            "16",
+            "--temp",
+            "0",
+            "--json",
+            "--ctx",
+            "256",
+        ],
+    );
+    assert_eq!(g["generated_tokens"].as_u64().unwrap(), 16, "{g}");
+    let rss = g["peak_rss_bytes"].as_u64().unwrap();
+    let kv = g["kv_cache_bytes"].as_u64().unwrap();
+    assert!(rss <= file + kv + RSS_OVERHEAD, "generate: peak RSS {rss}");
+
+    let Some((qemu, arm)) = aarch64_device() else {
+        return;
+    };
+    let sysroot = "/usr/aarch64-linux-gnu";
+    let out = Command::new(&qemu)
+        .args(["-L", sysroot])
+        .arg(&arm)
+        .args(["selftest", &o, "--json", "--threads", "2"])
+        .output()
+        .expect("run qemu");
+    assert!(
+        out.status.success(),
+        "aarch64 selftest failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(a["kernels"], "neon", "{a}");
+    assert_eq!(a["pass"], true, "{a}");
+    let arm_ppl = a["ppl"].as_f64().unwrap();
+    eprintln!("SmolLM2 self-test: stored {stored}, x86 {ppl}, aarch64 (qemu) {arm_ppl}");
+    assert!((arm_ppl - ppl).abs() / ppl <= SELFTEST_TOL);
+}
