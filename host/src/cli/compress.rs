@@ -325,6 +325,11 @@ pub fn render(r: &CompressReport) -> String {
         "held-out PPL ({}, ctx {}, {} windows): {:.4}{source}",
         r.eval_text, r.eval.ctx, r.eval.windows, r.eval.ppl
     );
+    let _ = writeln!(
+        s,
+        "self-test figure stored in the file (llama.cpp rule, same windows): {:.4}; check it on the board with `cap-device selftest {}`",
+        r.self_test.ppl, r.path
+    );
     let t: Vec<String> = r
         .seconds
         .iter()
