@@ -142,6 +142,9 @@ fn tiny_model_self_test_generation_and_bad_input() {
     assert_eq!(s["pass"], true, "{s}");
     assert!(s["relative_difference"].as_f64().unwrap() <= SELFTEST_TOL);
     assert_eq!(s["protocol"], "llama-cpp");
+    // Tokens decoded one at a time (the matrix-vector kernels) score as in a batch.
+    assert_eq!(s["decode_check_pass"], true, "{s}");
+    assert!(s["decode_check_max_nll_diff"].as_f64().unwrap() < 1e-3);
     // Forcing the scalar reference kernels gives the same figure.
     let out_scalar = Command::new(&bin)
         .args(["selftest", &o, "--json"])
@@ -337,6 +340,7 @@ fn smollm2_self_test_on_x86_and_aarch64() {
     let a: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(a["kernels"], "neon", "{a}");
     assert_eq!(a["pass"], true, "{a}");
+    assert_eq!(a["decode_check_pass"], true, "{a}");
     let arm_ppl = a["ppl"].as_f64().unwrap();
     eprintln!("SmolLM2 self-test: stored {stored}, x86 {ppl}, aarch64 (qemu) {arm_ppl}");
     assert!((arm_ppl - ppl).abs() / ppl <= SELFTEST_TOL);

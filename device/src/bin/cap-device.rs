@@ -27,6 +27,18 @@ use serde_json::json;
 /// does (percents or more).
 const SELFTEST_REL_TOLERANCE: f64 = 1e-3;
 
+/// Tokens of the first window the self-test also decodes one at a time, as `generate`
+/// does. The perplexity windows run the prompt path (stored rows decoded to `f32`
+/// tiles, then GEMM); single tokens run the matrix-vector kernels of this CPU (NEON,
+/// AVX2 or scalar), so this is what checks those on the board.
+const DECODE_CHECK_TOKENS: usize = 32;
+
+/// Largest difference (nats) between a token's NLL decoded one at a time and in a
+/// batch that passes. Both sum the same products in `f32`, in different orders:
+/// measured differences are about 1e-5 (README, "Self-test"); a wrong kernel moves
+/// NLLs by far more than 1e-3.
+const DECODE_CHECK_TOL: f64 = 1e-3;
+
 /// Exit status when the self-test ran but its perplexity differs from the stored one.
 const EXIT_MISMATCH: u8 = 1;
 /// Exit status for unusable input (bad file, checksum failure, bad arguments).
@@ -412,6 +424,10 @@ fn selftest(
         eprintln!();
     }
     let secs = start.elapsed().as_secs_f64();
+    let first = &tokens[wins[0].clone()];
+    let decode_diff = par::install(|| decode_check(&runner, first, kv))
+        .map_err(|e| anyhow!("decode check: {e}"))?;
+    let decode_ok = decode_diff <= DECODE_CHECK_TOL;
     let ppl = total.ppl();
     let comparable = record.filter(|r| {
         text.is_none()
@@ -420,7 +436,7 @@ fn selftest(
             && kv == KvDtype::F32
     });
     let rel = comparable.map(|r| (ppl - r.value).abs() / r.value);
-    let pass = rel.map(|d| d <= SELFTEST_REL_TOLERANCE);
+    let pass = rel.map(|d| d <= SELFTEST_REL_TOLERANCE && decode_ok);
     let v = json!({
         "file": path.display().to_string(),
         "ppl": ppl,
@@ -433,6 +449,10 @@ fn selftest(
         "relative_difference": rel,
         "tolerance": SELFTEST_REL_TOLERANCE,
         "pass": pass,
+        "decode_check_tokens": DECODE_CHECK_TOKENS.min(first.len() - 1),
+        "decode_check_max_nll_diff": decode_diff,
+        "decode_check_tolerance": DECODE_CHECK_TOL,
+        "decode_check_pass": decode_ok,
         "kv": match kv { KvDtype::F32 => "f32", KvDtype::F16 => "f16" },
         "threads": th,
         "kernels": cpu::kernels().isa.name(),
@@ -464,11 +484,42 @@ fn selftest(
             ),
             _ => println!("no stored figure for these settings: nothing to compare"),
         }
+        println!(
+            "decode check ({} tokens one at a time vs batched): largest NLL difference {decode_diff:.2e} (tolerance {DECODE_CHECK_TOL:.0e}): {}",
+            DECODE_CHECK_TOKENS.min(first.len() - 1),
+            if decode_ok { "PASS" } else { "FAIL" }
+        );
     }
-    Ok(match pass {
-        Some(false) => EXIT_MISMATCH,
-        _ => 0,
+    Ok(if pass == Some(false) || !decode_ok {
+        EXIT_MISMATCH
+    } else {
+        0
     })
+}
+
+/// Largest |NLL difference| over the first tokens of `window` between the batched
+/// forward pass and decoding one token at a time with a fresh cache.
+fn decode_check(
+    runner: &Runner<'_, cap_device::caplinear::CapLinear<'_>, cap_device::caplinear::CapLinear<'_>>,
+    window: &[u32],
+    kv: KvDtype,
+) -> Result<f64, cap_device::forward::ForwardError> {
+    let n = DECODE_CHECK_TOKENS.min(window.len() - 1);
+    let c = &runner.model().config;
+    let mut cache = KvCache::new(c, n, kv);
+    let mut hidden = Vec::new();
+    runner.forward_with(&window[..n], &mut cache, &mut Workspace::new(), &mut hidden)?;
+    let batched = runner.nll(&hidden, &window[1..=n]);
+    let mut cache = KvCache::new(c, n, kv);
+    let mut ws = Workspace::new();
+    let mut worst = 0.0f64;
+    for (i, want) in batched.iter().enumerate() {
+        let logits = runner.next_logits(&window[i..i + 1], &mut cache, &mut ws)?;
+        let nll =
+            cap_kernels::vexp::log_sum_exp(logits) - f64::from(logits[window[i + 1] as usize]);
+        worst = worst.max((nll - want).abs());
+    }
+    Ok(worst)
 }
 
 #[allow(clippy::too_many_arguments)]
