@@ -282,8 +282,9 @@ fn smollm2_self_test_on_x86_and_aarch64() {
             "8",
             "--calib-len",
             "128",
+            // Short windows: under qemu the aarch64 build runs about 1 token/s.
             "--eval-ctx",
-            "128",
+            "32",
             "--eval-windows",
             "2",
         ],
@@ -329,7 +330,7 @@ fn smollm2_self_test_on_x86_and_aarch64() {
     let out = Command::new(&qemu)
         .args(["-L", sysroot])
         .arg(&arm)
-        .args(["selftest", &o, "--json", "--threads", "2"])
+        .args(["selftest", &o, "--json", "--threads", "2", "--decode-check", "4"])
         .output()
         .expect("run qemu");
     assert!(

@@ -92,11 +92,14 @@ enum Cmd {
     /// Measure perplexity (llama.cpp's rule: second half of each window scored) and
     /// compare it with the host-measured figure stored in the file.
     ///
-    /// Exit status: 0 when it matches (relative difference at most 1e-3), 1 when it
-    /// differs, 2 when the file or the arguments are unusable (including a checksum
-    /// failure). With --text, --ctx or --max-windows different from the stored
-    /// figure's settings there is nothing to compare with: the figure is reported and
-    /// the status is 0.
+    /// Also decodes the first tokens one at a time (the kernels `generate` uses) and
+    /// checks they score as in the batch (difference at most 1e-3 nats).
+    ///
+    /// Exit status: 0 when both match (perplexity: relative difference at most 1e-3),
+    /// 1 when either differs, 2 when the file or the arguments are unusable (including
+    /// a checksum failure). With --text, --ctx, --max-windows or --kv f16 there is no
+    /// stored figure to compare with: the figure is reported, only the decode check
+    /// decides.
     Selftest {
         /// The .cap file.
         file: PathBuf,
@@ -115,6 +118,10 @@ enum Cmd {
         /// KV cache element type.
         #[arg(long, value_enum, default_value_t = KvArg::F32)]
         kv: KvArg,
+        /// Tokens of the first window to also decode one at a time and compare with
+        /// the batched path (0 skips the check).
+        #[arg(long, default_value_t = DECODE_CHECK_TOKENS)]
+        decode_check: usize,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -240,8 +247,17 @@ fn run(cmd: Cmd) -> Result<u8> {
             max_windows,
             threads: t,
             kv,
+            decode_check,
             json,
-        } => selftest(&file, text.as_deref(), ctx, max_windows, t, kv.into(), json),
+        } => selftest(
+            &file,
+            text.as_deref(),
+            (ctx, max_windows),
+            t,
+            kv.into(),
+            decode_check,
+            json,
+        ),
         Cmd::Generate {
             file,
             prompt,
@@ -355,10 +371,10 @@ fn info(path: &Path, ctx: usize, json: bool) -> Result<u8> {
 fn selftest(
     path: &Path,
     text: Option<&Path>,
-    ctx: Option<usize>,
-    max_windows: Option<usize>,
+    (ctx, max_windows): (Option<usize>, Option<usize>),
     threads_arg: Option<usize>,
     kv: KvDtype,
+    decode_check_tokens: usize,
     json: bool,
 ) -> Result<u8> {
     let th = threads(threads_arg);
@@ -425,7 +441,8 @@ fn selftest(
     }
     let secs = start.elapsed().as_secs_f64();
     let first = &tokens[wins[0].clone()];
-    let decode_diff = par::install(|| decode_check(&runner, first, kv))
+    let n_check = decode_check_tokens.min(first.len() - 1);
+    let decode_diff = par::install(|| decode_check(&runner, &first[..=n_check], kv))
         .map_err(|e| anyhow!("decode check: {e}"))?;
     let decode_ok = decode_diff <= DECODE_CHECK_TOL;
     let ppl = total.ppl();
@@ -449,7 +466,7 @@ fn selftest(
         "relative_difference": rel,
         "tolerance": SELFTEST_REL_TOLERANCE,
         "pass": pass,
-        "decode_check_tokens": DECODE_CHECK_TOKENS.min(first.len() - 1),
+        "decode_check_tokens": n_check,
         "decode_check_max_nll_diff": decode_diff,
         "decode_check_tolerance": DECODE_CHECK_TOL,
         "decode_check_pass": decode_ok,
@@ -486,7 +503,7 @@ fn selftest(
         }
         println!(
             "decode check ({} tokens one at a time vs batched): largest NLL difference {decode_diff:.2e} (tolerance {DECODE_CHECK_TOL:.0e}): {}",
-            DECODE_CHECK_TOKENS.min(first.len() - 1),
+            n_check,
             if decode_ok { "PASS" } else { "FAIL" }
         );
     }
@@ -497,14 +514,17 @@ fn selftest(
     })
 }
 
-/// Largest |NLL difference| over the first tokens of `window` between the batched
+/// Largest |NLL difference| over the tokens of `window` (but its last) between the batched
 /// forward pass and decoding one token at a time with a fresh cache.
 fn decode_check(
     runner: &Runner<'_, cap_device::caplinear::CapLinear<'_>, cap_device::caplinear::CapLinear<'_>>,
     window: &[u32],
     kv: KvDtype,
 ) -> Result<f64, cap_device::forward::ForwardError> {
-    let n = DECODE_CHECK_TOKENS.min(window.len() - 1);
+    let n = window.len() - 1;
+    if n == 0 {
+        return Ok(0.0);
+    }
     let c = &runner.model().config;
     let mut cache = KvCache::new(c, n, kv);
     let mut hidden = Vec::new();
