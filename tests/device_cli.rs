@@ -330,7 +330,15 @@ fn smollm2_self_test_on_x86_and_aarch64() {
     let out = Command::new(&qemu)
         .args(["-L", sysroot])
         .arg(&arm)
-        .args(["selftest", &o, "--json", "--threads", "2", "--decode-check", "4"])
+        .args([
+            "selftest",
+            &o,
+            "--json",
+            "--threads",
+            "2",
+            "--decode-check",
+            "4",
+        ])
         .output()
         .expect("run qemu");
     assert!(
