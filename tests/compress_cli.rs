@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use cap_format::CapFile;
-use common::{assert_clean_failure, cap_host, root};
+use common::{assert_clean_failure, calib_text, cap_host, root};
 use serde_json::Value;
 
 fn tiny(name: &str) -> String {
@@ -17,25 +17,6 @@ fn tiny(name: &str) -> String {
         .join(format!("tests/fixtures/tiny/{name}/{name}.gguf"))
         .display()
         .to_string()
-}
-
-/// A calibration text of about 12k characters in paragraphs.
-fn calib_text(dir: &Path) -> String {
-    let words = [
-        "the", "model", "runs", "on", "a", "small", "board", "with", "little", "memory", "and",
-        "every", "byte", "counts", "when", "weights", "are", "stored", "in", "flash",
-    ];
-    let mut s = String::new();
-    for p in 0..60 {
-        for i in 0..40 {
-            s.push_str(words[(i * 7 + p * 3) % words.len()]);
-            s.push(if i % 9 == 8 { '.' } else { ' ' });
-        }
-        s.push_str("\n\n");
-    }
-    let path = dir.join("calib.txt");
-    std::fs::write(&path, s).unwrap();
-    path.display().to_string()
 }
 
 fn run_json(args: &[&str]) -> Value {

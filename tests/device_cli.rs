@@ -92,29 +92,11 @@ fn compress(model: &str, out: &Path, calib: &Path, extra: &[&str]) -> serde_json
     serde_json::from_str(&stdout).unwrap()
 }
 
-fn calib_text(dir: &Path) -> PathBuf {
-    let words = [
-        "the", "model", "runs", "on", "a", "small", "board", "with", "little", "memory", "and",
-        "every", "byte", "counts",
-    ];
-    let mut s = String::new();
-    for p in 0..60 {
-        for i in 0..40 {
-            s.push_str(words[(i * 5 + p * 3) % words.len()]);
-            s.push(if i % 9 == 8 { '.' } else { ' ' });
-        }
-        s.push_str("\n\n");
-    }
-    let path = dir.join("calib.txt");
-    std::fs::write(&path, s).unwrap();
-    path
-}
-
 #[test]
 fn tiny_model_self_test_generation_and_bad_input() {
     let bin = cap_device();
     let dir = tempfile::tempdir().unwrap();
-    let calib = calib_text(dir.path());
+    let calib = PathBuf::from(common::calib_text(dir.path()));
     let model = root().join("tests/fixtures/tiny/llama-tied/llama-tied.gguf");
     let out = dir.path().join("t.cap");
     let o = out.display().to_string();

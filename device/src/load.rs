@@ -6,13 +6,14 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use cap_format::manifest::{ModelConfig, RopeScaling};
+use cap_format::manifest::{Manifest, ModelConfig, RopeScaling};
 use cap_format::{CapFile, FormatError};
 use cap_kernels::cpu;
 
 use crate::caplinear::CapLinear;
 use crate::config::{Arch, Config, RopeScaling as DevRope};
 use crate::model::{Block, Head, Model};
+use crate::tokenizer::{Tokenizer, TokenizerSpec};
 
 /// A model read in place from a `.cap` file.
 pub type CapModel<'a> = Model<CapLinear<'a>, CapLinear<'a>>;
@@ -26,6 +27,8 @@ pub enum LoadError {
     Missing(String),
     /// A tensor or the model record is inconsistent.
     Invalid(String),
+    /// The file carries no tokenizer.
+    NoTokenizer,
 }
 
 impl core::fmt::Display for LoadError {
@@ -34,6 +37,7 @@ impl core::fmt::Display for LoadError {
             LoadError::Format(e) => write!(f, "{e}"),
             LoadError::Missing(n) => write!(f, "tensor {n} is missing"),
             LoadError::Invalid(m) => f.write_str(m),
+            LoadError::NoTokenizer => f.write_str("the file carries no tokenizer"),
         }
     }
 }
@@ -60,6 +64,14 @@ pub mod names {
     pub fn block(layer: usize, suffix: &str) -> String {
         format!("blk.{layer}.{suffix}")
     }
+}
+
+/// The tokenizer a file carries, rebuilt from its manifest record.
+pub fn tokenizer(m: &Manifest) -> Result<Tokenizer, LoadError> {
+    let r = m.tokenizer.as_ref().ok_or(LoadError::NoTokenizer)?;
+    let spec = TokenizerSpec::from_record(r)
+        .map_err(|e| LoadError::Invalid(format!("tokenizer record: {e}")))?;
+    Tokenizer::new(spec).map_err(|e| LoadError::Invalid(format!("tokenizer: {e}")))
 }
 
 /// The runtime configuration of a manifest's model record.

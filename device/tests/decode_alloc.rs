@@ -51,6 +51,8 @@ fn decode_allocations(threads: usize, kv: KvDtype) -> usize {
     };
     let mut sampler = Sampler::new(cfg, model.config.vocab_size);
     let prompt: Vec<u32> = (1..12).collect();
+    // Worker threads that start late would allocate inside the measured loop.
+    par::warm_up();
     // As the binary does: everything runs on a worker thread of the pool. The prompt
     // and three warm-up tokens grow the workspace (and start the pool's threads).
     par::install(|| {

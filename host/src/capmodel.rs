@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
 use cap_device::load::{self, CapModel};
-use cap_device::tokenizer::{Tokenizer, TokenizerSpec};
+use cap_device::tokenizer::Tokenizer;
 use cap_format::manifest::Manifest;
 use cap_format::{CapFile, DType};
 use memmap2::Mmap;
@@ -37,13 +37,7 @@ pub fn model<'a>(path: &Path, file: &CapFile<'a>) -> Result<CapModel<'a>> {
 
 /// The tokenizer a file carries.
 pub fn tokenizer(path: &Path, m: &Manifest) -> Result<Tokenizer> {
-    let r = m
-        .tokenizer
-        .as_ref()
-        .with_context(|| format!("{}: the file carries no tokenizer", path.display()))?;
-    let spec = TokenizerSpec::from_record(r)
-        .map_err(|e| anyhow!("{}: tokenizer record: {e}", path.display()))?;
-    Tokenizer::new(spec).map_err(|e| anyhow!("{}: tokenizer: {e}", path.display()))
+    load::tokenizer(m).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
 /// Little-endian raw values of `dtype` as `f32` (a trailing partial value is ignored).

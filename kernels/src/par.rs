@@ -38,6 +38,14 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// Starts the pool and returns once every worker thread has run a task, so the
+/// threads' start-up allocations happen now rather than during later work (std; a
+/// no-op without).
+pub fn warm_up() {
+    #[cfg(feature = "std")]
+    rayon::broadcast(|_| ());
+}
+
 /// Sets the number of worker threads used by every parallel kernel in this process.
 /// Only the first call has an effect (the pool is global); returns whether it did.
 #[cfg(feature = "std")]

@@ -41,6 +41,26 @@ pub fn real_model() -> Option<PathBuf> {
     Some(path)
 }
 
+/// Writes a calibration text of about 12k characters in paragraphs into `dir` and
+/// returns its path.
+pub fn calib_text(dir: &std::path::Path) -> String {
+    let words = [
+        "the", "model", "runs", "on", "a", "small", "board", "with", "little", "memory", "and",
+        "every", "byte", "counts", "when", "weights", "are", "stored", "in", "flash",
+    ];
+    let mut s = String::new();
+    for p in 0..60 {
+        for i in 0..40 {
+            s.push_str(words[(i * 7 + p * 3) % words.len()]);
+            s.push(if i % 9 == 8 { '.' } else { ' ' });
+        }
+        s.push_str("\n\n");
+    }
+    let path = dir.join("calib.txt");
+    std::fs::write(&path, s).unwrap();
+    path.display().to_string()
+}
+
 /// Asserts a clean failure of `cap-host args`: exit code 1, one line on stderr
 /// containing every `needle`, and no panic.
 pub fn assert_clean_failure(args: &[&str], needles: &[&str]) {

@@ -12,7 +12,7 @@ use cap_device::forward::{KvCache, KvDtype, Runner, Workspace};
 use cap_device::load::{self, CapModel};
 use cap_device::ppl::{NllStats, Protocol, score_window, windows};
 use cap_device::sample::{Sampler, SamplerConfig};
-use cap_device::tokenizer::{Tokenizer, TokenizerSpec};
+use cap_device::tokenizer::Tokenizer;
 use cap_format::manifest::PerplexityProtocol;
 use cap_format::{CapFile, Encoding, FORMAT_MAJOR, FORMAT_MINOR};
 use cap_kernels::{cpu, par};
@@ -199,14 +199,7 @@ fn load_model<'a>(path: &Path, file: &CapFile<'a>) -> Result<CapModel<'a>> {
 }
 
 fn tokenizer(path: &Path, file: &CapFile<'_>) -> Result<Tokenizer> {
-    let r = file
-        .manifest()
-        .tokenizer
-        .as_ref()
-        .with_context(|| format!("{}: the file carries no tokenizer", path.display()))?;
-    let spec = TokenizerSpec::from_record(r)
-        .map_err(|e| anyhow!("{}: tokenizer record: {e}", path.display()))?;
-    Tokenizer::new(spec).map_err(|e| anyhow!("{}: tokenizer: {e}", path.display()))
+    load::tokenizer(file.manifest()).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
 fn threads(t: Option<usize>) -> usize {

@@ -20,6 +20,48 @@ mod scalar;
 
 pub use scalar::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 
+/// Storage type codes of the SIMD kernels' const generic parameter: one kernel is
+/// compiled per stored dtype, and `D` is resolved at compile time.
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+const F32: u8 = 0;
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+const F16: u8 = 1;
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+const BF16: u8 = 2;
+
+/// Bytes per value of storage code `D`.
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+const fn size(d: u8) -> usize {
+    if d == F32 { 4 } else { 2 }
+}
+
+/// Calls `$f::<D>(args)` with the storage code of `$dtype` (SIMD modules).
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident($($a:expr),* $(,)?)) => {
+        match $dtype {
+            DType::F32 => $f::<F32>($($a),*),
+            DType::F16 => $f::<F16>($($a),*),
+            DType::BF16 => $f::<BF16>($($a),*),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -18,8 +18,8 @@ use core::arch::x86_64::*;
 
 use super::scalar::{f32_to_bf16, f32_to_f16};
 use super::{
-    BitmaskRef, CsrRef, DType, Isa, Kernels, TwoFourRef, Values, bits_at, csr_blocks, low_bits,
-    u32_at,
+    BF16, BitmaskRef, CsrRef, DType, F16, F32, Isa, Kernels, TwoFourRef, Values, bits_at,
+    csr_blocks, low_bits, size, u32_at,
 };
 
 /// Whether this CPU has AVX2, FMA, F16C and POPCNT (at run time with `std`, else from the
@@ -104,27 +104,6 @@ mod entry {
         to_f32(v: Values<'_>, start: usize, out: &mut [f32]);
         from_f32(x: &[f32], dtype: DType, out: &mut [u8]);
     }
-}
-
-/// Storage type codes for the const-generic kernels (resolved at compile time).
-const F32: u8 = 0;
-const F16: u8 = 1;
-const BF16: u8 = 2;
-
-/// Bytes per value of storage code `D`.
-const fn size(d: u8) -> usize {
-    if d == F32 { 4 } else { 2 }
-}
-
-/// Calls `$f::<D>(args)` with the storage code of `$dtype`.
-macro_rules! by_dtype {
-    ($dtype:expr, $f:ident($($a:expr),* $(,)?)) => {
-        match $dtype {
-            DType::F32 => $f::<F32>($($a),*),
-            DType::F16 => $f::<F16>($($a),*),
-            DType::BF16 => $f::<BF16>($($a),*),
-        }
-    };
 }
 
 /// 8 values of storage `D` at `p` as `f32` lanes.
