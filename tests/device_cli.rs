@@ -214,7 +214,13 @@ fn tiny_model_self_test_generation_and_bad_input() {
 /// (`.ci/run`) builds it and sets `CAP_REQUIRE_QEMU=1`, which turns a skip into a
 /// failure.
 fn aarch64_device() -> Option<(PathBuf, PathBuf)> {
-    let bin = root().join("target/aarch64-unknown-linux-gnu/release/cap-device");
+    // <target dir>/debug/cap-host → <target dir>/aarch64-unknown-linux-gnu/release/.
+    let host = PathBuf::from(env!("CARGO_BIN_EXE_cap-host"));
+    let target_dir = host
+        .parent()
+        .and_then(Path::parent)
+        .map_or_else(|| root().join("target"), Path::to_path_buf);
+    let bin = target_dir.join("aarch64-unknown-linux-gnu/release/cap-device");
     let qemu = ["qemu-aarch64", "qemu-aarch64-static"]
         .iter()
         .find(|q| Command::new(q).arg("--version").output().is_ok())
