@@ -208,6 +208,16 @@ fn tiny_model_self_test_generation_and_bad_input() {
         "cannot read",
     );
     fails(&bin, &["info", "/nonexistent/file.cap"], "cannot open");
+    fails(
+        &bin,
+        &["generate", &o, "--prompt", "the", "-n", "1000000000000"],
+        "exceeds the model's",
+    );
+    fails(
+        &bin,
+        &["generate", &o, "--prompt", "the", "--top-p", "0"],
+        "--top-p",
+    );
 }
 
 /// Runs `cap-device` for aarch64 under qemu, if built and qemu is installed. CI

@@ -216,6 +216,18 @@ fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Refuses contexts longer than the model was trained for (they would also size the KV
+/// cache and RoPE table without bound).
+fn check_ctx(ctx: usize, c: &cap_device::config::Config) -> Result<()> {
+    if ctx > c.max_position {
+        bail!(
+            "a context of {ctx} tokens exceeds the model's {} (lower --ctx or -n)",
+            c.max_position
+        );
+    }
+    Ok(())
+}
+
 fn encoding_name(e: &Encoding) -> &'static str {
     use cap_format::Sparse;
     let sparse = |s: &Sparse| match s {
@@ -404,6 +416,7 @@ fn selftest(
             tokens.len()
         );
     }
+    check_ctx(ctx, &model.config)?;
     let runner = Runner::new(&model, ctx, th);
     let bos = tok.bos_id().filter(|_| tok.adds_bos());
     let start = Instant::now();
@@ -568,7 +581,8 @@ fn generate(
             ids.len()
         );
     }
-    let ctx = ctx.min(ids.len() + n);
+    let ctx = ctx.min(ids.len().saturating_add(n));
+    check_ctx(ctx, &model.config)?;
     let runner = Runner::new(&model, ctx, th);
     let mut cache = KvCache::new(&model.config, ctx, kv);
     let mut ws = Workspace::new();
