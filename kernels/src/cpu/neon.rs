@@ -18,7 +18,7 @@
 use core::arch::aarch64::*;
 use core::arch::asm;
 
-use super::scalar::{f32_to_bf16, f32_to_f16};
+use super::scalar;
 use super::{
     BF16, BitmaskRef, CsrRef, DType, F16, F32, Isa, Kernels, TwoFourRef, Values, bits_at,
     csr_blocks, low_bits, size, u32_at,
@@ -735,11 +735,7 @@ fn from_f32(x: &[f32], dtype: DType, out: &mut [u8]) {
     let n = out.len() / dtype.size();
     let x = &x[..n];
     match dtype {
-        DType::F32 => {
-            for (o, v) in out.chunks_exact_mut(4).zip(x) {
-                o.copy_from_slice(&v.to_le_bytes());
-            }
-        }
+        DType::F32 => scalar::from_f32(x, dtype, out),
         DType::F16 | DType::BF16 => {
             let mut xs = x.chunks_exact(8);
             let mut os = out.chunks_exact_mut(16);
@@ -753,14 +749,7 @@ fn from_f32(x: &[f32], dtype: DType, out: &mut [u8]) {
                 // SAFETY: `oc` holds 16 bytes; u8 stores need no alignment.
                 unsafe { vst1q_u8(oc.as_mut_ptr(), vreinterpretq_u8_u16(h)) };
             }
-            let conv = if dtype == DType::F16 {
-                f32_to_f16
-            } else {
-                f32_to_bf16
-            };
-            for (o, &v) in os.into_remainder().chunks_exact_mut(2).zip(xs.remainder()) {
-                o.copy_from_slice(&conv(v).to_le_bytes());
-            }
+            scalar::from_f32(xs.remainder(), dtype, os.into_remainder());
         }
     }
 }

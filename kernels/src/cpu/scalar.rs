@@ -272,7 +272,8 @@ fn to_f32_e<E: Elem>(b: &[u8], start: usize, out: &mut [f32]) {
     }
 }
 
-fn from_f32(x: &[f32], dtype: DType, out: &mut [u8]) {
+/// The reference conversion; the SIMD tables use it for f32 and for their tails.
+pub(super) fn from_f32(x: &[f32], dtype: DType, out: &mut [u8]) {
     let n = out.len() / dtype.size();
     let x = &x[..n];
     match dtype {
