@@ -252,28 +252,6 @@ impl Workspace {
     pub fn new() -> Self {
         Workspace::default()
     }
-
-    /// Floats currently held (for memory reports and tests).
-    pub fn floats(&self) -> usize {
-        [
-            &self.x,
-            &self.xn,
-            &self.q,
-            &self.k,
-            &self.v,
-            &self.att,
-            &self.tmp,
-            &self.gate,
-            &self.up,
-            &self.heads,
-            &self.lin,
-            &self.hidden,
-            &self.logits,
-        ]
-        .iter()
-        .map(|v| v.capacity())
-        .sum()
-    }
 }
 
 /// `v[..n]`, growing `v` first if it is shorter (never shrinking, so a later call with

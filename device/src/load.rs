@@ -66,6 +66,17 @@ pub mod names {
     }
 }
 
+/// Maps the file at `path` read-only: the bytes [`model`] borrows on a machine with
+/// an OS (a board without one passes its flash as `&[u8]` instead).
+#[cfg(feature = "std")]
+pub fn map_file(path: &std::path::Path) -> std::io::Result<memmap2::Mmap> {
+    let f = std::fs::File::open(path)?;
+    // SAFETY: a read-only private map. A concurrent writer could change what is read,
+    // as with any read of a file, but not break memory safety: the parser validates
+    // every byte it relies on and the kernels bound every read.
+    unsafe { memmap2::Mmap::map(&f) }
+}
+
 /// The tokenizer a file carries, rebuilt from its manifest record.
 pub fn tokenizer(m: &Manifest) -> Result<Tokenizer, LoadError> {
     let r = m.tokenizer.as_ref().ok_or(LoadError::NoTokenizer)?;

@@ -13,12 +13,7 @@ use memmap2::Mmap;
 
 /// Maps `path` read-only.
 pub fn map(path: &Path) -> Result<Mmap> {
-    let f =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    // SAFETY: the map is read-only and private to this process; a concurrent writer
-    // could change what we read, as with any file read, but cannot cause unsafety in
-    // the parser, which validates every byte it trusts.
-    unsafe { Mmap::map(&f) }.with_context(|| format!("{}: cannot map", path.display()))
+    load::map_file(path).with_context(|| format!("{}: cannot open", path.display()))
 }
 
 /// Parses `bytes` and verifies every checksum and sparse structure.

@@ -174,11 +174,7 @@ fn main() -> ExitCode {
 
 /// The file's bytes, mapped read-only.
 fn map(path: &Path) -> Result<memmap2::Mmap> {
-    let f =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    // SAFETY: read-only private map; the parser validates everything it relies on, so
-    // a concurrent writer could change results but not break memory safety.
-    unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("{}: cannot map", path.display()))
+    load::map_file(path).with_context(|| format!("{}: cannot open", path.display()))
 }
 
 /// Parses and verifies every checksum; refuses files from a newer major version.
