@@ -16,8 +16,8 @@ CTX=${2:-2048}
 WINDOWS=${3:-8}
 MODEL=${CAP_MODEL:-$HOME/.cache/cap/model/SmolLM2-135M-Instruct.Q4_1.gguf}
 OUT=${OUT:-/tmp/cap-bench-compress}
-WIKI=../shared/data/wikitext-2-raw/wiki.valid.raw
-C4=../shared/data/c4/c4_sample.json
+WIKI=data/wikitext-2-raw/wiki.valid.raw
+C4=data/c4/c4_sample.json
 mkdir -p "$OUT"
 cargo build --release -q -p cap-host
 BIN=target/release/cap-host

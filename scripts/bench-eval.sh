@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 CTX="${1:-512}"; THREADS="${2:-2}"; WINDOWS="${3:-8}"
 PY="${CAP_REF_PYTHON:-$HOME/.cache/cap/venv/bin/python}"
 MODEL="$(bash scripts/fetch-model.sh)"
-TEXT="../shared/data/wikitext-2-raw/wiki.valid.raw"
+TEXT="data/wikitext-2-raw/wiki.valid.raw"
 
 cargo build --release -q -p cap-host
 cap=$(./target/release/cap-host eval --model "$MODEL" --text "$TEXT" --ctx "$CTX" \

@@ -266,7 +266,7 @@ fn smollm2_self_test_on_x86_and_aarch64() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("smollm2.cap");
     let o = out.display().to_string();
-    let calib = root().join("../shared/data/c4/c4_sample.json");
+    let calib = root().join("data/c4/c4_sample.json");
     let r = compress(
         &model.display().to_string(),
         &out,

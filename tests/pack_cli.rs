@@ -6,7 +6,7 @@ mod common;
 
 use common::{assert_clean_failure, cap_host, root};
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures/tiny").join(name)
@@ -139,4 +139,65 @@ fn pack_into_a_missing_directory_fails_cleanly() {
         &["m.cap"],
     );
     assert!(!out.exists());
+}
+
+/// Runs `cap-host` with `SOURCE_DATE_EPOCH` set; returns (exit code, stderr).
+fn cap_host_at(epoch: &str, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cap-host"))
+        .env("SOURCE_DATE_EPOCH", epoch)
+        .args(args)
+        .output()
+        .expect("run cap-host");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn files_are_byte_identical_under_source_date_epoch() {
+    let d = tempfile::tempdir().unwrap();
+    let src = fixture("llama3-scaled").join("llama3-scaled.gguf");
+    let src = src.to_str().unwrap();
+    let calib = common::calib_text(d.path());
+    let cache = d.path().join("rpca").display().to_string();
+    let out = |n: &str| d.path().join(n).display().to_string();
+    let (a, b, c, e) = (out("a.cap"), out("b.cap"), out("c.cap"), out("e.cap"));
+    for (o, epoch) in [(&a, "1700000000"), (&b, "1700000000"), (&c, "1700000001")] {
+        let (code, err) = cap_host_at(epoch, &["pack", "--model", src, "-o", o]);
+        assert_eq!(code, 0, "pack failed: {err}");
+    }
+    let (a, b, c) = (
+        std::fs::read(a).unwrap(),
+        std::fs::read(b).unwrap(),
+        std::fs::read(c).unwrap(),
+    );
+    assert!(a == b, "two packs at the same SOURCE_DATE_EPOCH differ");
+    assert!(a != c, "the creation time is not stamped");
+    let created = cap_format::CapFile::parse(&a)
+        .unwrap()
+        .manifest()
+        .provenance
+        .created_unix;
+    assert_eq!(created, Some(1_700_000_000));
+    // compress: the same twice, for a method with a search and one without.
+    for method in ["cap", "wanda"] {
+        let mut files = Vec::new();
+        for n in ["x.cap", "y.cap"] {
+            let o = out(&format!("{method}-{n}"));
+            let args = [
+                "compress", "--model", src, "-o", &o, "--ratio", "0.5", "--method", method,
+                "--calib", &calib, "--calib-samples", "4", "--calib-len", "24", "--eval-ctx",
+                "32", "--eval-windows", "2", "--threads", "2", "--cache-dir", &cache,
+            ];
+            let (code, err) = cap_host_at("1700000000", &args);
+            assert_eq!(code, 0, "compress failed: {err}");
+            files.push(std::fs::read(&o).unwrap());
+        }
+        assert!(files[0] == files[1], "two {method} runs differ");
+    }
+    let (code, err) = cap_host_at("yesterday", &["pack", "--model", src, "-o", &e]);
+    assert_eq!(code, 1, "a bad SOURCE_DATE_EPOCH was accepted: {err}");
+    assert!(err.contains("SOURCE_DATE_EPOCH"), "{err}");
+    assert!(!Path::new(&e).exists(), "a file was written");
 }

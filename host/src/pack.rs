@@ -84,6 +84,21 @@ pub fn source_sha256(path: &Path) -> Result<String> {
     Ok(to_hex(&h.finalize()))
 }
 
+/// The creation time stamped into a written file: `SOURCE_DATE_EPOCH` (seconds since the
+/// Unix epoch, the reproducible-builds convention) when set, so that the same inputs
+/// give byte-identical files, else the clock (`None` if it reads before 1970).
+pub fn creation_time() -> Result<Option<u64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
+            anyhow!("SOURCE_DATE_EPOCH={v:?} is not a whole number of seconds")
+        }),
+        Err(_) => Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs())),
+    }
+}
+
 /// Lower-case hex of bytes.
 pub fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -244,10 +259,7 @@ pub fn pack(
         _ => Some(ck.tokenizer()?),
     };
     let model_cfg = model_config(&model.config)?;
-    let created_unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()
-        .map(|d| d.as_secs());
+    let created_unix = creation_time()?;
     let manifest = Manifest {
         model: model_cfg,
         tokenizer: tok.as_ref().map(|t| t.spec().to_record()),

@@ -44,7 +44,7 @@ fn json(path: &Path) -> Value {
     serde_json::from_slice(&read(path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The whole WikiText-2 validation file (`../shared/data` beside the checkout).
+/// The whole WikiText-2 validation file (`data/` in the repository).
 fn wiki() -> &'static str {
     static W: OnceLock<String> = OnceLock::new();
     W.get_or_init(|| {

@@ -46,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.normpath(os.path.join(HERE, "../.."))
 MODEL_DIR = os.path.expanduser("~/.cache/cap/model")
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TEXT = os.path.normpath(os.path.join(ROOT, "../shared/data/wikitext-2-raw/wiki.valid.raw"))
+TEXT = os.path.normpath(os.path.join(ROOT, "data/wikitext-2-raw/wiki.valid.raw"))
 OUT = os.path.join(ROOT, "tests/reference/smollm2-135m-instruct-q4_1")
 ATTN = "eager"
 PRE_TOKENIZER = "Sequence[Digits(individual_digits=True), ByteLevel(add_prefix_space=False, use_regex=True)]"

@@ -14,7 +14,7 @@ ROOT = os.path.normpath(os.path.join(HERE, "../.."))
 # and CAP_TOKENIZER_FUZZ=N makes N fuzzed strings instead of 300: a larger local check.
 FIXTURES = os.environ.get("CAP_TOKENIZER_FIXTURES", os.path.join(ROOT, "host/tests/fixtures/tokenizer"))
 FUZZ_COUNT = int(os.environ.get("CAP_TOKENIZER_FUZZ", "300"))
-DATA = os.path.normpath(os.path.join(ROOT, "../shared/data"))
+DATA = os.path.normpath(os.path.join(ROOT, "data"))
 WIKI_PATH = os.path.join(DATA, "wikitext-2-raw/wiki.valid.raw")
 C4_PATH = os.path.join(DATA, "c4/c4_sample.json")
 

@@ -8,9 +8,9 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `../shared/data` beside the checkout.
+/// The texts shipped in the repository (`data/`).
 pub fn shared_data() -> PathBuf {
-    root().join("../shared/data")
+    root().join("data")
 }
 
 /// WikiText-2 raw validation text.

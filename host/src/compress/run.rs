@@ -432,7 +432,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
                 .unwrap_or_default(),
             source_sha256: parse_sha256(&sha)?,
             cap_version: env!("CARGO_PKG_VERSION").to_string(),
-            created_unix: None,
+            created_unix: crate::pack::creation_time()?,
         },
         tensors: vec![],
         extensions: vec![],
