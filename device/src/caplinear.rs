@@ -10,10 +10,9 @@
 
 use alloc::vec::Vec;
 
-use cap_format::encoding::CSR_BLOCK_COLS;
 use cap_format::reader::{SparseView, TensorData, TensorView};
 use cap_format::{Encoding, FormatError, Values};
-use cap_kernels::cpu::{self, BitmaskRef, CsrRef, Kernels, TwoFourRef};
+use cap_kernels::cpu::{self, BitmaskRef, CsrRef, Kernels, SparseRef, TwoFourRef};
 use cap_kernels::gemm::{MatMut, MatRef, matmul};
 use cap_kernels::par;
 
@@ -47,6 +46,26 @@ pub enum SparsePart<'a> {
     Csr(CsrRef<'a>),
     /// 2:4.
     TwoFour(TwoFourRef<'a>),
+}
+
+impl SparsePart<'_> {
+    /// The part as the kernels take it, for a matrix of `cols` columns.
+    pub fn as_ref(&self, cols: usize) -> SparseRef<'_> {
+        match self {
+            SparsePart::Bitmask {
+                mask,
+                row_start,
+                values,
+            } => SparseRef::Bitmask(BitmaskRef {
+                cols,
+                mask,
+                row_start,
+                values: *values,
+            }),
+            SparsePart::Csr(c) => SparseRef::Csr(*c),
+            SparsePart::TwoFour(t) => SparseRef::TwoFour(*t),
+        }
+    }
 }
 
 /// The low-rank part `B·A` of a stored layer.
@@ -146,36 +165,6 @@ impl<'a> CapLinear<'a> {
         }
     }
 
-    /// `y[i] += Σ W_sparse[r0 + i, ·]·x` over the rows of `y`.
-    fn sparse_rows(
-        k: &Kernels,
-        s: &SparsePart<'_>,
-        cols: usize,
-        r0: usize,
-        x: &[f32],
-        y: &mut [f32],
-    ) {
-        match s {
-            SparsePart::Bitmask {
-                mask,
-                row_start,
-                values,
-            } => (k.bitmask_rows)(
-                &BitmaskRef {
-                    cols,
-                    mask,
-                    row_start,
-                    values: *values,
-                },
-                r0,
-                x,
-                y,
-            ),
-            SparsePart::Csr(c) => (k.csr_rows)(c, r0, x, y),
-            SparsePart::TwoFour(m) => (k.two_four_rows)(m, r0, x, y),
-        }
-    }
-
     /// One token: `y = W·x` by the matrix-vector kernels.
     fn gemv(&self, k: &Kernels, x: &[f32], y: &mut [f32], h: &mut [f32], threads: usize) {
         y.fill(0.0);
@@ -191,9 +180,8 @@ impl<'a> CapLinear<'a> {
             rows_par(y, threads, |r0, ys| (k.dense_rows)(l.b, l.rank, r0, h, ys));
         }
         if let Some(s) = &self.sparse {
-            rows_par(y, threads, |r0, ys| {
-                Self::sparse_rows(k, s, self.cols, r0, x, ys)
-            });
+            let s = s.as_ref(self.cols);
+            rows_par(y, threads, |r0, ys| s.mul_rows(k, r0, x, ys));
         }
     }
 
@@ -220,8 +208,9 @@ impl<'a> CapLinear<'a> {
             });
         }
         if let Some(s) = &self.sparse {
+            let s = s.as_ref(self.cols);
             tile_gemm(x, y, self.rows, self.cols, tile, threads, |r0, tl| {
-                decode_sparse_rows(k, s, self.cols, r0, tl, buf)
+                s.decode_rows(k, r0, tl, buf)
             });
         }
     }
@@ -277,92 +266,6 @@ fn tile_gemm(
             1.0,
             threads,
         );
-    }
-}
-
-/// Writes rows `r0..r0 + tile.len()/cols` of a sparse part as dense `f32` (zeros where
-/// nothing is stored). `buf` (`cols` floats) holds one row's values converted.
-fn decode_sparse_rows(
-    k: &Kernels,
-    s: &SparsePart<'_>,
-    cols: usize,
-    r0: usize,
-    tile: &mut [f32],
-    buf: &mut [f32],
-) {
-    tile.fill(0.0);
-    for (i, out) in tile.chunks_exact_mut(cols).enumerate() {
-        let r = r0 + i;
-        match s {
-            SparsePart::Bitmask {
-                mask,
-                row_start,
-                values,
-            } => {
-                let (lo, hi) = (row_start[r] as usize, row_start[r + 1] as usize);
-                let vals = &mut buf[..hi - lo];
-                (k.to_f32)(*values, lo, vals);
-                // Walk the set bits a word at a time (half of them are set at 50%).
-                let mut next = vals.iter().copied();
-                let bit0 = r * cols;
-                for c0 in (0..cols).step_by(64) {
-                    let n = (cols - c0).min(64);
-                    let mut bits = bits_at(mask, bit0 + c0, n);
-                    while bits != 0 {
-                        let c = c0 + bits.trailing_zeros() as usize;
-                        out[c] = next.next().unwrap_or(0.0);
-                        bits &= bits - 1;
-                    }
-                }
-            }
-            SparsePart::Csr(m) => {
-                let nb = cols.div_ceil(CSR_BLOCK_COLS as usize);
-                let ptr = |j: usize| {
-                    let b = &m.block_ptr[4 * j..4 * j + 4];
-                    u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
-                };
-                let (lo, hi) = (ptr(r * nb), ptr(r * nb + nb));
-                let vals = &mut buf[..hi - lo];
-                (k.to_f32)(m.values, lo, vals);
-                for b in 0..nb {
-                    let (bl, bh) = (ptr(r * nb + b), ptr(r * nb + b + 1));
-                    for j in bl..bh {
-                        let c = b * CSR_BLOCK_COLS as usize + m.col_idx[j] as usize;
-                        out[c] = vals[j - lo];
-                    }
-                }
-            }
-            SparsePart::TwoFour(m) => {
-                let vals = &mut buf[..cols / 2];
-                (k.to_f32)(m.values, r * cols / 2, vals);
-                for g in 0..cols / 4 {
-                    let gi = r * cols / 4 + g;
-                    let nib = m.meta[gi / 2] >> (4 * (gi % 2)) & 0xF;
-                    out[4 * g + (nib & 3) as usize] = vals[2 * g];
-                    out[4 * g + (nib >> 2) as usize] = vals[2 * g + 1];
-                }
-            }
-        }
-    }
-}
-
-/// The `n ≤ 64` mask bits from bit `at` (row-major, LSB first), as the low bits of a
-/// word; bits past the mask's end read as zero.
-fn bits_at(mask: &[u8], at: usize, n: usize) -> u64 {
-    let (byte, shift) = (at / 8, at % 8);
-    let mut buf = [0u8; 16];
-    let avail = mask.len().saturating_sub(byte).min(9);
-    buf[..avail].copy_from_slice(&mask[byte..byte + avail]);
-    let lo = u64::from_le_bytes(buf[..8].try_into().unwrap_or([0; 8]));
-    let word = if shift == 0 {
-        lo
-    } else {
-        (lo >> shift) | (u64::from(buf[8]) << (64 - shift))
-    };
-    if n == 64 {
-        word
-    } else {
-        word & ((1u64 << n) - 1)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod forward;
 pub mod load;
 pub mod model;
 pub mod ppl;
+pub mod rng;
 pub mod sample;
 pub mod tokenizer;
 

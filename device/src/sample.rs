@@ -3,6 +3,8 @@
 
 use alloc::vec::Vec;
 
+use crate::rng::SplitMix64;
+
 /// Sampling settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplerConfig {
@@ -19,7 +21,7 @@ pub struct SamplerConfig {
 #[derive(Clone, Debug)]
 pub struct Sampler {
     cfg: SamplerConfig,
-    state: u64,
+    rng: SplitMix64,
     cand: Vec<(f32, u32)>,
 }
 
@@ -28,19 +30,9 @@ impl Sampler {
     pub fn new(cfg: SamplerConfig, vocab: usize) -> Self {
         Sampler {
             cfg,
-            state: cfg.seed,
+            rng: SplitMix64::new(cfg.seed),
             cand: Vec::with_capacity(vocab),
         }
-    }
-
-    /// SplitMix64: a small, well-mixed generator; uniform in `[0, 1)`.
-    fn uniform(&mut self) -> f32 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 24) as f32
     }
 
     /// The next token given `logits` (one per vocabulary entry).
@@ -93,7 +85,7 @@ impl Sampler {
                 break;
             }
         }
-        let u = self.uniform();
+        let u = self.rng.uniform_f32();
         let kept = &self.cand[..=last];
         let total: f32 = kept.iter().map(|c| c.0).sum();
         let mut r = u * total;

@@ -47,6 +47,15 @@ pub enum Sparse {
 }
 
 impl Sparse {
+    /// The encoding's short name: `"bitmask"`, `"block-csr"` or `"2:4"`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Sparse::Bitmask { .. } => "bitmask",
+            Sparse::BlockCsr { .. } => "block-csr",
+            Sparse::TwoFour { .. } => "2:4",
+        }
+    }
+
     /// Value type of the stored non-zeros.
     pub const fn dtype(self) -> DType {
         match self {
@@ -84,6 +93,54 @@ pub enum Encoding {
         /// The sparse part.
         sparse: Sparse,
     },
+}
+
+/// The name with its parameters: `bitmask nnz=1200 f16`, `2:4 bf16`.
+impl core::fmt::Display for Sparse {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            Sparse::Bitmask { nnz, dtype } | Sparse::BlockCsr { nnz, dtype } => {
+                write!(f, "{} nnz={nnz} {dtype}", self.name())
+            }
+            Sparse::TwoFour { dtype } => write!(f, "{} {dtype}", self.name()),
+        }
+    }
+}
+
+impl Encoding {
+    /// The encoding's short name, the one every report uses (tables, JSON, `info`):
+    /// `"dense"`, `"low-rank"`, `"bitmask"`, `"block-csr"`, `"2:4"`, or
+    /// `"low-rank+"` and the sparse part's name. [`Encoding`]'s `Display` adds the
+    /// parameters.
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Encoding::Dense { .. } => "dense",
+            Encoding::LowRank { .. } => "low-rank",
+            Encoding::Sparse(s) => s.name(),
+            Encoding::Composite { sparse, .. } => match sparse {
+                Sparse::Bitmask { .. } => "low-rank+bitmask",
+                Sparse::BlockCsr { .. } => "low-rank+block-csr",
+                Sparse::TwoFour { .. } => "low-rank+2:4",
+            },
+        }
+    }
+}
+
+/// [`Encoding::name`] with the parameters: `dense bf16`, `low-rank r=64 f16`,
+/// `block-csr nnz=5000 f16`, `low-rank r=8 f16 + bitmask nnz=1200 bf16`.
+impl core::fmt::Display for Encoding {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            Encoding::Dense { dtype } => write!(f, "{} {dtype}", self.name()),
+            Encoding::LowRank { rank, dtype } => write!(f, "{} r={rank} {dtype}", self.name()),
+            Encoding::Sparse(s) => write!(f, "{s}"),
+            Encoding::Composite {
+                rank,
+                factor_dtype,
+                sparse,
+            } => write!(f, "low-rank r={rank} {factor_dtype} + {sparse}"),
+        }
+    }
 }
 
 /// Shape and encoding: everything that determines a section's size.

@@ -78,6 +78,22 @@ impl DType {
             DType::F16 | DType::BF16 => 2,
         }
     }
+
+    /// Lower-case name for reports: `"f32"`, `"f16"` or `"bf16"`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+}
+
+/// Writes [`DType::name`].
+impl core::fmt::Display for DType {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Smallest alignment of a tensor section (and of the data region) in bytes: one

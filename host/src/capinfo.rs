@@ -122,44 +122,10 @@ pub struct CapReport {
     pub provenance: CapProvenance,
 }
 
-fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-    }
-}
-
-fn sparse_name(s: Sparse) -> String {
-    match s {
-        Sparse::Bitmask { nnz, dtype } => format!("bitmask nnz={nnz} {}", dtype_name(dtype)),
-        Sparse::BlockCsr { nnz, dtype } => format!("block-csr nnz={nnz} {}", dtype_name(dtype)),
-        Sparse::TwoFour { dtype } => format!("2:4 {}", dtype_name(dtype)),
-    }
-}
-
 fn sparse_values(s: Sparse, rows: u64, cols: u64) -> u64 {
     match s {
         Sparse::Bitmask { nnz, .. } | Sparse::BlockCsr { nnz, .. } => nnz,
         Sparse::TwoFour { .. } => rows * cols / 2,
-    }
-}
-
-/// Describes an encoding in words (`dense f16`, `lowrank r=64 f16`, ...).
-pub fn encoding_name(e: &Encoding) -> String {
-    match *e {
-        Encoding::Dense { dtype } => format!("dense {}", dtype_name(dtype)),
-        Encoding::LowRank { rank, dtype } => format!("lowrank r={rank} {}", dtype_name(dtype)),
-        Encoding::Sparse(s) => sparse_name(s),
-        Encoding::Composite {
-            rank,
-            factor_dtype,
-            sparse,
-        } => format!(
-            "lowrank r={rank} {} + {}",
-            dtype_name(factor_dtype),
-            sparse_name(sparse)
-        ),
     }
 }
 
@@ -198,7 +164,7 @@ pub fn inspect_cap(bytes: &[u8]) -> Result<CapReport, String> {
             name: t.name.clone(),
             rows: t.rows,
             cols: t.cols,
-            encoding: encoding_name(&t.encoding),
+            encoding: t.encoding.to_string(),
             bytes: t.len,
             group,
         });

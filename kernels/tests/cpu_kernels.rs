@@ -4,6 +4,8 @@
 //!    `cap_format::sparse::decode_sparse` (sparse) or read value by value with an
 //!    arithmetic f16/bf16 decoder that shares no code with the kernels (dense).
 //! 2. Every SIMD table of `available()` against the scalar table.
+//! 3. The sparse row decoder of the tiled GEMM path (`SparseRef::decode_rows`) against
+//!    the matrix it encodes, value for value.
 //!
 //! Shapes are awkward on purpose: column counts around the vector widths and the
 //! 64-bit mask words, row sub-ranges that start past row 0, bitmask rows that start
@@ -13,7 +15,9 @@
 
 use cap_format::sparse::{SparseKind, decode_sparse, encode_sparse};
 use cap_format::{CsrView, SparseView};
-use cap_kernels::cpu::{self, BitmaskRef, CsrRef, DType, Isa, Kernels, TwoFourRef, Values};
+use cap_kernels::cpu::{
+    self, BitmaskRef, CsrRef, DType, Isa, Kernels, SparseRef, TwoFourRef, Values,
+};
 
 const COLS: [usize; 20] = [
     1, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 255, 256, 257, 300, 513,
@@ -371,42 +375,63 @@ fn sparse_case(kind: SparseKind, seed: u64) {
                 let what =
                     format!("{kind:?} {dtype:?} density {density} cols {cols} rows {r0}+{rows}");
                 let vals = |b| Values { dtype, bytes: b };
-                match kind {
-                    SparseKind::Bitmask => {
-                        let starts = cpu::bitmask_row_starts(&parts[0][1..], total, cols);
-                        let m = BitmaskRef {
-                            cols,
-                            mask: &parts[0][1..],
-                            row_start: &starts,
-                            values: vals(&parts[1][1..]),
-                        };
-                        run_all(&what, &y0, &want, &abs, cols + 1, |k, y| {
-                            (k.bitmask_rows)(&m, r0, &x, y)
-                        });
-                    }
-                    SparseKind::BlockCsr => {
-                        let m = CsrRef {
-                            cols,
-                            block_ptr: &parts[0][1..],
-                            col_idx: &parts[1][1..],
-                            values: vals(&parts[2][1..]),
-                        };
-                        run_all(&what, &y0, &want, &abs, cols + 1, |k, y| {
-                            (k.csr_rows)(&m, r0, &x, y)
-                        });
-                    }
-                    SparseKind::TwoFour => {
-                        let m = TwoFourRef {
-                            cols,
-                            values: vals(&parts[0][1..]),
-                            meta: &parts[1][1..],
-                        };
-                        run_all(&what, &y0, &want, &abs, cols + 1, |k, y| {
-                            (k.two_four_rows)(&m, r0, &x, y)
-                        });
-                    }
-                }
+                let starts = match kind {
+                    SparseKind::Bitmask => cpu::bitmask_row_starts(&parts[0][1..], total, cols),
+                    _ => Vec::new(),
+                };
+                let m = match kind {
+                    SparseKind::Bitmask => SparseRef::Bitmask(BitmaskRef {
+                        cols,
+                        mask: &parts[0][1..],
+                        row_start: &starts,
+                        values: vals(&parts[1][1..]),
+                    }),
+                    SparseKind::BlockCsr => SparseRef::Csr(CsrRef {
+                        cols,
+                        block_ptr: &parts[0][1..],
+                        col_idx: &parts[1][1..],
+                        values: vals(&parts[2][1..]),
+                    }),
+                    SparseKind::TwoFour => SparseRef::TwoFour(TwoFourRef {
+                        cols,
+                        values: vals(&parts[0][1..]),
+                        meta: &parts[1][1..],
+                    }),
+                };
+                run_all(&what, &y0, &want, &abs, cols + 1, |k, y| {
+                    m.mul_rows(k, r0, &x, y)
+                });
+                check_decoded_rows(&what, &m, dtype, &dense, r0, rows);
             }
+        }
+    }
+}
+
+/// The tiled path's row decoder, with every table's `to_f32`, gives the rows of the
+/// matrix value for value (zeros where nothing is stored).
+fn check_decoded_rows(
+    what: &str,
+    m: &SparseRef<'_>,
+    dtype: DType,
+    dense: &[u8],
+    r0: usize,
+    rows: usize,
+) {
+    let cols = m.cols();
+    for k in tables() {
+        // Filled with a value no matrix holds, so a position left unwritten shows.
+        let mut tile = vec![f32::NAN; rows * cols];
+        let mut buf = vec![f32::NAN; cols];
+        m.decode_rows(&k, r0, &mut tile, &mut buf);
+        for (i, &got) in tile.iter().enumerate() {
+            let want = value(dtype, dense, r0 * cols + i);
+            assert!(
+                f64::from(got) == want,
+                "{what} [{}]: decoded row {}, column {}: {got} instead of {want}",
+                k.isa.name(),
+                r0 + i / cols,
+                i % cols
+            );
         }
     }
 }
@@ -681,9 +706,35 @@ fn the_chosen_table_is_available_and_reported() {
     }
 }
 
-/// Runs `f`, letting it panic.
-fn catch(f: impl FnOnce()) {
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+/// What a kernel did with inconsistent input: panicked, or returned this `y[0]`.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Panicked,
+    Returned(f32),
+}
+
+/// Runs a kernel that writes one output into a zeroed `y`, catching a panic.
+fn outcome(f: impl FnOnce(&mut [f32])) -> Outcome {
+    let mut y = [0f32];
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut y))) {
+        Ok(()) => Outcome::Returned(y[0]),
+        Err(_) => Outcome::Panicked,
+    }
+}
+
+/// Checks that a kernel over inconsistent data, with `x` all ones and every stored
+/// value `v`, panicked or returned a sum of at most `max_terms` stored values: `n·v`
+/// for a whole `n` (exact in `f32` here). A byte read from outside the buffers would
+/// show as some other number.
+fn assert_sane(what: &str, k: &Kernels, got: Outcome, v: f32, max_terms: usize) {
+    if let Outcome::Returned(y) = got {
+        let n = y / v;
+        assert!(
+            n.fract() == 0.0 && (0.0..=max_terms as f32).contains(&n),
+            "{what} [{}]: returned {y}, not a sum of at most {max_terms} stored values {v}",
+            k.isa.name()
+        );
+    }
 }
 
 /// Inconsistent index data must panic or give some sum, never read out of bounds.
@@ -694,6 +745,8 @@ fn inconsistent_sparse_data_never_reads_out_of_bounds() {
     let cols = 300;
     let x = vec![1f32; cols];
     let vals = vec![0x3cu8; 64];
+    // Every stored value: f16 0x3c3c = 1 + 60/1024.
+    let v = 1.0 + 60.0 / 1024.0;
     for k in tables() {
         // Block pointers past the values; column indices past the last block's width.
         let ptr: Vec<u8> = [0u32, 40, 10_000]
@@ -710,14 +763,23 @@ fn inconsistent_sparse_data_never_reads_out_of_bounds() {
                 bytes: &vals,
             },
         };
-        catch(|| (k.csr_rows)(&m, 0, &x, &mut [0f32]));
+        let got = outcome(|y| (k.csr_rows)(&m, 0, &x, y));
+        assert_sane("csr, pointers past the values", &k, got, v, cols);
         let ptr2: Vec<u8> = [0u32, 0, 32].iter().flat_map(|p| p.to_le_bytes()).collect();
         let m2 = CsrRef {
             block_ptr: &ptr2,
             ..m
         };
         // Indices 255 in the 44-column last block: clamped by SIMD, a panic in scalar.
-        catch(|| (k.csr_rows)(&m2, 0, &x, &mut [0f32]));
+        let got = outcome(|y| (k.csr_rows)(&m2, 0, &x, y));
+        if k.isa == Isa::Scalar {
+            assert_eq!(
+                got,
+                Outcome::Panicked,
+                "scalar csr, index past the last block"
+            );
+        }
+        assert_sane("csr, index past the last block", &k, got, v, cols);
         // Row starts past the values, and a full mask with too few values.
         let mask = vec![0xffu8; 300];
         let starts = [20u32, 10_000];
@@ -730,7 +792,8 @@ fn inconsistent_sparse_data_never_reads_out_of_bounds() {
                 bytes: &vals,
             },
         };
-        catch(|| (k.bitmask_rows)(&b, 0, &x, &mut [0f32]));
+        let got = outcome(|y| (k.bitmask_rows)(&b, 0, &x, y));
+        assert_sane("bitmask, starts past the values", &k, got, v, cols);
         // 2:4 with too few values and meta.
         let t = TwoFourRef {
             cols,
@@ -740,6 +803,7 @@ fn inconsistent_sparse_data_never_reads_out_of_bounds() {
             },
             meta: &[0xff; 3],
         };
-        catch(|| (k.two_four_rows)(&t, 0, &x, &mut [0f32]));
+        let got = outcome(|y| (k.two_four_rows)(&t, 0, &x, y));
+        assert_sane("2:4, too few values and meta", &k, got, v, cols);
     }
 }

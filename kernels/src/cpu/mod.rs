@@ -16,7 +16,10 @@ use alloc::vec::Vec;
 
 pub use cap_format::{DType, Values};
 
+mod decode;
 mod scalar;
+
+pub use decode::SparseRef;
 
 pub use scalar::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 
