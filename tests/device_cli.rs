@@ -157,7 +157,21 @@ fn tiny_model_self_test_generation_and_bad_input() {
     assert_eq!(a["tokens"], b["tokens"]);
     assert!(a["generated_tokens"].as_u64().unwrap() >= 1);
     assert!(a["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
-    assert!(a["decode_tokens_per_s"].as_f64().unwrap() >= 0.0);
+    // Every generated token but the first comes from a decode step (and one more when
+    // the last step produced end-of-sequence); the speed is those steps over their time.
+    let generated = a["generated_tokens"].as_u64().unwrap();
+    let decoded = a["decoded_tokens"].as_u64().unwrap();
+    assert!(decoded == generated - 1 || decoded == generated, "{a}");
+    assert!(decoded >= 1, "-n 8 decodes at least one token: {a}");
+    let (tps, secs) = (
+        a["decode_tokens_per_s"].as_f64().unwrap(),
+        a["decode_seconds"].as_f64().unwrap(),
+    );
+    assert!(tps > 0.0 && secs > 0.0, "{a}");
+    assert!(
+        (tps - decoded as f64 / secs).abs() <= 1e-9 * tps,
+        "decode speed {tps} is not {decoded} tokens / {secs} s"
+    );
     let info = json(&bin, &["info", &o, "--json"]);
     assert_eq!(info["checksums"], "ok");
     assert_eq!(

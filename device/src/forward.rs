@@ -21,9 +21,11 @@ const ATTN_BLOCK: usize = 128;
 const LOGIT_BLOCK: usize = 64;
 
 /// Why a forward call was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ForwardError {
     /// The chunk would run past the KV cache's capacity.
+    #[error("context full: the KV cache holds {capacity} tokens, {needed} needed")]
     ContextFull {
         /// Tokens the cache can hold.
         capacity: usize,
@@ -31,6 +33,7 @@ pub enum ForwardError {
         needed: usize,
     },
     /// A token id is outside the vocabulary.
+    #[error("token id {token} is outside the vocabulary of {vocab}")]
     TokenOutOfRange {
         /// The token.
         token: u32,
@@ -39,30 +42,11 @@ pub enum ForwardError {
     },
     /// The context would exceed the model's sliding attention window, which this
     /// runtime does not implement.
+    #[error("the context exceeds the model's sliding window of {window} tokens (not supported)")]
     BeyondSlidingWindow {
         /// The window.
         window: usize,
     },
-}
-
-impl core::fmt::Display for ForwardError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            ForwardError::ContextFull { capacity, needed } => {
-                write!(
-                    f,
-                    "context full: the KV cache holds {capacity} tokens, {needed} needed"
-                )
-            }
-            ForwardError::TokenOutOfRange { token, vocab } => {
-                write!(f, "token id {token} is outside the vocabulary of {vocab}")
-            }
-            ForwardError::BeyondSlidingWindow { window } => write!(
-                f,
-                "the context exceeds the model's sliding window of {window} tokens (not supported)"
-            ),
-        }
-    }
 }
 
 /// Precomputed RoPE rotation for every position up to a maximum.

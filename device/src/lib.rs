@@ -11,6 +11,8 @@ pub mod factored;
 pub mod forward;
 pub mod load;
 pub mod model;
+#[cfg(feature = "std")]
+pub mod open;
 pub mod ppl;
 pub mod rng;
 pub mod sample;

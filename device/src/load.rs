@@ -2,7 +2,6 @@
 //! linear layer and the embedding borrow the file's bytes ([`CapLinear`]); only the
 //! norm weights and biases (a few kilobytes) are converted to `f32`.
 
-use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -12,40 +11,63 @@ use cap_kernels::cpu;
 
 use crate::caplinear::CapLinear;
 use crate::config::{Arch, Config, RopeScaling as DevRope};
-use crate::model::{Block, Head, Model};
-use crate::tokenizer::{Tokenizer, TokenizerSpec};
+use crate::model::{Block, Head, Model, ShapeError};
+use crate::tokenizer::{RecordError, Tokenizer, TokenizerError, TokenizerSpec};
 
 /// A model read in place from a `.cap` file.
 pub type CapModel<'a> = Model<CapLinear<'a>, CapLinear<'a>>;
 
 /// Why a `.cap` file cannot be run.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum LoadError {
     /// The file's structure (see [`FormatError`]).
-    Format(FormatError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
     /// A tensor the architecture needs is missing.
-    Missing(String),
-    /// A tensor or the model record is inconsistent.
-    Invalid(String),
+    #[error("tensor {name} is missing")]
+    Missing {
+        /// The tensor's name in the file.
+        name: String,
+    },
+    /// The model record names an architecture this runtime does not run.
+    #[error("unsupported architecture {name:?}")]
+    UnsupportedArchitecture {
+        /// The record's architecture name.
+        name: String,
+    },
+    /// The model record's configuration is inconsistent.
+    #[error("model record: {reason}")]
+    ModelRecord {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A norm weight or bias is not a dense vector of the expected length.
+    #[error("tensor {name}: expected {len} dense values")]
+    NotDenseVector {
+        /// The tensor's name.
+        name: String,
+        /// Values expected.
+        len: usize,
+    },
+    /// The token embedding is not stored dense (rows are gathered by token id).
+    #[error("tensor {name}: the token embedding must be stored dense")]
+    EmbeddingNotDense {
+        /// The tensor's name.
+        name: &'static str,
+    },
+    /// The tensors' shapes do not fit the model record.
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
     /// The file carries no tokenizer.
+    #[error("the file carries no tokenizer")]
     NoTokenizer,
-}
-
-impl core::fmt::Display for LoadError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            LoadError::Format(e) => write!(f, "{e}"),
-            LoadError::Missing(n) => write!(f, "tensor {n} is missing"),
-            LoadError::Invalid(m) => f.write_str(m),
-            LoadError::NoTokenizer => f.write_str("the file carries no tokenizer"),
-        }
-    }
-}
-
-impl From<FormatError> for LoadError {
-    fn from(e: FormatError) -> Self {
-        LoadError::Format(e)
-    }
+    /// The tokenizer record cannot be used.
+    #[error("tokenizer record")]
+    TokenizerRecord(#[source] RecordError),
+    /// The tokenizer record does not form a tokenizer.
+    #[error("tokenizer")]
+    Tokenizer(#[source] TokenizerError),
 }
 
 /// Tensor names inside a `.cap` file: llama.cpp's GGUF names, which `cap-host` writes.
@@ -80,16 +102,16 @@ pub fn map_file(path: &std::path::Path) -> std::io::Result<memmap2::Mmap> {
 /// The tokenizer a file carries, rebuilt from its manifest record.
 pub fn tokenizer(m: &Manifest) -> Result<Tokenizer, LoadError> {
     let r = m.tokenizer.as_ref().ok_or(LoadError::NoTokenizer)?;
-    let spec = TokenizerSpec::from_record(r)
-        .map_err(|e| LoadError::Invalid(format!("tokenizer record: {e}")))?;
-    Tokenizer::new(spec).map_err(|e| LoadError::Invalid(format!("tokenizer: {e}")))
+    let spec = TokenizerSpec::from_record(r).map_err(LoadError::TokenizerRecord)?;
+    Tokenizer::new(spec).map_err(LoadError::Tokenizer)
 }
 
 /// The runtime configuration of a manifest's model record.
 pub fn runtime_config(m: &ModelConfig) -> Result<Config, LoadError> {
-    let arch = Arch::from_name(&m.architecture).ok_or_else(|| {
-        LoadError::Invalid(format!("unsupported architecture {:?}", m.architecture))
-    })?;
+    let arch =
+        Arch::from_name(&m.architecture).ok_or_else(|| LoadError::UnsupportedArchitecture {
+            name: m.architecture.clone(),
+        })?;
     let rope_scaling = match &m.rope_scaling {
         RopeScaling::None => DevRope::None,
         RopeScaling::Llama3 {
@@ -123,14 +145,14 @@ pub fn runtime_config(m: &ModelConfig) -> Result<Config, LoadError> {
         sliding_window: None,
     };
     c.validate()
-        .map_err(|e| LoadError::Invalid(format!("model record: {e}")))?;
+        .map_err(|reason| LoadError::ModelRecord { reason })?;
     Ok(c)
 }
 
 fn linear<'a>(file: &CapFile<'a>, name: &str) -> Result<CapLinear<'a>, LoadError> {
     let i = file
         .find(name)
-        .ok_or_else(|| LoadError::Missing(name.into()))?;
+        .ok_or_else(|| LoadError::Missing { name: name.into() })?;
     Ok(CapLinear::from_view(&file.tensor(i)?)?)
 }
 
@@ -143,9 +165,10 @@ fn vector(file: &CapFile<'_>, name: &str, len: usize) -> Result<Vec<f32>, LoadEr
             (cpu::kernels().to_f32)(v, 0, &mut out);
             Ok(out)
         }
-        _ => Err(LoadError::Invalid(format!(
-            "tensor {name}: expected {len} dense values"
-        ))),
+        _ => Err(LoadError::NotDenseVector {
+            name: name.into(),
+            len,
+        }),
     }
 }
 
@@ -158,10 +181,7 @@ pub fn model<'a>(file: &CapFile<'a>) -> Result<CapModel<'a>, LoadError> {
     let (h, qd, kvd) = (config.hidden_size, config.q_dim(), config.kv_dim());
     let embed = linear(file, names::EMBED)?;
     if embed.dense.is_none() {
-        return Err(LoadError::Invalid(format!(
-            "tensor {}: the token embedding must be stored dense",
-            names::EMBED
-        )));
+        return Err(LoadError::EmbeddingNotDense { name: names::EMBED });
     }
     let mut blocks = Vec::with_capacity(config.n_layers);
     for i in 0..config.n_layers {
@@ -201,7 +221,7 @@ pub fn model<'a>(file: &CapFile<'a>) -> Result<CapModel<'a>, LoadError> {
         blocks,
         head,
     };
-    model.validate().map_err(|e| LoadError::Invalid(e.0))?;
+    model.validate()?;
     Ok(model)
 }
 

@@ -213,36 +213,111 @@ pub struct Model<L, E = Vec<f32>> {
 }
 
 /// Why a set of weights does not form a valid model.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ShapeError(pub alloc::string::String);
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShapeError {
+    /// The configuration itself is inconsistent.
+    #[error("{0}")]
+    Config(&'static str),
+    /// A matrix has the wrong shape.
+    #[error("{}{tensor} is {}×{}, expected {}×{}", BlockPrefix(*block), found.0, found.1, expected.0, expected.1)]
+    Matrix {
+        /// The block, or `None` for the embedding and the head.
+        block: Option<usize>,
+        /// Which matrix (`"token embedding"`, `"q"`, ...).
+        tensor: &'static str,
+        /// Its (rows, columns).
+        found: (usize, usize),
+        /// The (rows, columns) the configuration implies.
+        expected: (usize, usize),
+    },
+    /// A norm weight or bias (or the embedding table, by size) has the wrong length.
+    #[error("{}{tensor} has {found} values, expected {expected}", BlockPrefix(*block))]
+    Vector {
+        /// The block, or `None` for the final norm.
+        block: Option<usize>,
+        /// Which vector (`"final norm"`, `"attention norm"`, ...).
+        tensor: &'static str,
+        /// Its length.
+        found: usize,
+        /// The length the configuration implies.
+        expected: usize,
+    },
+    /// The number of blocks is not the configuration's layer count.
+    #[error("{found} blocks, the configuration has {expected} layers")]
+    BlockCount {
+        /// Blocks present.
+        found: usize,
+        /// Layers configured.
+        expected: usize,
+    },
+    /// A block has q/k/v biases when the configuration has none, or the reverse.
+    #[error("block {block}: q/k/v biases disagree with the configuration")]
+    BiasPresence {
+        /// The block.
+        block: usize,
+    },
+}
 
-impl core::fmt::Display for ShapeError {
+/// `"block 3: "`, or nothing for tensors outside the blocks (for messages).
+struct BlockPrefix(Option<usize>);
+
+impl core::fmt::Display for BlockPrefix {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(&self.0)
+        match self.0 {
+            Some(n) => write!(f, "block {n}: "),
+            None => Ok(()),
+        }
     }
 }
 
 impl<L: Linear, E: Embedding> Model<L, E> {
     /// Checks every tensor's shape against the config.
     pub fn validate(&self) -> Result<(), ShapeError> {
-        use alloc::format;
         let c = &self.config;
-        c.validate().map_err(|e| ShapeError(e.into()))?;
+        c.validate().map_err(ShapeError::Config)?;
         let h = c.hidden_size;
-        let err = |what: &str| Err(ShapeError(what.into()));
-        if self.embed.numel() != c.vocab_size * h {
-            return err("token embedding is not vocab × hidden");
-        }
-        if self.norm.len() != h {
-            return err("final norm is not hidden wide");
-        }
+        let matrix = |block, tensor, found, expected| {
+            if found == expected {
+                Ok(())
+            } else {
+                Err(ShapeError::Matrix {
+                    block,
+                    tensor,
+                    found,
+                    expected,
+                })
+            }
+        };
+        let vector = |block, tensor, found, expected| {
+            if found == expected {
+                Ok(())
+            } else {
+                Err(ShapeError::Vector {
+                    block,
+                    tensor,
+                    found,
+                    expected,
+                })
+            }
+        };
+        // By size: an `Embedding` need not know its shape.
+        vector(
+            None,
+            "token embedding",
+            self.embed.numel(),
+            c.vocab_size * h,
+        )?;
+        vector(None, "final norm", self.norm.len(), h)?;
         if self.blocks.len() != c.n_layers {
-            return err("number of blocks differs from the layer count");
+            return Err(ShapeError::BlockCount {
+                found: self.blocks.len(),
+                expected: c.n_layers,
+            });
         }
-        if let Head::Separate(l) = &self.head
-            && (l.out_features(), l.in_features()) != (c.vocab_size, h)
-        {
-            return err("output head is not vocab × hidden");
+        if let Head::Separate(l) = &self.head {
+            let found = (l.out_features(), l.in_features());
+            matrix(None, "output head", found, (c.vocab_size, h))?;
         }
         let i = c.intermediate_size;
         for (n, b) in self.blocks.iter().enumerate() {
@@ -256,35 +331,18 @@ impl<L: Linear, E: Embedding> Model<L, E> {
                 (h, i),
             ];
             for ((name, l), w) in b.linears().iter().zip(want) {
-                if (l.out_features(), l.in_features()) != w {
-                    return Err(ShapeError(format!(
-                        "block {n}: {name} is {}×{}, expected {}×{}",
-                        l.out_features(),
-                        l.in_features(),
-                        w.0,
-                        w.1
-                    )));
-                }
+                matrix(Some(n), name, (l.out_features(), l.in_features()), w)?;
             }
-            if b.attn_norm.len() != h || b.mlp_norm.len() != h {
-                return Err(ShapeError(format!(
-                    "block {n}: norm weights are not hidden wide"
-                )));
-            }
+            vector(Some(n), "attention norm", b.attn_norm.len(), h)?;
+            vector(Some(n), "MLP norm", b.mlp_norm.len(), h)?;
             match (&b.qkv_bias, c.qkv_bias) {
                 (Some([bq, bk, bv]), true) => {
-                    if bq.len() != c.q_dim() || bk.len() != c.kv_dim() || bv.len() != c.kv_dim() {
-                        return Err(ShapeError(format!(
-                            "block {n}: q/k/v bias widths are wrong"
-                        )));
-                    }
+                    vector(Some(n), "q bias", bq.len(), c.q_dim())?;
+                    vector(Some(n), "k bias", bk.len(), c.kv_dim())?;
+                    vector(Some(n), "v bias", bv.len(), c.kv_dim())?;
                 }
                 (None, false) => {}
-                _ => {
-                    return Err(ShapeError(format!(
-                        "block {n}: q/k/v biases disagree with the config"
-                    )));
-                }
+                _ => return Err(ShapeError::BiasPresence { block: n }),
             }
         }
         Ok(())

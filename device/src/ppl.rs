@@ -11,7 +11,7 @@
 use alloc::vec::Vec;
 
 use crate::forward::{ForwardError, KvCache, KvDtype, Runner};
-use crate::model::{Embedding, Linear};
+use crate::model::{Embedding, Linear, Model};
 
 /// A perplexity protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +129,98 @@ pub fn score_window_kv<L: Linear, E: Embedding>(
         s.count += 1;
     }
     Ok(s)
+}
+
+/// How [`perplexity`] measures.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PplOptions {
+    /// Window length in tokens (at least 2).
+    pub ctx: usize,
+    /// Which tokens are scored.
+    pub protocol: Protocol,
+    /// Score at most this many windows (`None`: every whole window of the text).
+    pub max_windows: Option<usize>,
+    /// The BOS token that leads each window under [`Protocol::LlamaCpp`] (`None` when
+    /// the tokenizer adds none).
+    pub bos: Option<u32>,
+    /// Element type of the KV cache.
+    pub kv: KvDtype,
+}
+
+/// What [`perplexity`] measured.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PplReport {
+    /// Sums over every scored token.
+    pub total: NllStats,
+    /// Mean NLL of each window, in order (one entry per window scored).
+    pub window_nll_mean: Vec<f64>,
+}
+
+/// Why [`perplexity`] measured nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PplError {
+    /// A window shorter than 2 tokens scores nothing.
+    #[error("a window must hold at least 2 tokens (got {ctx})")]
+    WindowTooShort {
+        /// The window length asked for.
+        ctx: usize,
+    },
+    /// The text is shorter than one window.
+    #[error(
+        "the text has {tokens} tokens, fewer than one window of {ctx} (use a longer text or a shorter window)"
+    )]
+    TextTooShort {
+        /// Tokens of the text.
+        tokens: usize,
+        /// The window length.
+        ctx: usize,
+    },
+    /// The forward pass refused a window.
+    #[error("forward pass")]
+    Forward(#[source] ForwardError),
+}
+
+/// Perplexity of `tokens` (the whole tokenized text) under `opts`: the window loop the
+/// host's `eval` and the board's `selftest` share, so both measure the same tokens the
+/// same way. Runs `model` on `threads` threads (sized for `opts.ctx` once the text is
+/// known to hold a window); `progress(done, total)` is called after each window.
+pub fn perplexity<L: Linear, E: Embedding>(
+    model: &Model<L, E>,
+    threads: usize,
+    tokens: &[u32],
+    opts: &PplOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<PplReport, PplError> {
+    if opts.ctx < 2 {
+        return Err(PplError::WindowTooShort { ctx: opts.ctx });
+    }
+    let wins = windows(tokens.len(), opts.ctx, opts.max_windows);
+    if wins.is_empty() {
+        return Err(PplError::TextTooShort {
+            tokens: tokens.len(),
+            ctx: opts.ctx,
+        });
+    }
+    let runner = Runner::new(model, opts.ctx, threads);
+    let mut report = PplReport {
+        total: NllStats::default(),
+        window_nll_mean: Vec::with_capacity(wins.len()),
+    };
+    for (i, w) in wins.iter().enumerate() {
+        let s = score_window_kv(
+            &runner,
+            &tokens[w.clone()],
+            opts.protocol,
+            opts.bos,
+            opts.kv,
+        )
+        .map_err(PplError::Forward)?;
+        report.window_nll_mean.push(s.mean());
+        report.total.merge(&s);
+        progress(i + 1, wins.len());
+    }
+    Ok(report)
 }
 
 #[cfg(test)]

@@ -4,8 +4,11 @@
 mod common;
 
 use cap_device::forward::{KvCache, KvDtype, Runner, Workspace};
+use std::collections::BTreeSet;
+
+use cap_device::caplinear::{CapLinear, SparsePart};
 use cap_device::load;
-use cap_device::model::{DenseLinear, Model};
+use cap_device::model::{DenseLinear, Head, Model};
 use cap_format::CapFile;
 
 /// Logits of `tokens` fed as a prompt, then one at a time, on both models.
@@ -48,7 +51,9 @@ fn compare(bytes: &[u8], reference: &Model<DenseLinear>, threads: usize, kv: KvD
         );
     }
     let mut worst = 0.0f32;
+    assert_eq!(got.len(), rest.len() + 1, "one set of logits per call");
     for (i, g) in got.iter().enumerate() {
+        assert_eq!(g.len(), v, "logits of call {i}");
         let pos = prompt.len() - 1 + i;
         for (a, b) in g.iter().zip(&want[pos * v..(pos + 1) * v]) {
             worst = worst.max((a - b).abs());
@@ -107,32 +112,74 @@ fn perplexity_path_matches() {
         r.forward(&tokens, &mut kv, &mut h).unwrap();
         r.nll(&h[..299 * 36], &tokens[1..])
     });
+    assert_eq!(a.len(), 299, "one NLL per scored token");
+    assert_eq!(a.len(), b.len(), "both models score the same tokens");
     for (x, y) in a.iter().zip(&b) {
         assert!((x - y).abs() < 1e-4, "{x} vs {y}");
     }
 }
 
-/// The loader borrows the weights: every linear layer's stored bytes lie inside the
-/// file's buffer (no copy was made).
+/// The loader borrows the weights: every stored part of every layer (dense values,
+/// both factors, and the sparse part's mask, block pointers, column indices, 2:4
+/// metadata and values) lies inside the file's buffer (no copy was made), for every
+/// encoding the file holds, the untied sparse head included.
 #[test]
 fn weights_are_borrowed_from_the_file() {
-    let (bytes, _) = common::tiny_cap(5, true, false);
+    let (bytes, _) = common::tiny_cap(5, false, false);
     let file = CapFile::parse(&bytes).unwrap();
     let model = load::model(&file).unwrap();
     let range = bytes.as_ptr_range();
     let inside = |s: &[u8]| range.contains(&s.as_ptr()) && s.as_ptr_range().end <= range.end;
+    let mut seen = BTreeSet::new();
+    let mut check = |l: &CapLinear<'_>| {
+        let mut parts = Vec::new();
+        if let Some(d) = l.dense {
+            parts.push(d.bytes);
+        }
+        if let Some(lr) = &l.low_rank {
+            parts.extend([lr.a.bytes, lr.b.bytes]);
+        }
+        let sparse = l.sparse.as_ref().map(|s| match s {
+            SparsePart::Bitmask { mask, values, .. } => {
+                parts.extend([*mask, values.bytes]);
+                "bitmask"
+            }
+            SparsePart::Csr(c) => {
+                parts.extend([c.block_ptr, c.col_idx, c.values.bytes]);
+                "block-csr"
+            }
+            SparsePart::TwoFour(t) => {
+                parts.extend([t.meta, t.values.bytes]);
+                "2:4"
+            }
+        });
+        assert!(!parts.is_empty(), "a layer with no stored part");
+        for p in &parts {
+            assert!(!p.is_empty(), "an empty part");
+            assert!(inside(p), "a part outside the file's buffer");
+        }
+        seen.insert((l.dense.is_some(), l.low_rank.is_some(), sparse));
+    };
     for b in &model.blocks {
         for (_, l) in b.linears() {
-            let mut parts = Vec::new();
-            if let Some(d) = l.dense {
-                parts.push(d.bytes);
-            }
-            if let Some(lr) = &l.low_rank {
-                parts.extend([lr.a.bytes, lr.b.bytes]);
-            }
-            assert!(!parts.is_empty() || l.sparse.is_some());
-            assert!(parts.iter().all(|p| inside(p)));
+            check(l);
         }
     }
-    assert!(inside(model.embed.dense.unwrap().bytes));
+    match &model.head {
+        Head::Separate(l) => check(l),
+        Head::Tied => panic!("the fixture's head is untied"),
+    }
+    check(&model.embed);
+    // Every encoding of the fixture was seen: dense, low-rank, each sparse kind alone,
+    // and low-rank with a bitmask and with block-CSR.
+    let want = BTreeSet::from([
+        (true, false, None),
+        (false, true, None),
+        (false, false, Some("bitmask")),
+        (false, false, Some("block-csr")),
+        (false, false, Some("2:4")),
+        (false, true, Some("bitmask")),
+        (false, true, Some("block-csr")),
+    ]);
+    assert_eq!(seen, want);
 }

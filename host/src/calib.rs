@@ -13,8 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use anyhow::{Context, Result, bail};
-use cap_device::forward::Runner;
+use cap_device::forward::{ForwardError, Runner};
 use cap_device::model::{Block, DenseLinear, Head, Linear, Model};
 use cap_device::tokenizer::Tokenizer;
 
@@ -106,9 +105,53 @@ pub struct CalibOptions {
     pub threads: usize,
 }
 
+/// Why calibration statistics could not be gathered.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CalibError {
+    /// The calibration text could not be read.
+    #[error(transparent)]
+    Text(#[from] crate::eval::EvalError),
+    /// A line of a JSON-lines text is not JSON.
+    #[error("{}: line {line}: not JSON", path.display())]
+    NotJson {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The line (from 1).
+        line: usize,
+        /// The parser's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A line of a JSON-lines text has no string field `text`.
+    #[error("{}: line {line}: no string field \"text\"", path.display())]
+    NoTextField {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The line (from 1).
+        line: usize,
+    },
+    /// No window, or windows of no tokens, were asked for.
+    #[error("calibration needs at least one window of at least one token")]
+    NoWindows,
+    /// The text is shorter than one calibration window.
+    #[error("{text}: {tokens} tokens, fewer than one calibration window of {ctx}")]
+    TextTooShort {
+        /// The text's name.
+        text: String,
+        /// Tokens of the text.
+        tokens: usize,
+        /// The window length.
+        ctx: usize,
+    },
+    /// The forward pass refused a window.
+    #[error("calibration forward pass")]
+    Forward(#[source] ForwardError),
+}
+
 /// Reads a calibration text: JSON lines with a `text` field (the C4 layout) become the
 /// documents joined with `"\n\n"`; anything else is used as it is.
-pub fn read_calib_text(path: &Path) -> Result<String> {
+pub fn read_calib_text(path: &Path) -> Result<String, CalibError> {
     let raw = crate::eval::read_text(path, false)?;
     let first = raw.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
     if !first.trim_start().starts_with('{') {
@@ -120,15 +163,20 @@ pub fn read_calib_text(path: &Path) -> Result<String> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}: line {}: not JSON", path.display(), i + 1))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|source| CalibError::NotJson {
+                path: path.into(),
+                line: i + 1,
+                source,
+            })?;
         match v.get("text").and_then(|t| t.as_str()) {
             Some(t) => docs.push(t.to_string()),
-            None => bail!(
-                "{}: line {}: no string field \"text\"",
-                path.display(),
-                i + 1
-            ),
+            None => {
+                return Err(CalibError::NoTextField {
+                    path: path.into(),
+                    line: i + 1,
+                });
+            }
         }
     }
     Ok(docs.join("\n\n"))
@@ -144,18 +192,18 @@ pub fn input_rms(
     text_name: &str,
     opts: &CalibOptions,
     progress: impl FnMut(usize, usize),
-) -> Result<BTreeMap<String, Vec<f32>>> {
+) -> Result<BTreeMap<String, Vec<f32>>, CalibError> {
     if opts.ctx < 1 || opts.windows < 1 {
-        bail!("calibration needs at least one window of at least one token");
+        return Err(CalibError::NoWindows);
     }
     let tokens = tokenizer.encode(text, true);
     let have = tokens.len() / opts.ctx;
     if have == 0 {
-        bail!(
-            "{text_name}: {} tokens, fewer than one calibration window of {}",
-            tokens.len(),
-            opts.ctx
-        );
+        return Err(CalibError::TextTooShort {
+            text: text_name.into(),
+            tokens: tokens.len(),
+            ctx: opts.ctx,
+        });
     }
     let n = opts.windows.min(have);
     if n < opts.windows {
@@ -175,10 +223,10 @@ pub fn input_rms_windows(
     windows: &[&[u32]],
     threads: usize,
     mut progress: impl FnMut(usize, usize),
-) -> Result<BTreeMap<String, Vec<f32>>> {
+) -> Result<BTreeMap<String, Vec<f32>>, CalibError> {
     let max_ctx = windows.iter().map(|w| w.len()).max().unwrap_or(0);
     if max_ctx == 0 {
-        bail!("calibration needs at least one window of at least one token");
+        return Err(CalibError::NoWindows);
     }
     let rec = recording_model(model);
     let runner = Runner::new(&rec, max_ctx, threads);
@@ -187,7 +235,7 @@ pub fn input_rms_windows(
         let mut kv = runner.new_cache();
         runner
             .forward(w, &mut kv, &mut hidden)
-            .map_err(|e| anyhow::anyhow!("calibration forward pass: {e:?}"))?;
+            .map_err(CalibError::Forward)?;
         progress(i + 1, windows.len());
     }
     // Names in the same order and spelling as decompose uses.

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use cap_format::manifest::RopeScaling;
-use cap_format::{CapFile, DType, Encoding, Sparse};
+use cap_format::{CapFile, Encoding, Sparse};
 use serde::Serialize;
 
 use crate::import::arch::{Naming, classify};

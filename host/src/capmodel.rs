@@ -1,39 +1,11 @@
 //! Opens a `.cap` file on the host the way the board does: memory-mapped, verified,
 //! and run in place by `cap-device`'s loader and kernels, so what `eval` and
-//! `compress` measure is what the board computes.
+//! `compress` measure is what the board computes. The opening itself is
+//! [`cap_device::open`], the same code the `cap-device` binary runs.
 
-use std::path::Path;
+use cap_format::DType;
 
-use anyhow::{Context, Result, anyhow};
-use cap_device::load::{self, CapModel};
-use cap_device::tokenizer::Tokenizer;
-use cap_format::manifest::Manifest;
-use cap_format::{CapFile, DType};
-use memmap2::Mmap;
-
-/// Maps `path` read-only.
-pub fn map(path: &Path) -> Result<Mmap> {
-    load::map_file(path).with_context(|| format!("{}: cannot open", path.display()))
-}
-
-/// Parses `bytes` and verifies every checksum and sparse structure.
-pub fn parse_verified<'a>(path: &Path, bytes: &'a [u8]) -> Result<CapFile<'a>> {
-    let file = CapFile::parse(bytes)
-        .with_context(|| format!("{}: not a valid .cap file", path.display()))?;
-    file.verify_all()
-        .with_context(|| format!("{}: checksum verification failed", path.display()))?;
-    Ok(file)
-}
-
-/// The model of a parsed file, borrowing its bytes.
-pub fn model<'a>(path: &Path, file: &CapFile<'a>) -> Result<CapModel<'a>> {
-    load::model(file).map_err(|e| anyhow!("{}: {e}", path.display()))
-}
-
-/// The tokenizer a file carries.
-pub fn tokenizer(path: &Path, m: &Manifest) -> Result<Tokenizer> {
-    load::tokenizer(m).map_err(|e| anyhow!("{}: {e}", path.display()))
-}
+pub use cap_device::open::{OpenError, map, model, parse_verified, tokenizer};
 
 /// Little-endian raw values of `dtype` as `f32` (a trailing partial value is ignored).
 pub fn raw_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {

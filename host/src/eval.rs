@@ -1,14 +1,45 @@
 //! `cap-host eval`: perplexity of a model on a text, with the device's forward pass.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
-use cap_device::forward::Runner;
+use cap_device::forward::KvDtype;
 use cap_device::model::{Embedding, Linear, Model};
-use cap_device::ppl::{NllStats, Protocol, score_window, windows};
+use cap_device::ppl::{PplError, PplOptions, Protocol, perplexity};
 use cap_device::tokenizer::Tokenizer;
 use serde::Serialize;
+
+/// Why a text could not be read or evaluated.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EvalError {
+    /// The text file could not be read.
+    #[error("cannot read text file {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The text file is not UTF-8.
+    #[error("{}: not valid UTF-8 (first bad byte at {offset})", path.display())]
+    NotUtf8 {
+        /// The file.
+        path: PathBuf,
+        /// Offset of the first byte that is not UTF-8.
+        offset: usize,
+    },
+    /// The perplexity could not be measured on the text.
+    #[error("{text}")]
+    Perplexity {
+        /// The text's name (its path).
+        text: String,
+        /// What went wrong.
+        #[source]
+        source: PplError,
+    },
+}
 
 /// How to evaluate.
 #[derive(Clone, Debug)]
@@ -56,15 +87,14 @@ pub struct EvalReport {
 /// Wanda code does from the Hugging Face `wikitext` dataset: every line of the raw file is
 /// a row that keeps its newline, whitespace-only rows become empty, rows are joined with
 /// `"\n\n"`.
-pub fn read_text(path: &Path, wikitext: bool) -> Result<String> {
-    let raw =
-        std::fs::read(path).with_context(|| format!("cannot read text file {}", path.display()))?;
-    let text = String::from_utf8(raw).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: not valid UTF-8 (first bad byte at {})",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        )
+pub fn read_text(path: &Path, wikitext: bool) -> Result<String, EvalError> {
+    let raw = std::fs::read(path).map_err(|source| EvalError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let text = String::from_utf8(raw).map_err(|e| EvalError::NotUtf8 {
+        path: path.into(),
+        offset: e.utf8_error().valid_up_to(),
     })?;
     Ok(if wikitext { wikitext_rows(&text) } else { text })
 }
@@ -85,46 +115,38 @@ pub fn evaluate<L: Linear, E: Embedding>(
     text: &str,
     text_name: &str,
     opts: &EvalOptions,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<EvalReport> {
-    if opts.ctx < 2 {
-        bail!("--ctx must be at least 2 (got {})", opts.ctx);
-    }
+    progress: impl FnMut(usize, usize),
+) -> Result<EvalReport, EvalError> {
     let tokens = tokenizer.encode(text, true);
-    let wins = windows(tokens.len(), opts.ctx, opts.max_windows);
-    if wins.is_empty() {
-        bail!(
-            "{text_name}: the text has {} tokens, fewer than one window of {} (use a longer text or a smaller --ctx)",
-            tokens.len(),
-            opts.ctx
-        );
-    }
-    let runner = Runner::new(model, opts.ctx, opts.threads);
-    let bos = tokenizer.bos_id().filter(|_| tokenizer.adds_bos());
+    let ppl = PplOptions {
+        ctx: opts.ctx,
+        protocol: opts.protocol,
+        max_windows: opts.max_windows,
+        bos: tokenizer.bos_id().filter(|_| tokenizer.adds_bos()),
+        kv: KvDtype::F32,
+    };
     let start = Instant::now();
-    let mut total = NllStats::default();
-    let mut per_window = Vec::with_capacity(wins.len());
-    for (i, w) in wins.iter().enumerate() {
-        let s = score_window(&runner, &tokens[w.clone()], opts.protocol, bos)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        per_window.push(s.mean());
-        total.merge(&s);
-        progress(i + 1, wins.len());
-    }
+    let run = perplexity(model, opts.threads, &tokens, &ppl, progress).map_err(|source| {
+        EvalError::Perplexity {
+            text: text_name.into(),
+            source,
+        }
+    })?;
     let seconds = start.elapsed().as_secs_f64();
+    let (total, n_windows) = (run.total, run.window_nll_mean.len());
     Ok(EvalReport {
         ppl: total.ppl(),
         ppl_stderr: total.ppl_stderr(),
         nll_mean: total.mean(),
         tokens_scored: total.count,
-        windows: wins.len(),
+        windows: n_windows,
         ctx: opts.ctx,
         protocol: opts.protocol.name(),
         text_tokens: tokens.len(),
-        tokens_per_s: (wins.len() * opts.ctx) as f64 / seconds,
+        tokens_per_s: (n_windows * opts.ctx) as f64 / seconds,
         seconds,
         threads: opts.threads,
-        window_nll_mean: per_window,
+        window_nll_mean: run.window_nll_mean,
     })
 }
 

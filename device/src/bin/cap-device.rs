@@ -7,14 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use cap_device::forward::{KvCache, KvDtype, Runner, Workspace};
-use cap_device::load::{self, CapModel};
-use cap_device::ppl::{NllStats, Protocol, score_window, windows};
+use cap_device::load;
+use cap_device::open::{map, model as load_model, parse_verified as open, tokenizer};
+use cap_device::ppl::{PplOptions, Protocol, perplexity};
 use cap_device::sample::{Sampler, SamplerConfig};
-use cap_device::tokenizer::Tokenizer;
 use cap_format::manifest::PerplexityProtocol;
-use cap_format::{CapFile, Encoding, FORMAT_MAJOR, FORMAT_MINOR};
 use cap_kernels::{cpu, par};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
@@ -172,32 +171,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// The file's bytes, mapped read-only.
-fn map(path: &Path) -> Result<memmap2::Mmap> {
-    load::map_file(path).with_context(|| format!("{}: cannot open", path.display()))
-}
-
-/// Parses and verifies every checksum; refuses files from a newer major version.
-fn open<'a>(path: &Path, bytes: &'a [u8]) -> Result<CapFile<'a>> {
-    let file = CapFile::parse(bytes).map_err(|e| {
-        anyhow!(
-            "{}: not a usable .cap file (this build reads format {FORMAT_MAJOR}.{FORMAT_MINOR}): {e}",
-            path.display()
-        )
-    })?;
-    file.verify_all()
-        .map_err(|e| anyhow!("{}: checksum verification failed: {e}", path.display()))?;
-    Ok(file)
-}
-
-fn load_model<'a>(path: &Path, file: &CapFile<'a>) -> Result<CapModel<'a>> {
-    load::model(file).map_err(|e| anyhow!("{}: {e}", path.display()))
-}
-
-fn tokenizer(path: &Path, file: &CapFile<'_>) -> Result<Tokenizer> {
-    load::tokenizer(file.manifest()).map_err(|e| anyhow!("{}: {e}", path.display()))
-}
-
 fn threads(t: Option<usize>) -> usize {
     let n = t.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     par::init_threads(n);
@@ -222,21 +195,6 @@ fn check_ctx(ctx: usize, c: &cap_device::config::Config) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn encoding_name(e: &Encoding) -> &'static str {
-    use cap_format::Sparse;
-    let sparse = |s: &Sparse| match s {
-        Sparse::Bitmask { .. } => "bitmask",
-        Sparse::BlockCsr { .. } => "block-csr",
-        Sparse::TwoFour { .. } => "2:4",
-    };
-    match e {
-        Encoding::Dense { .. } => "dense",
-        Encoding::LowRank { .. } => "low-rank",
-        Encoding::Sparse(s) => sparse(s),
-        Encoding::Composite { .. } => "low-rank+sparse",
-    }
 }
 
 fn run(cmd: Cmd) -> Result<u8> {
@@ -290,7 +248,7 @@ fn info(path: &Path, ctx: usize, json: bool) -> Result<u8> {
     let c = &model.config;
     let mut encodings = std::collections::BTreeMap::<&str, (usize, u64)>::new();
     for t in &m.tensors {
-        let e = encodings.entry(encoding_name(&t.encoding)).or_default();
+        let e = encodings.entry(t.encoding.name()).or_default();
         e.0 += 1;
         e.1 += t.len;
     }
@@ -383,7 +341,7 @@ fn selftest(
     let bytes = map(path)?;
     let file = open(path, &bytes)?;
     let model = load_model(path, &file)?;
-    let tok = tokenizer(path, &file)?;
+    let tok = tokenizer(path, file.manifest())?;
     let comp = file.manifest().compression.as_ref();
     let record = comp
         .and_then(|c| c.perplexity.as_ref())
@@ -400,59 +358,41 @@ fn selftest(
         },
     };
     let ctx = ctx.or(record.map(|r| r.ctx as usize)).unwrap_or(512);
-    if ctx < 2 {
-        bail!("--ctx must be at least 2");
-    }
     let max_windows = max_windows.or(record.map(|r| r.windows as usize));
-    let tokens = tok.encode(&body, true);
-    let wins = windows(tokens.len(), ctx, max_windows);
-    if wins.is_empty() {
-        bail!(
-            "the text has {} tokens, fewer than one window of {ctx}",
-            tokens.len()
-        );
-    }
     check_ctx(ctx, &model.config)?;
-    let runner = Runner::new(&model, ctx, th);
-    let bos = tok.bos_id().filter(|_| tok.adds_bos());
+    let tokens = tok.encode(&body, true);
+    let opts = PplOptions {
+        ctx,
+        protocol: Protocol::LlamaCpp,
+        max_windows,
+        bos: tok.bos_id().filter(|_| tok.adds_bos()),
+        kv,
+    };
     let start = Instant::now();
-    let mut total = NllStats::default();
-    let score = |w: &std::ops::Range<usize>| {
-        par::install(|| {
-            if kv == KvDtype::F32 {
-                score_window(&runner, &tokens[w.clone()], Protocol::LlamaCpp, bos)
-            } else {
-                cap_device::ppl::score_window_kv(
-                    &runner,
-                    &tokens[w.clone()],
-                    Protocol::LlamaCpp,
-                    bos,
-                    kv,
-                )
+    let report = par::install(|| {
+        perplexity(&model, th, &tokens, &opts, |_, _| {
+            if !json {
+                eprint!(".");
             }
         })
-    };
-    for w in &wins {
-        let s = score(w).map_err(|e| anyhow!("forward pass: {e}"))?;
-        total.merge(&s);
-        if !json {
-            eprint!(".");
-        }
-    }
+    })?;
     if !json {
         eprintln!();
     }
     let secs = start.elapsed().as_secs_f64();
-    let first = &tokens[wins[0].clone()];
+    let total = report.total;
+    let n_windows = report.window_nll_mean.len();
+    let runner = Runner::new(&model, ctx, th);
+    let first = &tokens[..ctx];
     let n_check = decode_check_tokens.min(first.len() - 1);
-    let decode_diff = par::install(|| decode_check(&runner, &first[..=n_check], kv))
-        .map_err(|e| anyhow!("decode check: {e}"))?;
+    let decode_diff =
+        par::install(|| decode_check(&runner, &first[..=n_check], kv)).context("decode check")?;
     let decode_ok = decode_diff <= DECODE_CHECK_TOL;
     let ppl = total.ppl();
     let comparable = record.filter(|r| {
         text.is_none()
             && r.ctx as usize == ctx
-            && r.windows as usize == wins.len()
+            && r.windows as usize == n_windows
             && kv == KvDtype::F32
     });
     let rel = comparable.map(|r| (ppl - r.value).abs() / r.value);
@@ -463,7 +403,7 @@ fn selftest(
         "ppl_stderr": total.ppl_stderr(),
         "protocol": "llama-cpp",
         "ctx": ctx,
-        "windows": wins.len(),
+        "windows": n_windows,
         "tokens_scored": total.count,
         "stored_ppl": comparable.map(|r| r.value),
         "relative_difference": rel,
@@ -476,7 +416,7 @@ fn selftest(
         "kv": match kv { KvDtype::F32 => "f32", KvDtype::F16 => "f16" },
         "threads": th,
         "kernels": cpu::kernels().isa.name(),
-        "tokens_per_s": (wins.len() * ctx) as f64 / secs,
+        "tokens_per_s": (n_windows * ctx) as f64 / secs,
         "seconds": secs,
         "file_bytes": bytes.len(),
         "kv_cache_bytes": KvCache::bytes_for(&model.config, ctx, kv),
@@ -491,9 +431,9 @@ fn selftest(
             .unwrap_or_default();
         println!(
             "PPL {ppl:.4}{err} (llama.cpp rule, ctx {ctx}, {} windows, {} tokens scored, {:.1} tokens/s, {th} threads, {} kernels)",
-            wins.len(),
+            n_windows,
             total.count,
-            (wins.len() * ctx) as f64 / secs,
+            (n_windows * ctx) as f64 / secs,
             cpu::kernels().isa.name()
         );
         match (comparable, rel, pass) {
@@ -566,7 +506,7 @@ fn generate(
     let bytes = map(path)?;
     let file = open(path, &bytes)?;
     let model = load_model(path, &file)?;
-    let tok = tokenizer(path, &file)?;
+    let tok = tokenizer(path, file.manifest())?;
     let ids = tok.encode(prompt, true);
     if ids.is_empty() {
         bail!("the prompt is empty");
@@ -591,7 +531,7 @@ fn generate(
         let mut next = sampler.sample(
             runner
                 .next_logits(&ids, &mut cache, &mut ws)
-                .map_err(|e| anyhow!("prefill: {e}"))?,
+                .context("prefill")?,
         );
         let prefill_s = t0.elapsed().as_secs_f64();
         let mut out = Vec::new();
@@ -609,7 +549,7 @@ fn generate(
             }
             let logits = runner
                 .next_logits(&[next], &mut cache, &mut ws)
-                .map_err(|e| anyhow!("decode: {e}"))?;
+                .context("decode")?;
             decoded += 1;
             next = sampler.sample(logits);
         }
@@ -627,6 +567,7 @@ fn generate(
             "file": path.display().to_string(),
             "prompt_tokens": ids.len(),
             "generated_tokens": out.len(),
+            "decoded_tokens": decoded,
             "tokens": out,
             "text": text,
             "prefill_tokens_per_s": prefill_tps,

@@ -111,17 +111,24 @@ pub struct TokenizerSpec {
 }
 
 /// Why a spec does not form a tokenizer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TokenizerError {
     /// The vocabulary is empty.
+    #[error("the vocabulary is empty")]
     EmptyVocabulary,
     /// The vocabulary or the merge list does not fit 32-bit ids.
+    #[error("the vocabulary does not fit 32-bit ids")]
     TooLarge,
-    /// A merge names a string that is not a token, or merges into one that is not.
+    /// A merge (`"left right"`) names a string that is not a token, or merges into one
+    /// that is not.
+    #[error("merge {0:?} names or makes a string that is not a token")]
     UnknownMerge(String),
     /// A special-token or BOS/EOS/UNK id is out of range.
+    #[error("token id {0} is outside the vocabulary")]
     IdOutOfRange(u32),
     /// SentencePiece without merges needs one score per token.
+    #[error("SentencePiece needs one score per token: {scores} scores for {tokens} tokens")]
     ScoresLength {
         /// Number of tokens.
         tokens: usize,
@@ -129,30 +136,8 @@ pub enum TokenizerError {
         scores: usize,
     },
     /// The pre-tokenizer does not go with the algorithm.
+    #[error("pre-tokenizer {0:?} does not go with this tokenizer kind")]
     PreTokenizerMismatch(PreTokenizer),
-}
-
-impl core::fmt::Display for TokenizerError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            TokenizerError::EmptyVocabulary => write!(f, "the vocabulary is empty"),
-            TokenizerError::TooLarge => write!(f, "the vocabulary does not fit 32-bit ids"),
-            TokenizerError::UnknownMerge(m) => {
-                write!(f, "merge {m:?} names or makes a string that is not a token")
-            }
-            TokenizerError::IdOutOfRange(i) => write!(f, "token id {i} is outside the vocabulary"),
-            TokenizerError::ScoresLength { tokens, scores } => write!(
-                f,
-                "SentencePiece needs one score per token: {scores} scores for {tokens} tokens"
-            ),
-            TokenizerError::PreTokenizerMismatch(p) => {
-                write!(
-                    f,
-                    "pre-tokenizer {p:?} does not go with this tokenizer kind"
-                )
-            }
-        }
-    }
 }
 
 /// Special tokens, found in the text by a first-byte filter and longest-first comparison.

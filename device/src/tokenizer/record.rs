@@ -20,23 +20,23 @@ const PRE_NAMES: [(PreTokenizer, &str); 6] = [
 ];
 
 /// Why a manifest's tokenizer record cannot be used.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RecordError {
     /// The pre-tokenizer name is not one this runtime implements.
+    #[error("unknown pre-tokenizer {0:?} (supported: {list}, or none)", list = SupportedPre)]
     UnknownPreTokenizer(String),
 }
 
-impl core::fmt::Display for RecordError {
+/// The names of the implemented pre-tokenizers, comma-separated (for messages).
+struct SupportedPre;
+
+impl core::fmt::Display for SupportedPre {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            RecordError::UnknownPreTokenizer(n) => {
-                write!(f, "unknown pre-tokenizer {n:?} (supported: ")?;
-                for (i, (_, name)) in PRE_NAMES.iter().enumerate().skip(1) {
-                    write!(f, "{}{name}", if i > 1 { ", " } else { "" })?;
-                }
-                write!(f, ", or none)")
-            }
+        for (i, (_, name)) in PRE_NAMES.iter().enumerate().skip(1) {
+            write!(f, "{}{name}", if i > 1 { ", " } else { "" })?;
         }
+        Ok(())
     }
 }
 

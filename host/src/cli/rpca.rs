@@ -52,6 +52,7 @@ impl CalibArgs {
             .as_deref()
             .map(cap_host::calib::read_calib_text)
             .transpose()
+            .map_err(Into::into)
     }
 
     /// Per-tensor input RMS from `text` (None in plain mode).
@@ -84,7 +85,7 @@ impl CalibArgs {
             },
         );
         pb.finish_and_clear();
-        r.map(Some)
+        Ok(Some(r?))
     }
 }
 

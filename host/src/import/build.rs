@@ -225,8 +225,9 @@ pub fn build_model(
         norm,
         head,
     };
-    model
-        .validate()
-        .map_err(|e| ImportError::Config { path, msg: e.0 })?;
+    model.validate().map_err(|e| ImportError::Config {
+        path,
+        msg: e.to_string(),
+    })?;
     Ok(model)
 }
