@@ -380,7 +380,7 @@ pub fn smallest_sparse_encoding(
     }
     let nnz: u64 = nnz_per_row.iter().map(|&k| u64::from(k)).sum();
     let mut candidates = [
-        (is_2_4 && cols % 4 == 0 && nnz_per_row.iter().all(|&k| k <= cols / 2))
+        (is_2_4 && cols.is_multiple_of(4) && nnz_per_row.iter().all(|&k| k <= cols / 2))
             .then_some(Sparse::TwoFour { dtype }),
         Some(Sparse::Bitmask { nnz, dtype }),
         (nnz <= u64::from(u32::MAX)).then_some(Sparse::BlockCsr { nnz, dtype }),

@@ -84,7 +84,7 @@ pub fn encode_sparse(
             (Sparse::BlockCsr { nnz, dtype }, vec![ptr, idx, values])
         }
         SparseKind::TwoFour => {
-            if cols % 4 != 0 {
+            if !cols.is_multiple_of(4) {
                 return Err(FormatError::InvalidEncoding {
                     reason: "2:4 needs cols to be a multiple of 4",
                 });
