@@ -89,9 +89,11 @@ pub fn source_sha256(path: &Path) -> Result<String> {
 /// give byte-identical files, else the clock (`None` if it reads before 1970).
 pub fn creation_time() -> Result<Option<u64>> {
     match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
-            anyhow!("SOURCE_DATE_EPOCH={v:?} is not a whole number of seconds")
-        }),
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| anyhow!("SOURCE_DATE_EPOCH={v:?} is not a whole number of seconds")),
         Err(_) => Ok(std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .ok()
