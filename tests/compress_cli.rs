@@ -479,3 +479,98 @@ fn bad_input_fails_cleanly_and_writes_nothing() {
     assert_eq!(code, 2, "{err}");
     assert!(leftovers(&work).is_empty());
 }
+
+/// `cap-host compress` with `XDG_CACHE_HOME` (the data-free calibration cache) and
+/// `SOURCE_DATE_EPOCH` set; returns (exit code, stdout, stderr).
+fn cap_host_env(cache_home: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cap-host"))
+        .env("XDG_CACHE_HOME", cache_home)
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .args(args)
+        .output()
+        .expect("run cap-host");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn data_free_calibration_without_calib() {
+    let dir = tempfile::tempdir().unwrap();
+    // A model whose tokenizer has no BOS or EOS cannot generate: one clear line.
+    let o = dir.path().join("tiny.cap").display().to_string();
+    let (code, _, err) = cap_host_env(
+        dir.path(),
+        &[
+            "compress",
+            "--model",
+            &tiny("llama-tied"),
+            "-o",
+            &o,
+            "--ratio",
+            "0.5",
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("BOS or EOS") && err.contains("--calib"),
+        "{err}"
+    );
+    assert!(!Path::new(&o).exists());
+    // SmolLM2 calibrates on its own text; the second run reads the cached text and
+    // writes the same bytes; the held-out text is the shipped WikiText-2.
+    let Some(model) = common::real_model() else {
+        return;
+    };
+    let m = model.display().to_string();
+    let mut files = Vec::new();
+    for (i, how) in ["generated", "cached"].iter().enumerate() {
+        let o = dir.path().join(format!("s{i}.cap")).display().to_string();
+        let args = [
+            "compress",
+            "--model",
+            &m,
+            "-o",
+            &o,
+            "--ratio",
+            "0.5",
+            "--method",
+            "wanda",
+            "--calib-samples",
+            "3",
+            "--calib-len",
+            "16",
+            "--eval-ctx",
+            "64",
+            "--eval-windows",
+            "1",
+            "--no-source-eval",
+            "--json",
+        ];
+        let (code, out, err) = cap_host_env(dir.path(), &args);
+        assert_eq!(code, 0, "{err}");
+        let r: Value = serde_json::from_str(out.trim()).unwrap();
+        let cal = r["calibration"].as_str().unwrap();
+        assert!(
+            cal.starts_with("data-free: 3 × 16 tokens") && cal.contains(how),
+            "{cal}"
+        );
+        assert!(
+            r["eval_text"].as_str().unwrap().contains("WikiText-2"),
+            "{r}"
+        );
+        assert!(r["eval"]["ppl"].as_f64().unwrap().is_finite());
+        files.push(std::fs::read(&o).unwrap());
+    }
+    assert!(
+        files[0] == files[1],
+        "the cached calibration text gave another file"
+    );
+    let cached: Vec<_> = std::fs::read_dir(dir.path().join("cap/selfcalib"))
+        .unwrap()
+        .collect();
+    assert_eq!(cached.len(), 1);
+}

@@ -47,6 +47,14 @@ pub enum ForwardError {
         /// The window.
         window: usize,
     },
+    /// A batched call got a different number of tokens and caches.
+    #[error("a batched call needs one KV cache per token: {tokens} tokens, {caches} caches")]
+    BatchMismatch {
+        /// Tokens given (one per sequence).
+        tokens: usize,
+        /// KV caches given (one per sequence).
+        caches: usize,
+    },
 }
 
 /// Precomputed RoPE rotation for every position up to a maximum.
@@ -392,6 +400,54 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
         Ok(&ws.logits[..vocab])
     }
 
+    /// Feeds one token to each of several independent sequences (`tokens[i]` follows
+    /// what `kvs[i]` holds, at its own position) and returns their logits
+    /// (`tokens.len() × vocab`, row `i` for sequence `i`, in the workspace). Equal to
+    /// calling [`Runner::next_logits`] once per sequence up to float rounding, but the
+    /// weights are read once for all of them: batched generation (self-generated
+    /// calibration text) is bound by arithmetic, not by memory bandwidth.
+    pub fn next_logits_batch<'w>(
+        &self,
+        tokens: &[u32],
+        kvs: &mut [KvCache],
+        ws: &'w mut Workspace,
+    ) -> Result<&'w [f32], ForwardError> {
+        let c = &self.model.config;
+        let (h, vocab, t) = (c.hidden_size, c.vocab_size, tokens.len());
+        if kvs.len() != t {
+            return Err(ForwardError::BatchMismatch {
+                tokens: t,
+                caches: kvs.len(),
+            });
+        }
+        for (tok, kv) in tokens.iter().zip(kvs.iter()) {
+            self.check(core::slice::from_ref(tok), kv)?;
+        }
+        let mut x = core::mem::take(&mut ws.x);
+        let xs = grow(&mut x, t * h);
+        for (row, &tok) in xs.chunks_exact_mut(h).zip(tokens) {
+            self.model.embed.row_into(tok as usize, row);
+        }
+        for (layer, b) in self.model.blocks.iter().enumerate() {
+            self.run_block_batch(layer, b, xs, kvs, ws);
+        }
+        for kv in kvs.iter_mut() {
+            kv.len += 1;
+        }
+        let Workspace {
+            hidden,
+            logits,
+            lin,
+            ..
+        } = ws;
+        let out = grow(hidden, t * h);
+        ops::rms_norm(out, xs, &self.model.norm, c.rms_eps);
+        ws.x = x;
+        let lg = grow(logits, t * vocab);
+        self.logits_with(&hidden[..t * h], lg, lin);
+        Ok(&ws.logits[..t * vocab])
+    }
+
     fn check(&self, tokens: &[u32], kv: &KvCache) -> Result<(), ForwardError> {
         let c = &self.model.config;
         let needed = kv.len + tokens.len();
@@ -457,9 +513,119 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
         ws: &mut Workspace,
     ) {
         let c = &self.model.config;
+        let t = x.len() / c.hidden_size;
+        let pos0 = kv.len;
+        self.qkv(b, x, ws);
+        let Workspace {
+            q,
+            k,
+            v,
+            att,
+            heads,
+            ..
+        } = ws;
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
+        let (q, k, v, att) = (
+            &mut q[..t * qd],
+            &mut k[..t * kvd],
+            &v[..t * kvd],
+            &mut att[..t * qd],
+        );
+        for i in 0..t {
+            self.rope_and_store(
+                layer,
+                &mut q[i * qd..(i + 1) * qd],
+                &mut k[i * kvd..(i + 1) * kvd],
+                &v[i * kvd..(i + 1) * kvd],
+                kv,
+                pos0 + i,
+            );
+        }
+        self.attention(layer, q, kv, pos0, t, heads, att);
+        self.finish_block(b, x, ws);
+    }
+
+    /// [`Runner::run_block_with`] for one new token of each of `kvs.len()` sequences
+    /// (row `i` of `x` belongs to `kvs[i]`, at position `kvs[i].len()`): the linears
+    /// run once over all rows (a GEMM instead of one matrix-vector product per
+    /// sequence), attention over each row's own cache.
+    fn run_block_batch<B: Linear>(
+        &self,
+        layer: usize,
+        b: &Block<B>,
+        x: &mut [f32],
+        kvs: &mut [KvCache],
+        ws: &mut Workspace,
+    ) {
+        let c = &self.model.config;
+        let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
+        let t = kvs.len();
+        self.qkv(b, x, ws);
+        let Workspace {
+            q,
+            k,
+            v,
+            att,
+            heads,
+            ..
+        } = ws;
+        let (q, k, v, att) = (
+            &mut q[..t * qd],
+            &mut k[..t * kvd],
+            &v[..t * kvd],
+            &mut att[..t * qd],
+        );
+        for (i, kv) in kvs.iter_mut().enumerate() {
+            let pos = kv.len;
+            self.rope_and_store(
+                layer,
+                &mut q[i * qd..(i + 1) * qd],
+                &mut k[i * kvd..(i + 1) * kvd],
+                &v[i * kvd..(i + 1) * kvd],
+                kv,
+                pos,
+            );
+        }
+        // One (sequence, head) pair per chunk: its output, then its scores.
+        let group = c.n_heads / c.n_kv_heads;
+        let scale = 1.0 / libm::sqrtf(hd as f32);
+        let cap = kvs.iter().map(|kv| kv.capacity).max().unwrap_or(0);
+        let per = hd + cap;
+        let hs = grow(heads, t * c.n_heads * per);
+        let kern = cpu::kernels();
+        let kvs: &[KvCache] = kvs;
+        par::for_each_chunk(hs, per, self.threads, |j, chunk| {
+            let (i, head) = (j / c.n_heads, j % c.n_heads);
+            let kv = &kvs[i];
+            let keys = kv.len + 1;
+            let (o, s) = chunk.split_at_mut(hd);
+            let base = kv.head_start(layer, head / group);
+            let qh = &q[i * qd + head * hd..i * qd + (head + 1) * hd];
+            decode_head(
+                kern,
+                kv.k.values(base..base + keys * hd),
+                kv.v.values(base..base + keys * hd),
+                hd,
+                qh,
+                scale,
+                &mut s[..keys],
+                o,
+            );
+        });
+        for (j, chunk) in hs.chunks_exact(per).enumerate() {
+            let (i, head) = (j / c.n_heads, j % c.n_heads);
+            att[i * qd + head * hd..i * qd + (head + 1) * hd].copy_from_slice(&chunk[..hd]);
+        }
+        self.finish_block(b, x, ws);
+    }
+
+    /// The first half of a block for the `t = x.len() / hidden` rows of `x`: the
+    /// attention norm into `ws.xn`, then `q`, `k`, `v` (with their biases) into the
+    /// workspace, every buffer grown to `t` rows.
+    fn qkv<B: Linear>(&self, b: &Block<B>, x: &[f32], ws: &mut Workspace) {
+        let c = &self.model.config;
         let h = c.hidden_size;
         let t = x.len() / h;
-        let pos0 = kv.len;
         let (qd, kvd, inter) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
         let th = self.threads;
         let Workspace {
@@ -471,7 +637,6 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
             tmp,
             gate,
             up,
-            heads,
             lin,
             ..
         } = ws;
@@ -481,12 +646,10 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
             grow(k, t * kvd),
             grow(v, t * kvd),
         );
-        let (att, tmp, gate, up) = (
-            grow(att, t * qd),
-            grow(tmp, t * h),
-            grow(gate, t * inter),
-            grow(up, t * inter),
-        );
+        grow(att, t * qd);
+        grow(tmp, t * h);
+        grow(gate, t * inter);
+        grow(up, t * inter);
         ops::rms_norm(xn, x, &b.attn_norm, c.rms_eps);
         b.q.forward(xn, q, lin, th);
         b.k.forward(xn, k, lin, th);
@@ -496,29 +659,54 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
             add_bias(k, bk);
             add_bias(v, bv);
         }
-        for (i, (qr, kr)) in q
-            .chunks_exact_mut(qd)
-            .zip(k.chunks_exact_mut(kvd))
-            .enumerate()
-        {
-            for head in qr
-                .chunks_exact_mut(c.head_dim)
-                .chain(kr.chunks_exact_mut(c.head_dim))
-            {
-                self.rope.apply(head, pos0 + i);
-            }
+    }
+
+    /// Rotates one token's query and key heads for position `pos` and stores its keys
+    /// and values in `kv`'s slot for `layer` at `pos`.
+    fn rope_and_store(
+        &self,
+        layer: usize,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        kv: &mut KvCache,
+        pos: usize,
+    ) {
+        let hd = self.model.config.head_dim;
+        for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
+            self.rope.apply(head, pos);
         }
-        let hd = c.head_dim;
-        for g in 0..c.n_kv_heads {
-            let base = kv.head_start(layer, g);
-            for i in 0..t {
-                let src = i * kvd + g * hd..i * kvd + (g + 1) * hd;
-                let dst = base + (pos0 + i) * hd;
-                kv.k.store(dst, &k[src.clone()]);
-                kv.v.store(dst, &v[src]);
-            }
+        for (g, (kh, vh)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
+            let dst = kv.head_start(layer, g) + pos * hd;
+            kv.k.store(dst, kh);
+            kv.v.store(dst, vh);
         }
-        self.attention(layer, q, kv, pos0, t, heads, att);
+    }
+
+    /// The second half of a block, from the attention output in `ws.att`: the output
+    /// projection and the residual, then the MLP and its residual, in place on `x`.
+    fn finish_block<B: Linear>(&self, b: &Block<B>, x: &mut [f32], ws: &mut Workspace) {
+        let c = &self.model.config;
+        let h = c.hidden_size;
+        let t = x.len() / h;
+        let (qd, inter) = (c.q_dim(), c.intermediate_size);
+        let th = self.threads;
+        let Workspace {
+            xn,
+            att,
+            tmp,
+            gate,
+            up,
+            lin,
+            ..
+        } = ws;
+        let (xn, att, tmp, gate, up) = (
+            &mut xn[..t * h],
+            &att[..t * qd],
+            &mut tmp[..t * h],
+            &mut gate[..t * inter],
+            &mut up[..t * inter],
+        );
         b.o.forward(att, tmp, lin, th);
         add_into(x, tmp);
 
@@ -565,14 +753,8 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
             let kvals = kv.k.values(base..base + keys * hd);
             let vvals = kv.v.values(base..base + keys * hd);
             if t == 1 {
-                // Decode: two matrix-vector products straight over the cache.
                 let qh = &q[head * hd..(head + 1) * hd];
-                s.fill(0.0);
-                (kern.dense_rows)(kvals, hd, 0, qh, s);
-                s.iter_mut().for_each(|v| *v *= scale);
-                vexp::softmax(s);
-                o.fill(0.0);
-                (kern.dense_t_rows)(vvals, hd, 0, s, o);
+                decode_head(kern, kvals, vvals, hd, qh, scale, s, o);
                 return;
             }
             let (kf, vf): (&[f32], &[f32]) = match (&kv.k, &kv.v) {
@@ -669,6 +851,28 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
         }
         out
     }
+}
+
+/// Decode attention of one query head `qh` over `keys = scores.len()` cached
+/// positions: two matrix-vector products straight over the cache (`kvals`, `vvals`:
+/// `keys × hd`), the softmax between them; writes `hd` values into `out`.
+#[allow(clippy::too_many_arguments)]
+fn decode_head(
+    kern: &cpu::Kernels,
+    kvals: Values<'_>,
+    vvals: Values<'_>,
+    hd: usize,
+    qh: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    scores.fill(0.0);
+    (kern.dense_rows)(kvals, hd, 0, qh, scores);
+    scores.iter_mut().for_each(|v| *v *= scale);
+    vexp::softmax(scores);
+    out.fill(0.0);
+    (kern.dense_t_rows)(vvals, hd, 0, scores, out);
 }
 
 fn add_bias(x: &mut [f32], bias: &[f32]) {

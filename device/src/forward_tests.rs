@@ -267,3 +267,61 @@ fn context_overflow_is_an_error() {
         }
     );
 }
+
+/// Batched decoding (one token of each of several sequences per call, the linears run
+/// once over all rows) gives each sequence the logits it gets alone. Tolerance 1e-4
+/// absolute on logits of magnitude ~1: the batch runs the linears as one GEMM and the
+/// single sequence as matrix-vector products, which round differently (f32, sums of
+/// at most 40 products).
+#[test]
+fn batched_decoding_equals_one_sequence_at_a_time() {
+    use crate::forward::{KvCache, KvDtype, Workspace};
+    for (kvd, threads) in [(KvDtype::F32, 1), (KvDtype::F16, 2)] {
+        let model = random_model(config(true, false, RopeScaling::None), 11);
+        let runner = Runner::new(&model, 64, threads);
+        let vocab = model.config.vocab_size;
+        let prompts: [&[u32]; 3] = [&[1, 2, 3], &[7], &[4, 9, 9, 30, 2]];
+        let mut kvs: Vec<KvCache> = prompts
+            .iter()
+            .map(|_| KvCache::new(&model.config, 64, kvd))
+            .collect();
+        let mut alone: Vec<KvCache> = kvs.clone();
+        let mut ws = Workspace::new();
+        for (p, kv) in prompts.iter().zip(&mut kvs) {
+            let n = p.len() - 1;
+            runner.next_logits(&p[..n], kv, &mut ws).unwrap();
+        }
+        for (p, kv) in prompts.iter().zip(&mut alone) {
+            let n = p.len() - 1;
+            runner.next_logits(&p[..n], kv, &mut ws).unwrap();
+        }
+        let mut next: Vec<u32> = prompts.iter().map(|p| p[p.len() - 1]).collect();
+        for step in 0..6 {
+            let batch = runner
+                .next_logits_batch(&next, &mut kvs, &mut ws)
+                .unwrap()
+                .to_vec();
+            assert_eq!(batch.len(), 3 * vocab);
+            for (i, kv) in alone.iter_mut().enumerate() {
+                let one = runner.next_logits(&next[i..i + 1], kv, &mut ws).unwrap();
+                let row = &batch[i * vocab..(i + 1) * vocab];
+                let worst = row
+                    .iter()
+                    .zip(one)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(worst < 1e-4, "step {step} seq {i}: {worst}");
+                assert_eq!(kv.len(), kvs[i].len());
+            }
+            next = next
+                .iter()
+                .map(|t| (t * 7 + step + 3) % vocab as u32)
+                .collect();
+        }
+        let err = runner.next_logits_batch(&next[..2], &mut kvs, &mut ws);
+        assert!(matches!(
+            err,
+            Err(crate::forward::ForwardError::BatchMismatch { .. })
+        ));
+    }
+}

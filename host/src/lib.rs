@@ -9,4 +9,6 @@ pub mod import;
 pub mod inspect;
 pub mod pack;
 pub mod rpca;
+pub mod selfcalib;
 pub mod targets;
+pub mod texts;

@@ -72,9 +72,12 @@ pub struct CompressArgs {
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
     /// Calibration text: plain text, or JSON lines with a `text` field (the C4 layout).
-    /// Never calibrate on the text you evaluate on.
+    /// Never calibrate on the text you evaluate on. Without it, calibration is
+    /// data-free: the model writes --calib-samples × --calib-len tokens itself (seeded
+    /// nucleus sampling from its BOS token, all sequences at once; cached in
+    /// ~/.cache/cap/selfcalib per model and recipe).
     #[arg(long, value_name = "FILE")]
-    pub calib: PathBuf,
+    pub calib: Option<PathBuf>,
     /// Calibration sequences (the papers use 128; 32 keeps a 2-core CPU within minutes).
     #[arg(long, default_value_t = 32)]
     pub calib_samples: usize,
@@ -84,8 +87,9 @@ pub struct CompressArgs {
     /// Seed of the calibration sample and of the masks.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Held-out text to measure the result on [default: the last 10% of --calib, which
-    /// is then not used for calibration].
+    /// Held-out text to measure the result on and store for the board's self-test
+    /// [default: WikiText-2 validation, shipped with cap; the C4 sample when --calib is
+    /// that very text].
     #[arg(long, value_name = "FILE")]
     pub eval_text: Option<PathBuf>,
     /// Build --eval-text as the papers do from the HF `wikitext` dataset.
@@ -184,6 +188,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
         budget,
         dtype: a.dtype.map(dtype_of).or(preferred).unwrap_or(DType::F16),
         calib: a.calib,
+        selfcalib_dir: None,
         calib_samples: a.calib_samples,
         calib_len: a.calib_len,
         seed: a.seed,
@@ -315,6 +320,7 @@ pub fn render(r: &CompressReport) -> String {
         "dense tensors: {} bytes; file: {} bytes ({})",
         r.dense_tensor_bytes, r.file_bytes, r.path
     );
+    let _ = writeln!(s, "calibration: {}", r.calibration);
     let source = r
         .dense_eval
         .as_ref()

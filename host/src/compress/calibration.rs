@@ -2,21 +2,6 @@
 
 use anyhow::{Result, bail};
 
-/// Splits `text` into a calibration part and a held-out tail of about `tail_frac` of
-/// its characters, cut at a paragraph break (`"\n\n"`) where there is one near, so no
-/// document straddles the two.
-pub fn split_held_out(text: &str, tail_frac: f64) -> (&str, &str) {
-    let target = ((1.0 - tail_frac) * text.len() as f64) as usize;
-    let mut cut = target.min(text.len());
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    if let Some(p) = text[cut..].find("\n\n") {
-        cut += p + 2;
-    }
-    text.split_at(cut)
-}
-
 /// The first characters of `text` that hold about `tokens` tokens (≈ 8 characters a
 /// token leaves room for texts that tokenize densely), cut at a character boundary.
 pub fn prefix_for_tokens(text: &str, tokens: usize) -> &str {
@@ -57,15 +42,6 @@ pub fn sample_windows(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn held_out_split_is_at_a_paragraph_break_and_disjoint() {
-        let text = "aaaa\n\nbbbb\n\ncccc\n\ndddd";
-        let (c, e) = split_held_out(text, 0.3);
-        assert_eq!(format!("{c}{e}"), text);
-        assert_eq!(e, "dddd");
-        assert!(c.ends_with("\n\n"));
-    }
 
     #[test]
     fn windows_are_seeded_slices() {

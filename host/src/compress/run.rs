@@ -24,7 +24,7 @@ use super::admm::{AdmmOptions, prune as admm_prune};
 use super::allocate::{Allocation2, Keep, Trial, search, sparsities, wanda_pruned};
 use super::budget::{Accounting, Budget, BudgetSpec, CostModel, FixedCosts, resolve};
 use super::build::factored;
-use super::calibration::{prefix_for_tokens, sample_windows, split_held_out};
+use super::calibration::{prefix_for_tokens, sample_windows};
 use super::methods::{
     Allocation, Method, Variant, probability_scores, sparse_candidate, svd_candidates,
     uniform_groups,
@@ -61,15 +61,19 @@ pub struct CompressOptions {
     pub budget: BudgetSpec,
     /// Storage dtype of factors, sparse values and the dense tensors.
     pub dtype: DType,
-    /// Calibration text (plain text, or JSON lines with a `text` field).
-    pub calib: PathBuf,
+    /// Calibration text (plain text, or JSON lines with a `text` field); `None`:
+    /// data-free, text the model generates itself ([`crate::selfcalib`]).
+    pub calib: Option<PathBuf>,
+    /// Where data-free calibration text is cached; `None`: the default cache.
+    pub selfcalib_dir: Option<PathBuf>,
     /// Calibration sequences.
     pub calib_samples: usize,
     /// Tokens per calibration sequence.
     pub calib_len: usize,
     /// Seed of the sampled sequences and masks.
     pub seed: u64,
-    /// Held-out evaluation text; `None`: the tail of the calibration text.
+    /// Held-out evaluation text; `None`: a text shipped with cap, never the calibration
+    /// text ([`crate::texts::default_held_out`]).
     pub eval_text: Option<PathBuf>,
     /// Read `eval_text` the way the papers build WikiText-2.
     pub eval_wikitext: bool,
@@ -180,6 +184,8 @@ pub struct CompressReport {
     pub self_test: EvalReport,
     /// Name of the held-out text.
     pub eval_text: String,
+    /// What the model was calibrated on.
+    pub calibration: String,
     /// The REINFORCE log (empty for other allocations).
     pub steps: Vec<StepLog>,
     /// cap's learned allocation and the settings it tried.
@@ -363,20 +369,16 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         .load_model()
         .with_context(|| format!("{}: loading the model", opts.model.display()))?;
     let tokenizer = ck.tokenizer()?;
-    let calib_text = crate::calib::read_calib_text(&opts.calib)?;
-    let (calib_part, held_out, eval_name) = match &opts.eval_text {
-        Some(p) => (
-            calib_text.as_str(),
-            read_text(p, opts.eval_wikitext)?,
-            p.display().to_string(),
-        ),
+    // Calibration: a text file, or (data-free) text the model writes itself.
+    let calib_text = match &opts.calib {
+        Some(p) => Some(crate::calib::read_calib_text(p)?),
+        None => None,
+    };
+    let (held_out, eval_name) = match &opts.eval_text {
+        Some(p) => (read_text(p, opts.eval_wikitext)?, p.display().to_string()),
         None => {
-            let (c, e) = split_held_out(&calib_text, 0.1);
-            (
-                c,
-                e.to_string(),
-                format!("{} (held-out last 10%)", opts.calib.display()),
-            )
+            let (name, text) = crate::texts::default_held_out(calib_text.as_deref());
+            (text, name.to_string())
         }
     };
     if opts.eval_ctx < 2 || opts.eval_windows == 0 {
@@ -384,9 +386,50 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     }
     let self_test_text =
         prefix_for_tokens(&held_out, opts.eval_ctx * opts.eval_windows + 1).to_string();
-    let calib_tokens = tokenizer.encode(calib_part, true);
-    let windows = sample_windows(&calib_tokens, opts.calib_samples, opts.calib_len, opts.seed)
-        .with_context(|| format!("{}", opts.calib.display()))?;
+    let (windows, calibration) = match (&calib_text, &opts.calib) {
+        (Some(text), Some(p)) => {
+            let calib_tokens = tokenizer.encode(text, true);
+            let w = sample_windows(&calib_tokens, opts.calib_samples, opts.calib_len, opts.seed)
+                .with_context(|| format!("{}", p.display()))?;
+            (w, p.display().to_string())
+        }
+        _ => {
+            if opts.calib_len < 2 {
+                bail!("--calib-len must be at least 2");
+            }
+            let recipe =
+                crate::selfcalib::Recipe::new(opts.calib_samples, opts.calib_len - 1, opts.seed);
+            let dir = opts
+                .selfcalib_dir
+                .clone()
+                .or_else(crate::selfcalib::default_cache_dir)
+                .ok_or_else(|| {
+                    anyhow!("neither XDG_CACHE_HOME nor HOME is set: pass --calib FILE")
+                })?;
+            on_event(Event::Stage {
+                name: "data-free calibration text",
+                total: (opts.calib_samples * (opts.calib_len - 1)) as u64,
+            });
+            let sha = source_sha256(&opts.model)?;
+            let (w, cached) = crate::selfcalib::cached_or_generate(
+                &model,
+                &tokenizer,
+                &recipe,
+                &sha,
+                &dir,
+                opts.threads,
+                |d, _| on_event(Event::Progress(d as u64)),
+            )?;
+            let how = if cached { "cached" } else { "generated" };
+            (
+                w,
+                format!(
+                    "data-free: {} × {} tokens written by the model ({how})",
+                    opts.calib_samples, opts.calib_len
+                ),
+            )
+        }
+    };
     let win_refs: Vec<&[u32]> = windows.iter().map(|w| w.as_slice()).collect();
     let linears = block_linears(&model);
     lap("load", &mut seconds);
@@ -886,6 +929,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         dense_eval,
         self_test,
         eval_text: eval_name,
+        calibration,
         steps,
         allocation_search: alloc_trials,
         seconds,
