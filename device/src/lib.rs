@@ -13,6 +13,7 @@ pub mod load;
 pub mod model;
 pub mod ppl;
 pub mod sample;
+pub mod tensors;
 pub mod tokenizer;
 
 #[cfg(test)]
