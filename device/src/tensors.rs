@@ -13,7 +13,7 @@
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use cap_format::DType;
+use cap_format::{DType, Encoding, TensorDesc};
 
 use crate::config::{Arch, Config};
 use crate::model::{Block, Head, Model};
@@ -504,6 +504,19 @@ impl TensorInfo {
             Storage::F32 => DType::F32,
         }
     }
+
+    /// Its descriptor when written dense in a file whose weights are in `weight_dtype`
+    /// (`None` if a dimension does not fit the format's `u32`): what the budget counts
+    /// for every tensor of [`dense_tensors`].
+    pub fn dense_desc(&self, weight_dtype: DType) -> Option<TensorDesc> {
+        Some(TensorDesc {
+            rows: u32::try_from(self.rows).ok()?,
+            cols: u32::try_from(self.cols).ok()?,
+            encoding: Encoding::Dense {
+                dtype: self.dense_dtype(weight_dtype),
+            },
+        })
+    }
 }
 
 /// Every tensor of a `.cap` file for a model with configuration `c`, in the order they
@@ -780,6 +793,14 @@ mod tests {
         let bias = TensorInfo::new(&c, Role::QBias, 0);
         assert_eq!((bias.rows, bias.cols), (1, 8));
         assert_eq!(bias.dense_dtype(DType::F16), DType::F32);
+        assert_eq!(
+            bias.dense_desc(DType::BF16),
+            Some(TensorDesc {
+                rows: 1,
+                cols: 8,
+                encoding: Encoding::Dense { dtype: DType::F32 }
+            })
+        );
         assert_eq!(
             TensorInfo::new(&c, Role::Head, 0).dense_dtype(DType::F16),
             DType::F16
