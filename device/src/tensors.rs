@@ -657,7 +657,8 @@ pub fn named_linears_mut<'m, 't, L, E>(
     which: &'t [TensorInfo],
 ) -> Result<Vec<(&'t TensorInfo, &'m mut L)>, &'t str> {
     // Every linear of the model, keyed by (role, block), taken out at most once.
-    let mut slots: Vec<((Role, Option<usize>), Option<&'m mut L>)> = Vec::new();
+    type Slot<'m, L> = ((Role, Option<usize>), Option<&'m mut L>);
+    let mut slots: Vec<Slot<'m, L>> = Vec::new();
     for (i, b) in m.blocks.iter_mut().enumerate() {
         let Block {
             q,
