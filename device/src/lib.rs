@@ -16,6 +16,7 @@ pub mod open;
 pub mod ppl;
 pub mod rng;
 pub mod sample;
+pub mod tensors;
 pub mod tokenizer;
 
 #[cfg(test)]

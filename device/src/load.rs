@@ -12,6 +12,7 @@ use cap_kernels::cpu;
 use crate::caplinear::CapLinear;
 use crate::config::{Arch, Config, RopeScaling as DevRope};
 use crate::model::{Block, Head, Model, ShapeError};
+use crate::tensors::{Naming, Role, TensorInfo, tensor_name};
 use crate::tokenizer::{RecordError, Tokenizer, TokenizerError, TokenizerSpec};
 
 /// A model read in place from a `.cap` file.
@@ -54,7 +55,7 @@ pub enum LoadError {
     #[error("tensor {name}: the token embedding must be stored dense")]
     EmbeddingNotDense {
         /// The tensor's name.
-        name: &'static str,
+        name: String,
     },
     /// The tensors' shapes do not fit the model record.
     #[error(transparent)]
@@ -68,24 +69,6 @@ pub enum LoadError {
     /// The tokenizer record does not form a tokenizer.
     #[error("tokenizer")]
     Tokenizer(#[source] TokenizerError),
-}
-
-/// Tensor names inside a `.cap` file: llama.cpp's GGUF names, which `cap-host` writes.
-pub mod names {
-    use alloc::format;
-    use alloc::string::String;
-
-    /// Token embedding (`vocab × hidden`).
-    pub const EMBED: &str = "token_embd.weight";
-    /// Final RMSNorm weight.
-    pub const FINAL_NORM: &str = "output_norm.weight";
-    /// Untied output head.
-    pub const HEAD: &str = "output.weight";
-
-    /// Tensor `suffix` (e.g. `attn_q.weight`) of block `layer`.
-    pub fn block(layer: usize, suffix: &str) -> String {
-        format!("blk.{layer}.{suffix}")
-    }
 }
 
 /// Maps the file at `path` read-only: the bytes [`model`] borrows on a machine with
@@ -172,50 +155,56 @@ fn vector(file: &CapFile<'_>, name: &str, len: usize) -> Result<Vec<f32>, LoadEr
     }
 }
 
-/// The model of a parsed file, borrowing its bytes. Checks every shape against the
-/// model record; does not verify checksums (call [`CapFile::verify_all`] first to
+/// The model of a parsed file, borrowing its bytes. Tensors are looked up by the
+/// names of the architecture's table ([`crate::tensors`]). Checks every shape against
+/// the model record; does not verify checksums (call [`CapFile::verify_all`] first to
 /// trust the numbers: the kernels are memory-safe on any bytes, but a flipped bit
 /// would silently change results).
 pub fn model<'a>(file: &CapFile<'a>) -> Result<CapModel<'a>, LoadError> {
     let config = runtime_config(&file.manifest().model)?;
-    let (h, qd, kvd) = (config.hidden_size, config.q_dim(), config.kv_dim());
-    let embed = linear(file, names::EMBED)?;
+    let c = &config;
+    let name = |role, layer| tensor_name(Naming::Gguf, role, layer);
+    let vec_of = |role, layer| {
+        let t = TensorInfo::new(c, role, layer);
+        vector(file, &t.name, t.numel())
+    };
+    let embed_name = name(Role::Embed, 0);
+    let embed = linear(file, &embed_name)?;
     if embed.dense.is_none() {
-        return Err(LoadError::EmbeddingNotDense { name: names::EMBED });
+        return Err(LoadError::EmbeddingNotDense { name: embed_name });
     }
-    let mut blocks = Vec::with_capacity(config.n_layers);
-    for i in 0..config.n_layers {
-        let lin = |s: &str| linear(file, &names::block(i, s));
-        let vec = |s: &str, n| vector(file, &names::block(i, s), n);
-        let qkv_bias = if config.qkv_bias {
+    let mut blocks = Vec::with_capacity(c.n_layers);
+    for i in 0..c.n_layers {
+        let lin = |role| linear(file, &name(role, i));
+        let qkv_bias = if c.qkv_bias {
             Some([
-                vec("attn_q.bias", qd)?,
-                vec("attn_k.bias", kvd)?,
-                vec("attn_v.bias", kvd)?,
+                vec_of(Role::QBias, i)?,
+                vec_of(Role::KBias, i)?,
+                vec_of(Role::VBias, i)?,
             ])
         } else {
             None
         };
         blocks.push(Block {
-            attn_norm: vec("attn_norm.weight", h)?,
-            q: lin("attn_q.weight")?,
-            k: lin("attn_k.weight")?,
-            v: lin("attn_v.weight")?,
-            o: lin("attn_output.weight")?,
+            attn_norm: vec_of(Role::AttnNorm, i)?,
+            q: lin(Role::Q)?,
+            k: lin(Role::K)?,
+            v: lin(Role::V)?,
+            o: lin(Role::O)?,
             qkv_bias,
-            mlp_norm: vec("ffn_norm.weight", h)?,
-            gate: lin("ffn_gate.weight")?,
-            up: lin("ffn_up.weight")?,
-            down: lin("ffn_down.weight")?,
+            mlp_norm: vec_of(Role::MlpNorm, i)?,
+            gate: lin(Role::Gate)?,
+            up: lin(Role::Up)?,
+            down: lin(Role::Down)?,
         });
     }
-    let head = if config.tie_embeddings {
+    let head = if c.tie_embeddings {
         Head::Tied
     } else {
-        Head::Separate(linear(file, names::HEAD)?)
+        Head::Separate(linear(file, &name(Role::Head, 0))?)
     };
     let model = Model {
-        norm: vector(file, names::FINAL_NORM, h)?,
+        norm: vec_of(Role::FinalNorm, 0)?,
         config,
         embed,
         blocks,

@@ -4,15 +4,37 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
 use cap_format::manifest::RopeScaling;
 use cap_format::{CapFile, Encoding, Sparse};
 use serde::Serialize;
 
+use crate::digest::to_hex;
 use crate::import::arch::{Naming, classify};
-use crate::pack::to_hex;
+
+/// Why a `.cap` file could not be inspected or verified; messages name the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CapInfoError {
+    /// The file could not be read.
+    #[error("{}: cannot read", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid `.cap` file (the first problem found).
+    #[error("{}: {problem}", .path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+}
 
 /// One tensor of a `.cap` file.
 #[derive(Clone, Debug, Serialize)]
@@ -359,18 +381,28 @@ pub fn verify_cap(bytes: &[u8]) -> Result<VerifyReport, String> {
     })
 }
 
-fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
+fn read(path: &Path) -> Result<Vec<u8>, CapInfoError> {
+    std::fs::read(path).map_err(|source| CapInfoError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn invalid(path: &Path) -> impl FnOnce(String) -> CapInfoError + '_ {
+    |problem| CapInfoError::Invalid {
+        path: path.to_owned(),
+        problem,
+    }
 }
 
 /// [`inspect_cap`] on a file; errors name the file.
-pub fn inspect_cap_file(path: &Path) -> Result<CapReport> {
+pub fn inspect_cap_file(path: &Path) -> Result<CapReport, CapInfoError> {
     let bytes = read(path)?;
-    inspect_cap(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    inspect_cap(&bytes).map_err(invalid(path))
 }
 
 /// [`verify_cap`] on a file; errors name the file.
-pub fn verify_cap_file(path: &Path) -> Result<VerifyReport> {
+pub fn verify_cap_file(path: &Path) -> Result<VerifyReport, CapInfoError> {
     let bytes = read(path)?;
-    verify_cap(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    verify_cap(&bytes).map_err(invalid(path))
 }

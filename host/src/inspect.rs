@@ -3,11 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::Result;
 use serde::Serialize;
 
-use crate::import::Checkpoint;
 use crate::import::arch::{Naming, classify};
+use crate::import::{Checkpoint, ImportError};
 
 /// Parameters, bytes and dtypes of one tensor group.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -44,7 +43,7 @@ pub struct CheckpointReport {
 }
 
 /// Inspects a checkpoint without loading its weights.
-pub fn inspect(ck: &Checkpoint) -> Result<CheckpointReport> {
+pub fn inspect(ck: &Checkpoint) -> Result<CheckpointReport, ImportError> {
     let config = ck.config()?;
     let mut groups: BTreeMap<String, GroupStats> = BTreeMap::new();
     let mut add = |naming: Naming, name: &str, params: u64, bytes: u64, dtype: String| {

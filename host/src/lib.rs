@@ -4,6 +4,7 @@ pub mod calib;
 pub mod capinfo;
 pub mod capmodel;
 pub mod compress;
+pub mod digest;
 pub mod eval;
 pub mod import;
 pub mod inspect;

@@ -6,20 +6,103 @@
 //! temporary file + rename), so only the imported `f32` model and one converted tensor
 //! are in memory. The output is deterministic apart from the `created_unix` field.
 
-use std::fs::File;
-use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
 use cap_device::config::{Config, RopeScaling as DevRope};
-use cap_device::model::{DenseLinear, Head, Model};
+use cap_device::model::{DenseLinear, Model};
+use cap_device::tensors::{self, Part, Storage};
 use cap_format::manifest::{Manifest, ModelConfig, Provenance, RopeScaling};
-use cap_format::{CapWriter, DType, Encoding, TensorDesc, WriterOptions};
+use cap_format::{CapWriter, DType, Encoding, FormatError, TensorDesc, WriteError, WriterOptions};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
-use crate::import::Checkpoint;
-use crate::import::arch::{Naming, Role, tensor_name};
+pub(crate) use crate::digest::parse_sha256;
+pub use crate::digest::{DigestError, sha256_file, source_sha256, to_hex};
+use crate::import::{Checkpoint, ImportError};
+
+/// An error a caller's per-linear hook returns to [`write_model`]; kept as is, so the
+/// caller's message reaches the user unchanged.
+pub type HookError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a model could not be packed. Every message names the file or the tensor.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PackError {
+    /// The model's weights could not be imported.
+    #[error("{}: loading the model", .path.display())]
+    Load {
+        /// The checkpoint.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: ImportError,
+    },
+    /// The tokenizer could not be imported.
+    #[error(transparent)]
+    Tokenizer(ImportError),
+    /// A digest could not be computed or parsed.
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+    /// `SOURCE_DATE_EPOCH` is set but not a whole number.
+    #[error("SOURCE_DATE_EPOCH={0:?} is not a whole number of seconds")]
+    SourceDateEpoch(String),
+    /// A size does not fit the format's 32-bit field.
+    #[error("{what} = {value} does not fit in u32")]
+    TooLarge {
+        /// Which size.
+        what: &'static str,
+        /// Its value.
+        value: usize,
+    },
+    /// A tensor's data does not match its shape.
+    #[error("tensor {name}: {len} values for a {rows}×{cols} shape")]
+    Length {
+        /// The tensor.
+        name: String,
+        /// Values given.
+        len: usize,
+        /// Rows of the shape.
+        rows: usize,
+        /// Columns of the shape.
+        cols: usize,
+    },
+    /// The model in memory lacks a tensor the table lists for its configuration.
+    #[error("tensor {0}: not in the model (its configuration and layers disagree)")]
+    NotInModel(String),
+    /// The output file could not be created, written or finished.
+    #[error("{}: {what}", .path.display())]
+    Write {
+        /// The output file.
+        path: PathBuf,
+        /// What was being done (`cannot create`, `writing tensor NAME`, ...).
+        what: String,
+        /// The writer's error.
+        #[source]
+        source: WriteError,
+    },
+    /// A tensor's encoded size could not be computed.
+    #[error("tensor {name}")]
+    Size {
+        /// The tensor.
+        name: String,
+        /// The format's error.
+        #[source]
+        source: FormatError,
+    },
+    /// The written file could not be examined.
+    #[error("{}: cannot stat", .path.display())]
+    Stat {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A caller's per-linear hook failed (its error, unchanged).
+    #[error(transparent)]
+    Hook(HookError),
+}
+
+type Result<T, E = PackError> = std::result::Result<T, E>;
 
 /// What [`pack`] wrote.
 #[derive(Clone, Debug, Serialize)]
@@ -40,50 +123,6 @@ pub struct PackReport {
     pub tokenizer: bool,
 }
 
-/// SHA-256 of a file as 64 lower-case hex digits, read in a streaming way.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut h = Sha256::new();
-    hash_file_into(&mut h, path)?;
-    Ok(to_hex(&h.finalize()))
-}
-
-fn hash_file_into(h: &mut Sha256, path: &Path) -> Result<()> {
-    let mut f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("{}: read error", path.display()))?;
-        if n == 0 {
-            return Ok(());
-        }
-        h.update(&buf[..n]);
-    }
-}
-
-/// The provenance digest of a model: [`sha256_file`] of a GGUF file; for a Hugging Face
-/// directory, the SHA-256 of its `*.safetensors` files concatenated in name order (the
-/// weights, which are what a `.cap` file is derived from).
-pub fn source_sha256(path: &Path) -> Result<String> {
-    if !path.is_dir() {
-        return sha256_file(path);
-    }
-    let mut shards: Vec<_> = std::fs::read_dir(path)
-        .with_context(|| format!("{}: cannot list", path.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    shards.sort();
-    if shards.is_empty() {
-        bail!("{}: no *.safetensors files", path.display());
-    }
-    let mut h = Sha256::new();
-    for p in &shards {
-        hash_file_into(&mut h, p)?;
-    }
-    Ok(to_hex(&h.finalize()))
-}
-
 /// The creation time stamped into a written file: `SOURCE_DATE_EPOCH` (seconds since the
 /// Unix epoch, the reproducible-builds convention) when set, so that the same inputs
 /// give byte-identical files, else the clock (`None` if it reads before 1970).
@@ -93,7 +132,7 @@ pub fn creation_time() -> Result<Option<u64>> {
             .trim()
             .parse::<u64>()
             .map(Some)
-            .map_err(|_| anyhow!("SOURCE_DATE_EPOCH={v:?} is not a whole number of seconds")),
+            .map_err(|_| PackError::SourceDateEpoch(v)),
         Err(_) => Ok(std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .ok()
@@ -101,26 +140,8 @@ pub fn creation_time() -> Result<Option<u64>> {
     }
 }
 
-/// Lower-case hex of bytes.
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub(crate) fn parse_sha256(hex: &str) -> Result<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 || !hex.is_ascii() {
-        bail!("source sha256 must be 64 hex digits, got {hex:?}");
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-            .map_err(|_| anyhow!("source sha256 must be 64 hex digits, got {hex:?}"))?;
-    }
-    Ok(out)
-}
-
-fn u32_of(v: usize, what: &str) -> Result<u32> {
-    u32::try_from(v).map_err(|_| anyhow!("{what} = {v} does not fit in u32"))
+fn u32_of(v: usize, what: &'static str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| PackError::TooLarge { what, value: v })
 }
 
 /// Converts the runtime configuration to the manifest's model record.
@@ -179,10 +200,12 @@ impl Sink<'_> {
         dtype: DType,
     ) -> Result<()> {
         if data.len() != rows * cols {
-            bail!(
-                "tensor {name}: {} values for a {rows}×{cols} shape",
-                data.len()
-            );
+            return Err(PackError::Length {
+                name: name.to_string(),
+                len: data.len(),
+                rows,
+                cols,
+            });
         }
         self.buf.clear();
         crate::compress::write::extend_bytes(&mut self.buf, data, dtype);
@@ -191,14 +214,10 @@ impl Sink<'_> {
             cols: u32_of(cols, "cols")?,
             encoding: Encoding::Dense { dtype },
         };
-        self.w
-            .add_tensor(name, &desc, &[&self.buf])
-            .with_context(|| format!("{}: writing tensor {name}", self.out.display()))?;
-        self.tensors += 1;
-        self.params += data.len() as u64;
-        self.tensor_bytes += cap_format::encoded_bytes_aligned(&desc, self.alignment)
-            .with_context(|| format!("tensor {name}"))?;
-        Ok(())
+        let buf = std::mem::take(&mut self.buf);
+        let r = self.add_parts(name, &desc, &[&buf], data.len() as u64);
+        self.buf = buf;
+        r
     }
 
     /// Writes a tensor whose parts are already encoded; `params` is the number of
@@ -212,20 +231,21 @@ impl Sink<'_> {
     ) -> Result<()> {
         self.w
             .add_tensor(name, desc, parts)
-            .with_context(|| format!("{}: writing tensor {name}", self.out.display()))?;
+            .map_err(|source| PackError::Write {
+                path: self.out.to_owned(),
+                what: format!("writing tensor {name}"),
+                source,
+            })?;
         self.tensors += 1;
         self.params += params;
-        self.tensor_bytes += cap_format::encoded_bytes_aligned(desc, self.alignment)
-            .with_context(|| format!("tensor {name}"))?;
+        self.tensor_bytes +=
+            cap_format::encoded_bytes_aligned(desc, self.alignment).map_err(|source| {
+                PackError::Size {
+                    name: name.to_string(),
+                    source,
+                }
+            })?;
         Ok(())
-    }
-
-    fn linear(&mut self, name: &str, l: &DenseLinear, dtype: DType) -> Result<()> {
-        self.add(name, l.out_features, l.in_features, &l.weight, dtype)
-    }
-
-    fn vector(&mut self, name: &str, v: &[f32]) -> Result<()> {
-        self.add(name, 1, v.len(), v, DType::F32)
     }
 }
 
@@ -245,9 +265,10 @@ pub fn pack(
 ) -> Result<PackReport> {
     let sha = parse_sha256(source_sha256)?;
     let src = ck.path();
-    let model = ck
-        .load_model()
-        .with_context(|| format!("{}: loading the model", src.display()))?;
+    let model = ck.load_model().map_err(|source| PackError::Load {
+        path: src.clone(),
+        source,
+    })?;
     // A Hugging Face directory without `tokenizer.json` packs without a tokenizer;
     // any other tokenizer problem is an error.
     let tok = match ck {
@@ -258,7 +279,7 @@ pub fn pack(
             );
             None
         }
-        _ => Some(ck.tokenizer()?),
+        _ => Some(ck.tokenizer().map_err(PackError::Tokenizer)?),
     };
     let model_cfg = model_config(&model.config)?;
     let created_unix = creation_time()?;
@@ -279,10 +300,14 @@ pub fn pack(
     drop(tok);
     let (path, tensors, params, tensor_bytes) =
         write_model(&model, out, dtype, manifest, &mut |s, name, l| {
-            s.linear(name, l, dtype)
+            s.add(name, l.out_features, l.in_features, &l.weight, dtype)?;
+            Ok(())
         })?;
     let file_bytes = std::fs::metadata(&path)
-        .with_context(|| format!("{}: cannot stat", path.display()))?
+        .map_err(|source| PackError::Stat {
+            path: path.clone(),
+            source,
+        })?
         .len();
     Ok(PackReport {
         path: path.display().to_string(),
@@ -295,20 +320,24 @@ pub fn pack(
     })
 }
 
-/// Writes `model` to `out` in the tensor order and naming of [`pack`]: the embedding
-/// (and an untied head) in `dtype`, norms and biases in `f32`, and every block linear
-/// through `linear` (which may compress it). Returns the final path, the tensor count,
-/// the parameters and the bytes of the tensor sections.
+/// Writes `model` to `out` with the tensors, order and names of the tensor table
+/// ([`tensors::file_tensors`]): the embedding (and an untied head) in `dtype`, norms
+/// and biases in `f32`, and every compressible linear (the block projections) through
+/// `linear` (which may compress it). Returns the final path, the tensor count, the
+/// parameters and the bytes of the tensor sections.
 pub(crate) fn write_model(
     model: &Model<DenseLinear>,
     out: &Path,
     dtype: DType,
     manifest: Manifest,
-    linear: &mut dyn FnMut(&mut Sink<'_>, &str, &DenseLinear) -> Result<()>,
-) -> Result<(std::path::PathBuf, usize, u64, u64)> {
+    linear: &mut dyn FnMut(&mut Sink<'_>, &str, &DenseLinear) -> Result<(), HookError>,
+) -> Result<(PathBuf, usize, u64, u64)> {
     let opts = WriterOptions::default();
-    let w = CapWriter::create(out, opts)
-        .with_context(|| format!("{}: cannot create", out.display()))?;
+    let w = CapWriter::create(out, opts).map_err(|source| PackError::Write {
+        path: out.to_owned(),
+        what: "cannot create".into(),
+        source,
+    })?;
     let mut s = Sink {
         w,
         out,
@@ -318,34 +347,22 @@ pub(crate) fn write_model(
         tensor_bytes: 0,
         alignment: opts.alignment,
     };
-    let c = &model.config;
-    let name = |role, layer| tensor_name(Naming::Gguf, role, layer);
-    s.add(
-        &name(Role::Embed, 0),
-        c.vocab_size,
-        c.hidden_size,
-        &model.embed,
-        dtype,
-    )?;
-    for (i, b) in model.blocks.iter().enumerate() {
-        s.vector(&name(Role::AttnNorm, i), &b.attn_norm)?;
-        linear(&mut s, &name(Role::Q, i), &b.q)?;
-        linear(&mut s, &name(Role::K, i), &b.k)?;
-        linear(&mut s, &name(Role::V, i), &b.v)?;
-        if let Some([qb, kb, vb]) = &b.qkv_bias {
-            s.vector(&name(Role::QBias, i), qb)?;
-            s.vector(&name(Role::KBias, i), kb)?;
-            s.vector(&name(Role::VBias, i), vb)?;
+    for t in tensors::file_tensors(&model.config) {
+        let part = tensors::part(model, t.role, t.layer.unwrap_or(0))
+            .ok_or_else(|| PackError::NotInModel(t.name.clone()))?;
+        let dt = t.dense_dtype(dtype);
+        match part {
+            Part::Linear(l) if t.is_compressible() => {
+                linear(&mut s, &t.name, l).map_err(PackError::Hook)?
+            }
+            Part::Linear(l) => s.add(&t.name, l.out_features, l.in_features, &l.weight, dt)?,
+            Part::Embedding(e) => s.add(&t.name, t.rows, t.cols, e, dt)?,
+            // Vectors are written `1 × len` in f32 whatever their length in the table.
+            Part::Vector(v) => {
+                debug_assert_eq!(t.storage(), Storage::F32);
+                s.add(&t.name, 1, v.len(), v, DType::F32)?
+            }
         }
-        linear(&mut s, &name(Role::O, i), &b.o)?;
-        s.vector(&name(Role::MlpNorm, i), &b.mlp_norm)?;
-        linear(&mut s, &name(Role::Gate, i), &b.gate)?;
-        linear(&mut s, &name(Role::Up, i), &b.up)?;
-        linear(&mut s, &name(Role::Down, i), &b.down)?;
-    }
-    s.vector(&name(Role::FinalNorm, 0), &model.norm)?;
-    if let Head::Separate(h) = &model.head {
-        s.linear(&name(Role::Head, 0), h, dtype)?;
     }
     let Sink {
         w,
@@ -354,8 +371,10 @@ pub(crate) fn write_model(
         tensor_bytes,
         ..
     } = s;
-    let path = w
-        .finish(manifest)
-        .with_context(|| format!("{}: finishing the file", out.display()))?;
+    let path = w.finish(manifest).map_err(|source| PackError::Write {
+        path: out.to_owned(),
+        what: "finishing the file".into(),
+        source,
+    })?;
     Ok((path, tensors, params, tensor_bytes))
 }

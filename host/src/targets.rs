@@ -12,8 +12,65 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
+
+/// Why a profile could not be read or found. Messages are complete in one line (the
+/// cause included) and name the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetError {
+    /// A profile's figures are inconsistent (see [`Profile::validate`]).
+    #[error("{0}")]
+    Invalid(String),
+    /// A profile file could not be read.
+    #[error("reading target profile {}: {error}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// A profile file is not valid TOML for a profile.
+    #[error("parsing target profile {}: {error}", .path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        error: toml::de::Error,
+    },
+    /// A profile's file name is not UTF-8.
+    #[error("target profile {} has no UTF-8 file stem", .path.display())]
+    Stem {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A profile file failed validation.
+    #[error("invalid target profile {}: {reason}", .path.display())]
+    Profile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A folder of profiles could not be listed.
+    #[error("reading targets folder {}: {error}", .path.display())]
+    Folder {
+        /// The folder.
+        path: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// No profile has the name asked for.
+    #[error("unknown target `{name}`; known targets: {known}")]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// The known names, comma-separated.
+        known: String,
+    },
+}
+
+type Result<T, E = TargetError> = std::result::Result<T, E>;
 
 /// CPU instruction-set architecture of a board.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,44 +206,48 @@ impl Profile {
     /// from, which must equal `name`. Errors say what is wrong (the caller adds the file).
     pub fn validate(&self, stem: &str) -> Result<()> {
         if self.name != stem {
-            bail!(
+            return Err(TargetError::Invalid(format!(
                 "name `{}` does not match the file name `{stem}.toml`",
                 self.name
-            );
+            )));
         }
         if self.total_memory_bytes == 0 {
-            bail!("total_memory_bytes must be > 0");
+            return Err(TargetError::Invalid(
+                "total_memory_bytes must be > 0".into(),
+            ));
         }
         if self.reserved_bytes >= self.total_memory_bytes {
-            bail!(
+            return Err(TargetError::Invalid(format!(
                 "reserved_bytes ({}) must be less than total_memory_bytes ({})",
-                self.reserved_bytes,
-                self.total_memory_bytes
-            );
+                self.reserved_bytes, self.total_memory_bytes
+            )));
         }
         if !(self.memory_bandwidth_gbps.is_finite() && self.memory_bandwidth_gbps > 0.0) {
-            bail!(
+            return Err(TargetError::Invalid(format!(
                 "memory_bandwidth_gbps must be > 0 (got {})",
                 self.memory_bandwidth_gbps
-            );
+            )));
         }
         if self.cpu_cores == 0 {
-            bail!("cpu_cores must be > 0");
+            return Err(TargetError::Invalid("cpu_cores must be > 0".into()));
         }
         let arch = self.rust_target.split('-').next().unwrap_or_default();
         if arch != self.cpu_arch.as_str() {
-            bail!(
+            return Err(TargetError::Invalid(format!(
                 "rust_target `{}` is not for cpu_arch `{}`",
-                self.rust_target,
-                self.cpu_arch
-            );
+                self.rust_target, self.cpu_arch
+            )));
         }
         for (i, f) in self.cpu_features.iter().enumerate() {
             if f.is_empty() || f.chars().any(|c| c.is_whitespace() || c.is_uppercase()) {
-                bail!("cpu_features entry `{f}` must be a lowercase name without spaces");
+                return Err(TargetError::Invalid(format!(
+                    "cpu_features entry `{f}` must be a lowercase name without spaces"
+                )));
             }
             if self.cpu_features[..i].contains(f) {
-                bail!("cpu_features lists `{f}` twice");
+                return Err(TargetError::Invalid(format!(
+                    "cpu_features lists `{f}` twice"
+                )));
             }
         }
         if let Some(gpu) = self
@@ -194,27 +255,34 @@ impl Profile {
             .as_ref()
             .filter(|g| g.compute_capability().is_none())
         {
-            bail!(
+            return Err(TargetError::Invalid(format!(
                 "gpu.cuda_compute_capability `{}` is not of the form \"major.minor\" (e.g. \"8.7\")",
                 gpu.cuda_compute_capability
-            );
+            )));
         }
         Ok(())
     }
 
     /// Reads and validates one profile file; errors name the file.
     pub fn from_file(path: &Path) -> Result<Profile> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading target profile {}", path.display()))?;
-        let profile: Profile = toml::from_str(&text)
-            .with_context(|| format!("parsing target profile {}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|error| TargetError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        let profile: Profile = toml::from_str(&text).map_err(|error| TargetError::Parse {
+            path: path.to_owned(),
+            error,
+        })?;
         let stem = path
             .file_stem()
             .and_then(|s| s.to_str())
-            .with_context(|| format!("target profile {} has no UTF-8 file stem", path.display()))?;
-        profile
-            .validate(stem)
-            .with_context(|| format!("invalid target profile {}", path.display()))?;
+            .ok_or_else(|| TargetError::Stem {
+                path: path.to_owned(),
+            })?;
+        profile.validate(stem).map_err(|e| TargetError::Profile {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
         Ok(profile)
     }
 }
@@ -228,11 +296,14 @@ pub fn builtin_dir() -> PathBuf {
 
 /// Reads every `*.toml` profile in `dir`, sorted by file name.
 fn load_dir(dir: &Path) -> Result<Vec<Profile>> {
-    let entries = std::fs::read_dir(dir)
-        .with_context(|| format!("reading targets folder {}", dir.display()))?;
+    let folder = |error| TargetError::Folder {
+        path: dir.to_owned(),
+        error,
+    };
+    let entries = std::fs::read_dir(dir).map_err(folder)?;
     let mut paths = Vec::new();
     for entry in entries {
-        let entry = entry.with_context(|| format!("reading targets folder {}", dir.display()))?;
+        let entry = entry.map_err(folder)?;
         let path = entry.path();
         if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
             paths.push(path);
@@ -272,10 +343,10 @@ pub fn find(name: &str, extra_dir: Option<&Path>) -> Result<Profile> {
         return Ok(p.clone());
     }
     let known: Vec<&str> = all.iter().map(|p| p.name.as_str()).collect();
-    bail!(
-        "unknown target `{name}`; known targets: {}",
-        known.join(", ")
-    )
+    Err(TargetError::Unknown {
+        name: name.to_string(),
+        known: known.join(", "),
+    })
 }
 
 #[cfg(test)]

@@ -131,7 +131,7 @@ pub(crate) fn run_decompose(
     };
     let r = cap_host::rpca::model::decompose_model(m, out, opts, &on_event);
     overall.finish_and_clear();
-    r
+    Ok(r?)
 }
 
 /// `bench-rpca`: seconds of the first iteration (with the spectral norm) and of each

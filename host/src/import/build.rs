@@ -1,4 +1,5 @@
-//! Assembles a runtime [`Model`] from any tensor source, using the architecture table.
+//! Assembles a runtime [`Model`] from any tensor source: names and shapes come from
+//! the tensor table ([`cap_device::tensors`]).
 
 use std::path::PathBuf;
 
@@ -6,10 +7,13 @@ use cap_device::config::{Arch, Config};
 use cap_device::model::{Block, DenseLinear, Head, Model};
 use rayon::prelude::*;
 
+use cap_device::tensors::TensorInfo;
+
 use super::arch::{Naming, Role, tensor_name, unpermute_qk};
 
 /// Why a checkpoint could not be imported. Every message names the file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ImportError {
     /// A GGUF-level problem.
     #[error(transparent)]
@@ -44,6 +48,17 @@ pub enum ImportError {
     #[error("{path}: {msg}")]
     Config {
         /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The tokenizer could not be read.
+    #[error(transparent)]
+    TokenizerImport(#[from] super::tokenizer::TokenizerImportError),
+    /// The tokenizer was read but is not usable.
+    #[error("{}: invalid tokenizer: {msg}", .path.display())]
+    Tokenizer {
+        /// The checkpoint.
         path: PathBuf,
         /// What is wrong.
         msg: String,
@@ -95,6 +110,7 @@ pub trait TensorSource: Sync {
 struct Loader<'a> {
     src: &'a dyn TensorSource,
     naming: Naming,
+    config: &'a Config,
 }
 
 impl Loader<'_> {
@@ -106,9 +122,11 @@ impl Loader<'_> {
         self.src.has(&self.name(role, layer))
     }
 
-    /// Loads a tensor and checks its element count against `shape` (1-D tensors may be
-    /// stored with any shape of that size; 2-D ones must match exactly).
-    fn load(&self, role: Role, layer: usize, shape: &[usize]) -> Result<Vec<f32>, ImportError> {
+    /// Loads a tensor and checks it against the table's shape for the configuration
+    /// (vectors may be stored with any shape of their length; matrices must match
+    /// exactly).
+    fn load(&self, role: Role, layer: usize) -> Result<Vec<f32>, ImportError> {
+        let t = TensorInfo::new(self.config, role, layer);
         let name = self.name(role, layer);
         if !self.src.has(&name) {
             return Err(ImportError::MissingTensor {
@@ -117,35 +135,29 @@ impl Loader<'_> {
             });
         }
         let (data, found) = self.src.load(&name)?;
-        let n: usize = shape.iter().product();
-        let ok = if shape.len() == 1 {
-            data.len() == n
+        let (ok, expected) = if t.rows == 1 {
+            (data.len() == t.cols, vec![t.cols])
         } else {
-            found == shape
+            let shape = vec![t.rows, t.cols];
+            (found == shape, shape)
         };
         if !ok {
             return Err(ImportError::Shape {
                 path: self.src.path(),
                 name,
-                expected: shape.to_vec(),
+                expected,
                 found,
             });
         }
         Ok(data)
     }
 
-    fn linear(
-        &self,
-        role: Role,
-        layer: usize,
-        out: usize,
-        inp: usize,
-    ) -> Result<DenseLinear, ImportError> {
-        let w = self.load(role, layer, &[out, inp])?;
+    fn linear(&self, role: Role, layer: usize) -> Result<DenseLinear, ImportError> {
+        let t = TensorInfo::new(self.config, role, layer);
         Ok(DenseLinear {
-            weight: w,
-            out_features: out,
-            in_features: inp,
+            weight: self.load(role, layer)?,
+            out_features: t.rows,
+            in_features: t.cols,
         })
     }
 }
@@ -163,15 +175,19 @@ pub fn build_model(
         path: path.clone(),
         msg: m.into(),
     })?;
-    let ld = Loader { src, naming };
     let c = &config;
-    let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-    let embed = ld.load(Role::Embed, 0, &[c.vocab_size, h])?;
-    let norm = ld.load(Role::FinalNorm, 0, &[h])?;
+    let ld = Loader {
+        src,
+        naming,
+        config: c,
+    };
+    let (qd, kvd) = (c.q_dim(), c.kv_dim());
+    let embed = ld.load(Role::Embed, 0)?;
+    let norm = ld.load(Role::FinalNorm, 0)?;
     let head = if c.tie_embeddings {
         Head::Tied
     } else {
-        Head::Separate(ld.linear(Role::Head, 0, c.vocab_size, h)?)
+        Head::Separate(ld.linear(Role::Head, 0)?)
     };
     let fix_qk = |mut l: DenseLinear, heads: usize| {
         if gguf_qk_order {
@@ -183,13 +199,13 @@ pub fn build_model(
         .into_par_iter()
         .map(|i| {
             let qkv_bias = if c.qkv_bias {
-                let mut bq = ld.load(Role::QBias, i, &[qd])?;
-                let mut bk = ld.load(Role::KBias, i, &[kvd])?;
+                let mut bq = ld.load(Role::QBias, i)?;
+                let mut bk = ld.load(Role::KBias, i)?;
                 if gguf_qk_order {
                     bq = unpermute_qk(&bq, qd, 1, c.n_heads);
                     bk = unpermute_qk(&bk, kvd, 1, c.n_kv_heads);
                 }
-                Some([bq, bk, ld.load(Role::VBias, i, &[kvd])?])
+                Some([bq, bk, ld.load(Role::VBias, i)?])
             } else {
                 for role in [Role::QBias, Role::KBias, Role::VBias] {
                     if ld.has(role, i) {
@@ -205,16 +221,16 @@ pub fn build_model(
                 None
             };
             Ok(Block {
-                attn_norm: ld.load(Role::AttnNorm, i, &[h])?,
-                q: fix_qk(ld.linear(Role::Q, i, qd, h)?, c.n_heads),
-                k: fix_qk(ld.linear(Role::K, i, kvd, h)?, c.n_kv_heads),
-                v: ld.linear(Role::V, i, kvd, h)?,
-                o: ld.linear(Role::O, i, h, qd)?,
+                attn_norm: ld.load(Role::AttnNorm, i)?,
+                q: fix_qk(ld.linear(Role::Q, i)?, c.n_heads),
+                k: fix_qk(ld.linear(Role::K, i)?, c.n_kv_heads),
+                v: ld.linear(Role::V, i)?,
+                o: ld.linear(Role::O, i)?,
                 qkv_bias,
-                mlp_norm: ld.load(Role::MlpNorm, i, &[h])?,
-                gate: ld.linear(Role::Gate, i, inter, h)?,
-                up: ld.linear(Role::Up, i, inter, h)?,
-                down: ld.linear(Role::Down, i, h, inter)?,
+                mlp_norm: ld.load(Role::MlpNorm, i)?,
+                gate: ld.linear(Role::Gate, i)?,
+                up: ld.linear(Role::Up, i)?,
+                down: ld.linear(Role::Down, i)?,
             })
         })
         .collect::<Result<Vec<_>, ImportError>>()?;

@@ -207,6 +207,7 @@ pub fn ggml_type_name(id: u32) -> &'static str {
 
 /// Why a tensor could not be dequantized.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DequantError {
     /// The element count does not fill a whole number of blocks.
     #[error("{ty} tensor of {n} elements: {n} is not a multiple of the {ty} block size {block}")]

@@ -21,6 +21,7 @@ const MAX_ARRAY_DEPTH: usize = 4;
 
 /// Why a GGUF file could not be read. Every message names the file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum GgufError {
     /// The file could not be opened or mapped.
     #[error("cannot read {path}: {source}")]

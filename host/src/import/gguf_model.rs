@@ -108,7 +108,13 @@ pub fn config(f: &GgufFile) -> Result<Config, ImportError> {
                 0,
             ))
             .is_none(),
-        qkv_bias: f.tensor("blk.0.attn_q.bias").is_some(),
+        qkv_bias: f
+            .tensor(&super::arch::tensor_name(
+                super::arch::Naming::Gguf,
+                Role::QBias,
+                0,
+            ))
+            .is_some(),
         max_position: uint("context_length").unwrap_or(0),
         sliding_window,
     })

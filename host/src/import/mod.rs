@@ -71,16 +71,16 @@ impl Checkpoint {
 impl Checkpoint {
     /// The model's tokenizer: from GGUF metadata, or from `tokenizer.json` beside a
     /// Hugging Face checkpoint.
-    pub fn tokenizer(&self) -> anyhow::Result<cap_device::tokenizer::Tokenizer> {
-        use anyhow::Context;
+    pub fn tokenizer(&self) -> Result<cap_device::tokenizer::Tokenizer, ImportError> {
         let spec = match self {
             Checkpoint::Gguf(f) => tokenizer::from_gguf(f)?,
             Checkpoint::HuggingFace(h) => {
                 tokenizer::from_tokenizer_json(&h.dir().join("tokenizer.json"))?
             }
         };
-        cap_device::tokenizer::Tokenizer::new(spec)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| format!("{}: invalid tokenizer", self.path().display()))
+        cap_device::tokenizer::Tokenizer::new(spec).map_err(|e| ImportError::Tokenizer {
+            path: self.path(),
+            msg: e.to_string(),
+        })
     }
 }

@@ -17,6 +17,7 @@ use super::gguf::GgufFile;
 
 /// Why a tokenizer could not be imported. Every message names the file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TokenizerImportError {
     /// The file could not be read.
     #[error("cannot read {path}: {source}")]

@@ -25,10 +25,11 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use super::{ALGORITHM_VERSION, Decomposition, Mode, RpcaSettings, sha256_f32};
+use super::{ALGORITHM_VERSION, Decomposition, Mode, RpcaError, RpcaSettings, sha256_f32};
+
+type Result<T, E = RpcaError> = std::result::Result<T, E>;
 
 /// Magic bytes at the start of every cache file.
 pub const MAGIC: [u8; 8] = *b"CAPRPCA\0";
@@ -89,7 +90,7 @@ pub fn cache_path(dir: &Path, name: &str) -> Result<PathBuf> {
         || name.contains(['/', '\\', '\0'])
         || name.contains("..")
     {
-        bail!("tensor name {name:?} cannot be a cache file name");
+        return Err(RpcaError::CacheName(name.to_string()));
     }
     Ok(dir.join(format!("{name}.{EXTENSION}")))
 }
@@ -143,10 +144,19 @@ pub fn read(path: &Path, key: &CacheKey) -> Option<Decomposition> {
     ok.then_some(d)
 }
 
+/// The error of an I/O step `what` on `path`.
+fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> RpcaError + 'a {
+    move |source| RpcaError::Io {
+        path: path.to_owned(),
+        what,
+        source: Some(source),
+    }
+}
+
 /// Writes `dec` to `path` for `key`, atomically (temporary file in the same directory,
 /// fsync, rename).
 pub fn write(path: &Path, key: &CacheKey, dec: &Decomposition) -> Result<()> {
-    let payload = postcard::to_stdvec(dec).context("encoding a decomposition")?;
+    let payload = postcard::to_stdvec(dec).map_err(RpcaError::Encode)?;
     let mut header = Vec::with_capacity(HEADER_LEN);
     header.extend_from_slice(&MAGIC);
     header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -156,23 +166,23 @@ pub fn write(path: &Path, key: &CacheKey, dec: &Decomposition) -> Result<()> {
     header.extend_from_slice(&Sha256::digest(&payload));
     header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     debug_assert_eq!(header.len(), HEADER_LEN);
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file path", path.display()))?;
+    let file_name = path.file_name().ok_or_else(|| RpcaError::Io {
+        path: path.to_owned(),
+        what: "not a file path",
+        source: None,
+    })?;
     let tmp = path.with_file_name(format!(
         ".{}.tmp.{}",
         file_name.to_string_lossy(),
         std::process::id()
     ));
     let result = (|| -> Result<()> {
-        let mut f =
-            File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        let mut f = File::create(&tmp).map_err(io(&tmp, "cannot create"))?;
         f.write_all(&header)
             .and_then(|_| f.write_all(&payload))
             .and_then(|_| f.sync_all())
-            .with_context(|| format!("{}: write error", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("{}: cannot rename into place", path.display()))
+            .map_err(io(&tmp, "write error"))?;
+        std::fs::rename(&tmp, path).map_err(io(path, "cannot rename into place"))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

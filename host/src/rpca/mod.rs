@@ -63,8 +63,10 @@ pub const ACT_SCALE_FLOOR: f32 = 1e-3;
 /// when a change alters the numbers, so old caches are recomputed instead of reused.
 pub const ALGORITHM_VERSION: u32 = 1;
 
-/// Errors of the decomposition itself (file problems are `anyhow` errors with context).
+/// Why a decomposition, a cache file or a run over a model failed. File problems
+/// name the file; a matrix's problem names the tensor.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RpcaError {
     /// The weight holds NaN or infinity, or the iteration diverged.
     #[error("weight or iterate is not finite")]
@@ -78,6 +80,56 @@ pub enum RpcaError {
     /// Settings out of range.
     #[error("invalid setting: {0}")]
     Setting(String),
+    /// A `--shard` value is not `I/N` with `1 ≤ I ≤ N` (the message says how).
+    #[error("{0}")]
+    Shard(String),
+    /// The worker count is zero.
+    #[error("threads must be at least 1")]
+    NoThreads,
+    /// `--only` selects nothing.
+    #[error("--only {0:?} matches no linear weight of the model")]
+    NoMatch(String),
+    /// The worker pool could not start.
+    #[error("cannot start the worker threads")]
+    Pool(#[source] rayon::ThreadPoolBuildError),
+    /// Activation-aware mode without a scale for a matrix.
+    #[error("no calibration scale for {0}")]
+    NoScale(String),
+    /// A tensor name that cannot be a file name.
+    #[error("tensor name {0:?} cannot be a cache file name")]
+    CacheName(String),
+    /// A decomposition could not be serialized.
+    #[error("encoding a decomposition")]
+    Encode(#[source] postcard::Error),
+    /// A file or directory could not be created, written or renamed.
+    #[error("{}: {what}", .path.display())]
+    Io {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// What was being done (`cannot create`, `write error`, ...).
+        what: &'static str,
+        /// The OS error, if any.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    /// Decomposing one matrix failed.
+    #[error("decomposing {name}")]
+    Matrix {
+        /// The tensor.
+        name: String,
+        /// Why.
+        #[source]
+        source: Box<RpcaError>,
+    },
+    /// Caching one matrix's result failed.
+    #[error("caching {name}")]
+    Cache {
+        /// The tensor.
+        name: String,
+        /// Why.
+        #[source]
+        source: Box<RpcaError>,
+    },
 }
 
 /// Which SVD the singular value threshold uses.
@@ -161,7 +213,7 @@ impl Mode {
         match scale {
             None => Mode::Plain,
             Some(d) => Mode::ActivationAware {
-                scale_sha256: crate::pack::to_hex(&sha256_f32(d)),
+                scale_sha256: crate::digest::to_hex(&sha256_f32(d)),
             },
         }
     }

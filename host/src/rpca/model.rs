@@ -12,15 +12,16 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, bail};
-use cap_device::model::{DenseLinear, Head, Model};
+use cap_device::model::{DenseLinear, Model};
+use cap_device::tensors;
 use faer::Par;
 use rayon::prelude::*;
 use serde::Serialize;
 
 use super::cache::{self, CacheKey};
-use super::{IterInfo, RpcaSettings, decompose_matrix};
-use crate::import::arch::{Naming, Role, tensor_name};
+use super::{IterInfo, RpcaError, RpcaSettings, decompose_matrix};
+
+type Result<T, E = RpcaError> = std::result::Result<T, E>;
 
 /// The `I`-th of `N` disjoint slices of the matrix list (`1 ≤ I ≤ N`), as SLURM array
 /// task ids usually count. Matrix `j` (0-based, in model order, after `--only`) belongs
@@ -34,19 +35,21 @@ pub struct Shard {
 }
 
 impl FromStr for Shard {
-    type Err = anyhow::Error;
+    type Err = RpcaError;
     fn from_str(s: &str) -> Result<Shard> {
-        let (i, n) = s
-            .split_once('/')
-            .ok_or_else(|| anyhow!("shard must be I/N (for example 1/4), got {s:?}"))?;
+        let (i, n) = s.split_once('/').ok_or_else(|| {
+            RpcaError::Shard(format!("shard must be I/N (for example 1/4), got {s:?}"))
+        })?;
         let parse = |x: &str| {
-            x.trim()
-                .parse::<usize>()
-                .map_err(|_| anyhow!("shard must be I/N with whole numbers, got {s:?}"))
+            x.trim().parse::<usize>().map_err(|_| {
+                RpcaError::Shard(format!("shard must be I/N with whole numbers, got {s:?}"))
+            })
         };
         let (index, count) = (parse(i)?, parse(n)?);
         if count == 0 || index == 0 || index > count {
-            bail!("shard {s:?} out of range: need 1 <= I <= N");
+            return Err(RpcaError::Shard(format!(
+                "shard {s:?} out of range: need 1 <= I <= N"
+            )));
         }
         Ok(Shard { index, count })
     }
@@ -136,29 +139,16 @@ pub struct DecomposeReport {
     pub out: String,
 }
 
-/// The model's linear weights with their GGUF tensor names, in model order (layer by
-/// layer: q, k, v, o, gate, up, down), then a separate output head. Embeddings are not
+/// The model's linear weights with their tensor names, in file order (layer by layer:
+/// q, k, v, o, gate, up, down, then a separate output head): the table's
+/// [`tensors::linears`], each layer looked up by its role and block. Embeddings are not
 /// linears of the forward pass's blocks and are not decomposed (a tied head is the
 /// embedding).
 pub fn linear_matrices(model: &Model<DenseLinear>) -> Vec<(String, &DenseLinear)> {
-    let mut out = Vec::new();
-    for (i, b) in model.blocks.iter().enumerate() {
-        for (role, l) in [
-            (Role::Q, &b.q),
-            (Role::K, &b.k),
-            (Role::V, &b.v),
-            (Role::O, &b.o),
-            (Role::Gate, &b.gate),
-            (Role::Up, &b.up),
-            (Role::Down, &b.down),
-        ] {
-            out.push((tensor_name(Naming::Gguf, role, i), l));
-        }
-    }
-    if let Head::Separate(h) = &model.head {
-        out.push((tensor_name(Naming::Gguf, Role::Head, 0), h));
-    }
-    out
+    tensors::linears(&model.config)
+        .into_iter()
+        .filter_map(|t| tensors::linear(model, &t).map(|l| (t.name, l)))
+        .collect()
 }
 
 /// Progress events of [`decompose_model`].
@@ -200,15 +190,18 @@ pub fn decompose_model(
     let t0 = Instant::now();
     opts.settings.validate()?;
     if opts.threads == 0 {
-        bail!("threads must be at least 1");
+        return Err(RpcaError::NoThreads);
     }
-    std::fs::create_dir_all(out_dir)
-        .with_context(|| format!("{}: cannot create the output directory", out_dir.display()))?;
+    std::fs::create_dir_all(out_dir).map_err(|source| RpcaError::Io {
+        path: out_dir.to_owned(),
+        what: "cannot create the output directory",
+        source: Some(source),
+    })?;
     let mut jobs = linear_matrices(model);
     if let Some(only) = &opts.only {
         jobs.retain(|(n, _)| n.contains(only.as_str()));
         if jobs.is_empty() {
-            bail!("--only {only:?} matches no linear weight of the model");
+            return Err(RpcaError::NoMatch(only.clone()));
         }
     }
     if let Some(sh) = opts.shard {
@@ -231,7 +224,7 @@ pub fn decompose_model(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)
         .build()
-        .context("cannot start the worker threads")?;
+        .map_err(RpcaError::Pool)?;
     let computed = AtomicUsize::new(0);
     let started = AtomicUsize::new(0);
     let results: Vec<Option<MatrixReport>> = pool.install(|| {
@@ -243,7 +236,7 @@ pub fn decompose_model(
                     Some(map) => Some(
                         map.get(name)
                             .map(Vec::as_slice)
-                            .with_context(|| format!("no calibration scale for {name}"))?,
+                            .ok_or_else(|| RpcaError::NoScale(name.clone()))?,
                     ),
                 };
                 let key = CacheKey::new(&lin.weight, m, n, &opts.settings, scale);
@@ -276,8 +269,14 @@ pub fn decompose_model(
                     decompose_matrix(&lin.weight, m, n, &opts.settings, scale, par, &mut |info| {
                         on_event(Event::Iter { name, info })
                     })
-                    .with_context(|| format!("decomposing {name}"))?;
-                cache::write(&path, &key, &d).with_context(|| format!("caching {name}"))?;
+                    .map_err(|e| RpcaError::Matrix {
+                        name: name.clone(),
+                        source: Box::new(e),
+                    })?;
+                cache::write(&path, &key, &d).map_err(|e| RpcaError::Cache {
+                    name: name.clone(),
+                    source: Box::new(e),
+                })?;
                 computed.fetch_add(1, Ordering::SeqCst);
                 on_event(Event::Done {
                     name,
