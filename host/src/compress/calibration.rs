@@ -1,6 +1,10 @@
 //! Calibration and held-out evaluation text for `compress`.
 
-use anyhow::{Result, bail};
+use cap_device::forward::Runner;
+use cap_device::model::Model;
+use cap_device::ppl::{NllStats, Protocol, score_window};
+
+use super::error::{CompressError, Result};
 
 /// Splits `text` into a calibration part and a held-out tail of about `tail_frac` of
 /// its characters, cut at a paragraph break (`"\n\n"`) where there is one near, so no
@@ -36,13 +40,13 @@ pub fn sample_windows(
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
     if samples == 0 || len < 2 {
-        bail!("--calib-samples must be at least 1 and --calib-len at least 2");
+        return Err(CompressError::Invalid(format!("--calib-samples must be at least 1 and --calib-len at least 2")));
     }
     if tokens.len() < len {
-        bail!(
+        return Err(CompressError::Invalid(format!(
             "the calibration text has {} tokens, fewer than one sample of --calib-len {len}",
             tokens.len()
-        );
+        )));
     }
     let mut rng = crate::rpca::rng::XorShift::new(seed ^ 0xCA1B);
     let span = (tokens.len() - len + 1) as u64;
@@ -78,4 +82,22 @@ mod tests {
         }
         assert!(sample_windows(&toks, 1, 101, 0).is_err());
     }
+}
+
+/// Mean NLL of `model` over `windows` (all but each window's first token scored).
+pub fn calibration_loss<L: cap_device::model::Linear>(
+    model: &Model<L>,
+    windows: &[&[u32]],
+    threads: usize,
+) -> Result<f64> {
+    let ctx = windows.iter().map(|w| w.len()).max().unwrap_or(0);
+    let runner = Runner::new(model, ctx, threads);
+    let mut total = NllStats::default();
+    for w in windows {
+        let s = score_window(&runner, w, Protocol::Standard, None).map_err(|e| {
+            CompressError::Numerical(format!("calibration forward pass: {e}"))
+        })?;
+        total.merge(&s);
+    }
+    Ok(total.mean())
 }

@@ -7,13 +7,13 @@
 //! sampled), the `loss` closure of [`run`] (what is minimised), and
 //! [`Policy::score_function_step`] (how the gradient is estimated).
 
-use anyhow::Result;
+use super::error::Result;
 use rayon::prelude::*;
 use serde::Serialize;
 
 use super::budget::CostModel;
 use super::select::Selection;
-use crate::rpca::Decomposition;
+use super::candidate::Candidate;
 
 /// Settings of the REINFORCE search.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -90,7 +90,7 @@ const MIN_VARIANCE: f32 = 1e-2;
 impl Policy {
     /// Every item at the same probability, the largest whose expected cost fits
     /// `limit` (at most 1).
-    pub fn uniform(cands: &[&Decomposition], cost: &CostModel, limit: u64) -> Policy {
+    pub fn uniform(cands: &[&Candidate], cost: &CostModel, limit: u64) -> Policy {
         let costs: Vec<(f64, f64)> = cands
             .iter()
             .map(|d| {
@@ -103,7 +103,7 @@ impl Policy {
         let full: f64 = cands
             .iter()
             .zip(&costs)
-            .map(|(d, (cs, ce))| d.sigma.len() as f64 * cs + d.s.val.len() as f64 * ce)
+            .map(|(d, (cs, ce))| d.rank() as f64 * cs + d.entries() as f64 * ce)
             .sum();
         let p0 = if full > 0.0 {
             (budget / full).min(1.0) as f32
@@ -113,7 +113,7 @@ impl Policy {
         Policy {
             p: cands
                 .iter()
-                .map(|d| (vec![p0; d.sigma.len()], vec![p0; d.s.val.len()]))
+                .map(|d| (vec![p0; d.rank()], vec![p0; d.entries()]))
                 .collect(),
             costs,
             budget,
@@ -242,7 +242,7 @@ impl Policy {
 /// masked items kept; `on_step` sees every step. Returns the final probabilities and
 /// the log.
 pub fn run(
-    cands: &[&Decomposition],
+    cands: &[&Candidate],
     cost: &CostModel,
     limit: u64,
     opts: &ReinforceOptions,
