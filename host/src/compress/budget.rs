@@ -159,7 +159,9 @@ pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result
     match spec {
         BudgetSpec::Ratio(r) => {
             if !(*r > 0.0 && *r <= 1.0) {
-                return Err(CompressError::Invalid(format!("--ratio must be in (0, 1], got {r}")));
+                return Err(CompressError::Invalid(format!(
+                    "--ratio must be in (0, 1], got {r}"
+                )));
             }
             let limit = (r * fixed.linear_params as f64).floor() as u64;
             Ok(Budget {
@@ -200,7 +202,9 @@ pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result
             batch,
         } => {
             if *ctx == 0 || *batch == 0 {
-                return Err(CompressError::Invalid(format!("--ctx and --batch must be at least 1")));
+                return Err(CompressError::Invalid(
+                    "--ctx and --batch must be at least 1".into(),
+                ));
             }
             let usable = profile.usable_bytes();
             let kv = KvCache::bytes_for(config, ctx * batch, KvDtype::F32);

@@ -40,7 +40,9 @@ pub fn sample_windows(
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
     if samples == 0 || len < 2 {
-        return Err(CompressError::Invalid(format!("--calib-samples must be at least 1 and --calib-len at least 2")));
+        return Err(CompressError::Invalid(
+            "--calib-samples must be at least 1 and --calib-len at least 2".into(),
+        ));
     }
     if tokens.len() < len {
         return Err(CompressError::Invalid(format!(
@@ -56,6 +58,23 @@ pub fn sample_windows(
             tokens[at..at + len].to_vec()
         })
         .collect())
+}
+
+/// Mean NLL of `model` over `windows` (all but each window's first token scored).
+pub fn calibration_loss<L: cap_device::model::Linear>(
+    model: &Model<L>,
+    windows: &[&[u32]],
+    threads: usize,
+) -> Result<f64> {
+    let ctx = windows.iter().map(|w| w.len()).max().unwrap_or(0);
+    let runner = Runner::new(model, ctx, threads);
+    let mut total = NllStats::default();
+    for w in windows {
+        let s = score_window(&runner, w, Protocol::Standard, None)
+            .map_err(|e| CompressError::Numerical(format!("calibration forward pass: {e}")))?;
+        total.merge(&s);
+    }
+    Ok(total.mean())
 }
 
 #[cfg(test)]
@@ -82,22 +101,4 @@ mod tests {
         }
         assert!(sample_windows(&toks, 1, 101, 0).is_err());
     }
-}
-
-/// Mean NLL of `model` over `windows` (all but each window's first token scored).
-pub fn calibration_loss<L: cap_device::model::Linear>(
-    model: &Model<L>,
-    windows: &[&[u32]],
-    threads: usize,
-) -> Result<f64> {
-    let ctx = windows.iter().map(|w| w.len()).max().unwrap_or(0);
-    let runner = Runner::new(model, ctx, threads);
-    let mut total = NllStats::default();
-    for w in windows {
-        let s = score_window(&runner, w, Protocol::Standard, None).map_err(|e| {
-            CompressError::Numerical(format!("calibration forward pass: {e}"))
-        })?;
-        total.merge(&s);
-    }
-    Ok(total.mean())
 }

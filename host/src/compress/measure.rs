@@ -62,8 +62,15 @@ pub fn measure(
     let dense_eval = if opts.source_eval {
         stage("eval (source model)");
         Some(
-            evaluate(&input.model, tok, text, &input.eval_name, &eval_opts, progress)
-                .map_err(step_error)?,
+            evaluate(
+                &input.model,
+                tok,
+                text,
+                &input.eval_name,
+                &eval_opts,
+                progress,
+            )
+            .map_err(step_error)?,
         )
     } else {
         None

@@ -88,11 +88,7 @@ pub fn svd_candidate(w: &[f32], rows: usize, cols: usize) -> Result<Candidate> {
     let u = (0..rows * k).map(|x| svd.u[(x / k, x % k)]).collect();
     let v = (0..cols * k).map(|x| svd.v[(x / k, x % k)]).collect();
     Ok(Candidate::low_rank(
-        Factors {
-            u,
-            sigma: svd.s,
-            v,
-        },
+        Factors { u, sigma: svd.s, v },
         rows,
         cols,
     ))
@@ -114,7 +110,12 @@ pub fn uniform_groups(method: Method, d: &Candidate, in_norm: Option<&[f32]>) ->
         order: (0..d.rank() as u32).collect(), // σ is already non-increasing
     };
     let values = d.entry_values();
-    let all_entries = || by_decreasing(|i| values[i as usize].abs(), (0..values.len() as u32).collect());
+    let all_entries = || {
+        by_decreasing(
+            |i| values[i as usize].abs(),
+            (0..values.len() as u32).collect(),
+        )
+    };
     match method {
         Method::Svd => vec![sigma()],
         Method::Magnitude | Method::Sparsegpt | Method::Admm => vec![Group {

@@ -35,10 +35,11 @@ impl Strategy for OneShot {
                 name: "input norms",
                 total: cx.windows.len() as u64,
             });
-            let n = crate::calib::input_rms_windows(cx.model, cx.windows, cx.opts.threads, |d, _| {
-                (cx.on_event)(Event::Progress(d as u64))
-            })
-            .map_err(step_error)?;
+            let n =
+                crate::calib::input_rms_windows(cx.model, cx.windows, cx.opts.threads, |d, _| {
+                    (cx.on_event)(Event::Progress(d as u64))
+                })
+                .map_err(step_error)?;
             notes.lap("input norms");
             self.in_norms = Some(n);
         }

@@ -204,7 +204,9 @@ fn add_lowrank(
     let v: Vec<f32> = (0..cols * k).map(|x| v[x] / scale[x / k]).collect();
     for r in 0..rows {
         for col in 0..cols {
-            let acc: f32 = (0..k).map(|t| u[r * k + t] * sigma[t] * v[col * k + t]).sum();
+            let acc: f32 = (0..k)
+                .map(|t| u[r * k + t] * sigma[t] * v[col * k + t])
+                .sum();
             w[r * cols + col] += acc;
         }
     }

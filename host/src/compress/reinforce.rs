@@ -12,8 +12,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::budget::CostModel;
-use super::select::Selection;
 use super::candidate::Candidate;
+use super::select::Selection;
 
 /// Settings of the REINFORCE search.
 #[derive(Clone, Copy, Debug, Serialize)]

@@ -210,7 +210,15 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     });
     record_layers(&mut manifest, &names, &sels);
     let first = unmeasured(&manifest);
-    let written = write(&input.model, &opts.out, first, &names, &cands, &sels, cx.cost)?;
+    let written = write(
+        &input.model,
+        &opts.out,
+        first,
+        &names,
+        &cands,
+        &sels,
+        cx.cost,
+    )?;
     drop((cands, sels));
     notes.lap("write");
     let m = measure(opts, &input, written.file.path(), on_event)?;
@@ -281,9 +289,10 @@ pub fn default_cache_dir(model: &Path) -> Result<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .ok_or_else(|| {
-            CompressError::Invalid("neither XDG_CACHE_HOME nor HOME is set; pass --cache-dir".into())
+            CompressError::Invalid(
+                "neither XDG_CACHE_HOME nor HOME is set; pass --cache-dir".into(),
+            )
         })?;
     let sha = source_sha256(model).map_err(step_error)?;
     Ok(base.join("cap").join("rpca").join(&sha[..16]))
 }
-

@@ -71,9 +71,9 @@ pub fn prune(w: &mut [f32], rows: usize, cols: usize, h: &[f32], s: f64) -> Resu
         .llt(faer::Side::Lower)
         .map_err(|e| CompressError::Numerical(format!("Hessian not positive definite: {e:?}")))?
         .inverse();
-    let l = hinv
-        .llt(faer::Side::Lower)
-        .map_err(|e| CompressError::Numerical(format!("inverse Hessian not positive definite: {e:?}")))?;
+    let l = hinv.llt(faer::Side::Lower).map_err(|e| {
+        CompressError::Numerical(format!("inverse Hessian not positive definite: {e:?}"))
+    })?;
     // Upper factor U with H⁻¹ = Uᵀ·U: U = Lᵀ.
     let lf = l.L();
     let u = |i: usize, j: usize| lf[(j, i)];
@@ -214,7 +214,9 @@ pub fn sparsegpt_model(
     progress: impl FnMut(usize),
 ) -> Result<Vec<Candidate>> {
     if sparsity.len() != model.blocks.len() * 7 {
-        return Err(CompressError::Invalid("one sparsity per block linear expected".into()));
+        return Err(CompressError::Invalid(
+            "one sparsity per block linear expected".into(),
+        ));
     }
     prune_sequential(
         model,

@@ -121,7 +121,8 @@ pub fn restamp(src: &Path, out: &Path, mut manifest: Manifest) -> Result<PathBuf
     let opts = WriterOptions {
         alignment: file.header().alignment,
     };
-    let mut w = CapWriter::create(out, opts).step(|| format!("{}: cannot create", out.display()))?;
+    let mut w =
+        CapWriter::create(out, opts).step(|| format!("{}: cannot create", out.display()))?;
     for i in 0..file.len() {
         let t = file.tensor(i)?;
         let name = &file.manifest().tensors[i].name;

@@ -99,9 +99,7 @@ pub fn strategy(opts: &CompressOptions) -> Box<dyn Strategy> {
     match (opts.method, opts.variant) {
         (Method::Cap, Variant::Paper) => Box::new(Paper::new(opts.allocation)),
         (Method::Cap | Method::Sparsegpt | Method::Admm, _) => Box::new(Pruned::new(opts.method)),
-        (Method::Magnitude | Method::Wanda | Method::Svd, _) => {
-            Box::new(OneShot::new(opts.method))
-        }
+        (Method::Magnitude | Method::Wanda | Method::Svd, _) => Box::new(OneShot::new(opts.method)),
     }
 }
 

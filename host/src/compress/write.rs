@@ -142,25 +142,31 @@ pub fn write(
         .collect();
     let file = unmeasured_path(out);
     let mut rows = Vec::with_capacity(cands.len());
-    write_model(model, file.path(), cost.dtype, manifest, &mut |sink, name, _| {
-        let i = *by_name
-            .get(name)
-            .ok_or_else(|| CompressError::Internal(format!("{name}: not a block linear")))?;
-        let (c, s) = (&cands[i], &sels[i]);
-        let (desc, parts, bytes) = encode_linear(c, s, cost)?;
-        let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
-        sink.add_parts(name, &desc, &refs, (c.rows * c.cols) as u64)?;
-        rows.push(LayerRow {
-            name: name.to_string(),
-            shape: [c.rows, c.cols],
-            rank: [s.rank(), c.rank()],
-            nnz: [s.nnz(), c.entries() as u64],
-            encoding: encoding_name(&desc.encoding),
-            bytes,
-            cost: cost.cost(c.rows, c.cols, s.rank(), s.nnz()),
-        });
-        Ok(())
-    })
+    write_model(
+        model,
+        file.path(),
+        cost.dtype,
+        manifest,
+        &mut |sink, name, _| {
+            let i = *by_name
+                .get(name)
+                .ok_or_else(|| CompressError::Internal(format!("{name}: not a block linear")))?;
+            let (c, s) = (&cands[i], &sels[i]);
+            let (desc, parts, bytes) = encode_linear(c, s, cost)?;
+            let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+            sink.add_parts(name, &desc, &refs, (c.rows * c.cols) as u64)?;
+            rows.push(LayerRow {
+                name: name.to_string(),
+                shape: [c.rows, c.cols],
+                rank: [s.rank(), c.rank()],
+                nnz: [s.nnz(), c.entries() as u64],
+                encoding: encoding_name(&desc.encoding),
+                bytes,
+                cost: cost.cost(c.rows, c.cols, s.rank(), s.nnz()),
+            });
+            Ok(())
+        },
+    )
     .map_err(super::error::step_error)?;
     Ok(Written { file, rows })
 }
