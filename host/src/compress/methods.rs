@@ -1,9 +1,9 @@
-//! What each method offers to keep (its candidate decomposition of every linear) and
-//! how it ranks those items.
+//! The methods' names and settings, what the one-shot baselines offer to keep (a
+//! [`Candidate`] per linear) and how they rank those items.
 //!
 //! * `cap`: RPCA's `L + S` (stage 1); items are the singular directions of `L` and the
 //!   non-zeros of `S`.
-//! * `magnitude`: `W` as a sparse matrix with every entry an item, ranked by `|W_ij|`
+//! * `magnitude`: `W` itself (kept dense) with every entry an item, ranked by `|W_ij|`
 //!   within the whole matrix.
 //! * `wanda`: the same items ranked by `|W_ij|·‖X_j‖₂` within each output row (Sun et
 //!   al., 2023), with `‖X_j‖` from the calibration inputs of the dense model.
