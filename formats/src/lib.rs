@@ -12,7 +12,9 @@
 //! * [`reader`]: a validating, zero-copy, `no_std` reader ([`CapFile::parse`]) that
 //!   never panics on any input.
 //! * [`sparse`]: reference encoders/decoders between dense values and the sparse
-//!   parts, so packers and kernels share one implementation of the bit layouts.
+//!   parts (and from a CSR matrix straight to the parts), so packers and kernels share
+//!   one implementation of the bit layouts.
+//! * [`values`]: `f32` to the stored bytes of a [`DType`], the one rounding rule.
 //! * `writer` (feature `std`): a streaming, deterministic, atomic writer.
 //!
 //! The reader and the accounting need only `alloc`; the writer needs `std`.
@@ -31,6 +33,7 @@ pub mod header;
 pub mod manifest;
 pub mod reader;
 pub mod sparse;
+pub mod values;
 #[cfg(feature = "std")]
 pub mod writer;
 
@@ -46,7 +49,8 @@ pub use manifest::{
     Tokenizer, TokenizerKind, decode_manifest, encode_manifest,
 };
 pub use reader::{CapFile, CsrView, SparseView, TensorData, TensorView, Values};
-pub use sparse::{SparseKind, decode_sparse, encode_sparse};
+pub use sparse::{SparseKind, decode_sparse, encode_sparse, encode_sparse_csr};
+pub use values::{extend_bytes, to_bytes};
 #[cfg(feature = "std")]
 pub use writer::{CapWriter, StreamWriter, WriteError, WriterOptions};
 

@@ -1,7 +1,7 @@
 //! Reference encoders and decoders for the sparse encodings (`no_std` + `alloc`).
 //!
 //! They convert between a dense row-major matrix of raw little-endian values and the
-//! parts of SPEC.md §5, so packers need not re-implement the bit layouts, and kernels
+//! parts of SPEC.md §5 (and from a CSR matrix to the parts, [`encode_sparse_csr`]), so packers need not re-implement the bit layouts, and kernels
 //! have a reference to test against. An element counts as non-zero unless it is +0 or
 //! −0 (all bits zero apart from the sign).
 
@@ -123,6 +123,155 @@ pub fn encode_sparse(
                 meta[g / 2] |= (kept[0] | (kept[1] << 2)) << (4 * (g % 2));
             }
             (Sparse::TwoFour { dtype }, vec![values, meta])
+        }
+    };
+    Ok((sparse, parts))
+}
+
+/// Checks a CSR matrix against its shape: `rows + 1` non-decreasing row pointers from
+/// 0 to the entry count, columns strictly increasing within each row and below `cols`,
+/// `values` one `dtype` value per entry.
+fn check_csr(
+    rows: u32,
+    cols: u32,
+    ds: usize,
+    row_ptr: &[u64],
+    col: &[u32],
+    values: &[u8],
+) -> Result<(), FormatError> {
+    let bad = |reason| Err(FormatError::InvalidEncoding { reason });
+    if row_ptr.len() != rows as usize + 1 || row_ptr.first() != Some(&0) {
+        return bad("CSR row pointers: not rows + 1 values starting at 0");
+    }
+    if row_ptr.last().copied() != Some(col.len() as u64) {
+        return bad("CSR row pointers: the last is not the entry count");
+    }
+    if Some(values.len()) != col.len().checked_mul(ds) {
+        return bad("CSR values: not one dtype value per entry");
+    }
+    for w in row_ptr.windows(2) {
+        if w[0] > w[1] {
+            return bad("CSR row pointers decrease");
+        }
+        let cs = &col[w[0] as usize..w[1] as usize];
+        if cs.windows(2).any(|p| p[0] >= p[1]) || cs.last().is_some_and(|&c| c >= cols) {
+            return bad("CSR columns: not increasing within a row, or out of range");
+        }
+    }
+    Ok(())
+}
+
+/// Encodes a `rows×cols` matrix given in CSR form (`row_ptr`: `rows + 1` offsets into
+/// `col`; `col`: increasing columns within each row; `values`: one raw little-endian
+/// `dtype` value per entry) as `kind`, without building the dense matrix. The result
+/// is byte-for-byte what [`encode_sparse`] gives for the same matrix written densely
+/// (absent entries +0): an entry whose value is ±0 counts as absent, as it does there.
+pub fn encode_sparse_csr(
+    kind: SparseKind,
+    rows: u32,
+    cols: u32,
+    dtype: DType,
+    row_ptr: &[u64],
+    col: &[u32],
+    values: &[u8],
+) -> Result<(Sparse, Vec<Vec<u8>>), FormatError> {
+    let ds = dtype.size();
+    let n = (rows as usize)
+        .checked_mul(cols as usize)
+        .ok_or(FormatError::SizeOverflow)?;
+    n.checked_mul(ds).ok_or(FormatError::SizeOverflow)?;
+    check_csr(rows, cols, ds, row_ptr, col, values)?;
+    let c = cols as usize;
+    let value = |e: usize| &values[e * ds..(e + 1) * ds];
+    // Entries `lo..hi` of row `r`.
+    let row = |r: usize| row_ptr[r] as usize..row_ptr[r + 1] as usize;
+    let (sparse, parts) = match kind {
+        SparseKind::Bitmask => {
+            let mut mask = vec![0u8; n.div_ceil(8)];
+            let mut out = Vec::new();
+            for r in 0..rows as usize {
+                for e in row(r) {
+                    if !is_zero(value(e)) {
+                        let i = r * c + col[e] as usize;
+                        mask[i / 8] |= 1 << (i % 8);
+                        out.extend_from_slice(value(e));
+                    }
+                }
+            }
+            let nnz = (out.len() / ds) as u64;
+            (Sparse::Bitmask { nnz, dtype }, vec![mask, out])
+        }
+        SparseKind::BlockCsr => {
+            let bw = CSR_BLOCK_COLS as usize;
+            let mut ptr: Vec<u8> = Vec::new();
+            ptr.extend_from_slice(&0u32.to_le_bytes());
+            let (mut idx, mut out) = (Vec::new(), Vec::new());
+            for r in 0..rows as usize {
+                let mut es = row(r).peekable();
+                for b in 0..c.div_ceil(bw) {
+                    while let Some(e) = es.next_if(|&e| (col[e] as usize) < (b + 1) * bw) {
+                        if !is_zero(value(e)) {
+                            idx.push((col[e] as usize - b * bw) as u8);
+                            out.extend_from_slice(value(e));
+                        }
+                    }
+                    let p = u32::try_from(idx.len()).map_err(|_| FormatError::SizeOverflow)?;
+                    ptr.extend_from_slice(&p.to_le_bytes());
+                }
+            }
+            let nnz = idx.len() as u64;
+            (Sparse::BlockCsr { nnz, dtype }, vec![ptr, idx, out])
+        }
+        SparseKind::TwoFour => {
+            if !cols.is_multiple_of(4) {
+                return Err(FormatError::InvalidEncoding {
+                    reason: "2:4 needs cols to be a multiple of 4",
+                });
+            }
+            let mut meta = vec![0u8; (n / 4).div_ceil(2)];
+            let mut out = Vec::with_capacity(n / 2 * ds);
+            let zero = vec![0u8; ds];
+            for r in 0..rows as usize {
+                let mut es = row(r).peekable();
+                for gi in 0..c / 4 {
+                    // The group's four slots as the dense matrix holds them.
+                    let mut slot: [&[u8]; 4] = [&zero, &zero, &zero, &zero];
+                    while let Some(e) = es.next_if(|&e| (col[e] as usize) < 4 * (gi + 1)) {
+                        slot[col[e] as usize % 4] = value(e);
+                    }
+                    let mut kept = [0u8; 2];
+                    let mut k = 0;
+                    for (j, v) in slot.iter().enumerate() {
+                        if !is_zero(v) {
+                            if k == 2 {
+                                return Err(FormatError::InvalidEncoding {
+                                    reason: "more than 2 non-zeros in a group of 4",
+                                });
+                            }
+                            kept[k] = j as u8;
+                            k += 1;
+                        }
+                    }
+                    // Padded exactly as `encode_sparse` pads.
+                    match k {
+                        0 => kept = [0, 1],
+                        1 => {
+                            kept = if kept[0] == 3 {
+                                [2, 3]
+                            } else {
+                                [kept[0], kept[0] + 1]
+                            }
+                        }
+                        _ => {}
+                    }
+                    for &j in &kept {
+                        out.extend_from_slice(slot[j as usize]);
+                    }
+                    let g = r * (c / 4) + gi;
+                    meta[g / 2] |= (kept[0] | (kept[1] << 2)) << (4 * (g % 2));
+                }
+            }
+            (Sparse::TwoFour { dtype }, vec![out, meta])
         }
     };
     Ok((sparse, parts))

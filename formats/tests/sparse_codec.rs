@@ -117,3 +117,115 @@ fn decoder_rejects_inconsistent_views() {
     // Huge declared shape with tiny parts: refused before allocating.
     assert!(decode_sparse(1 << 24, 1 << 24, s, &view).is_err());
 }
+
+/// A random CSR matrix (`row_ptr`, `col`, raw values) and the same matrix written
+/// densely (absent entries +0). Some stored entries are +0 or −0: both encoders must
+/// treat them as absent. With `two_four`, at most 2 non-zeros per group of 4.
+fn csr(
+    rng: &mut Rng,
+    rows: u32,
+    cols: u32,
+    dtype: DType,
+    density: f64,
+    two_four: bool,
+) -> (Vec<u64>, Vec<u32>, Vec<u8>, Vec<u8>) {
+    let ds = dtype.size();
+    let mut dense = vec![0u8; rows as usize * cols as usize * ds];
+    let (mut row_ptr, mut col, mut vals) = (vec![0u64], Vec::new(), Vec::new());
+    for r in 0..rows as usize {
+        let mut in_group = 0;
+        for c in 0..cols as usize {
+            if c % 4 == 0 {
+                in_group = 0;
+            }
+            if rng.f64() >= density {
+                continue;
+            }
+            let mut v = rng.bytes(ds);
+            match rng.below(6) {
+                0 => v.iter_mut().for_each(|b| *b = 0),
+                1 => {
+                    v.iter_mut().for_each(|b| *b = 0);
+                    v[ds - 1] = 0x80;
+                }
+                _ if two_four && in_group == 2 => continue,
+                _ => {
+                    v[ds - 1] |= 0x01;
+                    in_group += 1;
+                }
+            }
+            let at = (r * cols as usize + c) * ds;
+            dense[at..at + ds].copy_from_slice(&v);
+            col.push(c as u32);
+            vals.extend_from_slice(&v);
+        }
+        row_ptr.push(col.len() as u64);
+    }
+    (row_ptr, col, vals, dense)
+}
+
+#[test]
+fn the_csr_encoder_writes_the_dense_encoders_bytes() {
+    let mut rng = Rng(0xC5E);
+    for case in 0..150 {
+        let dtype = rng.dtype();
+        let kind = [
+            SparseKind::Bitmask,
+            SparseKind::BlockCsr,
+            SparseKind::TwoFour,
+        ][case % 3];
+        let rows = rng.range(1, 30) as u32;
+        let cols = if kind == SparseKind::TwoFour {
+            rng.range(1, 100) as u32 * 4
+        } else {
+            rng.range(1, 300) as u32
+        };
+        let density = [0.0, 0.05, 0.3, 0.7, 1.0][rng.below(5) as usize];
+        let two_four = kind == SparseKind::TwoFour;
+        let (row_ptr, col, vals, d) = csr(&mut rng, rows, cols, dtype, density, two_four);
+        let want = encode_sparse(kind, rows, cols, dtype, &d).unwrap();
+        let got = encode_sparse_csr(kind, rows, cols, dtype, &row_ptr, &col, &vals).unwrap();
+        assert_eq!(got, want, "case {case} {kind:?} {rows}x{cols} {dtype:?}");
+    }
+}
+
+#[test]
+fn the_csr_encoder_rejects_inconsistent_csr() {
+    let k = SparseKind::Bitmask;
+    let v = [0u8, 0x3C, 0, 0x3C];
+    let e =
+        |rp: &[u64], c: &[u32], v: &[u8]| encode_sparse_csr(k, 2, 4, DType::F16, rp, c, v).is_err();
+    assert!(!e(&[0, 1, 2], &[3, 0], &v));
+    assert!(e(&[0, 1], &[3, 0], &v), "too few row pointers");
+    assert!(e(&[0, 2, 1], &[3, 0], &v), "decreasing row pointers");
+    assert!(e(&[0, 1, 2], &[4, 0], &v), "column out of range");
+    assert!(e(&[0, 2, 2], &[3, 0], &v), "columns not increasing");
+    assert!(e(&[0, 1, 2], &[3, 0], &v[..2]), "too few values");
+    assert!(
+        encode_sparse_csr(
+            SparseKind::TwoFour,
+            1,
+            4,
+            DType::F16,
+            &[0, 3],
+            &[0, 1, 2],
+            &[1; 6]
+        )
+        .is_err(),
+        "three non-zeros in a group of 4"
+    );
+}
+
+#[test]
+fn values_round_to_nearest_in_the_stored_dtype() {
+    let x = [1.0f32, -0.0, 65504.0, 1.0 + 1.0 / 4096.0];
+    assert_eq!(to_bytes(&x, DType::F32).len(), 16);
+    assert_eq!(
+        to_bytes(&x, DType::F16),
+        [0x00, 0x3C, 0x00, 0x80, 0xFF, 0x7B, 0x00, 0x3C]
+    );
+    assert_eq!(to_bytes(&x[..2], DType::BF16), [0x80, 0x3F, 0x00, 0x80]);
+    let mut out = vec![7u8];
+    extend_bytes(&mut out, &x[..1], DType::F16);
+    assert_eq!(out, [7, 0x00, 0x3C]);
+}

@@ -208,7 +208,7 @@ impl Sink<'_> {
             });
         }
         self.buf.clear();
-        crate::compress::write::extend_bytes(&mut self.buf, data, dtype);
+        cap_format::extend_bytes(&mut self.buf, data, dtype);
         let desc = TensorDesc {
             rows: u32_of(rows, "rows")?,
             cols: u32_of(cols, "cols")?,

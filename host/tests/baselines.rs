@@ -130,7 +130,7 @@ fn baselines_keep_the_reference_sets_on_a_real_layer() {
     assert_eq!(sel[0].rank(), fx.svd_rank);
     assert!(sel[0].sigma[..fx.svd_rank].iter().all(|&k| k));
     let smax = fx.svd_sigma[0];
-    for (i, (a, b)) in d.sigma.iter().zip(&fx.svd_sigma).enumerate() {
+    for (i, (a, b)) in d.sigma().iter().zip(&fx.svd_sigma).enumerate() {
         assert!(
             (f64::from(*a) - b).abs() <= 1e-4 * smax,
             "σ[{i}]: {a} vs {b}"

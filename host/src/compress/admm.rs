@@ -23,7 +23,7 @@
 //! (conjugate gradients, every row at once). Unlike SparseGPT's single left-to-right
 //! pass, every kept weight is refit against every pruned one.
 
-use anyhow::{Result, anyhow};
+use super::error::{CompressError, Result};
 use cap_kernels::gemm::{MatMut, MatRef, matmul};
 use faer::Mat;
 use faer::linalg::solvers::DenseSolveCore;
@@ -102,7 +102,7 @@ fn shifted_inverse(hs: &Mat<f64>, rho: f64) -> Result<Vec<f32>> {
     }
     let inv = a
         .llt(faer::Side::Lower)
-        .map_err(|e| anyhow!("Ĥ + ρI not positive definite: {e:?}"))?
+        .map_err(|e| CompressError::Numerical(format!("Ĥ + ρI not positive definite: {e:?}")))?
         .inverse();
     Ok((0..n * n).map(|x| inv[(x / n, x % n)] as f32).collect())
 }

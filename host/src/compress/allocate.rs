@@ -15,7 +15,7 @@
 //! the best. Direct loss evaluations of a few variables have no estimator variance to
 //! fight, so a handful of them decide what millions of Bernoulli samples cannot.
 
-use anyhow::Result;
+use super::error::Result;
 use cap_device::model::{DenseLinear, Model};
 use rayon::prelude::*;
 use serde::Serialize;

@@ -6,7 +6,7 @@
 //! A budget is a limit on the compressed linears, derived from a device profile, a
 //! file size or a ratio.
 
-use anyhow::{Result, bail};
+use super::error::{CompressError, Result};
 use cap_device::config::Config;
 use cap_device::forward::{KvCache, KvDtype, scratch_bytes};
 use cap_format::{DType, Encoding, Sparse, TensorDesc, encoded_bytes};
@@ -159,7 +159,9 @@ pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result
     match spec {
         BudgetSpec::Ratio(r) => {
             if !(*r > 0.0 && *r <= 1.0) {
-                bail!("--ratio must be in (0, 1], got {r}");
+                return Err(CompressError::Invalid(format!(
+                    "--ratio must be in (0, 1], got {r}"
+                )));
             }
             let limit = (r * fixed.linear_params as f64).floor() as u64;
             Ok(Budget {
@@ -171,7 +173,7 @@ pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result
         }
         BudgetSpec::FileBytes(b) => {
             if *b < need_min {
-                bail!(
+                return Err(CompressError::Invalid(format!(
                     "a budget of {b} bytes is below what the model needs with every compressed layer empty: \
                      {file_fixed} bytes for the dense tensors (embedding, norms) and the file's header and manifest \
                      plus {} bytes for the emptiest linears; {} bytes are missing (the smallest feasible --budget is {need_min}; \
@@ -179,7 +181,7 @@ pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result
                     fixed.linear_min_bytes,
                     need_min - b,
                     file_fixed + fixed.linear_dense_bytes
-                );
+                )));
             }
             Ok(Budget {
                 accounting: Accounting::Bytes,
@@ -200,7 +202,9 @@ pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result
             batch,
         } => {
             if *ctx == 0 || *batch == 0 {
-                bail!("--ctx and --batch must be at least 1");
+                return Err(CompressError::Invalid(
+                    "--ctx and --batch must be at least 1".into(),
+                ));
             }
             let usable = profile.usable_bytes();
             let kv = KvCache::bytes_for(config, ctx * batch, KvDtype::F32);
@@ -226,7 +230,7 @@ pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result
             if usable < need {
                 let parts: Vec<String> =
                     breakdown.iter().map(|(n, b)| format!("{n} {b}")).collect();
-                bail!(
+                return Err(CompressError::Invalid(format!(
                     "target {}: {usable} usable bytes ({} total − {} reserved) cannot hold the model even with every \
                      compressed layer empty: {} plus {} bytes for the emptiest linears; {} bytes are missing \
                      (a smaller --ctx or --batch frees KV cache and scratch)",
@@ -236,7 +240,7 @@ pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result
                     parts.join(", "),
                     fixed.linear_min_bytes,
                     need - usable
-                );
+                )));
             }
             Ok(Budget {
                 accounting: Accounting::Bytes,

@@ -1,6 +1,10 @@
 //! Calibration and held-out evaluation text for `compress`.
 
-use anyhow::{Result, bail};
+use cap_device::forward::Runner;
+use cap_device::model::Model;
+use cap_device::ppl::{NllStats, Protocol, score_window};
+
+use super::error::{CompressError, Result};
 
 /// The first characters of `text` that hold about `tokens` tokens (≈ 8 characters a
 /// token leaves room for texts that tokenize densely), cut at a character boundary.
@@ -21,15 +25,17 @@ pub fn sample_windows(
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
     if samples == 0 || len < 2 {
-        bail!("--calib-samples must be at least 1 and --calib-len at least 2");
+        return Err(CompressError::Invalid(
+            "--calib-samples must be at least 1 and --calib-len at least 2".into(),
+        ));
     }
     if tokens.len() < len {
-        bail!(
+        return Err(CompressError::Invalid(format!(
             "the calibration text has {} tokens, fewer than one sample of --calib-len {len}",
             tokens.len()
-        );
+        )));
     }
-    let mut rng = crate::rpca::rng::XorShift::new(seed ^ 0xCA1B);
+    let mut rng = cap_device::rng::XorShift64Star::new(seed ^ 0xCA1B);
     let span = (tokens.len() - len + 1) as u64;
     Ok((0..samples)
         .map(|_| {
@@ -37,6 +43,23 @@ pub fn sample_windows(
             tokens[at..at + len].to_vec()
         })
         .collect())
+}
+
+/// Mean NLL of `model` over `windows` (all but each window's first token scored).
+pub fn calibration_loss<L: cap_device::model::Linear>(
+    model: &Model<L>,
+    windows: &[&[u32]],
+    threads: usize,
+) -> Result<f64> {
+    let ctx = windows.iter().map(|w| w.len()).max().unwrap_or(0);
+    let runner = Runner::new(model, ctx, threads);
+    let mut total = NllStats::default();
+    for w in windows {
+        let s = score_window(&runner, w, Protocol::Standard, None)
+            .map_err(|e| CompressError::Numerical(format!("calibration forward pass: {e}")))?;
+        total.merge(&s);
+    }
+    Ok(total.mean())
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
-//! What each method offers to keep (its candidate decomposition of every linear) and
-//! how it ranks those items.
+//! The methods' names and settings, what the one-shot baselines offer to keep (a
+//! [`Candidate`] per linear) and how they rank those items.
 //!
 //! * `cap`: RPCA's `L + S` (stage 1); items are the singular directions of `L` and the
 //!   non-zeros of `S`.
-//! * `magnitude`: `W` as a sparse matrix with every entry an item, ranked by `|W_ij|`
+//! * `magnitude`: `W` itself (kept dense) with every entry an item, ranked by `|W_ij|`
 //!   within the whole matrix.
 //! * `wanda`: the same items ranked by `|W_ij|·‖X_j‖₂` within each output row (Sun et
 //!   al., 2023), with `‖X_j‖` from the calibration inputs of the dense model.
@@ -11,14 +11,14 @@
 //! * `sparsegpt`: the kept entries of SparseGPT's pruned `W` (see [`super::sparsegpt`]);
 //!   the pruning itself decides what is kept.
 
-use anyhow::{Result, anyhow};
+use super::error::{CompressError, Result};
 use faer::{MatRef, Par};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use super::candidate::{Candidate, Factors};
 use super::select::{Group, ItemKind, Scores, by_decreasing};
 use crate::rpca::svd::thin_svd;
-use crate::rpca::{Csr, Decomposition, Mode, Stats};
 
 /// A compression method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -74,64 +74,28 @@ pub enum Allocation {
     Threshold,
 }
 
-/// Statistics of a candidate that no solver produced.
-pub(crate) fn stats(rank: usize, nnz: usize) -> Stats {
-    Stats {
-        rank,
-        nnz,
-        residual: 0.0,
-        iterations: 0,
-        energy_l: 0.0,
-        energy_s: 0.0,
-        lambda: 0.0,
-    }
+/// `W` as a candidate with every entry an item (kept dense, never turned into CSR).
+pub fn sparse_candidate(w: &[f32], rows: usize, cols: usize) -> Candidate {
+    Candidate::dense(w.to_vec(), rows, cols)
 }
 
-/// `W` as a "decomposition" with no low-rank part and every entry in `S`.
-pub fn sparse_candidate(w: &[f32], rows: usize, cols: usize) -> Decomposition {
-    let row_ptr = (0..=rows).map(|i| (i * cols) as u64).collect();
-    let col = (0..rows).flat_map(|_| 0..cols as u32).collect();
-    Decomposition {
-        rows,
-        cols,
-        mode: Mode::Plain,
-        u: vec![],
-        sigma: vec![],
-        v: vec![],
-        s: Csr {
-            row_ptr,
-            col,
-            val: w.to_vec(),
-        },
-        stats: stats(0, rows * cols),
-    }
-}
-
-/// `W`'s exact thin SVD as a decomposition with an empty `S`.
-pub fn svd_candidate(w: &[f32], rows: usize, cols: usize) -> Result<Decomposition> {
+/// `W`'s exact thin SVD as a candidate with no sparse part.
+pub fn svd_candidate(w: &[f32], rows: usize, cols: usize) -> Result<Candidate> {
     let a = MatRef::from_row_major_slice(w, rows, cols);
-    let svd = thin_svd(a, Par::Seq).ok_or_else(|| anyhow!("SVD did not converge"))?;
+    let svd = thin_svd(a, Par::Seq)
+        .ok_or_else(|| CompressError::Numerical("SVD did not converge".into()))?;
     let k = svd.s.len();
     let u = (0..rows * k).map(|x| svd.u[(x / k, x % k)]).collect();
     let v = (0..cols * k).map(|x| svd.v[(x / k, x % k)]).collect();
-    Ok(Decomposition {
+    Ok(Candidate::low_rank(
+        Factors { u, sigma: svd.s, v },
         rows,
         cols,
-        mode: Mode::Plain,
-        u,
-        sigma: svd.s,
-        v,
-        s: Csr {
-            row_ptr: vec![0; rows + 1],
-            col: vec![],
-            val: vec![],
-        },
-        stats: stats(k, 0),
-    })
+    ))
 }
 
 /// SVD candidates of many matrices, in parallel.
-pub fn svd_candidates(ws: &[(&[f32], usize, usize)]) -> Result<Vec<Decomposition>> {
+pub fn svd_candidates(ws: &[(&[f32], usize, usize)]) -> Result<Vec<Candidate>> {
     ws.par_iter()
         .map(|&(w, r, c)| svd_candidate(w, r, c))
         .collect()
@@ -140,15 +104,16 @@ pub fn svd_candidates(ws: &[(&[f32], usize, usize)]) -> Result<Vec<Decomposition
 /// The importance groups [`super::select::uniform`] keeps prefixes of, for a one-shot
 /// method or the threshold ablation. `in_norm` (input-channel norms) is needed by
 /// `wanda` only.
-pub fn uniform_groups(method: Method, d: &Decomposition, in_norm: Option<&[f32]>) -> Vec<Group> {
+pub fn uniform_groups(method: Method, d: &Candidate, in_norm: Option<&[f32]>) -> Vec<Group> {
     let sigma = || Group {
         kind: ItemKind::Sigma,
-        order: (0..d.sigma.len() as u32).collect(), // σ is already non-increasing
+        order: (0..d.rank() as u32).collect(), // σ is already non-increasing
     };
+    let values = d.entry_values();
     let all_entries = || {
         by_decreasing(
-            |i| d.s.val[i as usize].abs(),
-            (0..d.s.val.len() as u32).collect(),
+            |i| values[i as usize].abs(),
+            (0..values.len() as u32).collect(),
         )
     };
     match method {
@@ -168,10 +133,11 @@ pub fn uniform_groups(method: Method, d: &Decomposition, in_norm: Option<&[f32]>
             let norm = in_norm.unwrap_or(&[]);
             (0..d.rows)
                 .map(|r| {
-                    let (a, b) = (d.s.row_ptr[r] as u32, d.s.row_ptr[r + 1] as u32);
+                    let range = d.row_entries(r);
+                    let (a, b) = (range.start as u32, range.end as u32);
                     let score = |i: u32| {
-                        let j = d.s.col[i as usize] as usize;
-                        d.s.val[i as usize].abs() * norm.get(j).copied().unwrap_or(1.0)
+                        let j = d.entry_col(i as usize);
+                        values[i as usize].abs() * norm.get(j).copied().unwrap_or(1.0)
                     };
                     Group {
                         kind: ItemKind::Entry,
@@ -185,16 +151,16 @@ pub fn uniform_groups(method: Method, d: &Decomposition, in_norm: Option<&[f32]>
 
 /// Scores for [`super::select::global_top_k`] from keep-probabilities, ties broken by
 /// magnitude (`σ_i` or `|S_ij|`).
-pub fn probability_scores(d: &Decomposition, p_sigma: &[f32], p_entries: &[f32]) -> Scores {
+pub fn probability_scores(d: &Candidate, p_sigma: &[f32], p_entries: &[f32]) -> Scores {
     Scores {
         sigma: p_sigma
             .iter()
-            .zip(&d.sigma)
+            .zip(d.sigma())
             .map(|(&p, &s)| (p, s.abs()))
             .collect(),
         entries: p_entries
             .iter()
-            .zip(&d.s.val)
+            .zip(d.entry_values())
             .map(|(&p, &v)| (p, v.abs()))
             .collect(),
     }

@@ -1,15 +1,34 @@
 //! Stage 2 of CAP and the one-shot baselines: choose what every linear keeps under a
 //! budget, write the compressed `.cap` file and measure it.
+//!
+//! [`run::compress`] drives the stages, each in its own module: [`load`] → [`plan`]
+//! (the budget; [`tensors`] knows which tensors go into the file) → the method's
+//! candidates and selection ([`strategy`]: [`oneshot`], [`pruned`], [`paper`], all
+//! producing [`candidate::Candidate`]s) → [`write`] → [`measure`] → [`stamp`].
 
 pub mod admm;
 pub mod allocate;
 pub mod budget;
-pub mod build;
 pub mod calibration;
+pub mod candidate;
+pub mod error;
+pub mod load;
 pub mod lowrank;
+pub mod measure;
 pub mod methods;
+pub mod oneshot;
+pub mod paper;
+pub mod plan;
+pub mod pruned;
 pub mod reinforce;
 pub mod run;
 pub mod select;
 pub mod sparsegpt;
+pub mod stamp;
+pub mod strategy;
+pub mod tensors;
 pub mod write;
+
+pub use candidate::{Candidate, Factors};
+pub use error::CompressError;
+pub use strategy::Strategy;

@@ -7,13 +7,14 @@
 //! sampled), the `loss` closure of [`run`] (what is minimised), and
 //! [`Policy::score_function_step`] (how the gradient is estimated).
 
-use anyhow::Result;
+use super::error::Result;
+use cap_device::rng::SplitMix64;
 use rayon::prelude::*;
 use serde::Serialize;
 
 use super::budget::CostModel;
+use super::candidate::Candidate;
 use super::select::Selection;
-use crate::rpca::Decomposition;
 
 /// Settings of the REINFORCE search.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -67,22 +68,6 @@ pub struct Policy {
     budget: f64,
 }
 
-/// SplitMix64: a tiny, fast, well-mixed generator; one stream per (step, linear) so
-/// sampling is parallel and reproducible.
-struct SplitMix(u64);
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
-
 /// Smallest `p·(1−p)` the score function divides by: keeps a step finite for
 /// probabilities at the box's edges (where the item is then never resampled).
 const MIN_VARIANCE: f32 = 1e-2;
@@ -90,7 +75,7 @@ const MIN_VARIANCE: f32 = 1e-2;
 impl Policy {
     /// Every item at the same probability, the largest whose expected cost fits
     /// `limit` (at most 1).
-    pub fn uniform(cands: &[&Decomposition], cost: &CostModel, limit: u64) -> Policy {
+    pub fn uniform(cands: &[&Candidate], cost: &CostModel, limit: u64) -> Policy {
         let costs: Vec<(f64, f64)> = cands
             .iter()
             .map(|d| {
@@ -103,7 +88,7 @@ impl Policy {
         let full: f64 = cands
             .iter()
             .zip(&costs)
-            .map(|(d, (cs, ce))| d.sigma.len() as f64 * cs + d.s.val.len() as f64 * ce)
+            .map(|(d, (cs, ce))| d.rank() as f64 * cs + d.entries() as f64 * ce)
             .sum();
         let p0 = if full > 0.0 {
             (budget / full).min(1.0) as f32
@@ -113,7 +98,7 @@ impl Policy {
         Policy {
             p: cands
                 .iter()
-                .map(|d| (vec![p0; d.sigma.len()], vec![p0; d.s.val.len()]))
+                .map(|d| (vec![p0; d.rank()], vec![p0; d.entries()]))
                 .collect(),
             costs,
             budget,
@@ -209,13 +194,14 @@ impl Policy {
             .par_iter()
             .enumerate()
             .map(|(l, (ps, pe))| {
-                let mut rng = SplitMix(
+                // One stream per (step, linear): sampling is parallel and reproducible.
+                let mut rng = SplitMix64::new(
                     seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407)
                         ^ (l as u64).wrapping_mul(0x9FB2_1C65_1E98_DF25),
                 );
                 Selection {
-                    sigma: ps.iter().map(|&p| rng.uniform() < p).collect(),
-                    entries: pe.iter().map(|&p| rng.uniform() < p).collect(),
+                    sigma: ps.iter().map(|&p| rng.uniform_f32() < p).collect(),
+                    entries: pe.iter().map(|&p| rng.uniform_f32() < p).collect(),
                 }
             })
             .collect()
@@ -242,7 +228,7 @@ impl Policy {
 /// masked items kept; `on_step` sees every step. Returns the final probabilities and
 /// the log.
 pub fn run(
-    cands: &[&Decomposition],
+    cands: &[&Candidate],
     cost: &CostModel,
     limit: u64,
     opts: &ReinforceOptions,

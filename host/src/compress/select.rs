@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use super::budget::CostModel;
-use crate::rpca::Decomposition;
+use super::candidate::Candidate;
 
 /// The kept items of one linear.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,11 +22,18 @@ pub struct Selection {
 }
 
 impl Selection {
-    /// Nothing kept.
-    pub fn empty(d: &Decomposition) -> Self {
+    /// Every item kept.
+    pub fn all(d: &Candidate) -> Self {
         Selection {
-            sigma: vec![false; d.sigma.len()],
-            entries: vec![false; d.s.val.len()],
+            sigma: vec![true; d.rank()],
+            entries: vec![true; d.entries()],
+        }
+    }
+    /// Nothing kept.
+    pub fn empty(d: &Candidate) -> Self {
+        Selection {
+            sigma: vec![false; d.rank()],
+            entries: vec![false; d.entries()],
         }
     }
     /// Kept singular values.
@@ -40,7 +47,7 @@ impl Selection {
 }
 
 /// Exact cost of keeping `sel` of `d`.
-pub fn selection_cost(cost: &CostModel, d: &Decomposition, sel: &Selection) -> u64 {
+pub fn selection_cost(cost: &CostModel, d: &Candidate, sel: &Selection) -> u64 {
     cost.cost(d.rows, d.cols, sel.rank(), sel.nnz())
 }
 
@@ -84,7 +91,7 @@ fn kept_counts(groups: &[Group], q: f64) -> (usize, u64) {
 /// `⌊q·len⌋` items of each), with the largest `q` whose exact total cost is within
 /// `limit`. Returns the selections and `q`.
 pub fn uniform(
-    cands: &[&Decomposition],
+    cands: &[&Candidate],
     groups: &[Vec<Group>],
     cost: &CostModel,
     limit: u64,
@@ -152,7 +159,7 @@ fn key((s, t): (f32, f32)) -> u64 {
 /// Keeps every item whose `(score, tie-break)` is at least a global threshold, the
 /// lowest threshold whose exact total cost is within `limit`.
 pub fn global_top_k(
-    cands: &[&Decomposition],
+    cands: &[&Candidate],
     scores: &[Scores],
     cost: &CostModel,
     limit: u64,

@@ -16,14 +16,14 @@
 
 use std::sync::Mutex;
 
-use anyhow::{Result, anyhow};
+use super::error::{CompressError, Result};
 use cap_device::forward::Runner;
 use cap_device::model::{Block, DenseLinear, Linear, Model};
 use cap_kernels::gemm::{MatMut, MatRef, matmul};
 use faer::Mat;
 use faer::linalg::solvers::DenseSolveCore;
 
-use crate::rpca::{Csr, Decomposition, Mode};
+use super::candidate::{Candidate, Csr};
 
 /// Columns per OBS block (the paper's and reference code's 128).
 pub const BLOCK: usize = 128;
@@ -69,11 +69,11 @@ pub fn prune(w: &mut [f32], rows: usize, cols: usize, h: &[f32], s: f64) -> Resu
     }
     let hinv = hm
         .llt(faer::Side::Lower)
-        .map_err(|e| anyhow!("Hessian not positive definite: {e:?}"))?
+        .map_err(|e| CompressError::Numerical(format!("Hessian not positive definite: {e:?}")))?
         .inverse();
-    let l = hinv
-        .llt(faer::Side::Lower)
-        .map_err(|e| anyhow!("inverse Hessian not positive definite: {e:?}"))?;
+    let l = hinv.llt(faer::Side::Lower).map_err(|e| {
+        CompressError::Numerical(format!("inverse Hessian not positive definite: {e:?}"))
+    })?;
     // Upper factor U with H⁻¹ = Uᵀ·U: U = Lᵀ.
     let lf = l.L();
     let u = |i: usize, j: usize| lf[(j, i)];
@@ -140,7 +140,7 @@ pub fn prune(w: &mut [f32], rows: usize, cols: usize, h: &[f32], s: f64) -> Resu
 }
 
 /// The pruned weight as a candidate whose sparse part holds exactly the kept entries.
-pub fn masked_candidate(w: &[f32], mask: &[bool], rows: usize, cols: usize) -> Decomposition {
+pub fn masked_candidate(w: &[f32], mask: &[bool], rows: usize, cols: usize) -> Candidate {
     let mut row_ptr = vec![0u64];
     let (mut col, mut val) = (Vec::new(), Vec::new());
     for r in 0..rows {
@@ -152,17 +152,7 @@ pub fn masked_candidate(w: &[f32], mask: &[bool], rows: usize, cols: usize) -> D
         }
         row_ptr.push(col.len() as u64);
     }
-    let nnz = val.len();
-    Decomposition {
-        rows,
-        cols,
-        mode: Mode::Plain,
-        u: vec![],
-        sigma: vec![],
-        v: vec![],
-        s: Csr { row_ptr, col, val },
-        stats: super::methods::stats(0, nnz),
-    }
+    Candidate::sparse(Csr { row_ptr, col, val }, rows, cols)
 }
 
 /// A linear that passes through and, if asked, accumulates `Σ x·xᵀ` of its inputs.
@@ -210,7 +200,7 @@ fn recorder(l: &DenseLinear, record: bool) -> Recorder<'_> {
 /// what it keeps`, with the weight replaced in place by the matrix the compressed
 /// layer computes (so the next blocks see its outputs).
 pub type Pruner<'a> =
-    dyn Fn(usize, &mut [f32], usize, usize, &[f32]) -> Result<Decomposition> + Sync + 'a;
+    dyn Fn(usize, &mut [f32], usize, usize, &[f32]) -> Result<Candidate> + Sync + 'a;
 
 /// Prunes every block linear of `model` with SparseGPT at per-linear sparsities
 /// `sparsity` (in block order: q, k, v, o, gate, up, down of each block), on the
@@ -222,9 +212,11 @@ pub fn sparsegpt_model(
     sparsity: &[f64],
     threads: usize,
     progress: impl FnMut(usize),
-) -> Result<Vec<Decomposition>> {
+) -> Result<Vec<Candidate>> {
     if sparsity.len() != model.blocks.len() * 7 {
-        return Err(anyhow!("one sparsity per block linear expected"));
+        return Err(CompressError::Invalid(
+            "one sparsity per block linear expected".into(),
+        ));
     }
     prune_sequential(
         model,
@@ -252,7 +244,7 @@ pub fn prune_sequential(
     pruner: &Pruner<'_>,
     true_sequential: bool,
     mut progress: impl FnMut(usize),
-) -> Result<Vec<Decomposition>> {
+) -> Result<Vec<Candidate>> {
     let h = model.config.hidden_size;
     let ctx = windows.iter().map(|w| w.len()).max().unwrap_or(0);
     let runner = Runner::new(model, ctx, threads);
@@ -273,7 +265,7 @@ pub fn prune_sequential(
     const GROUPS: [&[usize]; 4] = [&[0, 1, 2], &[3], &[4, 5], &[6]];
     for (bi, b) in model.blocks.iter().enumerate() {
         let mut pruned = b.clone();
-        let mut cands: Vec<Option<Decomposition>> = vec![None; 7];
+        let mut cands: Vec<Option<Candidate>> = vec![None; 7];
         // With `true_sequential`, each group's inputs come from the block with the
         // groups before it already pruned; otherwise every group sees the dense block.
         let passes: Vec<&[&[usize]]> = if true_sequential {
