@@ -574,3 +574,156 @@ fn data_free_calibration_without_calib() {
         .collect();
     assert_eq!(cached.len(), 1);
 }
+
+/// `--min-tokens-per-s` with `--target`: the linears' limit is the closed form
+/// `⌊bandwidth · 0.4 / N⌋ − dense bytes read − KV cache at half the context`, the
+/// written file meets it, the report's prediction is that formula applied to the
+/// written bytes, and impossible or malformed requirements fail cleanly.
+#[test]
+fn a_decode_speed_requirement_bounds_the_linears() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calib_text(dir.path());
+    let cache = dir.path().join("rpca").display().to_string();
+    let work = dir.path().join("out");
+    std::fs::create_dir_all(&work).unwrap();
+    let out = work.join("speed.cap");
+    let o = out.display().to_string();
+    let m = tiny("llama-tied");
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["compress", "--model", &m, "-o", &o, "--json"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(small(&calib, &cache));
+        v.extend(["--method", "magnitude", "--target", "host", "--ctx", "64"].map(String::from));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let strs = |v: &[String]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let plan_args = base(&["--dry-run"]);
+    let plan = run_json(
+        &strs(&plan_args)
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>(),
+    );
+    let fixed = &plan["fixed"];
+    let dense_read = fixed["dense_read_bytes"].as_u64().unwrap();
+    let linear_dense = fixed["linear_dense_bytes"].as_u64().unwrap();
+    // The tied embedding is the head: every dense tensor is read in full.
+    assert!(dense_read > 0 && dense_read <= fixed["dense_tensor_bytes"].as_u64().unwrap());
+    // Independently: 2 layers × (k, v) × 32 positions (half of ctx 64) × kv_dim 32 × 4.
+    let kv_read: u64 = 2 * 2 * 32 * 32 * 4;
+    let usable_bw = 24.9e9 * 0.4; // targets/host.toml's bandwidth × the planned share
+    // A speed that leaves about half the dense linear bytes, as a whole number.
+    let n = (usable_bw / (dense_read + kv_read + linear_dense / 2) as f64).floor();
+    let ns = format!("{n}");
+    let r = run_json(
+        &strs(&base(&["--min-tokens-per-s", &ns]))
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>(),
+    );
+    check_file(&r, &out);
+    let want_limit = (usable_bw / n).floor() as u64 - dense_read - kv_read;
+    assert_eq!(
+        r["budget"]["limit"].as_u64().unwrap(),
+        want_limit,
+        "{}",
+        r["budget"]
+    );
+    assert_eq!(
+        r["budget"]["speed"]["linear_limit"].as_u64().unwrap(),
+        want_limit
+    );
+    let linear = r["linear_bytes"].as_u64().unwrap();
+    assert!(
+        linear <= want_limit && linear > want_limit / 2,
+        "{linear} of {want_limit}"
+    );
+    let s = &r["speed"];
+    assert_eq!(
+        s["bytes_per_token"].as_u64().unwrap(),
+        linear + dense_read + kv_read
+    );
+    let tps = s["tokens_per_s"].as_f64().unwrap();
+    assert!(tps >= n, "predicted {tps} < required {n}");
+    let want_tps = usable_bw / (linear + dense_read + kv_read) as f64;
+    assert!(
+        (tps - want_tps).abs() <= 1e-9 * want_tps,
+        "{tps} vs {want_tps}"
+    );
+    assert!(s["dense_tokens_per_s"].as_f64().unwrap() < n);
+    std::fs::remove_file(&out).unwrap();
+
+    // Out of reach: even empty linears read more than N allows.
+    assert_clean_failure(
+        &strs(&base(&["--min-tokens-per-s", "1e12"]))
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>(),
+        &["out of reach", "with every compressed layer empty"],
+    );
+    for bad in ["0", "-5", "NaN", "inf"] {
+        assert_clean_failure(
+            &strs(&base(&[&format!("--min-tokens-per-s={bad}")]))
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>(),
+            &["--min-tokens-per-s must be a positive number"],
+        );
+    }
+    assert!(leftovers(&work).is_empty(), "{:?}", leftovers(&work));
+    // Without --target there is no bandwidth to predict from.
+    assert_clean_failure(
+        &[
+            "compress",
+            "--model",
+            &m,
+            "-o",
+            &o,
+            "--ratio",
+            "0.5",
+            "--min-tokens-per-s",
+            "10",
+        ],
+        &["--min-tokens-per-s needs --target"],
+    );
+    assert!(leftovers(&work).is_empty(), "{:?}", leftovers(&work));
+}
+
+/// SmolLM2 on the Orin Nano profile: the speed bound of the README's main command in
+/// closed form from the model's shape (a tied 49152 × 576 f16 embedding as the head,
+/// 61 f32 norm vectors of 576, an f32 KV cache of 30 layers × 2 × 192 at 1024
+/// positions) and the profile's 68 GB/s.
+#[test]
+fn smollm2_speed_bound_on_the_orin_nano_is_the_closed_form() {
+    let Some(model) = common::real_model() else {
+        return;
+    };
+    let m = model.display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let o = dir.path().join("x.cap").display().to_string();
+    let plan = run_json(&[
+        "compress",
+        "--model",
+        &m,
+        "-o",
+        &o,
+        "--target",
+        "jetson-orin-nano-8gb",
+        "--min-tokens-per-s",
+        "120",
+        "--dry-run",
+        "--json",
+    ]);
+    let dense_read: u64 = 49152 * 576 * 2 + 61 * 576 * 4;
+    let kv_read: u64 = 30 * 2 * 192 * 1024 * 4;
+    assert_eq!(
+        plan["fixed"]["dense_read_bytes"].as_u64().unwrap(),
+        dense_read
+    );
+    let limit = (68.0e9 * 0.4 / 120.0f64).floor() as u64 - dense_read - kv_read;
+    assert_eq!(plan["budget"]["limit"].as_u64().unwrap(), limit);
+    assert_eq!(limit, 122_717_098);
+}

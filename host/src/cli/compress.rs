@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use anyhow::{Result, bail};
 use cap_format::DType;
-use cap_host::compress::budget::BudgetSpec;
+use cap_host::compress::budget::{Budget, BudgetSpec};
 use cap_host::compress::methods::{Allocation, Method, Variant};
 use cap_host::compress::reinforce::ReinforceOptions;
 use cap_host::compress::run::{
@@ -42,6 +42,13 @@ pub struct CompressArgs {
     /// Sequences served at once, with --target.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// With --target: the board must decode at least N tokens per second (per
+    /// sequence). Decoding is memory-bound, so this caps the bytes a token reads: the
+    /// compressed linears, the output head, norms and the KV cache at half of --ctx,
+    /// streamed at 0.4 of the profile's memory bandwidth (a planning figure; see the
+    /// README). The tighter of this and the memory limit wins.
+    #[arg(long, value_name = "N")]
+    pub min_tokens_per_s: Option<f64>,
     /// The written file must be at most this many bytes.
     #[arg(long, value_name = "BYTES")]
     pub budget: Option<u64>,
@@ -143,6 +150,11 @@ fn dtype_of(a: DTypeArg) -> DType {
 pub fn run(a: CompressArgs) -> Result<()> {
     let threads = threads_or_all(a.threads)?;
     cap_kernels::par::init_threads(threads);
+    if a.min_tokens_per_s.is_some() && a.target.is_none() {
+        bail!(
+            "--min-tokens-per-s needs --target: the speed is predicted from a board's memory bandwidth"
+        );
+    }
     let (budget, preferred) = match (&a.target, a.budget, a.ratio) {
         (Some(t), None, None) => {
             let profile = cap_host::targets::find(t, a.targets_dir.as_deref())?;
@@ -156,6 +168,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
                     profile: Box::new(profile),
                     ctx: a.ctx,
                     batch: a.batch,
+                    min_tokens_per_s: a.min_tokens_per_s,
                 },
                 Some(d),
             )
@@ -254,14 +267,31 @@ pub fn run(a: CompressArgs) -> Result<()> {
     Ok(())
 }
 
+/// The budget's source, where the memory goes, and a speed requirement's bound.
+fn render_budget(budget: &Budget) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "budget: {}", budget.source);
+    for (what, b) in &budget.breakdown {
+        let _ = writeln!(s, "  {what:<40} {b:>14} bytes");
+    }
+    if let Some(b) = &budget.speed {
+        let _ = writeln!(
+            s,
+            "  {:<40} {:>14} bytes (memory alone allows {})",
+            format!("linears for {} tokens/s", b.tokens_per_s),
+            b.linear_limit,
+            b.memory_limit
+        );
+    }
+    s
+}
+
 /// The budget and where the memory goes.
 pub fn render_plan(p: &Plan) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let _ = writeln!(s, "budget: {}", p.budget.source);
-    for (what, b) in &p.budget.breakdown {
-        let _ = writeln!(s, "  {what:<40} {b:>14} bytes");
-    }
+    s.push_str(&render_budget(&p.budget));
     let _ = writeln!(
         s,
         "compressed linears may take {} {} (dense f16 they take {} bytes, {} parameters)",
@@ -302,10 +332,7 @@ pub fn render(r: &CompressReport) -> String {
         );
     }
     let _ = writeln!(s);
-    let _ = writeln!(s, "budget: {}", r.budget.source);
-    for (what, b) in &r.budget.breakdown {
-        let _ = writeln!(s, "  {what:<40} {b:>14} bytes");
-    }
+    s.push_str(&render_budget(&r.budget));
     let _ = writeln!(
         s,
         "compressed linears: {} {unit} of a budget of {} ({:.2}%); {} bytes; paper ratio {:.4}",
@@ -342,5 +369,66 @@ pub fn render(r: &CompressReport) -> String {
         .map(|(n, s)| format!("{n} {s:.1}s"))
         .collect();
     let _ = writeln!(s, "time: {}", t.join(", "));
+    s.push_str(&summary(r));
+    s
+}
+
+/// A few lines for someone seeing cap for the first time: what got smaller, what it
+/// cost in quality, what the board should do with it, and what to run next.
+fn summary(r: &CompressReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::from("\nsummary\n");
+    // What `pack` would write: the same dense tensors with every linear dense.
+    let dense_file = r.fixed.dense_tensor_bytes + r.fixed.linear_dense_bytes;
+    let change = |a: f64, b: f64| 100.0 * (b - a) / a;
+    let _ = writeln!(
+        s,
+        "  size     {} bytes with every linear dense → {} bytes ({:+.1}%); the source file has {} bytes",
+        dense_file,
+        r.file_bytes,
+        change(dense_file as f64, r.file_bytes as f64),
+        r.source_bytes
+    );
+    let before = r
+        .dense_eval
+        .as_ref()
+        .map(|d| format!("{:.3} (source) → ", d.ppl))
+        .unwrap_or_default();
+    let rel = r
+        .dense_eval
+        .as_ref()
+        .map(|d| format!(" ({:+.1}%)", change(d.ppl, r.eval.ppl)))
+        .unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "  quality  perplexity {before}{:.3}{rel} on {} (held out; ctx {}, {} windows)",
+        r.eval.ppl, r.eval_text, r.eval.ctx, r.eval.windows
+    );
+    if let Some(e) = &r.speed {
+        let req = e
+            .required_tokens_per_s
+            .map(|t| format!(", {t} asked for"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "  speed    {}: about {:.0} tokens/s decoding (every linear dense: {:.0}){req}; predicted from {} bytes read per token at {} of {} GB/s",
+            e.target,
+            e.tokens_per_s,
+            e.dense_tokens_per_s,
+            e.bytes_per_token,
+            e.efficiency,
+            e.bandwidth_gbps
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  next     cargo run --release -p cap-device -- selftest {}   (recomputes the stored {:.3}; exit 0 when it matches)",
+        r.path, r.self_test.ppl
+    );
+    let _ = writeln!(
+        s,
+        "           cargo run --release -p cap-device -- generate {} --prompt \"The capital of France is\"",
+        r.path
+    );
     s
 }

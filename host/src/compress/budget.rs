@@ -12,6 +12,7 @@ use cap_device::forward::{KvCache, KvDtype, scratch_bytes};
 use cap_format::{DType, Encoding, Sparse, TensorDesc, encoded_bytes};
 use serde::Serialize;
 
+use super::speed::{DECODE_BANDWIDTH_EFFICIENCY, DecodeCost};
 use crate::targets::Profile;
 
 /// Memory a running `cap-device` needs besides the model file, the KV cache and the
@@ -116,6 +117,8 @@ pub enum BudgetSpec {
         ctx: usize,
         /// Sequences served at once.
         batch: usize,
+        /// Decode steps per second the board must reach ([`super::speed`]).
+        min_tokens_per_s: Option<f64>,
     },
     /// The written file must be at most this many bytes.
     FileBytes(u64),
@@ -136,6 +139,9 @@ pub struct FixedCosts {
     pub linear_dense_bytes: u64,
     /// Cost of the linears when nothing is kept (the smallest they can be).
     pub linear_min_bytes: u64,
+    /// Bytes of the dense tensors one decoded token reads: all of them, less the
+    /// embedding but one row when the output head is a separate tensor.
+    pub dense_read_bytes: u64,
 }
 
 /// A resolved budget.
@@ -149,6 +155,21 @@ pub struct Budget {
     pub source: String,
     /// For a target: the terms subtracted from usable memory, in order.
     pub breakdown: Vec<(String, u64)>,
+    /// For a target with a decode-speed requirement: the bound it sets.
+    pub speed: Option<SpeedBound>,
+}
+
+/// The bound a decode-speed requirement puts on the compressed linears.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct SpeedBound {
+    /// Decode steps per second required.
+    pub tokens_per_s: f64,
+    /// The most bytes the linears may take for it.
+    pub linear_limit: u64,
+    /// The most bytes memory alone allows them.
+    pub memory_limit: u64,
+    /// What a decoded token reads besides the linears, and at what rate.
+    pub cost: DecodeCost,
 }
 
 /// Turns `spec` into a limit for the compressed linears of a model with `config` and
@@ -169,6 +190,7 @@ pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result
                 limit,
                 source: format!("ratio {r} of {} linear parameters", fixed.linear_params),
                 breakdown: vec![],
+                speed: None,
             })
         }
         BudgetSpec::FileBytes(b) => {
@@ -194,12 +216,14 @@ pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result
                         fixed.file_overhead_bytes,
                     ),
                 ],
+                speed: None,
             })
         }
         BudgetSpec::Target {
             profile,
             ctx,
             batch,
+            min_tokens_per_s,
         } => {
             if *ctx == 0 || *batch == 0 {
                 return Err(CompressError::Invalid(
@@ -242,11 +266,54 @@ pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result
                     need - usable
                 )));
             }
+            let memory_limit = usable - taken;
+            let mut source = format!("target {}, ctx {ctx}, batch {batch}", profile.name);
+            let Some(tps) = *min_tokens_per_s else {
+                return Ok(Budget {
+                    accounting: Accounting::Bytes,
+                    limit: memory_limit,
+                    source,
+                    breakdown,
+                    speed: None,
+                });
+            };
+            if !(tps.is_finite() && tps > 0.0) {
+                return Err(CompressError::Invalid(format!(
+                    "--min-tokens-per-s must be a positive number, got {tps}"
+                )));
+            }
+            let speed = DecodeCost::new(profile, config, *ctx, *batch, fixed.dense_read_bytes);
+            let fastest = speed.tokens_per_s(fixed.linear_min_bytes);
+            let speed_limit = speed
+                .linear_limit(tps)
+                .filter(|&l| l >= fixed.linear_min_bytes)
+                .ok_or_else(|| {
+                    CompressError::Invalid(format!(
+                        "target {}: {tps} tokens/s is out of reach: with every compressed layer empty a decoded \
+                         token still reads {} bytes ({} of dense tensors, {} of KV cache at half of ctx {ctx}, {} of \
+                         empty linears), which {:.1} GB/s usable ({} GB/s × {DECODE_BANDWIDTH_EFFICIENCY}) streams \
+                         {fastest:.1} times a second",
+                        profile.name,
+                        speed.bytes_per_token(fixed.linear_min_bytes),
+                        speed.dense_read_bytes,
+                        speed.kv_read_bytes,
+                        fixed.linear_min_bytes,
+                        speed.bandwidth_bytes_per_s / 1e9,
+                        profile.memory_bandwidth_gbps,
+                    ))
+                })?;
+            source.push_str(&format!(", at least {tps} tokens/s"));
             Ok(Budget {
                 accounting: Accounting::Bytes,
-                limit: usable - taken,
-                source: format!("target {}, ctx {ctx}, batch {batch}", profile.name),
+                limit: memory_limit.min(speed_limit),
+                source,
                 breakdown,
+                speed: Some(SpeedBound {
+                    tokens_per_s: tps,
+                    linear_limit: speed_limit,
+                    memory_limit,
+                    cost: speed,
+                }),
             })
         }
     }

@@ -24,6 +24,7 @@ pub mod reinforce;
 pub mod run;
 pub mod select;
 pub mod sparsegpt;
+pub mod speed;
 pub mod stamp;
 pub mod strategy;
 pub mod tensors;

@@ -6,7 +6,7 @@ use cap_format::manifest::Manifest;
 
 use super::budget::{Accounting, Budget, BudgetSpec, CostModel, FixedCosts, resolve};
 use super::error::{Result, step_error};
-use super::tensors::{dense_tensor_bytes, manifest_bound};
+use super::tensors::{dense_read_bytes, dense_tensor_bytes, manifest_bound};
 use cap_device::tensors::file_tensor_names;
 
 /// The resolved budget and how choices are costed against it.
@@ -50,6 +50,7 @@ pub fn plan(
             .map(|(m, n)| bytes_model.cost(m, n, 0, (m * n) as u64))
             .sum(),
         linear_min_bytes: shapes().map(|(m, n)| bytes_model.cost(m, n, 0, 0)).sum(),
+        dense_read_bytes: dense_read_bytes(model, dtype)?,
     };
     let budget = resolve(spec, &model.config, &fixed).map_err(step_error)?;
     Ok(Planned {

@@ -14,6 +14,7 @@ use super::measure::measure;
 use super::methods::{Allocation, Method, Variant};
 use super::plan::plan;
 use super::reinforce::{ReinforceOptions, StepLog};
+use super::speed::{DECODE_BANDWIDTH_EFFICIENCY, DecodeCost, SpeedEstimate};
 use super::stamp::{
     base_manifest, record_budget, record_layers, record_perplexity, restamp, unmeasured,
 };
@@ -169,6 +170,10 @@ pub struct CompressReport {
     pub eval_text: String,
     /// What the model was calibrated on.
     pub calibration: String,
+    /// Bytes of the source checkpoint (a file, or a folder's files).
+    pub source_bytes: u64,
+    /// Predicted decode speed on the target board (budgets from a target only).
+    pub speed: Option<SpeedEstimate>,
     /// The REINFORCE log (empty for other allocations).
     pub steps: Vec<StepLog>,
     /// cap's learned allocation and the settings it tried.
@@ -250,6 +255,14 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
             budget.limit
         )));
     }
+    let speed = speed_estimate(
+        &opts.budget,
+        &input.model.config,
+        &budget,
+        &fixed,
+        linear_bytes,
+    );
+    let source_bytes = source_bytes(&opts.model);
     Ok(Outcome::Written(Box::new(CompressReport {
         path: path.display().to_string(),
         method: opts.method,
@@ -268,10 +281,60 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         self_test: m.self_test,
         eval_text: input.eval_name,
         calibration: input.calibration,
+        source_bytes,
+        speed,
         steps: notes.steps,
         allocation_search: notes.allocation_search,
         seconds: notes.seconds,
     })))
+}
+
+/// The predicted decode speed of linears of `linear_bytes` on the budget's target.
+fn speed_estimate(
+    spec: &BudgetSpec,
+    config: &cap_device::config::Config,
+    budget: &Budget,
+    fixed: &FixedCosts,
+    linear_bytes: u64,
+) -> Option<SpeedEstimate> {
+    let BudgetSpec::Target {
+        profile,
+        ctx,
+        batch,
+        ..
+    } = spec
+    else {
+        return None;
+    };
+    let cost = DecodeCost::new(profile, config, *ctx, *batch, fixed.dense_read_bytes);
+    Some(SpeedEstimate {
+        target: profile.name.clone(),
+        bandwidth_gbps: profile.memory_bandwidth_gbps,
+        efficiency: DECODE_BANDWIDTH_EFFICIENCY,
+        bytes_per_token: cost.bytes_per_token(linear_bytes),
+        tokens_per_s: cost.tokens_per_s(linear_bytes),
+        dense_tokens_per_s: cost.tokens_per_s(fixed.linear_dense_bytes),
+        required_tokens_per_s: budget.speed.map(|s| s.tokens_per_s),
+    })
+}
+
+/// Bytes of the source checkpoint: the file, or the files of a folder (0 when it
+/// cannot be read; the report only shows it).
+fn source_bytes(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return 0;
+    };
+    if meta.is_file() {
+        return meta.len();
+    }
+    std::fs::read_dir(path)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// Default cache of stage 1 for a source file: `$XDG_CACHE_HOME/cap/rpca/<sha16>` (or

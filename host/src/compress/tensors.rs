@@ -3,9 +3,11 @@
 //! bound of the manifest the budget reserves room for.
 
 use cap_device::model::{DenseLinear, Model};
-use cap_device::tensors::{compressible, dense_tensors, named_linears};
+use cap_device::tensors::{Role, compressible, dense_tensors, named_linears};
 use cap_format::manifest::{LayerCompression, Manifest, TensorEntry};
-use cap_format::{DType, Encoding, MIN_ALIGNMENT, Sparse, encode_manifest, encoded_bytes_aligned};
+use cap_format::{
+    DType, Encoding, MIN_ALIGNMENT, Sparse, encode_manifest, encoded_bytes, encoded_bytes_aligned,
+};
 
 use super::error::{CompressError, Result};
 
@@ -30,6 +32,26 @@ pub fn dense_tensor_bytes(model: &Model<DenseLinear>, dtype: DType) -> Result<u6
             CompressError::Internal(format!("{} has no dense descriptor", t.name))
         })?;
         total += encoded_bytes_aligned(&desc, MIN_ALIGNMENT)?;
+    }
+    Ok(total)
+}
+
+/// Bytes of the dense tensors one decoded token reads: every one in full (the tied
+/// embedding is the output head), except the embedding when a separate head exists,
+/// of which one row is gathered.
+pub fn dense_read_bytes(model: &Model<DenseLinear>, dtype: DType) -> Result<u64> {
+    let dense = dense_tensors(&model.config);
+    let separate_head = dense.iter().any(|t| t.role == Role::Head);
+    let mut total = 0;
+    for t in &dense {
+        let desc = t.dense_desc(dtype).ok_or_else(|| {
+            CompressError::Internal(format!("{} has no dense descriptor", t.name))
+        })?;
+        total += if t.role == Role::Embed && separate_head {
+            (t.cols * t.dense_dtype(dtype).size()) as u64
+        } else {
+            encoded_bytes(&desc)?
+        };
     }
     Ok(total)
 }
