@@ -29,6 +29,9 @@ pub enum CompressError {
     /// A step outside `compress` failed, and its own message says which.
     #[error(transparent)]
     Other(BoxError),
+    /// Quantizing a layer's values failed (bad setting, shape or Hessian).
+    #[error(transparent)]
+    Quant(#[from] super::quantize::QuantError),
     /// The `.cap` format rejected a tensor or manifest.
     #[error(transparent)]
     Format(#[from] cap_format::FormatError),

@@ -5,6 +5,8 @@
 //! (the budget; [`tensors`] knows which tensors go into the file) → the method's
 //! candidates and selection ([`strategy`]: [`oneshot`], [`pruned`], [`paper`], all
 //! producing [`candidate::Candidate`]s) → [`write`] → [`measure`] → [`stamp`].
+//! [`quantize`] (round-to-nearest and GPTQ codes for kept values) is a library step
+//! not yet called by `compress`.
 
 pub mod admm;
 pub mod allocate;
@@ -20,6 +22,7 @@ pub mod oneshot;
 pub mod paper;
 pub mod plan;
 pub mod pruned;
+pub mod quantize;
 pub mod reinforce;
 pub mod run;
 pub mod select;
