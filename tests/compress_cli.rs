@@ -483,16 +483,13 @@ fn bad_input_fails_cleanly_and_writes_nothing() {
 /// `cap-host compress` with `XDG_CACHE_HOME` (the data-free calibration cache) and
 /// `SOURCE_DATE_EPOCH` set; returns (exit code, stdout, stderr).
 fn cap_host_env(cache_home: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cap-host"))
-        .env("XDG_CACHE_HOME", cache_home)
-        .env("SOURCE_DATE_EPOCH", "1700000000")
-        .args(args)
-        .output()
-        .expect("run cap-host");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    let epoch = std::ffi::OsStr::new("1700000000");
+    common::cap_host_with(
+        &[
+            ("XDG_CACHE_HOME", cache_home.as_os_str()),
+            ("SOURCE_DATE_EPOCH", epoch),
+        ],
+        args,
     )
 }
 

@@ -76,7 +76,14 @@ pub fn assert_clean_failure(args: &[&str], needles: &[&str]) {
 
 /// Runs the `cap-host` binary; returns (exit code, stdout, stderr).
 pub fn cap_host(args: &[&str]) -> (i32, String, String) {
+    cap_host_with(&[], args)
+}
+
+/// Runs the `cap-host` binary with extra environment variables `envs`; returns (exit
+/// code, stdout, stderr).
+pub fn cap_host_with(envs: &[(&str, &std::ffi::OsStr)], args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cap-host"))
+        .envs(envs.iter().copied())
         .args(args)
         .output()
         .expect("run cap-host");

@@ -3,10 +3,11 @@
 //! bound of the manifest the budget reserves room for.
 
 use cap_device::model::{DenseLinear, Model};
-use cap_device::tensors::{Role, compressible, dense_tensors, named_linears};
+use cap_device::tensors::{Role, TensorInfo, compressible, dense_tensors, named_linears};
 use cap_format::manifest::{LayerCompression, Manifest, TensorEntry};
 use cap_format::{
-    DType, Encoding, MIN_ALIGNMENT, Sparse, encode_manifest, encoded_bytes, encoded_bytes_aligned,
+    DType, Encoding, MIN_ALIGNMENT, Sparse, TensorDesc, encode_manifest, encoded_bytes,
+    encoded_bytes_aligned,
 };
 
 use super::error::{CompressError, Result};
@@ -28,10 +29,7 @@ pub fn block_linears(model: &Model<DenseLinear>) -> Result<Vec<(String, &DenseLi
 pub fn dense_tensor_bytes(model: &Model<DenseLinear>, dtype: DType) -> Result<u64> {
     let mut total = 0;
     for t in dense_tensors(&model.config) {
-        let desc = t.dense_desc(dtype).ok_or_else(|| {
-            CompressError::Internal(format!("{} has no dense descriptor", t.name))
-        })?;
-        total += encoded_bytes_aligned(&desc, MIN_ALIGNMENT)?;
+        total += encoded_bytes_aligned(&dense_desc(&t, dtype)?, MIN_ALIGNMENT)?;
     }
     Ok(total)
 }
@@ -44,16 +42,19 @@ pub fn dense_read_bytes(model: &Model<DenseLinear>, dtype: DType) -> Result<u64>
     let separate_head = dense.iter().any(|t| t.role == Role::Head);
     let mut total = 0;
     for t in &dense {
-        let desc = t.dense_desc(dtype).ok_or_else(|| {
-            CompressError::Internal(format!("{} has no dense descriptor", t.name))
-        })?;
         total += if t.role == Role::Embed && separate_head {
             (t.cols * t.dense_dtype(dtype).size()) as u64
         } else {
-            encoded_bytes(&desc)?
+            encoded_bytes(&dense_desc(t, dtype)?)?
         };
     }
     Ok(total)
+}
+
+/// The descriptor of dense tensor `t` for weights stored in `dtype`.
+fn dense_desc(t: &TensorInfo, dtype: DType) -> Result<TensorDesc> {
+    t.dense_desc(dtype)
+        .ok_or_else(|| CompressError::Internal(format!("{} does not fit the format", t.name)))
 }
 
 /// An upper bound of the manifest's encoded size: `base` with a directory of
