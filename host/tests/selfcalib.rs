@@ -69,11 +69,20 @@ fn batched_generation_equals_one_sequence_at_a_time() {
 }
 
 #[test]
-fn the_temperature_falls_linearly() {
-    let r = Recipe::new(1, 5, 0);
-    assert_eq!(r.temperature(0), r.temp_start);
-    assert!((r.temperature(4) - r.temp_end).abs() < 1e-6);
-    assert!((r.temperature(2) - 0.5 * (r.temp_start + r.temp_end)).abs() < 1e-6);
+fn the_temperature_moves_linearly() {
+    // The default samples the model's own distribution throughout.
+    let d = Recipe::new(1, 5, 0);
+    assert!((0..5).all(|i| d.temperature(i) == 1.0) && d.top_p == 1.0);
+    // A schedule goes from its start to its end in equal steps.
+    let r = Recipe {
+        temp_start: 1.5,
+        temp_end: 0.5,
+        ..d
+    };
+    assert_eq!(r.temperature(0), 1.5);
+    assert!((r.temperature(4) - 0.5).abs() < 1e-6);
+    assert!((r.temperature(1) - 1.25).abs() < 1e-6);
+    assert!((r.temperature(2) - 1.0).abs() < 1e-6);
 }
 
 #[test]
