@@ -66,6 +66,8 @@ fn store(v: &[f32], dtype: DType) -> (Vec<u8>, Vec<f32>) {
                 bytes.extend_from_slice(&h.to_le_bytes());
                 vals.push(h.to_f32());
             }
+            // Quantized layers are built in `quantized_model.rs`.
+            DType::Q8 { .. } | DType::Q4 { .. } => unreachable!("float dtypes only here"),
         }
     }
     (bytes, vals)

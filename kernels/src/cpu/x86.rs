@@ -169,7 +169,11 @@ fn hsum(v: __m256) -> f32 {
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(w.dtype, dense_rows_d(w.bytes, cols, r0, x, y))
+    by_dtype!(
+        w.dtype,
+        dense_rows_d(w.bytes, cols, r0, x, y),
+        (scalar::KERNELS.dense_rows)(w, cols, r0, x, y)
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
@@ -230,7 +234,11 @@ fn dot<const D: u8>(row: &[u8], x: &[f32]) -> f32 {
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn dense_t_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(w.dtype, dense_t_rows_d(w.bytes, cols, r0, x, y))
+    by_dtype!(
+        w.dtype,
+        dense_t_rows_d(w.bytes, cols, r0, x, y),
+        (scalar::KERNELS.dense_t_rows)(w, cols, r0, x, y)
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
@@ -411,7 +419,11 @@ fn hsum2(a: Acc2) -> f32 {
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn bitmask_rows(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(m.values.dtype, bitmask_rows_d(m, r0, x, y))
+    by_dtype!(
+        m.values.dtype,
+        bitmask_rows_d(m, r0, x, y),
+        (scalar::KERNELS.bitmask_rows)(m, r0, x, y)
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
@@ -539,7 +551,11 @@ fn bitmask_tail<const D: u8>(
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn csr_rows(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(m.values.dtype, csr_rows_d(m, r0, x, y))
+    by_dtype!(
+        m.values.dtype,
+        csr_rows_d(m, r0, x, y),
+        (scalar::KERNELS.csr_rows)(m, r0, x, y)
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
@@ -642,7 +658,11 @@ static PICK: [Lanes8; 256] = {
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn two_four_rows(m: &TwoFourRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(m.values.dtype, two_four_rows_d(m, r0, x, y))
+    by_dtype!(
+        m.values.dtype,
+        two_four_rows_d(m, r0, x, y),
+        (scalar::KERNELS.two_four_rows)(m, r0, x, y)
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
@@ -755,7 +775,11 @@ fn two_four_tail<const D: u8>(
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn to_f32(v: Values<'_>, start: usize, out: &mut [f32]) {
-    by_dtype!(v.dtype, to_f32_d(v.bytes, start, out))
+    by_dtype!(
+        v.dtype,
+        to_f32_d(v.bytes, start, out),
+        (scalar::KERNELS.to_f32)(v, start, out)
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
@@ -779,10 +803,15 @@ fn to_f32_d<const D: u8>(b: &[u8], start: usize, out: &mut [f32]) {
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn from_f32(x: &[f32], dtype: DType, out: &mut [u8]) {
+    if dtype.is_quantized() {
+        // No SIMD quantizer: the scalar reference (a quantized KV cache does not exist;
+        // this keeps the table total).
+        return scalar::from_f32(x, dtype, out);
+    }
     let n = out.len() / dtype.size();
     let x = &x[..n];
     match dtype {
-        DType::F32 => scalar::from_f32(x, dtype, out),
+        DType::F32 | DType::Q8 { .. } | DType::Q4 { .. } => scalar::from_f32(x, dtype, out),
         DType::F16 => {
             let mut xs = x.chunks_exact(8);
             let mut os = out.chunks_exact_mut(16);
