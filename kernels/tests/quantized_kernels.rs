@@ -7,8 +7,9 @@
 //!    awkward places so the kernels must find a row's first block themselves).
 //! 2. Every table against exact `f64` sums of the dequantized matrix, within the usual
 //!    `f32` summation bound.
-//! 3. Every SIMD table against the scalar table (they run the scalar kernels for
-//!    quantized values in this version, so exactly).
+//! 3. Every SIMD table against the scalar table: exactly where they run the scalar
+//!    kernels for quantized values (all but AVX2's dense rows in this version); AVX2's
+//!    dense kernel is held to the `f64` bound of 2.
 //! 4. The tiled path's decoders (`rows_to_f32`, `SparseRef::decode_rows`, `to_f32` from
 //!    inside a run) against the dequantized matrix, value for value.
 
@@ -121,7 +122,10 @@ fn dense_quantized_kernels_match_the_dequantized_matrix() {
             let ex = exact(&deq, cols, &x);
             for k in tables() {
                 let got = by_ranges(ROWS, |r0, y| (k.dense_rows)(qv, cols, r0, &x, y));
-                assert_eq!(got, want, "{:?} dense {dt} cols {cols}", k.isa);
+                // AVX2 has its own dense kernel (other summation order): bound only.
+                if k.isa != cpu::Isa::Avx2 {
+                    assert_eq!(got, want, "{:?} dense {dt} cols {cols}", k.isa);
+                }
                 for (r, (&g, &(e, b))) in got.iter().zip(&ex).enumerate() {
                     assert!((f64::from(g) - e).abs() <= b, "{dt} {cols} row {r}");
                 }

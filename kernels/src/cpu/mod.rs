@@ -53,9 +53,10 @@ const fn size(d: u8) -> usize {
 /// Calls `$f::<D>(args)` with the storage code of `$dtype` (SIMD modules), or `$q`
 /// for a quantized type.
 ///
-/// The SIMD tables have no quantized kernels yet: every call site passes the scalar
-/// reference's entry as `$q`, so quantized values (Q8, Q4) run the scalar kernels
-/// even in the AVX2 and NEON tables.
+/// The SIMD tables have almost no quantized kernels yet: every call site but AVX2's
+/// `dense_rows` passes the scalar reference's entry as `$q`, so quantized values (Q8,
+/// Q4) run the scalar kernels in the AVX2 and NEON tables (dense rows excepted on
+/// AVX2).
 #[cfg(any(
     target_arch = "x86_64",
     all(target_arch = "aarch64", target_feature = "neon")
@@ -66,7 +67,7 @@ macro_rules! by_dtype {
             DType::F32 => $f::<F32>($($a),*),
             DType::F16 => $f::<F16>($($a),*),
             DType::BF16 => $f::<BF16>($($a),*),
-            // No SIMD path for quantized values in this version: the scalar reference.
+            // Mostly no SIMD path for quantized values yet: see the call site's `$q`.
             DType::Q8 { .. } | DType::Q4 { .. } => $q,
         }
     };
@@ -145,7 +146,7 @@ pub struct TwoFourRef<'a> {
 /// One instruction set's kernels. Every `*_rows` kernel accumulates into `y`:
 /// (every dtype, the quantized Q8 and Q4 included: their values are found by row, as
 /// `cap_format` lays them out; the AVX2 and NEON tables run the scalar reference for
-/// them)
+/// them, except AVX2's `dense_rows`)
 /// for `i` in `0..y.len()`, `y[i] += Σ_c W[r0+i, c]·x[c]` with `x.len() == cols`, so
 /// callers can split rows across threads and add a low-rank and a sparse part.
 ///
