@@ -1,5 +1,7 @@
 //! A linear layer read in place from a `.cap` file: dense, low-rank (`W = B·A`),
-//! sparse (bitmask, block-CSR, 2:4) or low-rank + sparse, in its stored type.
+//! sparse (bitmask, block-CSR, 2:4) or low-rank + sparse, in its stored type (f32,
+//! f16, bf16, or the quantized Q8 / Q4 of format 1.1, whose blocks the kernels
+//! dequantize as they read them).
 //!
 //! Nothing is densified. Decoding a few tokens runs the `cap-kernels` matrix-vector
 //! kernels straight over the stored bytes (memory-bound: fewer bytes, faster). Longer
@@ -194,17 +196,17 @@ impl<'a> CapLinear<'a> {
         y.fill(0.0);
         if let Some(w) = self.dense {
             tile_gemm(x, y, self.rows, self.cols, tile, threads, |r0, tl| {
-                (k.to_f32)(w, r0 * self.cols, tl)
+                cpu::rows_to_f32(k, w, self.cols, r0, tl)
             });
         }
         if let Some(l) = &self.low_rank {
             let h = &mut h[..t * rank];
             h.fill(0.0);
             tile_gemm(x, h, rank, self.cols, tile, threads, |r0, tl| {
-                (k.to_f32)(l.a, r0 * self.cols, tl)
+                cpu::rows_to_f32(k, l.a, self.cols, r0, tl)
             });
             tile_gemm(h, y, self.rows, rank, tile, threads, |r0, tl| {
-                (k.to_f32)(l.b, r0 * rank, tl)
+                cpu::rows_to_f32(k, l.b, rank, r0, tl)
             });
         }
         if let Some(s) = &self.sparse {
@@ -306,7 +308,7 @@ impl Embedding for CapLinear<'_> {
     }
     fn row_into(&self, id: usize, out: &mut [f32]) {
         if let Some(w) = self.dense {
-            (cpu::kernels().to_f32)(w, id * self.cols, out);
+            cpu::rows_to_f32(cpu::kernels(), w, self.cols, id, out);
         }
     }
     fn head_forward(

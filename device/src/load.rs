@@ -145,7 +145,7 @@ fn vector(file: &CapFile<'_>, name: &str, len: usize) -> Result<Vec<f32>, LoadEr
     match l.dense {
         Some(v) if l.rows * l.cols == len => {
             let mut out = alloc::vec![0.0; len];
-            (cpu::kernels().to_f32)(v, 0, &mut out);
+            cpu::rows_to_f32(cpu::kernels(), v, l.cols, 0, &mut out);
             Ok(out)
         }
         _ => Err(LoadError::NotDenseVector {

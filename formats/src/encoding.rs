@@ -44,15 +44,60 @@ pub enum Sparse {
         /// Value type.
         dtype: DType,
     },
+    /// [`Sparse::Bitmask`] with quantized values (format 1.1): the same parts, the
+    /// values stored as `groups` blocks of `dtype` (each row's kept values in groups of
+    /// `dtype.group()`, the last partial). The group count depends on how the kept
+    /// values fall into rows, so the encoding records it to fix the section length.
+    QBitmask {
+        /// Number of set bits / stored values.
+        nnz: u64,
+        /// Blocks stored: `Σ_r ceil(k_r/group)` over the rows' kept counts `k_r`.
+        groups: u64,
+        /// Value type, [`DType::Q8`] or [`DType::Q4`].
+        dtype: DType,
+    },
+    /// [`Sparse::BlockCsr`] with quantized values (format 1.1): as [`Sparse::QBitmask`].
+    QBlockCsr {
+        /// Number of stored values (at most `u32::MAX`).
+        nnz: u64,
+        /// Blocks stored: `Σ_r ceil(k_r/group)`.
+        groups: u64,
+        /// Value type, [`DType::Q8`] or [`DType::Q4`].
+        dtype: DType,
+    },
 }
 
 impl Sparse {
     /// The encoding's short name: `"bitmask"`, `"block-csr"` or `"2:4"`.
     pub const fn name(self) -> &'static str {
         match self {
-            Sparse::Bitmask { .. } => "bitmask",
-            Sparse::BlockCsr { .. } => "block-csr",
+            Sparse::Bitmask { .. } | Sparse::QBitmask { .. } => "bitmask",
+            Sparse::BlockCsr { .. } | Sparse::QBlockCsr { .. } => "block-csr",
             Sparse::TwoFour { .. } => "2:4",
+        }
+    }
+
+    /// Stored values (kept entries; `rows·cols/2` for 2:4, which needs the shape).
+    pub const fn nnz(self, rows: u32, cols: u32) -> u64 {
+        match self {
+            Sparse::Bitmask { nnz, .. }
+            | Sparse::BlockCsr { nnz, .. }
+            | Sparse::QBitmask { nnz, .. }
+            | Sparse::QBlockCsr { nnz, .. } => nnz,
+            Sparse::TwoFour { .. } => rows as u64 * cols as u64 / 2,
+        }
+    }
+
+    /// The sparse encoding of this shape and kind with `nnz` values of `dtype` whose
+    /// rows hold `groups` quantization groups in all: [`Sparse::QBitmask`] /
+    /// [`Sparse::QBlockCsr`] for a quantized `dtype`, else the float variant (and
+    /// `groups` is ignored). `bitmask` picks the bitmask over block-CSR.
+    pub const fn with_values(bitmask: bool, nnz: u64, groups: u64, dtype: DType) -> Sparse {
+        match (bitmask, dtype.is_quantized()) {
+            (true, false) => Sparse::Bitmask { nnz, dtype },
+            (false, false) => Sparse::BlockCsr { nnz, dtype },
+            (true, true) => Sparse::QBitmask { nnz, groups, dtype },
+            (false, true) => Sparse::QBlockCsr { nnz, groups, dtype },
         }
     }
 
@@ -61,7 +106,9 @@ impl Sparse {
         match self {
             Sparse::Bitmask { dtype, .. }
             | Sparse::BlockCsr { dtype, .. }
-            | Sparse::TwoFour { dtype } => dtype,
+            | Sparse::TwoFour { dtype }
+            | Sparse::QBitmask { dtype, .. }
+            | Sparse::QBlockCsr { dtype, .. } => dtype,
         }
     }
 }
@@ -103,6 +150,9 @@ impl core::fmt::Display for Sparse {
                 write!(f, "{} nnz={nnz} {dtype}", self.name())
             }
             Sparse::TwoFour { dtype } => write!(f, "{} {dtype}", self.name()),
+            Sparse::QBitmask { nnz, groups, dtype } | Sparse::QBlockCsr { nnz, groups, dtype } => {
+                write!(f, "{} nnz={nnz} groups={groups} {dtype}", self.name())
+            }
         }
     }
 }
@@ -118,11 +168,29 @@ impl Encoding {
             Encoding::LowRank { .. } => "low-rank",
             Encoding::Sparse(s) => s.name(),
             Encoding::Composite { sparse, .. } => match sparse {
-                Sparse::Bitmask { .. } => "low-rank+bitmask",
-                Sparse::BlockCsr { .. } => "low-rank+block-csr",
+                Sparse::Bitmask { .. } | Sparse::QBitmask { .. } => "low-rank+bitmask",
+                Sparse::BlockCsr { .. } | Sparse::QBlockCsr { .. } => "low-rank+block-csr",
                 Sparse::TwoFour { .. } => "low-rank+2:4",
             },
         }
+    }
+}
+
+impl Encoding {
+    /// The oldest minor format version that can hold this encoding: 1 when any of its
+    /// value types is quantized, else 0 (see [`DType::min_minor`]).
+    pub const fn min_minor(&self) -> u16 {
+        let (a, b) = match *self {
+            Encoding::Dense { dtype } | Encoding::LowRank { dtype, .. } => (dtype, dtype),
+            Encoding::Sparse(s) => (s.dtype(), s.dtype()),
+            Encoding::Composite {
+                factor_dtype,
+                sparse,
+                ..
+            } => (factor_dtype, sparse.dtype()),
+        };
+        let (a, b) = (a.min_minor(), b.min_minor());
+        if a > b { a } else { b }
     }
 }
 
@@ -213,6 +281,21 @@ fn mul(a: u64, b: u64) -> Result<u64, FormatError> {
     a.checked_mul(b).ok_or(FormatError::SizeOverflow)
 }
 
+/// Checks a quantized sparse part's recorded group count against what any split of
+/// `nnz` kept values over `rows` rows can give: each non-empty row `r` holds
+/// `ceil(k_r/g)` groups, so the total lies between `ceil(nnz/g)` (all in one row) and
+/// `min(nnz, floor((nnz + rows·(g-1))/g))` (every group as short as possible). The
+/// exact count is checked against the index structure by `TensorView::verify`.
+fn check_groups(rows: u64, nnz: u64, groups: u64, g: u64) -> Result<(), FormatError> {
+    let hi = nnz.min(rows.saturating_mul(g - 1).saturating_add(nnz) / g);
+    if groups < nnz.div_ceil(g) || groups > hi {
+        return Err(FormatError::InvalidEncoding {
+            reason: "quantization group count impossible for nnz and rows",
+        });
+    }
+    Ok(())
+}
+
 impl TensorLayout {
     /// Computes the layout of `desc` in a file with the given alignment, validating
     /// the shape and the encoding's parameters.
@@ -254,16 +337,21 @@ impl TensorLayout {
                 Ok(u64::from(rank))
             }
         };
+        // Bytes of `runs` row-aligned runs of `len` values each (dense rows, factor
+        // rows, 2:4 rows): quantized types round each run up to whole blocks.
+        let runs = |dtype: DType, runs: u64, len: u64| -> Result<u64, FormatError> {
+            dtype.validate()?;
+            mul(runs, dtype.run_bytes(len))
+        };
         let sparse = match desc.encoding {
             Encoding::Dense { dtype } => {
-                push(&mut l, PartKind::Values, mul(n, dtype.size() as u64)?)?;
+                push(&mut l, PartKind::Values, runs(dtype, rows, cols)?)?;
                 None
             }
             Encoding::LowRank { rank, dtype } => {
                 let r = check_rank(rank)?;
-                let s = dtype.size() as u64;
-                push(&mut l, PartKind::FactorA, mul(mul(r, cols)?, s)?)?;
-                push(&mut l, PartKind::FactorB, mul(mul(rows, r)?, s)?)?;
+                push(&mut l, PartKind::FactorA, runs(dtype, r, cols)?)?;
+                push(&mut l, PartKind::FactorB, runs(dtype, rows, r)?)?;
                 None
             }
             Encoding::Sparse(s) => Some(s),
@@ -273,56 +361,65 @@ impl TensorLayout {
                 sparse,
             } => {
                 let r = check_rank(rank)?;
-                let s = factor_dtype.size() as u64;
-                push(&mut l, PartKind::FactorA, mul(mul(r, cols)?, s)?)?;
-                push(&mut l, PartKind::FactorB, mul(mul(rows, r)?, s)?)?;
+                push(&mut l, PartKind::FactorA, runs(factor_dtype, r, cols)?)?;
+                push(&mut l, PartKind::FactorB, runs(factor_dtype, rows, r)?)?;
                 Some(sparse)
+            }
+        };
+        let bad = |reason| FormatError::InvalidEncoding { reason };
+        // Value bytes of a bitmask or block-CSR part: `nnz` elements of a float type,
+        // or `groups` blocks of a quantized one.
+        let sparse_values = |nnz: u64, groups: Option<u64>, dtype: DType| {
+            dtype.validate()?;
+            match (groups, dtype.is_quantized()) {
+                (None, false) => mul(nnz, dtype.size() as u64),
+                (Some(groups), true) => {
+                    check_groups(rows, nnz, groups, dtype.group() as u64)?;
+                    mul(groups, dtype.size() as u64)
+                }
+                (None, true) => Err(bad(
+                    "quantized sparse values need the QBitmask/QBlockCsr variant",
+                )),
+                (Some(_), false) => Err(bad("QBitmask/QBlockCsr values must be quantized")),
             }
         };
         match sparse {
             None => {}
-            Some(Sparse::Bitmask { nnz, dtype }) => {
+            Some(Sparse::Bitmask { nnz, dtype } | Sparse::QBitmask { nnz, dtype, .. }) => {
                 if nnz > n {
-                    return Err(FormatError::InvalidEncoding {
-                        reason: "nnz exceeds rows*cols",
-                    });
+                    return Err(bad("nnz exceeds rows*cols"));
                 }
+                let groups = match sparse {
+                    Some(Sparse::QBitmask { groups, .. }) => Some(groups),
+                    _ => None,
+                };
+                let values = sparse_values(nnz, groups, dtype)?;
                 push(&mut l, PartKind::Mask, ceil_div(n, 8))?;
-                push(
-                    &mut l,
-                    PartKind::SparseValues,
-                    mul(nnz, dtype.size() as u64)?,
-                )?;
+                push(&mut l, PartKind::SparseValues, values)?;
             }
-            Some(Sparse::BlockCsr { nnz, dtype }) => {
+            Some(Sparse::BlockCsr { nnz, dtype } | Sparse::QBlockCsr { nnz, dtype, .. }) => {
                 if nnz > n || nnz > u64::from(u32::MAX) {
-                    return Err(FormatError::InvalidEncoding {
-                        reason: "nnz exceeds rows*cols or u32::MAX",
-                    });
+                    return Err(bad("nnz exceeds rows*cols or u32::MAX"));
                 }
+                let groups = match sparse {
+                    Some(Sparse::QBlockCsr { groups, .. }) => Some(groups),
+                    _ => None,
+                };
+                let values = sparse_values(nnz, groups, dtype)?;
                 let nb = ceil_div(cols, u64::from(CSR_BLOCK_COLS));
                 let ptrs = mul(rows, nb)?
                     .checked_add(1)
                     .ok_or(FormatError::SizeOverflow)?;
                 push(&mut l, PartKind::BlockPtr, mul(ptrs, 4)?)?;
                 push(&mut l, PartKind::ColIdx, nnz)?;
-                push(
-                    &mut l,
-                    PartKind::SparseValues,
-                    mul(nnz, dtype.size() as u64)?,
-                )?;
+                push(&mut l, PartKind::SparseValues, values)?;
             }
             Some(Sparse::TwoFour { dtype }) => {
                 if cols % 4 != 0 {
-                    return Err(FormatError::InvalidEncoding {
-                        reason: "2:4 needs cols to be a multiple of 4",
-                    });
+                    return Err(bad("2:4 needs cols to be a multiple of 4"));
                 }
-                push(
-                    &mut l,
-                    PartKind::SparseValues,
-                    mul(n / 2, dtype.size() as u64)?,
-                )?;
+                // Every row keeps exactly cols/2 values, so its groups are fixed.
+                push(&mut l, PartKind::SparseValues, runs(dtype, rows, cols / 2)?)?;
                 push(&mut l, PartKind::Meta, ceil_div(n, 8))?;
             }
         }
@@ -353,6 +450,17 @@ pub fn encoded_bytes(desc: &TensorDesc) -> Result<u64, FormatError> {
     encoded_bytes_aligned(desc, MIN_ALIGNMENT)
 }
 
+/// Quantization groups of sparse rows holding `nnz_per_row[r]` kept values each:
+/// `Σ_r ceil(k_r/group)` for a quantized `dtype` (the `groups` of
+/// [`Sparse::QBitmask`] / [`Sparse::QBlockCsr`]), 0 for a float type.
+pub fn row_groups(nnz_per_row: &[u32], dtype: DType) -> u64 {
+    if !dtype.is_quantized() {
+        return 0;
+    }
+    let g = dtype.group() as u64;
+    nnz_per_row.iter().map(|&k| u64::from(k).div_ceil(g)).sum()
+}
+
 /// Chooses the smallest sparse encoding (at the default alignment) for a
 /// `rows×cols` sparse matrix with `nnz_per_row[r]` non-zeros in row `r`.
 ///
@@ -379,11 +487,12 @@ pub fn smallest_sparse_encoding(
         });
     }
     let nnz: u64 = nnz_per_row.iter().map(|&k| u64::from(k)).sum();
+    let groups = row_groups(nnz_per_row, dtype);
     let mut candidates = [
         (is_2_4 && cols.is_multiple_of(4) && nnz_per_row.iter().all(|&k| k <= cols / 2))
             .then_some(Sparse::TwoFour { dtype }),
-        Some(Sparse::Bitmask { nnz, dtype }),
-        (nnz <= u64::from(u32::MAX)).then_some(Sparse::BlockCsr { nnz, dtype }),
+        Some(Sparse::with_values(true, nnz, groups, dtype)),
+        (nnz <= u64::from(u32::MAX)).then_some(Sparse::with_values(false, nnz, groups, dtype)),
     ]
     .into_iter()
     .flatten();

@@ -37,6 +37,18 @@ pub enum FormatError {
         /// Newest minor version this reader knows.
         supported_minor: u16,
     },
+    /// The file's manifest uses something this reader cannot decode (a value type or
+    /// encoding variant, a parameter outside this reader's limits) and the file's minor
+    /// version is newer than the newest this reader knows: the likely cause, named
+    /// instead of a bare decode error.
+    NewerMinorVersion {
+        /// Major version (this reader's).
+        major: u16,
+        /// Minor version in the file.
+        found_minor: u16,
+        /// Newest minor version this reader knows.
+        supported_minor: u16,
+    },
     /// The header's CRC-32 does not match its first 60 bytes.
     HeaderChecksum {
         /// Value stored in the header.
@@ -181,6 +193,14 @@ pub enum FormatError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// Quantized values are inconsistent: the recorded group count differs from the
+    /// one the sparse structure implies, or a partial group's unused codes are not 0.
+    BadQuantizedValues {
+        /// Directory index.
+        index: usize,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// A typed view was asked for with the wrong element type.
     WrongDType {
         /// Element type asked for.
@@ -212,6 +232,15 @@ impl fmt::Display for FormatError {
                 f,
                 "unsupported .cap format version {found_major}.{found_minor}: this reader \
                  implements version {supported_major}.{supported_minor} (major {supported_major} only)"
+            ),
+            NewerMinorVersion {
+                major,
+                found_minor,
+                supported_minor,
+            } => write!(
+                f,
+                "file is format {major}.{found_minor}, this reader knows up to \
+                 {major}.{supported_minor}: it may use value types or encodings this reader lacks"
             ),
             HeaderChecksum { stored, computed } => write!(
                 f,
@@ -283,6 +312,7 @@ impl fmt::Display for FormatError {
             ),
             NonZeroPadding { offset } => write!(f, "non-zero padding byte at offset {offset}"),
             BadSparseStructure { index, reason } => write!(f, "tensor {index}: {reason}"),
+            BadQuantizedValues { index, reason } => write!(f, "tensor {index}: {reason}"),
             WrongDType { wanted, stored } => {
                 write!(f, "asked for {wanted:?} values, stored as {stored:?}")
             }

@@ -12,9 +12,14 @@ pub const MAGIC: [u8; 8] = [0x89, b'C', b'A', b'P', b'\r', b'\n', 0x1A, b'\n'];
 /// Major format version this crate reads and writes. A reader rejects any other.
 pub const FORMAT_MAJOR: u16 = 1;
 
-/// Minor format version this crate writes. Readers accept any minor version of
-/// their major and ignore extension records they do not know.
-pub const FORMAT_MINOR: u16 = 0;
+/// Newest minor format version this crate reads and writes. Readers accept any minor
+/// version of their major and ignore extension records they do not know; a manifest
+/// they cannot decode in a file of a newer minor version is reported as
+/// [`FormatError::NewerMinorVersion`]. 1.1 added the quantized value types
+/// ([`crate::DType::Q8`], [`crate::DType::Q4`]) and the sparse variants that carry
+/// their group count; the writer stamps 1.1 only on files that use them (1.0
+/// otherwise, byte-identical to what 1.0 writers wrote).
+pub const FORMAT_MINOR: u16 = 1;
 
 /// Length of the fixed header in bytes.
 pub const HEADER_LEN: usize = 64;

@@ -39,7 +39,7 @@ pub mod writer;
 
 pub use encoding::{
     Encoding, Part, PartKind, Sparse, TensorDesc, TensorLayout, encoded_bytes,
-    encoded_bytes_aligned, smallest_sparse_encoding,
+    encoded_bytes_aligned, row_groups, smallest_sparse_encoding,
 };
 pub use error::{FormatError, Region};
 pub use header::{FORMAT_MAJOR, FORMAT_MINOR, HEADER_LEN, Header, MAGIC};
@@ -49,8 +49,14 @@ pub use manifest::{
     Tokenizer, TokenizerKind, decode_manifest, encode_manifest,
 };
 pub use reader::{CapFile, CsrView, SparseView, TensorData, TensorView, Values};
-pub use sparse::{SparseKind, decode_sparse, encode_sparse, encode_sparse_csr};
-pub use values::{extend_bytes, to_bytes};
+pub use sparse::{
+    SparseKind, decode_sparse, decode_sparse_f32, encode_sparse, encode_sparse_csr,
+    quantize_sparse, row_counts,
+};
+pub use values::{
+    QuantizedRun, dequantize, dequantize_rows, extend_bytes, extend_quantized, extend_rows,
+    quantize, to_bytes, write_run,
+};
 #[cfg(feature = "std")]
 pub use writer::{CapWriter, StreamWriter, WriteError, WriterOptions};
 
@@ -63,7 +69,15 @@ pub(crate) const fn checksum_matches(stored: u32, computed: u32) -> bool {
 
 /// Element type of a stored tensor's values.
 ///
-/// On disk (postcard) the variant index is the tag: `F32` = 0, `F16` = 1, `BF16` = 2.
+/// On disk (postcard) the variant index is the tag: `F32` = 0, `F16` = 1, `BF16` = 2,
+/// `Q8` = 3, `Q4` = 4 (the quantized types were appended in format 1.1, so the tags of
+/// the float types, and files that use only them, are unchanged).
+///
+/// The quantized types store values in *blocks* of `group` values (SPEC.md §5,
+/// "Quantized values"): groups run along each row (along each row's kept values for
+/// the sparse encodings), a row's last group may be partial, and each block is
+/// `[f16 scale][f16 min, Q4 only][codes]`, the codes of a partial group padded with
+/// zeros to a full block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DType {
     /// IEEE 754 binary32.
@@ -72,31 +86,106 @@ pub enum DType {
     F16,
     /// bfloat16 (the upper half of an f32).
     BF16,
+    /// Symmetric 8-bit: per group one f16 scale `s` and `group` i8 codes `q`;
+    /// value = `s·q`. Block: 2 + `group` bytes.
+    Q8 {
+        /// Values per group: a multiple of 16 in 16..=256 ([`valid_group`]).
+        group: u16,
+    },
+    /// Asymmetric 4-bit: per group one f16 scale `s`, one f16 minimum `m` and `group`
+    /// unsigned 4-bit codes `q` (0..=15, two per byte, the earlier value in the low
+    /// nibble); value = `s·q + m`. Block: 4 + `group/2` bytes.
+    Q4 {
+        /// Values per group: a multiple of 16 in 16..=256 ([`valid_group`]).
+        group: u16,
+    },
+}
+
+/// Smallest quantization group ([`DType::Q8`], [`DType::Q4`]).
+pub const MIN_GROUP: u16 = 16;
+/// Largest quantization group.
+pub const MAX_GROUP: u16 = 256;
+
+/// Whether `g` is a group size the format allows: a multiple of 16 in
+/// [`MIN_GROUP`]`..=`[`MAX_GROUP`]. Multiples of 16 keep a Q4 block's codes a whole
+/// number of 8-byte words and every block a multiple of 2 bytes (so each f16 scale is
+/// 2-byte aligned); below 16 the 2-4 bytes of scale per group cost more than a bit
+/// per value, above 256 one outlier spoils too many values.
+pub const fn valid_group(g: u16) -> bool {
+    g >= MIN_GROUP && g <= MAX_GROUP && g.is_multiple_of(16)
 }
 
 impl DType {
-    /// Size of one element in bytes.
+    /// Size of one storage unit in bytes: one element for the float types, one block
+    /// of [`DType::group`] values for the quantized types.
     pub const fn size(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::Q8 { group } => 2 + group as usize,
+            DType::Q4 { group } => 4 + group as usize / 2,
         }
     }
 
-    /// Lower-case name for reports: `"f32"`, `"f16"` or `"bf16"`.
+    /// Values per storage unit: 1 for the float types, the group size for the
+    /// quantized ones.
+    pub const fn group(self) -> usize {
+        match self {
+            DType::F32 | DType::F16 | DType::BF16 => 1,
+            DType::Q8 { group } | DType::Q4 { group } => group as usize,
+        }
+    }
+
+    /// Whether values are stored as quantized blocks ([`DType::Q8`], [`DType::Q4`]).
+    pub const fn is_quantized(self) -> bool {
+        matches!(self, DType::Q8 { .. } | DType::Q4 { .. })
+    }
+
+    /// Bytes of `count` values stored in one row-aligned run (a dense row, or one
+    /// sparse row's kept values): `count` elements, or `ceil(count/group)` blocks.
+    pub const fn run_bytes(self, count: u64) -> u64 {
+        count.div_ceil(self.group() as u64) * self.size() as u64
+    }
+
+    /// The oldest minor format version that has this type (0 for the float types, 1
+    /// for the quantized ones); the writer stamps the newest such version of a file's
+    /// tensors, so files without quantized values stay byte-identical to 1.0 files.
+    pub const fn min_minor(self) -> u16 {
+        if self.is_quantized() { 1 } else { 0 }
+    }
+
+    /// Checks the type's parameter (the group size of a quantized type).
+    pub const fn validate(self) -> Result<(), FormatError> {
+        match self {
+            DType::Q8 { group } | DType::Q4 { group } if !valid_group(group) => {
+                Err(FormatError::InvalidEncoding {
+                    reason: "quantization group must be a multiple of 16 in 16..=256",
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Lower-case name for reports: `"f32"`, `"f16"`, `"bf16"`, `"q8"` or `"q4"`
+    /// (`Display` adds a quantized type's group: `q4/g32`).
     pub const fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::Q8 { .. } => "q8",
+            DType::Q4 { .. } => "q4",
         }
     }
 }
 
-/// Writes [`DType::name`].
+/// Writes [`DType::name`]; quantized types add their group: `q8/g64`.
 impl core::fmt::Display for DType {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(self.name())
+        match self {
+            DType::Q8 { group } | DType::Q4 { group } => write!(f, "{}/g{group}", self.name()),
+            _ => f.write_str(self.name()),
+        }
     }
 }
 

@@ -103,7 +103,21 @@ impl<'a> CapFile<'a> {
                 computed,
             });
         }
-        let manifest = decode_manifest(mbytes)?;
+        // A newer minor version may add value types or encodings (appended enum
+        // variants) that this reader cannot decode; say so rather than "not postcard".
+        let newer = |e: FormatError| match e {
+            FormatError::ManifestDecode | FormatError::InvalidEncoding { .. }
+                if h.minor > crate::FORMAT_MINOR =>
+            {
+                FormatError::NewerMinorVersion {
+                    major: h.major,
+                    found_minor: h.minor,
+                    supported_minor: crate::FORMAT_MINOR,
+                }
+            }
+            e => e,
+        };
+        let manifest = decode_manifest(mbytes).map_err(newer)?;
         let n = manifest.tensors.len();
         if n != h.tensor_count as usize {
             return Err(FormatError::TensorCountMismatch {
@@ -127,7 +141,7 @@ impl<'a> CapFile<'a> {
                 cols: t.cols,
                 encoding: t.encoding,
             };
-            let layout = TensorLayout::compute(&desc, h.alignment)?;
+            let layout = TensorLayout::compute(&desc, h.alignment).map_err(newer)?;
             if t.len != layout.total {
                 return Err(FormatError::SectionLength {
                     index,
@@ -437,11 +451,11 @@ impl<'a> TensorView<'a> {
             bytes: self.need(PartKind::SparseValues)?,
         };
         Ok(match s {
-            Sparse::Bitmask { .. } => SparseView::Bitmask {
+            Sparse::Bitmask { .. } | Sparse::QBitmask { .. } => SparseView::Bitmask {
                 mask: self.need(PartKind::Mask)?,
                 values,
             },
-            Sparse::BlockCsr { .. } => SparseView::BlockCsr(CsrView {
+            Sparse::BlockCsr { .. } | Sparse::QBlockCsr { .. } => SparseView::BlockCsr(CsrView {
                 block_ptr: self.need(PartKind::BlockPtr)?,
                 col_idx: self.need(PartKind::ColIdx)?,
                 values,
@@ -502,6 +516,7 @@ impl<'a> TensorView<'a> {
                 computed,
             });
         }
+        self.verify_quantized()?;
         let sparse = match self.encoding {
             Encoding::Sparse(s) | Encoding::Composite { sparse: s, .. } => s,
             _ => return Ok(()),
@@ -512,7 +527,10 @@ impl<'a> TensorView<'a> {
         };
         let n = u64::from(self.rows) * u64::from(self.cols);
         match (sparse, self.sparse_view(sparse)?) {
-            (Sparse::Bitmask { nnz, .. }, SparseView::Bitmask { mask, .. }) => {
+            (
+                Sparse::Bitmask { nnz, .. } | Sparse::QBitmask { nnz, .. },
+                SparseView::Bitmask { mask, .. },
+            ) => {
                 let ones: u64 = mask.iter().map(|b| u64::from(b.count_ones())).sum();
                 if ones != nnz {
                     return Err(bad("mask popcount differs from nnz"));
@@ -522,7 +540,10 @@ impl<'a> TensorView<'a> {
                     return Err(bad("mask bits set past the last position"));
                 }
             }
-            (Sparse::BlockCsr { nnz, .. }, SparseView::BlockCsr(v)) => {
+            (
+                Sparse::BlockCsr { nnz, .. } | Sparse::QBlockCsr { nnz, .. },
+                SparseView::BlockCsr(v),
+            ) => {
                 let nb = self.cols.div_ceil(CSR_BLOCK_COLS) as usize;
                 let last_width = self.cols - (nb as u32 - 1) * CSR_BLOCK_COLS;
                 let nptr = v.block_ptr.len() / 4;
@@ -568,4 +589,121 @@ impl<'a> TensorView<'a> {
         }
         Ok(())
     }
+
+    /// Kept values per row of the sparse part, from its index structure (mask bits or
+    /// block pointers; 2:4 keeps `cols/2`). Bounds-checked: inconsistent structure is
+    /// an error, never a panic.
+    pub fn sparse_row_counts(&self) -> Result<Vec<u32>, FormatError> {
+        let sparse = match self.encoding {
+            Encoding::Sparse(s) | Encoding::Composite { sparse: s, .. } => s,
+            _ => return Err(FormatError::NotFound),
+        };
+        crate::sparse::row_counts(self.rows, self.cols, &self.sparse_view(sparse)?).map_err(|e| {
+            match e {
+                FormatError::BadSparseStructure { reason, .. } => FormatError::BadSparseStructure {
+                    index: self.index,
+                    reason,
+                },
+                e => e,
+            }
+        })
+    }
+
+    /// For quantized values: the recorded group count of a sparse part equals the one
+    /// its rows imply, and every partial group's unused codes are zero (so each value
+    /// array has one byte representation, and the padding is as checked as the gaps).
+    fn verify_quantized(&self) -> Result<(), FormatError> {
+        let (rows, cols) = (self.rows, self.cols);
+        let factors = |dtype, rank: u32| {
+            self.check_runs(
+                PartKind::FactorA,
+                dtype,
+                core::iter::repeat_n(cols, rank as usize),
+            )?;
+            self.check_runs(
+                PartKind::FactorB,
+                dtype,
+                core::iter::repeat_n(rank, rows as usize),
+            )
+        };
+        let sparse = match self.encoding {
+            Encoding::Dense { dtype } => {
+                return self.check_runs(
+                    PartKind::Values,
+                    dtype,
+                    core::iter::repeat_n(cols, rows as usize),
+                );
+            }
+            Encoding::LowRank { rank, dtype } => return factors(dtype, rank),
+            Encoding::Sparse(s) => s,
+            Encoding::Composite {
+                rank,
+                factor_dtype,
+                sparse,
+            } => {
+                factors(factor_dtype, rank)?;
+                sparse
+            }
+        };
+        if !sparse.dtype().is_quantized() {
+            return Ok(());
+        }
+        let counts = self.sparse_row_counts()?;
+        self.check_runs(PartKind::SparseValues, sparse.dtype(), counts.into_iter())
+    }
+
+    /// Checks the part `kind` holding runs of `runs` values of a quantized `dtype`:
+    /// exactly their blocks, with the unused codes of partial groups zero.
+    fn check_runs(
+        &self,
+        kind: PartKind,
+        dtype: DType,
+        runs: impl Iterator<Item = u32>,
+    ) -> Result<(), FormatError> {
+        if !dtype.is_quantized() {
+            return Ok(());
+        }
+        let bad = |reason| FormatError::BadQuantizedValues {
+            index: self.index,
+            reason,
+        };
+        let bytes = self.need(kind)?;
+        let mut at = 0usize;
+        for k in runs {
+            let n = dtype.run_bytes(u64::from(k)) as usize;
+            let run = bytes
+                .get(at..at + n)
+                .ok_or(bad("values shorter than the rows"))?;
+            if !run_padding_is_zero(run, dtype, k as usize) {
+                return Err(bad("unused codes of a partial group are not zero"));
+            }
+            at += n;
+        }
+        if at != bytes.len() {
+            return Err(bad("group count differs from the rows' kept values"));
+        }
+        Ok(())
+    }
+}
+
+/// Whether the unused codes of a run's partial last group are zero.
+fn run_padding_is_zero(run: &[u8], dtype: DType, k: usize) -> bool {
+    let g = dtype.group();
+    let used = k % g;
+    if used == 0 || run.is_empty() {
+        return true;
+    }
+    let last = &run[run.len() - dtype.size()..];
+    let codes = match dtype {
+        DType::Q4 { .. } => {
+            let c = &last[4..];
+            // An odd count leaves the high nibble of its last byte unused.
+            if used % 2 == 1 && c[used / 2] >> 4 != 0 {
+                return false;
+            }
+            &c[used.div_ceil(2)..]
+        }
+        _ => &last[2 + used..],
+    };
+    codes.iter().all(|&b| b == 0)
 }

@@ -39,6 +39,11 @@ pub fn encode_sparse(
     dtype: DType,
     dense: &[u8],
 ) -> Result<(Sparse, Vec<Vec<u8>>), FormatError> {
+    if dtype.is_quantized() {
+        return Err(FormatError::InvalidEncoding {
+            reason: "sparse encoders take float values; quantize the parts with quantize_sparse",
+        });
+    }
     let ds = dtype.size();
     let n = (rows as usize)
         .checked_mul(cols as usize)
@@ -175,6 +180,11 @@ pub fn encode_sparse_csr(
     col: &[u32],
     values: &[u8],
 ) -> Result<(Sparse, Vec<Vec<u8>>), FormatError> {
+    if dtype.is_quantized() {
+        return Err(FormatError::InvalidEncoding {
+            reason: "sparse encoders take float values; quantize the parts with quantize_sparse",
+        });
+    }
     let ds = dtype.size();
     let n = (rows as usize)
         .checked_mul(cols as usize)
@@ -277,8 +287,9 @@ pub fn encode_sparse_csr(
     Ok((sparse, parts))
 }
 
-/// Decodes a sparse view back to a dense row-major matrix of raw little-endian values
-/// (`rows·cols·dtype.size()` bytes). Validates as it goes: inconsistent index data is
+/// Decodes a sparse view of float values back to a dense row-major matrix of raw
+/// little-endian values (`rows·cols·dtype.size()` bytes; quantized values are an
+/// error, see [`decode_sparse_f32`]). Validates as it goes: inconsistent index data is
 /// an error, never a panic (it need not have been verified first).
 pub fn decode_sparse(
     rows: u32,
@@ -297,6 +308,11 @@ pub fn decode_sparse(
         crate::MIN_ALIGNMENT,
     )?;
     let bad = |reason| FormatError::BadSparseStructure { index: 0, reason };
+    if sparse.dtype().is_quantized() {
+        return Err(FormatError::InvalidEncoding {
+            reason: "decode_sparse returns raw float values; use decode_sparse_f32",
+        });
+    }
     let given: Vec<usize> = match *view {
         SparseView::Bitmask { mask, values } => vec![mask.len(), values.bytes.len()],
         SparseView::BlockCsr(v) => vec![v.block_ptr.len(), v.col_idx.len(), v.values.bytes.len()],
@@ -360,6 +376,217 @@ pub fn decode_sparse(
                 }
             }
         }
+    }
+    Ok(out)
+}
+
+/// Kept values per row of a sparse matrix given as its parts (`view`), bounds-checked:
+/// bitmask rows count their set bits, block-CSR rows span their block pointers, 2:4
+/// rows keep `cols/2`.
+pub fn row_counts(rows: u32, cols: u32, view: &SparseView<'_>) -> Result<Vec<u32>, FormatError> {
+    let bad = |reason| FormatError::BadSparseStructure { index: 0, reason };
+    let (rows, c) = (rows as usize, cols as usize);
+    let mut out = Vec::with_capacity(rows);
+    match *view {
+        SparseView::Bitmask { mask, .. } => {
+            for r in 0..rows {
+                let mut k = 0u32;
+                for i in r * c..(r + 1) * c {
+                    k += u32::from(mask.get(i / 8).ok_or(bad("mask too short"))? >> (i % 8) & 1);
+                }
+                out.push(k);
+            }
+        }
+        SparseView::BlockCsr(v) => {
+            let nb = cols.div_ceil(CSR_BLOCK_COLS) as usize;
+            for r in 0..rows {
+                let lo = v
+                    .block_ptr_at(r * nb)
+                    .ok_or(bad("block pointers too short"))?;
+                let hi = v
+                    .block_ptr_at((r + 1) * nb)
+                    .ok_or(bad("block pointers too short"))?;
+                out.push(hi.checked_sub(lo).ok_or(bad("block pointers decrease"))?);
+            }
+        }
+        SparseView::TwoFour { .. } => out.resize(rows, cols / 2),
+    }
+    Ok(out)
+}
+
+/// The parts of `sparse` (in layout order, as the encoders return them) as a view.
+fn view_of<'a>(sparse: Sparse, parts: &'a [Vec<u8>]) -> Result<SparseView<'a>, FormatError> {
+    let values = |i: usize| -> Result<crate::Values<'a>, FormatError> {
+        Ok(crate::Values {
+            dtype: sparse.dtype(),
+            bytes: parts.get(i).ok_or(FormatError::InvalidEncoding {
+                reason: "too few parts for the sparse encoding",
+            })?,
+        })
+    };
+    let part = |i: usize| values(i).map(|v| v.bytes);
+    Ok(match sparse {
+        Sparse::Bitmask { .. } | Sparse::QBitmask { .. } => SparseView::Bitmask {
+            mask: part(0)?,
+            values: values(1)?,
+        },
+        Sparse::BlockCsr { .. } | Sparse::QBlockCsr { .. } => {
+            SparseView::BlockCsr(crate::reader::CsrView {
+                block_ptr: part(0)?,
+                col_idx: part(1)?,
+                values: values(2)?,
+            })
+        }
+        Sparse::TwoFour { .. } => SparseView::TwoFour {
+            values: values(0)?,
+            meta: part(1)?,
+        },
+    })
+}
+
+/// Re-stores the values of a sparse matrix given as float parts (what
+/// [`encode_sparse`] / [`encode_sparse_csr`] return) as quantized `dtype`, each row's
+/// kept values one run quantized by the reference quantizer
+/// ([`crate::values::quantize`]). Returns the quantized encoding ([`Sparse::QBitmask`],
+/// [`Sparse::QBlockCsr`] with the group count, or [`Sparse::TwoFour`]) and its parts.
+pub fn quantize_sparse(
+    rows: u32,
+    cols: u32,
+    sparse: Sparse,
+    parts: Vec<Vec<u8>>,
+    dtype: DType,
+) -> Result<(Sparse, Vec<Vec<u8>>), FormatError> {
+    if sparse.dtype().is_quantized() || !dtype.is_quantized() {
+        return Err(FormatError::InvalidEncoding {
+            reason: "quantize_sparse turns float values into quantized ones",
+        });
+    }
+    dtype.validate()?;
+    let view = view_of(sparse, &parts)?;
+    let counts = row_counts(rows, cols, &view)?;
+    let vi = match sparse {
+        Sparse::TwoFour { .. } => 0,
+        Sparse::Bitmask { .. } | Sparse::QBitmask { .. } => 1,
+        Sparse::BlockCsr { .. } | Sparse::QBlockCsr { .. } => 2,
+    };
+    let src = &parts[vi];
+    let (sd, ds) = (sparse.dtype(), sparse.dtype().size());
+    let total: u64 = counts.iter().map(|&k| u64::from(k)).sum();
+    if total.checked_mul(ds as u64) != Some(src.len() as u64) {
+        return Err(FormatError::InvalidEncoding {
+            reason: "values part does not hold one value per kept entry",
+        });
+    }
+    let mut out = Vec::new();
+    let mut row = Vec::new();
+    let mut at = 0usize;
+    for &k in &counts {
+        row.clear();
+        let k = k as usize;
+        row.resize(k, 0.0);
+        crate::values::dequantize(&src[at * ds..(at + k) * ds], sd, &mut row)?;
+        let q = crate::values::quantize(&row, dtype)?;
+        crate::values::extend_quantized(&mut out, &q.codes, &q.scales, &q.mins, dtype)?;
+        at += k;
+    }
+    let groups = crate::encoding::row_groups(&counts, dtype);
+    let nnz = sparse.nnz(rows, cols);
+    let q = match sparse {
+        Sparse::TwoFour { .. } => Sparse::TwoFour { dtype },
+        Sparse::Bitmask { .. } | Sparse::QBitmask { .. } => Sparse::QBitmask { nnz, groups, dtype },
+        Sparse::BlockCsr { .. } | Sparse::QBlockCsr { .. } => {
+            Sparse::QBlockCsr { nnz, groups, dtype }
+        }
+    };
+    let mut parts = parts;
+    parts[vi] = out;
+    Ok((q, parts))
+}
+
+/// Decodes a sparse view of any value type to a dense row-major `f32` matrix (zeros
+/// where nothing is stored; quantized values dequantized exactly as
+/// [`crate::values::dequantize`]). Validates as it goes, like [`decode_sparse`].
+pub fn decode_sparse_f32(
+    rows: u32,
+    cols: u32,
+    sparse: Sparse,
+    view: &SparseView<'_>,
+) -> Result<Vec<f32>, FormatError> {
+    let layout = TensorLayout::compute(
+        &TensorDesc {
+            rows,
+            cols,
+            encoding: Encoding::Sparse(sparse),
+        },
+        crate::MIN_ALIGNMENT,
+    )?;
+    let bad = |reason| FormatError::BadSparseStructure { index: 0, reason };
+    let vals = match *view {
+        SparseView::Bitmask { values, .. } | SparseView::TwoFour { values, .. } => values,
+        SparseView::BlockCsr(v) => v.values,
+    };
+    if layout.part(crate::PartKind::SparseValues).map(|p| p.len) != Some(vals.bytes.len() as u64) {
+        return Err(bad("values part length differs from the encoding's layout"));
+    }
+    let counts = row_counts(rows, cols, view)?;
+    let dtype = sparse.dtype();
+    let c = cols as usize;
+    let mut out = vec![
+        0.0f32;
+        (rows as usize)
+            .checked_mul(c)
+            .ok_or(FormatError::SizeOverflow)?
+    ];
+    let mut row_vals = Vec::new();
+    let (mut at, mut first) = (0usize, 0usize);
+    for (r, &k) in counts.iter().enumerate() {
+        let k = k as usize;
+        row_vals.clear();
+        row_vals.resize(k, 0.0);
+        let run = vals.bytes.get(at..).ok_or(bad("too few values"))?;
+        crate::values::dequantize(run, dtype, &mut row_vals).map_err(|_| bad("too few values"))?;
+        at += dtype.run_bytes(k as u64) as usize;
+        let o = &mut out[r * c..(r + 1) * c];
+        match *view {
+            SparseView::Bitmask { mask, .. } => {
+                let mut j = 0;
+                for (col, o) in o.iter_mut().enumerate() {
+                    let i = r * c + col;
+                    if mask.get(i / 8).ok_or(bad("mask too short"))? >> (i % 8) & 1 == 1 {
+                        *o = row_vals[j];
+                        j += 1;
+                    }
+                }
+            }
+            SparseView::BlockCsr(v) => {
+                let nb = c.div_ceil(CSR_BLOCK_COLS as usize);
+                for b in 0..nb {
+                    let lo = v
+                        .block_ptr_at(r * nb + b)
+                        .ok_or(bad("block pointers too short"))?;
+                    let hi = v
+                        .block_ptr_at(r * nb + b + 1)
+                        .ok_or(bad("block pointers too short"))?;
+                    for e in lo as usize..hi as usize {
+                        let col = b * CSR_BLOCK_COLS as usize
+                            + *v.col_idx.get(e).ok_or(bad("column indices too short"))? as usize;
+                        let j = e.checked_sub(first).ok_or(bad("block pointers decrease"))?;
+                        *o.get_mut(col).ok_or(bad("column index out of range"))? =
+                            *row_vals.get(j).ok_or(bad("too few values"))?;
+                    }
+                }
+            }
+            SparseView::TwoFour { meta, .. } => {
+                for g in 0..c / 4 {
+                    let gi = r * (c / 4) + g;
+                    let nib =
+                        meta.get(gi / 2).ok_or(bad("meta too short"))? >> (4 * (gi % 2)) & 0xF;
+                    o[4 * g + (nib & 3) as usize] = row_vals[2 * g];
+                    o[4 * g + (nib >> 2) as usize] = row_vals[2 * g + 1];
+                }
+            }
+        }
+        first += k;
     }
     Ok(out)
 }

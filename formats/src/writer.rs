@@ -252,10 +252,19 @@ impl<W: Write + Seek> StreamWriter<W> {
             .into());
         }
         self.out.write_all(&m)?;
+        // The oldest minor version that holds every tensor: files without quantized
+        // values stay 1.0 files, byte for byte, readable by 1.0 readers.
+        let minor = manifest
+            .tensors
+            .iter()
+            .map(|t| t.encoding.min_minor())
+            .max()
+            .unwrap_or(0);
+        debug_assert!(minor <= FORMAT_MINOR);
         let h = Header {
             magic: MAGIC,
             major: FORMAT_MAJOR,
-            minor: FORMAT_MINOR,
+            minor,
             flags: 0,
             alignment: self.alignment,
             tensor_count: count,

@@ -146,7 +146,10 @@ pub struct CapReport {
 
 fn sparse_values(s: Sparse, rows: u64, cols: u64) -> u64 {
     match s {
-        Sparse::Bitmask { nnz, .. } | Sparse::BlockCsr { nnz, .. } => nnz,
+        Sparse::Bitmask { nnz, .. }
+        | Sparse::BlockCsr { nnz, .. }
+        | Sparse::QBitmask { nnz, .. }
+        | Sparse::QBlockCsr { nnz, .. } => nnz,
         Sparse::TwoFour { .. } => rows * cols / 2,
     }
 }

@@ -92,6 +92,8 @@ fn value(dtype: DType, bytes: &[u8], i: usize) -> f64 {
         )),
         DType::F16 => f16_value(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])),
         DType::BF16 => bf16_value(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])),
+        // Quantized values are tested in `quantized_kernels.rs`.
+        DType::Q8 { .. } | DType::Q4 { .. } => unreachable!("float dtypes only here"),
     }
 }
 
@@ -125,6 +127,8 @@ fn nonzero_bits(rng: &mut Lcg, dtype: DType) -> u32 {
             };
             (sign << 31) | body
         }
+        // Quantized values are tested in `quantized_kernels.rs`.
+        DType::Q8 { .. } | DType::Q4 { .. } => unreachable!("float dtypes only here"),
     }
 }
 

@@ -66,6 +66,8 @@ fn store(v: &[f32], dtype: DType) -> (Vec<u8>, Vec<f32>) {
                 bytes.extend_from_slice(&h.to_le_bytes());
                 vals.push(h.to_f32());
             }
+            // Quantized layers are built in `quantized_model.rs`.
+            DType::Q8 { .. } | DType::Q4 { .. } => unreachable!("float dtypes only here"),
         }
     }
     (bytes, vals)
@@ -323,4 +325,257 @@ pub fn tiny_cap(seed: u64, tied: bool, qkv_bias: bool) -> (Vec<u8>, Model<DenseL
     };
     model.validate().unwrap();
     (bytes, model)
+}
+
+/// How one linear layer is stored in the quantized tiny model.
+#[derive(Clone, Copy, Debug)]
+pub enum QEnc {
+    Dense(DType),
+    LowRank(u32, DType),
+    Sparse(SparseKind, f32, DType),
+    Composite(u32, DType, SparseKind, f32, DType),
+}
+
+const fn q8(group: u16) -> DType {
+    DType::Q8 { group }
+}
+const fn q4(group: u16) -> DType {
+    DType::Q4 { group }
+}
+
+/// The quantized encodings assigned to the linear layers in turn: Q8 and Q4 values,
+/// dense (hidden 36 and intermediate 300 are not multiples of the groups, so rows end
+/// in partial groups), bitmask, block-CSR, 2:4, low-rank and low-rank + sparse.
+pub const QUANT_ENCODINGS: [QEnc; 10] = [
+    QEnc::Dense(q8(32)),
+    QEnc::Dense(q4(32)),
+    QEnc::Sparse(SparseKind::Bitmask, 0.4, q8(16)),
+    QEnc::Sparse(SparseKind::Bitmask, 0.5, q4(64)),
+    QEnc::Sparse(SparseKind::BlockCsr, 0.3, q4(16)),
+    QEnc::Sparse(SparseKind::TwoFour, 0.5, q8(32)),
+    QEnc::LowRank(4, q8(16)),
+    QEnc::Composite(3, q4(16), SparseKind::Bitmask, 0.2, q8(16)),
+    QEnc::Composite(2, DType::F16, SparseKind::BlockCsr, 0.25, q4(32)),
+    QEnc::Dense(q8(256)),
+];
+
+/// Stores `v` (row-major, `cols` wide) in `dtype` (each row one run); returns the
+/// bytes and the values as stored, decoded by `cap_format`.
+fn store_rows(v: &[f32], cols: usize, dtype: DType) -> (Vec<u8>, Vec<f32>) {
+    let mut b = Vec::new();
+    cap_format::extend_rows(&mut b, v, cols, dtype);
+    let vals = cap_format::dequantize_rows(&b, dtype, v.len() / cols, cols).unwrap();
+    (b, vals)
+}
+
+/// One quantized layer: (desc, parts) and its dequantized dense `f32` weight.
+fn encode_q(
+    r: &mut Lcg,
+    rows: usize,
+    cols: usize,
+    e: QEnc,
+) -> (TensorDesc, Vec<Vec<u8>>, Vec<f32>) {
+    let (rows32, cols32) = (rows as u32, cols as u32);
+    let low = |r: &mut Lcg, rank: u32, dt: DType| {
+        let k = rank as usize;
+        let a: Vec<f32> = (0..k * cols).map(|_| r.next()).collect();
+        let b: Vec<f32> = (0..rows * k).map(|_| r.next()).collect();
+        let (ab, av) = store_rows(&a, cols, dt);
+        let (bb, bv) = store_rows(&b, k, dt);
+        // The product of the stored factors in f64, rounded once.
+        let mut w = vec![0.0f32; rows * cols];
+        for i in 0..rows {
+            for j in 0..cols {
+                let s: f64 = (0..k)
+                    .map(|p| bv[i * k + p] as f64 * av[p * cols + j] as f64)
+                    .sum();
+                w[i * cols + j] = s as f32;
+            }
+        }
+        (vec![ab, bb], w)
+    };
+    let sparse = |r: &mut Lcg, kind: SparseKind, d: f32, dt: DType| {
+        let s = sparse_dense(r, rows, cols, kind, d);
+        let raw = cap_format::to_bytes(&s, DType::F32);
+        let (sp, parts) = encode_sparse(kind, rows32, cols32, DType::F32, &raw).unwrap();
+        let (q, qp) = cap_format::quantize_sparse(rows32, cols32, sp, parts, dt).unwrap();
+        let view = match kind {
+            SparseKind::Bitmask => cap_format::SparseView::Bitmask {
+                mask: &qp[0],
+                values: cap_format::Values {
+                    dtype: dt,
+                    bytes: &qp[1],
+                },
+            },
+            SparseKind::BlockCsr => cap_format::SparseView::BlockCsr(cap_format::CsrView {
+                block_ptr: &qp[0],
+                col_idx: &qp[1],
+                values: cap_format::Values {
+                    dtype: dt,
+                    bytes: &qp[2],
+                },
+            }),
+            SparseKind::TwoFour => cap_format::SparseView::TwoFour {
+                values: cap_format::Values {
+                    dtype: dt,
+                    bytes: &qp[0],
+                },
+                meta: &qp[1],
+            },
+        };
+        let w = cap_format::decode_sparse_f32(rows32, cols32, q, &view).unwrap();
+        (q, qp, w)
+    };
+    let desc = |encoding| TensorDesc {
+        rows: rows32,
+        cols: cols32,
+        encoding,
+    };
+    match e {
+        QEnc::Dense(dt) => {
+            let w: Vec<f32> = (0..rows * cols).map(|_| r.next()).collect();
+            let (b, v) = store_rows(&w, cols, dt);
+            (desc(Encoding::Dense { dtype: dt }), vec![b], v)
+        }
+        QEnc::LowRank(rank, dt) => {
+            let (parts, w) = low(r, rank, dt);
+            (desc(Encoding::LowRank { rank, dtype: dt }), parts, w)
+        }
+        QEnc::Sparse(kind, d, dt) => {
+            let (sp, parts, w) = sparse(r, kind, d, dt);
+            (desc(Encoding::Sparse(sp)), parts, w)
+        }
+        QEnc::Composite(rank, fdt, kind, d, sdt) => {
+            let (mut parts, mut w) = low(r, rank, fdt);
+            let (sp, sparts, s) = sparse(r, kind, d, sdt);
+            parts.extend(sparts);
+            for (a, b) in w.iter_mut().zip(&s) {
+                *a += b;
+            }
+            let e = Encoding::Composite {
+                rank,
+                factor_dtype: fdt,
+                sparse: sp,
+            };
+            (desc(e), parts, w)
+        }
+    }
+}
+
+/// Two `.cap` files of one tiny model: every linear (and the embedding when `tied`,
+/// else the separate head) stored with quantized values ([`QUANT_ENCODINGS`]), and
+/// the same model with each of those tensors dequantized and stored dense `f32`.
+pub fn tiny_quantized_cap(seed: u64, tied: bool) -> (Vec<u8>, Vec<u8>) {
+    let c = config(tied, false);
+    let mut r = Lcg(seed);
+    let new = || StreamWriter::new(Cursor::new(Vec::new()), WriterOptions::default()).unwrap();
+    let (mut wq, mut wf) = (new(), new());
+    let (h, qd, kvd, inter, vocab) = (
+        c.hidden_size,
+        c.q_dim(),
+        c.kv_dim(),
+        c.intermediate_size,
+        c.vocab_size,
+    );
+    // Writes one tensor to both files: as encoded, and dense f32 from `w`.
+    let mut both = |name: &str, d: &TensorDesc, parts: &[Vec<u8>], w: &[f32]| {
+        let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+        wq.add_tensor(name, d, &refs).unwrap();
+        let fd = TensorDesc {
+            encoding: Encoding::Dense { dtype: DType::F32 },
+            ..*d
+        };
+        wf.add_tensor(name, &fd, &[&cap_format::to_bytes(w, DType::F32)])
+            .unwrap();
+    };
+    let vector = |r: &mut Lcg, name: &str, n: usize| {
+        let v: Vec<f32> = (0..n).map(|_| 1.0 + r.next()).collect();
+        let d = TensorDesc {
+            rows: 1,
+            cols: n as u32,
+            encoding: Encoding::Dense { dtype: DType::F32 },
+        };
+        (name.to_string(), d, v)
+    };
+    let embed_enc = if tied {
+        QEnc::Dense(q8(16))
+    } else {
+        QEnc::Dense(DType::F16)
+    };
+    let (ed, ep, ew) = if tied {
+        encode_q(&mut r, vocab, h, embed_enc)
+    } else {
+        let (d, p, w) = encode(&mut r, vocab, h, Enc::Dense(DType::F16));
+        (d, p, w)
+    };
+    both("token_embd.weight", &ed, &ep, &ew);
+    let mut k = 0usize;
+    for l in 0..c.n_layers {
+        let name = |s: &str| format!("blk.{l}.{s}");
+        for (n, len) in [("attn_norm.weight", h), ("ffn_norm.weight", h)] {
+            let (nm, d, v) = vector(&mut r, &name(n), len);
+            both(&nm, &d, &[cap_format::to_bytes(&v, DType::F32)], &v);
+        }
+        for (s, rows, cols) in [
+            ("attn_q.weight", qd, h),
+            ("attn_k.weight", kvd, h),
+            ("attn_v.weight", kvd, h),
+            ("attn_output.weight", h, qd),
+            ("ffn_gate.weight", inter, h),
+            ("ffn_up.weight", inter, h),
+            ("ffn_down.weight", h, inter),
+        ] {
+            let (d, parts, w) = encode_q(
+                &mut r,
+                rows,
+                cols,
+                QUANT_ENCODINGS[k % QUANT_ENCODINGS.len()],
+            );
+            k += 1;
+            both(&name(s), &d, &parts, &w);
+        }
+    }
+    let (nm, d, v) = vector(&mut r, "output_norm.weight", h);
+    both(&nm, &d, &[cap_format::to_bytes(&v, DType::F32)], &v);
+    if !tied {
+        let (d, parts, w) = encode_q(
+            &mut r,
+            vocab,
+            h,
+            QEnc::Sparse(SparseKind::Bitmask, 0.6, q4(32)),
+        );
+        both("output.weight", &d, &parts, &w);
+    }
+    let manifest = Manifest {
+        model: ModelConfig {
+            architecture: c.arch.name().into(),
+            vocab_size: vocab as u32,
+            hidden_size: h as u32,
+            intermediate_size: inter as u32,
+            num_layers: c.n_layers as u32,
+            num_heads: c.n_heads as u32,
+            num_kv_heads: c.n_kv_heads as u32,
+            head_dim: c.head_dim as u32,
+            rope_theta: c.rope_theta,
+            rope_scaling: RecRope::None,
+            rms_norm_eps: c.rms_eps,
+            tie_word_embeddings: tied,
+            qkv_bias: false,
+            max_position: c.max_position as u32,
+        },
+        tokenizer: None,
+        compression: None,
+        provenance: Provenance {
+            source_file: "tiny-quantized".into(),
+            source_sha256: [0; 32],
+            cap_version: "test".into(),
+            created_unix: None,
+        },
+        tensors: vec![],
+        extensions: vec![],
+    };
+    (
+        wq.finish(manifest.clone()).unwrap().into_inner(),
+        wf.finish(manifest).unwrap().into_inner(),
+    )
 }

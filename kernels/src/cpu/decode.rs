@@ -2,7 +2,9 @@
 //! decoded a tile at a time and multiplied with a whole chunk of tokens. The decoder
 //! reads the same bytes as the matrix-vector kernels, with the same helpers.
 
-use super::{BitmaskRef, CsrRef, Kernels, TwoFourRef, bits_at, csr_blocks, low_bits, u32_at};
+use super::{
+    BitmaskRef, CsrRef, Kernels, TwoFourRef, Values, bits_at, csr_blocks, low_bits, u32_at,
+};
 use cap_format::encoding::CSR_BLOCK_COLS;
 
 /// A sparse matrix in any of the format's sparse encodings, borrowed.
@@ -46,13 +48,51 @@ impl SparseRef<'_> {
     pub fn decode_rows(&self, k: &Kernels, r0: usize, tile: &mut [f32], buf: &mut [f32]) {
         let cols = self.cols();
         tile.fill(0.0);
+        let values = match self {
+            SparseRef::Bitmask(m) => m.values,
+            SparseRef::Csr(m) => m.values,
+            SparseRef::TwoFour(m) => m.values,
+        };
+        // Quantized values are read by row: `q_block` is the current row's first block
+        // (found once per call, then advanced row by row).
+        let dt = values.dtype;
+        let (g, bs) = (dt.group(), dt.size());
+        let nb = csr_blocks(cols);
+        let count = |r: usize| match self {
+            SparseRef::Bitmask(m) => (m.row_start[r + 1] - m.row_start[r]) as usize,
+            SparseRef::Csr(m) => {
+                u32_at(m.block_ptr, (r + 1) * nb) as usize - u32_at(m.block_ptr, r * nb) as usize
+            }
+            SparseRef::TwoFour(m) => m.cols / 2,
+        };
+        let mut q_block = if dt.is_quantized() {
+            super::scalar::q_first_block(r0, g, count)
+        } else {
+            0
+        };
+        // `vals` = the row's stored values, from value index `lo` (float types) or from
+        // block `q_block` (quantized: `lo` is then only the index base of the row).
+        let row_values = |vals: &mut [f32], lo: usize, q_block: usize| {
+            if dt.is_quantized() {
+                let run = Values {
+                    dtype: dt,
+                    bytes: values
+                        .bytes
+                        .get(q_block * bs..)
+                        .expect("quantized row past the end of the values"),
+                };
+                (k.to_f32)(run, 0, vals);
+            } else {
+                (k.to_f32)(values, lo, vals);
+            }
+        };
         for (i, out) in tile.chunks_exact_mut(cols).enumerate() {
             let r = r0 + i;
             match self {
                 SparseRef::Bitmask(m) => {
                     let (lo, hi) = (m.row_start[r] as usize, m.row_start[r + 1] as usize);
                     let vals = &mut buf[..hi - lo];
-                    (k.to_f32)(m.values, lo, vals);
+                    row_values(vals, lo, q_block);
                     // Walk the set bits a word at a time (half of them are set at 50%).
                     let mut next = vals.iter().copied();
                     let bit0 = r * cols;
@@ -66,11 +106,10 @@ impl SparseRef<'_> {
                     }
                 }
                 SparseRef::Csr(m) => {
-                    let nb = csr_blocks(cols);
                     let ptr = |j: usize| u32_at(m.block_ptr, j) as usize;
                     let (lo, hi) = (ptr(r * nb), ptr(r * nb + nb));
                     let vals = &mut buf[..hi - lo];
-                    (k.to_f32)(m.values, lo, vals);
+                    row_values(vals, lo, q_block);
                     for b in 0..nb {
                         for j in ptr(r * nb + b)..ptr(r * nb + b + 1) {
                             let c = b * CSR_BLOCK_COLS as usize + m.col_idx[j] as usize;
@@ -80,7 +119,7 @@ impl SparseRef<'_> {
                 }
                 SparseRef::TwoFour(m) => {
                     let vals = &mut buf[..cols / 2];
-                    (k.to_f32)(m.values, r * cols / 2, vals);
+                    row_values(vals, r * cols / 2, q_block);
                     for g in 0..cols / 4 {
                         let gi = r * cols / 4 + g;
                         let nib = m.meta[gi / 2] >> (4 * (gi % 2)) & 0xF;
@@ -88,6 +127,9 @@ impl SparseRef<'_> {
                         out[4 * g + (nib >> 2) as usize] = vals[2 * g + 1];
                     }
                 }
+            }
+            if dt.is_quantized() {
+                q_block += count(r).div_ceil(g);
             }
         }
     }

@@ -50,17 +50,25 @@ const fn size(d: u8) -> usize {
     if d == F32 { 4 } else { 2 }
 }
 
-/// Calls `$f::<D>(args)` with the storage code of `$dtype` (SIMD modules).
+/// Calls `$f::<D>(args)` with the storage code of `$dtype` (SIMD modules), or `$q`
+/// for a quantized type.
+///
+/// The SIMD tables have almost no quantized kernels yet: every call site but AVX2's
+/// `dense_rows` passes the scalar reference's entry as `$q`, so quantized values (Q8,
+/// Q4) run the scalar kernels in the AVX2 and NEON tables (dense rows excepted on
+/// AVX2).
 #[cfg(any(
     target_arch = "x86_64",
     all(target_arch = "aarch64", target_feature = "neon")
 ))]
 macro_rules! by_dtype {
-    ($dtype:expr, $f:ident($($a:expr),* $(,)?)) => {
+    ($dtype:expr, $f:ident($($a:expr),* $(,)?), $q:expr) => {
         match $dtype {
             DType::F32 => $f::<F32>($($a),*),
             DType::F16 => $f::<F16>($($a),*),
             DType::BF16 => $f::<BF16>($($a),*),
+            // Mostly no SIMD path for quantized values yet: see the call site's `$q`.
+            DType::Q8 { .. } | DType::Q4 { .. } => $q,
         }
     };
 }
@@ -136,6 +144,9 @@ pub struct TwoFourRef<'a> {
 }
 
 /// One instruction set's kernels. Every `*_rows` kernel accumulates into `y`:
+/// (every dtype, the quantized Q8 and Q4 included: their values are found by row, as
+/// `cap_format` lays them out; the AVX2 and NEON tables run the scalar reference for
+/// them, except AVX2's `dense_rows`)
 /// for `i` in `0..y.len()`, `y[i] += Σ_c W[r0+i, c]·x[c]` with `x.len() == cols`, so
 /// callers can split rows across threads and add a low-rank and a sparse part.
 ///
@@ -160,10 +171,14 @@ pub struct Kernels {
     /// 2:4 `W`.
     pub two_four_rows: fn(m: &TwoFourRef<'_>, r0: usize, x: &[f32], y: &mut [f32]),
     /// `out[j]` = value `start + j` as `f32` (exact for every dtype; an f16 NaN comes
-    /// back quiet with its payload, as the hardware converters do).
+    /// back quiet with its payload, as the hardware converters do). For a quantized
+    /// dtype `v` must be **one run** (a row's blocks, starting at its first block) and
+    /// the value is its dequantization (`cap_format::dequantize`); [`rows_to_f32`]
+    /// decodes rows of a dense matrix of any dtype.
     pub to_f32: fn(v: Values<'_>, start: usize, out: &mut [f32]),
     /// `f32` → storage conversion (a KV cache): writes `out.len()/dtype.size()` values
-    /// of `x` as raw little-endian bytes into `out`. f16 and bf16 round to nearest,
+    /// (for a quantized dtype: blocks, `x` being one run) of `x` as raw little-endian
+    /// bytes into `out`. f16 and bf16 round to nearest,
     /// ties to even (as `half::f16::from_f32` and `half::bf16::from_f32`), overflow to
     /// ±inf, NaN stays NaN; f32 is copied.
     pub from_f32: fn(x: &[f32], dtype: DType, out: &mut [u8]),
@@ -253,6 +268,38 @@ pub fn cpu_features() -> Vec<&'static str> {
     )))]
     {
         Vec::new()
+    }
+}
+
+/// Decodes rows `r0..r0 + out.len()/cols` of a dense row-major matrix of `cols`
+/// columns stored in any dtype into `out` by `k.to_f32`: one call for a float type,
+/// one per row (one run each) for a quantized one.
+///
+/// # Panics
+/// When the rows lie outside `w`.
+pub fn rows_to_f32(k: &Kernels, w: Values<'_>, cols: usize, r0: usize, out: &mut [f32]) {
+    if !w.dtype.is_quantized() {
+        (k.to_f32)(w, r0 * cols, out);
+        return;
+    }
+    if cols == 0 {
+        return;
+    }
+    let rb = w.dtype.run_bytes(cols as u64) as usize;
+    for (i, row) in out.chunks_exact_mut(cols).enumerate() {
+        let start = (r0 + i) * rb;
+        let bytes = w
+            .bytes
+            .get(start..start + rb)
+            .expect("rows out of range of the dense matrix");
+        (k.to_f32)(
+            Values {
+                dtype: w.dtype,
+                bytes,
+            },
+            0,
+            row,
+        );
     }
 }
 

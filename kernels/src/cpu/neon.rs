@@ -202,7 +202,11 @@ fn store_partial(y: &mut [f32], v: F32x8) {
 
 #[target_feature(enable = "neon")]
 fn dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(w.dtype, dense_rows_d(w.bytes, cols, r0, x, y))
+    by_dtype!(
+        w.dtype,
+        dense_rows_d(w.bytes, cols, r0, x, y),
+        (scalar::KERNELS.dense_rows)(w, cols, r0, x, y)
+    )
 }
 
 #[target_feature(enable = "neon")]
@@ -261,7 +265,11 @@ fn dot<const D: u8>(row: &[u8], x: &[f32]) -> f32 {
 
 #[target_feature(enable = "neon")]
 fn dense_t_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(w.dtype, dense_t_rows_d(w.bytes, cols, r0, x, y))
+    by_dtype!(
+        w.dtype,
+        dense_t_rows_d(w.bytes, cols, r0, x, y),
+        (scalar::KERNELS.dense_t_rows)(w, cols, r0, x, y)
+    )
 }
 
 #[target_feature(enable = "neon")]
@@ -380,7 +388,11 @@ fn hsum2(a: Acc2) -> f32 {
 
 #[target_feature(enable = "neon")]
 fn bitmask_rows(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(m.values.dtype, bitmask_rows_d(m, r0, x, y))
+    by_dtype!(
+        m.values.dtype,
+        bitmask_rows_d(m, r0, x, y),
+        (scalar::KERNELS.bitmask_rows)(m, r0, x, y)
+    )
 }
 
 #[target_feature(enable = "neon")]
@@ -513,7 +525,11 @@ const IOTA: [u32; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
 
 #[target_feature(enable = "neon")]
 fn csr_rows(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(m.values.dtype, csr_rows_d(m, r0, x, y))
+    by_dtype!(
+        m.values.dtype,
+        csr_rows_d(m, r0, x, y),
+        (scalar::KERNELS.csr_rows)(m, r0, x, y)
+    )
 }
 
 #[target_feature(enable = "neon")]
@@ -626,7 +642,11 @@ struct Bytes16([u8; 16]);
 
 #[target_feature(enable = "neon")]
 fn two_four_rows(m: &TwoFourRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(m.values.dtype, two_four_rows_d(m, r0, x, y))
+    by_dtype!(
+        m.values.dtype,
+        two_four_rows_d(m, r0, x, y),
+        (scalar::KERNELS.two_four_rows)(m, r0, x, y)
+    )
 }
 
 /// The 4 `x` values a 2:4 meta byte selects from the 8 columns `xv`.
@@ -708,7 +728,11 @@ fn two_four_tail<const D: u8>(
 
 #[target_feature(enable = "neon")]
 fn to_f32(v: Values<'_>, start: usize, out: &mut [f32]) {
-    by_dtype!(v.dtype, to_f32_d(v.bytes, start, out))
+    by_dtype!(
+        v.dtype,
+        to_f32_d(v.bytes, start, out),
+        (scalar::KERNELS.to_f32)(v, start, out)
+    )
 }
 
 #[target_feature(enable = "neon")]
@@ -732,10 +756,15 @@ fn to_f32_d<const D: u8>(b: &[u8], start: usize, out: &mut [f32]) {
 
 #[target_feature(enable = "neon")]
 fn from_f32(x: &[f32], dtype: DType, out: &mut [u8]) {
+    if dtype.is_quantized() {
+        // No SIMD quantizer: the scalar reference (a quantized KV cache does not exist;
+        // this keeps the table total).
+        return scalar::from_f32(x, dtype, out);
+    }
     let n = out.len() / dtype.size();
     let x = &x[..n];
     match dtype {
-        DType::F32 => scalar::from_f32(x, dtype, out),
+        DType::F32 | DType::Q8 { .. } | DType::Q4 { .. } => scalar::from_f32(x, dtype, out),
         DType::F16 | DType::BF16 => {
             let mut xs = x.chunks_exact(8);
             let mut os = out.chunks_exact_mut(16);

@@ -137,13 +137,15 @@ impl Elem for Bf16 {
     }
 }
 
-/// Calls `$f::<E>(args)` with the `Elem` type of `$dtype`.
+/// Calls `$f::<E>(args)` with the `Elem` type of `$dtype`, or `$q` for a quantized
+/// type (whose values are addressed by run and block, not by a flat index).
 macro_rules! by_dtype {
-    ($dtype:expr, $f:ident($($a:expr),* $(,)?)) => {
+    ($dtype:expr, $f:ident($($a:expr),* $(,)?), $q:expr) => {
         match $dtype {
             DType::F32 => $f::<F32>($($a),*),
             DType::F16 => $f::<F16>($($a),*),
             DType::BF16 => $f::<Bf16>($($a),*),
+            DType::Q8 { .. } | DType::Q4 { .. } => $q,
         }
     };
 }
@@ -157,7 +159,11 @@ pub(super) fn dense_block(w: &[u8], ds: usize, cols: usize, r0: usize, n: usize)
 }
 
 fn dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(w.dtype, dense_rows_e(w.bytes, cols, r0, x, y))
+    by_dtype!(
+        w.dtype,
+        dense_rows_e(w.bytes, cols, r0, x, y),
+        q_dense_rows(w, cols, r0, x, y)
+    )
 }
 
 fn dense_rows_e<E: Elem>(w: &[u8], cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
@@ -176,7 +182,11 @@ fn dense_rows_e<E: Elem>(w: &[u8], cols: usize, r0: usize, x: &[f32], y: &mut [f
 }
 
 fn dense_t_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(w.dtype, dense_t_rows_e(w.bytes, cols, r0, x, y))
+    by_dtype!(
+        w.dtype,
+        dense_t_rows_e(w.bytes, cols, r0, x, y),
+        q_dense_t_rows(w, cols, r0, x, y)
+    )
 }
 
 fn dense_t_rows_e<E: Elem>(w: &[u8], cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
@@ -192,7 +202,11 @@ fn dense_t_rows_e<E: Elem>(w: &[u8], cols: usize, r0: usize, x: &[f32], y: &mut 
 }
 
 fn bitmask_rows(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(m.values.dtype, bitmask_rows_e(m, r0, x, y))
+    by_dtype!(
+        m.values.dtype,
+        bitmask_rows_e(m, r0, x, y),
+        q_bitmask_rows(m, r0, x, y)
+    )
 }
 
 fn bitmask_rows_e<E: Elem>(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
@@ -216,7 +230,11 @@ fn bitmask_rows_e<E: Elem>(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut [f3
 }
 
 fn csr_rows(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(m.values.dtype, csr_rows_e(m, r0, x, y))
+    by_dtype!(
+        m.values.dtype,
+        csr_rows_e(m, r0, x, y),
+        q_csr_rows(m, r0, x, y)
+    )
 }
 
 fn csr_rows_e<E: Elem>(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
@@ -238,7 +256,11 @@ fn csr_rows_e<E: Elem>(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
 }
 
 fn two_four_rows(m: &TwoFourRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(m.values.dtype, two_four_rows_e(m, r0, x, y))
+    by_dtype!(
+        m.values.dtype,
+        two_four_rows_e(m, r0, x, y),
+        q_two_four_rows(m, r0, x, y)
+    )
 }
 
 fn two_four_rows_e<E: Elem>(m: &TwoFourRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
@@ -260,7 +282,11 @@ fn two_four_rows_e<E: Elem>(m: &TwoFourRef<'_>, r0: usize, x: &[f32], y: &mut [f
 }
 
 fn to_f32(v: Values<'_>, start: usize, out: &mut [f32]) {
-    by_dtype!(v.dtype, to_f32_e(v.bytes, start, out))
+    by_dtype!(
+        v.dtype,
+        to_f32_e(v.bytes, start, out),
+        q_to_f32(v, start, out)
+    )
 }
 
 fn to_f32_e<E: Elem>(b: &[u8], start: usize, out: &mut [f32]) {
@@ -273,7 +299,13 @@ fn to_f32_e<E: Elem>(b: &[u8], start: usize, out: &mut [f32]) {
 }
 
 /// The reference conversion; the SIMD tables use it for f32 and for their tails.
+/// A quantized `dtype` stores `x` as one run (the reference quantizer, total as
+/// `cap_format::extend_bytes` is) in the `out.len() / dtype.size()` blocks of `out`.
 pub(super) fn from_f32(x: &[f32], dtype: DType, out: &mut [u8]) {
+    if dtype.is_quantized() {
+        cap_format::values::write_run(x, dtype, out);
+        return;
+    }
     let n = out.len() / dtype.size();
     let x = &x[..n];
     match dtype {
@@ -292,5 +324,191 @@ pub(super) fn from_f32(x: &[f32], dtype: DType, out: &mut [u8]) {
                 o.copy_from_slice(&f32_to_bf16(v).to_le_bytes());
             }
         }
+        // Handled above.
+        DType::Q8 { .. } | DType::Q4 { .. } => {}
     }
+}
+
+// ---- Quantized values (format 1.1) -------------------------------------------------
+//
+// A quantized value array is a sequence of runs (a dense row, a factor row, a sparse
+// row's kept values), each `ceil(k/group)` blocks (`cap_format::DType::Q8` / `Q4`).
+// Values are found by run and position in the run, so every kernel first finds its
+// row's first block. The value is `s·q` (Q8) or `s·q + m` (Q4) in `f32`, exactly
+// `cap_format::dequantize`, and each kernel sums `value·x` in the same order as the
+// float kernel above it: the scalar result for a quantized matrix is bit-identical to
+// the scalar result for its dequantized `f32` copy.
+
+/// The block's scale and (Q4) minimum.
+#[inline(always)]
+fn q_params(blk: &[u8], dt: DType) -> (f32, f32) {
+    let s = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
+    let m = match dt {
+        DType::Q4 { .. } => f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])),
+        _ => 0.0,
+    };
+    (s, m)
+}
+
+/// Value `k` (within its block `blk`) given the block's parameters.
+#[inline(always)]
+fn q_code_value(blk: &[u8], dt: DType, k: usize, s: f32, m: f32) -> f32 {
+    match dt {
+        DType::Q4 { .. } => s * f32::from((blk[4 + k / 2] >> (4 * (k % 2))) & 0xF) + m,
+        _ => s * f32::from(blk[2 + k] as i8),
+    }
+}
+
+/// Value `j` of the run whose first block starts at `b[0]`.
+#[inline(always)]
+fn q_value(b: &[u8], dt: DType, j: usize) -> f32 {
+    let g = dt.group();
+    let blk = &b[(j / g) * dt.size()..(j / g + 1) * dt.size()];
+    let (s, m) = q_params(blk, dt);
+    q_code_value(blk, dt, j % g, s, m)
+}
+
+/// Calls `f(j, value)` for the first `k` values of the run at `b[0]`, a block at a time
+/// (each scale decoded once).
+#[inline(always)]
+fn q_run(b: &[u8], dt: DType, k: usize, mut f: impl FnMut(usize, f32)) {
+    let (g, bs) = (dt.group(), dt.size());
+    let b = b
+        .get(..k.div_ceil(g) * bs)
+        .expect("quantized run past the end of the values");
+    for (bi, blk) in b.chunks_exact(bs).enumerate() {
+        let (s, m) = q_params(blk, dt);
+        let j0 = bi * g;
+        for kk in 0..g.min(k - j0) {
+            f(j0 + kk, q_code_value(blk, dt, kk, s, m));
+        }
+    }
+}
+
+/// Index of the first block of row `r0` of a sparse part whose row `r` holds
+/// `count(r)` kept values: `Σ_{r<r0} ceil(count(r)/group)`. Costs one pass over the
+/// row pointers before `r0` per call (a few thousand integer reads for a large layer,
+/// against its hundreds of thousands of values), which spares the format and the
+/// loader a per-row block table.
+#[inline]
+pub(super) fn q_first_block(r0: usize, group: usize, count: impl Fn(usize) -> usize) -> usize {
+    (0..r0).map(|r| count(r).div_ceil(group)).sum()
+}
+
+fn q_dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), cols, "x.len() != cols");
+    if cols == 0 {
+        return;
+    }
+    let dt = w.dtype;
+    let rb = dt.run_bytes(cols as u64) as usize;
+    let block = w
+        .bytes
+        .get(r0 * rb..(r0 + y.len()) * rb)
+        .expect("rows out of range of the dense matrix");
+    for (yi, row) in y.iter_mut().zip(block.chunks_exact(rb)) {
+        let mut acc = 0.0f32;
+        q_run(row, dt, cols, |j, v| acc += v * x[j]);
+        *yi += acc;
+    }
+}
+
+fn q_dense_t_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
+    assert_eq!(y.len(), cols, "y.len() != cols");
+    let dt = w.dtype;
+    let rb = dt.run_bytes(cols as u64) as usize;
+    let block = w
+        .bytes
+        .get(r0 * rb..(r0 + x.len()) * rb)
+        .expect("rows out of range of the dense matrix");
+    for (c, yc) in y.iter_mut().enumerate() {
+        let mut acc = 0.0f32;
+        for (i, &xi) in x.iter().enumerate() {
+            acc += xi * q_value(&block[i * rb..], dt, c);
+        }
+        *yc += acc;
+    }
+}
+
+fn q_bitmask_rows(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
+    let cols = m.cols;
+    assert_eq!(x.len(), cols, "x.len() != cols");
+    let dt = m.values.dtype;
+    let count = |r: usize| (m.row_start[r + 1] - m.row_start[r]) as usize;
+    let mut blk = q_first_block(r0, dt.group(), count);
+    for (i, yi) in y.iter_mut().enumerate() {
+        let r = r0 + i;
+        let run = &m.values.bytes[blk * dt.size()..];
+        let mut j = 0usize;
+        let mut acc = 0.0f32;
+        for c in (0..cols).step_by(64) {
+            let mut bits = bits_at(m.mask, r * cols + c) & low_bits(cols - c);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                acc += q_value(run, dt, j) * x[c + b];
+                j += 1;
+                bits &= bits - 1;
+            }
+        }
+        *yi += acc;
+        blk += count(r).div_ceil(dt.group());
+    }
+}
+
+fn q_csr_rows(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
+    let cols = m.cols;
+    assert_eq!(x.len(), cols, "x.len() != cols");
+    let dt = m.values.dtype;
+    let nb = csr_blocks(cols);
+    let ptr = |i: usize| u32_at(m.block_ptr, i) as usize;
+    let count = |r: usize| ptr((r + 1) * nb) - ptr(r * nb);
+    let mut blk = q_first_block(r0, dt.group(), count);
+    for (i, yi) in y.iter_mut().enumerate() {
+        let r = r0 + i;
+        let run = &m.values.bytes[blk * dt.size()..];
+        let first = ptr(r * nb);
+        let mut acc = 0.0f32;
+        for (b, xb) in x.chunks(256).enumerate() {
+            for k in ptr(r * nb + b)..ptr(r * nb + b + 1) {
+                acc += q_value(run, dt, k - first) * xb[usize::from(m.col_idx[k])];
+            }
+        }
+        *yi += acc;
+        blk += count(r).div_ceil(dt.group());
+    }
+}
+
+fn q_two_four_rows(m: &TwoFourRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
+    let cols = m.cols;
+    assert!(cols.is_multiple_of(4), "2:4 needs cols % 4 == 0");
+    assert_eq!(x.len(), cols, "x.len() != cols");
+    let dt = m.values.dtype;
+    let groups = cols / 4;
+    // Every row stores cols/2 values: a fixed run length.
+    let rb = dt.run_bytes((cols / 2) as u64) as usize;
+    for (i, yi) in y.iter_mut().enumerate() {
+        let r = r0 + i;
+        let run = &m.values.bytes[r * rb..];
+        let mut acc = 0.0f32;
+        for (g, xg) in x.chunks_exact(4).enumerate() {
+            let ga = r * groups + g;
+            let nib = (m.meta[ga / 2] >> (4 * (ga % 2))) & 0xf;
+            acc += q_value(run, dt, 2 * g) * xg[usize::from(nib & 3)];
+            acc += q_value(run, dt, 2 * g + 1) * xg[usize::from(nib >> 2)];
+        }
+        *yi += acc;
+    }
+}
+
+/// Quantized `to_f32`: `v` is one run, `out[j]` its value `start + j`.
+fn q_to_f32(v: Values<'_>, start: usize, out: &mut [f32]) {
+    let dt = v.dtype;
+    let g = dt.group();
+    let b = v.bytes.get((start / g) * dt.size()..).unwrap_or(&[]);
+    let skip = start % g;
+    q_run(b, dt, skip + out.len(), |j, x| {
+        if j >= skip {
+            out[j - skip] = x;
+        }
+    });
 }

@@ -169,7 +169,74 @@ fn hsum(v: __m256) -> f32 {
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(w.dtype, dense_rows_d(w.bytes, cols, r0, x, y))
+    by_dtype!(
+        w.dtype,
+        dense_rows_d(w.bytes, cols, r0, x, y),
+        q_dense_rows(w, cols, r0, x, y)
+    )
+}
+
+/// Dense rows of quantized values (Q8, Q4), the one AVX2 kernel for them so far: per
+/// block, 8 codes at a time are widened to `f32` and scaled (Q4: plus the minimum) as
+/// the scalar reference does (`s·q` is exact for an f16 `s` and a code of at most 8
+/// bits, the Q4 addition rounds once, as there), so the values are the reference's;
+/// only the summation (8 lanes, FMA) differs. The zero codes of a partial last group
+/// meet zero activations (`loadx_partial`), so even Q4's `s·0 + m` adds nothing.
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn q_dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), cols, "x.len() != cols");
+    if cols == 0 {
+        return;
+    }
+    let dt = w.dtype;
+    let (g, bs) = (dt.group(), dt.size());
+    let q4 = matches!(dt, DType::Q4 { .. });
+    let rb = dt.run_bytes(cols as u64) as usize;
+    let block = w
+        .bytes
+        .get(r0 * rb..(r0 + y.len()) * rb)
+        .expect("rows out of range of the dense matrix");
+    let nibble_shift = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    let low4 = _mm256_set1_epi32(0xF);
+    for (yi, row) in y.iter_mut().zip(block.chunks_exact(rb)) {
+        let mut acc = _mm256_setzero_ps();
+        for (bi, blk) in row.chunks_exact(bs).enumerate() {
+            let s = _mm256_set1_ps(scalar::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])));
+            let m = if q4 {
+                _mm256_set1_ps(scalar::f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])))
+            } else {
+                _mm256_setzero_ps()
+            };
+            // g is a multiple of 16, so every 8-code step lies inside the block.
+            for c in (0..g).step_by(8) {
+                let j = bi * g + c;
+                if j >= cols {
+                    break;
+                }
+                let q = if q4 {
+                    // 4 bytes = 8 codes, the earlier code in the low nibble.
+                    let b = &blk[4 + c / 2..4 + c / 2 + 4];
+                    let v = _mm256_set1_epi32(i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                    _mm256_and_si256(_mm256_srlv_epi32(v, nibble_shift), low4)
+                } else {
+                    let b = &blk[2 + c..2 + c + 8];
+                    let v = i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                    _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(v))
+                };
+                let mut v = _mm256_mul_ps(s, _mm256_cvtepi32_ps(q));
+                if q4 {
+                    v = _mm256_add_ps(v, m);
+                }
+                let xs = if j + 8 <= cols {
+                    loadx(x, j)
+                } else {
+                    loadx_partial(&x[j..])
+                };
+                acc = _mm256_fmadd_ps(v, xs, acc);
+            }
+        }
+        *yi += hsum(acc);
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
@@ -230,7 +297,11 @@ fn dot<const D: u8>(row: &[u8], x: &[f32]) -> f32 {
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn dense_t_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(w.dtype, dense_t_rows_d(w.bytes, cols, r0, x, y))
+    by_dtype!(
+        w.dtype,
+        dense_t_rows_d(w.bytes, cols, r0, x, y),
+        (scalar::KERNELS.dense_t_rows)(w, cols, r0, x, y)
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
@@ -411,7 +482,11 @@ fn hsum2(a: Acc2) -> f32 {
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn bitmask_rows(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(m.values.dtype, bitmask_rows_d(m, r0, x, y))
+    by_dtype!(
+        m.values.dtype,
+        bitmask_rows_d(m, r0, x, y),
+        (scalar::KERNELS.bitmask_rows)(m, r0, x, y)
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
@@ -539,7 +614,11 @@ fn bitmask_tail<const D: u8>(
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn csr_rows(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(m.values.dtype, csr_rows_d(m, r0, x, y))
+    by_dtype!(
+        m.values.dtype,
+        csr_rows_d(m, r0, x, y),
+        (scalar::KERNELS.csr_rows)(m, r0, x, y)
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
@@ -642,7 +721,11 @@ static PICK: [Lanes8; 256] = {
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn two_four_rows(m: &TwoFourRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    by_dtype!(m.values.dtype, two_four_rows_d(m, r0, x, y))
+    by_dtype!(
+        m.values.dtype,
+        two_four_rows_d(m, r0, x, y),
+        (scalar::KERNELS.two_four_rows)(m, r0, x, y)
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
@@ -755,7 +838,11 @@ fn two_four_tail<const D: u8>(
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn to_f32(v: Values<'_>, start: usize, out: &mut [f32]) {
-    by_dtype!(v.dtype, to_f32_d(v.bytes, start, out))
+    by_dtype!(
+        v.dtype,
+        to_f32_d(v.bytes, start, out),
+        (scalar::KERNELS.to_f32)(v, start, out)
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
@@ -779,10 +866,15 @@ fn to_f32_d<const D: u8>(b: &[u8], start: usize, out: &mut [f32]) {
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn from_f32(x: &[f32], dtype: DType, out: &mut [u8]) {
+    if dtype.is_quantized() {
+        // No SIMD quantizer: the scalar reference (a quantized KV cache does not exist;
+        // this keeps the table total).
+        return scalar::from_f32(x, dtype, out);
+    }
     let n = out.len() / dtype.size();
     let x = &x[..n];
     match dtype {
-        DType::F32 => scalar::from_f32(x, dtype, out),
+        DType::F32 | DType::Q8 { .. } | DType::Q4 { .. } => scalar::from_f32(x, dtype, out),
         DType::F16 => {
             let mut xs = x.chunks_exact(8);
             let mut os = out.chunks_exact_mut(16);
