@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use cap_format::CapFile;
-use common::{assert_clean_failure, calib_text, cap_host, root};
+use common::{SMALL_EVAL, assert_clean_failure, calib_text, cap_host, root};
 use serde_json::Value;
 
 fn tiny(name: &str) -> String {
@@ -27,17 +27,7 @@ fn run_json(args: &[&str]) -> Value {
 
 /// Settings that keep a tiny model's run to a fraction of a second.
 fn small(calib: &str, cache: &str) -> Vec<String> {
-    [
-        "--calib",
-        calib,
-        "--calib-samples",
-        "4",
-        "--calib-len",
-        "24",
-        "--eval-ctx",
-        "32",
-        "--eval-windows",
-        "2",
+    let search = [
         "--steps",
         "3",
         "--step-samples",
@@ -46,10 +36,13 @@ fn small(calib: &str, cache: &str) -> Vec<String> {
         "2",
         "--cache-dir",
         cache,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ];
+    ["--calib", calib]
+        .into_iter()
+        .chain(SMALL_EVAL)
+        .chain(search)
+        .map(String::from)
+        .collect()
 }
 
 fn is_linear(name: &str) -> bool {
