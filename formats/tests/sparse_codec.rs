@@ -14,6 +14,25 @@ struct Fill {
     two_four: bool,
 }
 
+impl Fill {
+    /// A matrix for encoding as `kind` (2:4 gets at most 2 non-zeros per group of 4).
+    fn new(kind: SparseKind, rows: u32, cols: u32, dtype: DType, density: f64) -> Self {
+        let two_four = kind == SparseKind::TwoFour;
+        Fill {
+            rows,
+            cols,
+            dtype,
+            density,
+            two_four,
+        }
+    }
+
+    /// The matrix's bytes, all +0.
+    fn zeros(&self) -> Vec<u8> {
+        vec![0u8; self.rows as usize * self.cols as usize * self.dtype.size()]
+    }
+}
+
 /// The three encodings in turn, one per test case.
 fn kind_of(case: usize) -> SparseKind {
     [
@@ -25,17 +44,10 @@ fn kind_of(case: usize) -> SparseKind {
 
 /// A random dense matrix (raw bytes) filled as `fill` says, with no −0 values.
 fn dense(rng: &mut Rng, fill: &Fill) -> Vec<u8> {
-    let &Fill {
-        rows,
-        cols,
-        dtype,
-        density,
-        two_four,
-    } = fill;
-    let ds = dtype.size();
-    let mut out = vec![0u8; rows as usize * cols as usize * ds];
+    let (ds, density) = (fill.dtype.size(), fill.density);
+    let mut out = fill.zeros();
     for (i, v) in out.chunks_exact_mut(ds).enumerate() {
-        let keep = if two_four {
+        let keep = if fill.two_four {
             let j = i % 4;
             let g = (i / 4) as u64;
             // Deterministic 2-of-4 choice per group, then thinned by density.
@@ -61,13 +73,7 @@ fn encode_write_read_decode_round_trip() {
         let cols = rng.range(1, 600) as u32 * 4;
         let kind = kind_of(case);
         let density = [0.0, 0.05, 0.3, 0.5, 1.0][rng.below(5) as usize];
-        let fill = Fill {
-            rows,
-            cols,
-            dtype,
-            density,
-            two_four: kind == SparseKind::TwoFour,
-        };
+        let fill = Fill::new(kind, rows, cols, dtype, density);
         let d = dense(&mut rng, &fill);
         let (s, parts) = encode_sparse(kind, rows, cols, dtype, &d).unwrap();
         let desc = TensorDesc {
@@ -136,23 +142,16 @@ fn decoder_rejects_inconsistent_views() {
 /// same matrix written densely (absent entries +0). Some stored entries are +0 or −0:
 /// both encoders must treat them as absent.
 fn csr(rng: &mut Rng, fill: &Fill) -> (Vec<u64>, Vec<u32>, Vec<u8>, Vec<u8>) {
-    let &Fill {
-        rows,
-        cols,
-        dtype,
-        density,
-        two_four,
-    } = fill;
-    let ds = dtype.size();
-    let mut dense = vec![0u8; rows as usize * cols as usize * ds];
+    let (cols, ds) = (fill.cols as usize, fill.dtype.size());
+    let mut dense = fill.zeros();
     let (mut row_ptr, mut col, mut vals) = (vec![0u64], Vec::new(), Vec::new());
-    for r in 0..rows as usize {
+    for r in 0..fill.rows as usize {
         let mut in_group = 0;
-        for c in 0..cols as usize {
+        for c in 0..cols {
             if c % 4 == 0 {
                 in_group = 0;
             }
-            if rng.f64() >= density {
+            if rng.f64() >= fill.density {
                 continue;
             }
             let mut v = rng.bytes(ds);
@@ -162,13 +161,13 @@ fn csr(rng: &mut Rng, fill: &Fill) -> (Vec<u64>, Vec<u32>, Vec<u8>, Vec<u8>) {
                     v.iter_mut().for_each(|b| *b = 0);
                     v[ds - 1] = 0x80;
                 }
-                _ if two_four && in_group == 2 => continue,
+                _ if fill.two_four && in_group == 2 => continue,
                 _ => {
                     v[ds - 1] |= 0x01;
                     in_group += 1;
                 }
             }
-            let at = (r * cols as usize + c) * ds;
+            let at = (r * cols + c) * ds;
             dense[at..at + ds].copy_from_slice(&v);
             col.push(c as u32);
             vals.extend_from_slice(&v);
@@ -191,13 +190,7 @@ fn the_csr_encoder_writes_the_dense_encoders_bytes() {
             rng.range(1, 300) as u32
         };
         let density = [0.0, 0.05, 0.3, 0.7, 1.0][rng.below(5) as usize];
-        let fill = Fill {
-            rows,
-            cols,
-            dtype,
-            density,
-            two_four: kind == SparseKind::TwoFour,
-        };
+        let fill = Fill::new(kind, rows, cols, dtype, density);
         let (row_ptr, col, vals, d) = csr(&mut rng, &fill);
         let want = encode_sparse(kind, rows, cols, dtype, &d).unwrap();
         let got = encode_sparse_csr(kind, rows, cols, dtype, &row_ptr, &col, &vals).unwrap();
