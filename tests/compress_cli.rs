@@ -338,19 +338,15 @@ fn smollm2_target_that_forces_half_the_linears_out_is_met() {
         "--ctx",
         "2048",
     ];
-    let mut a = vec![
-        "compress",
-        "--model",
-        &m,
-        "-o",
-        &o,
-        "--json",
-        "--target",
-        "host",
-        "--dry-run",
-    ];
-    a.extend(common_args);
-    let plan = run_json(&a);
+    let compress = ["compress", "--model", &m, "-o", &o, "--json"];
+    let plan = run_json(
+        &[
+            &compress[..],
+            &["--target", "host", "--dry-run"],
+            &common_args,
+        ]
+        .concat(),
+    );
     let linear_dense = plan["fixed"]["linear_dense_bytes"].as_u64().unwrap();
     let reserved = 256 << 20;
     let total = needed(&plan, linear_dense / 2) + reserved;
@@ -358,20 +354,8 @@ fn smollm2_target_that_forces_half_the_linears_out_is_met() {
     std::fs::create_dir_all(&tdir).unwrap();
     write_profile(&tdir, "half-board", total, reserved);
     let td = tdir.display().to_string();
-    let mut a = vec![
-        "compress",
-        "--model",
-        &m,
-        "-o",
-        &o,
-        "--json",
-        "--target",
-        "half-board",
-        "--targets-dir",
-        &td,
-    ];
-    a.extend(common_args);
-    let r = run_json(&a);
+    let target = ["--target", "half-board", "--targets-dir", &td];
+    let r = run_json(&[&compress[..], &target, &common_args].concat());
     check_file(&r, &out);
     let linear = r["linear_bytes"].as_u64().unwrap();
     let limit = r["budget"]["limit"].as_u64().unwrap();
