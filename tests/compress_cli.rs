@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use cap_format::CapFile;
-use common::{assert_clean_failure, calib_text, cap_host, root};
+use common::{SMALL_EVAL, assert_clean_failure, calib_text, cap_host, root};
 use serde_json::Value;
 
 fn tiny(name: &str) -> String {
@@ -27,17 +27,7 @@ fn run_json(args: &[&str]) -> Value {
 
 /// Settings that keep a tiny model's run to a fraction of a second.
 fn small(calib: &str, cache: &str) -> Vec<String> {
-    [
-        "--calib",
-        calib,
-        "--calib-samples",
-        "4",
-        "--calib-len",
-        "24",
-        "--eval-ctx",
-        "32",
-        "--eval-windows",
-        "2",
+    let search = [
         "--steps",
         "3",
         "--step-samples",
@@ -46,10 +36,13 @@ fn small(calib: &str, cache: &str) -> Vec<String> {
         "2",
         "--cache-dir",
         cache,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ];
+    ["--calib", calib]
+        .into_iter()
+        .chain(SMALL_EVAL)
+        .chain(search)
+        .map(String::from)
+        .collect()
 }
 
 fn is_linear(name: &str) -> bool {
@@ -345,19 +338,15 @@ fn smollm2_target_that_forces_half_the_linears_out_is_met() {
         "--ctx",
         "2048",
     ];
-    let mut a = vec![
-        "compress",
-        "--model",
-        &m,
-        "-o",
-        &o,
-        "--json",
-        "--target",
-        "host",
-        "--dry-run",
-    ];
-    a.extend(common_args);
-    let plan = run_json(&a);
+    let compress = ["compress", "--model", &m, "-o", &o, "--json"];
+    let plan = run_json(
+        &[
+            &compress[..],
+            &["--target", "host", "--dry-run"],
+            &common_args,
+        ]
+        .concat(),
+    );
     let linear_dense = plan["fixed"]["linear_dense_bytes"].as_u64().unwrap();
     let reserved = 256 << 20;
     let total = needed(&plan, linear_dense / 2) + reserved;
@@ -365,20 +354,8 @@ fn smollm2_target_that_forces_half_the_linears_out_is_met() {
     std::fs::create_dir_all(&tdir).unwrap();
     write_profile(&tdir, "half-board", total, reserved);
     let td = tdir.display().to_string();
-    let mut a = vec![
-        "compress",
-        "--model",
-        &m,
-        "-o",
-        &o,
-        "--json",
-        "--target",
-        "half-board",
-        "--targets-dir",
-        &td,
-    ];
-    a.extend(common_args);
-    let r = run_json(&a);
+    let target = ["--target", "half-board", "--targets-dir", &td];
+    let r = run_json(&[&compress[..], &target, &common_args].concat());
     check_file(&r, &out);
     let linear = r["linear_bytes"].as_u64().unwrap();
     let limit = r["budget"]["limit"].as_u64().unwrap();

@@ -105,19 +105,11 @@ fn tiny_model_self_test_generation_and_bad_input() {
         &out,
         &calib,
         &[
-            "--ratio",
-            "0.5",
-            "--calib-samples",
-            "4",
-            "--calib-len",
-            "24",
-            "--eval-ctx",
-            "32",
-            "--eval-windows",
-            "2",
-            "--method",
-            "wanda",
-        ],
+            &["--ratio", "0.5"][..],
+            &common::SMALL_EVAL,
+            &["--method", "wanda"],
+        ]
+        .concat(),
     );
     // The self-test reproduces the stored figure on the stored text.
     let s = json(&bin, &["selftest", &o, "--json", "--threads", "2"]);

@@ -186,30 +186,14 @@ fn files_are_byte_identical_under_source_date_epoch() {
         for n in ["x.cap", "y.cap"] {
             let o = out(&format!("{method}-{n}"));
             let args = [
-                "compress",
-                "--model",
-                src,
-                "-o",
-                &o,
-                "--ratio",
-                "0.5",
-                "--method",
-                method,
-                "--calib",
-                &calib,
-                "--calib-samples",
-                "4",
-                "--calib-len",
-                "24",
-                "--eval-ctx",
-                "32",
-                "--eval-windows",
-                "2",
-                "--threads",
-                "2",
-                "--cache-dir",
-                &cache,
-            ];
+                &[
+                    "compress", "--model", src, "-o", &o, "--ratio", "0.5", "--method", method,
+                    "--calib", &calib,
+                ][..],
+                &common::SMALL_EVAL,
+                &["--threads", "2", "--cache-dir", &cache],
+            ]
+            .concat();
             let (code, err) = cap_host_at("1700000000", &args);
             assert_eq!(code, 0, "compress failed: {err}");
             files.push(std::fs::read(&o).unwrap());

@@ -18,7 +18,7 @@ use cap_kernels::cpu::{self, BitmaskRef, CsrRef, Kernels, SparseRef, TwoFourRef}
 use cap_kernels::gemm::{MatMut, MatRef, matmul};
 use cap_kernels::par;
 
-use crate::model::{Embedding, Linear};
+use crate::model::{Embedding, Linear, token_rows};
 
 /// Inputs of at most this many tokens run the matrix-vector kernels, token by token;
 /// longer ones the tiled GEMM path.
@@ -279,11 +279,7 @@ impl Linear for CapLinear<'_> {
         self.rows
     }
     fn forward(&self, x: &[f32], y: &mut [f32], scratch: &mut Vec<f32>, threads: usize) {
-        let t = x.len() / self.cols;
-        assert!(
-            x.len() == t * self.cols && y.len() == t * self.rows,
-            "linear shape mismatch"
-        );
+        let t = token_rows(x, y, self.cols, self.rows);
         let need = self.scratch_floats(t);
         if scratch.len() < need {
             scratch.resize(need, 0.0);

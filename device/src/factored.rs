@@ -13,7 +13,7 @@ use alloc::vec::Vec;
 
 use cap_kernels::gemm::{MatMut, MatRef, matmul};
 
-use crate::model::{Linear, dense_forward};
+use crate::model::{Linear, dense_forward, token_rows};
 
 /// `W = B·A + S` with `A: rank × cols`, `B: rows × rank` and `S` dense-with-zeros.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,11 +83,7 @@ impl Linear for FactoredLinear {
         self.rows
     }
     fn forward(&self, x: &[f32], y: &mut [f32], scratch: &mut Vec<f32>, threads: usize) {
-        let t = x.len() / self.cols;
-        assert!(
-            x.len() == t * self.cols && y.len() == t * self.rows,
-            "linear shape mismatch"
-        );
+        let t = token_rows(x, y, self.cols, self.rows);
         let mut beta = 0.0;
         if let Some(s) = &self.s {
             dense_forward(s, self.rows, self.cols, x, y, threads);

@@ -244,6 +244,41 @@ impl Workspace {
     pub fn new() -> Self {
         Workspace::default()
     }
+
+    /// The buffers a block works in, each grown to (and cut at) `t` rows, borrowed
+    /// apart so a block can read one while writing another.
+    fn block(&mut self, c: &Config, t: usize) -> BlockBufs<'_> {
+        let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        BlockBufs {
+            xn: grow(&mut self.xn, t * h),
+            q: grow(&mut self.q, t * qd),
+            k: grow(&mut self.k, t * kvd),
+            v: grow(&mut self.v, t * kvd),
+            att: grow(&mut self.att, t * qd),
+            tmp: grow(&mut self.tmp, t * h),
+            gate: grow(&mut self.gate, t * inter),
+            up: grow(&mut self.up, t * inter),
+            heads: &mut self.heads,
+            lin: &mut self.lin,
+        }
+    }
+}
+
+/// A block's view of the [`Workspace`] for `t` rows (see [`Workspace::block`]):
+/// activations `xn`, `tmp` (`t × hidden`), `q`, `att` (`t × q_dim`), `k`, `v`
+/// (`t × kv_dim`), `gate`, `up` (`t × intermediate`), and the attention and linear
+/// scratch as the growable vectors their users size.
+struct BlockBufs<'w> {
+    xn: &'w mut [f32],
+    q: &'w mut [f32],
+    k: &'w mut [f32],
+    v: &'w mut [f32],
+    att: &'w mut [f32],
+    tmp: &'w mut [f32],
+    gate: &'w mut [f32],
+    up: &'w mut [f32],
+    heads: &'w mut Vec<f32>,
+    lin: &'w mut Vec<f32>,
 }
 
 /// `v[..n]`, growing `v` first if it is shorter (never shrinking, so a later call with
@@ -423,14 +458,11 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
         for (tok, kv) in tokens.iter().zip(kvs.iter()) {
             self.check(core::slice::from_ref(tok), kv)?;
         }
-        let mut x = core::mem::take(&mut ws.x);
-        let xs = grow(&mut x, t * h);
-        for (row, &tok) in xs.chunks_exact_mut(h).zip(tokens) {
-            self.model.embed.row_into(tok as usize, row);
-        }
-        for (layer, b) in self.model.blocks.iter().enumerate() {
-            self.run_block_batch(layer, b, xs, kvs, ws);
-        }
+        self.embed_run_norm(tokens, ws, |xs, ws| {
+            for (layer, b) in self.model.blocks.iter().enumerate() {
+                self.run_block_batch(layer, b, xs, kvs, ws);
+            }
+        });
         for kv in kvs.iter_mut() {
             kv.len += 1;
         }
@@ -440,9 +472,6 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
             lin,
             ..
         } = ws;
-        let out = grow(hidden, t * h);
-        ops::rms_norm(out, xs, &self.model.norm, c.rms_eps);
-        ws.x = x;
         let lg = grow(logits, t * vocab);
         self.logits_with(&hidden[..t * h], lg, lin);
         Ok(&ws.logits[..t * vocab])
@@ -472,6 +501,25 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
     /// Runs one checked chunk through every block; leaves the normalized hidden states
     /// in `ws.hidden` and advances the cache.
     fn chunk(&self, tokens: &[u32], kv: &mut KvCache, ws: &mut Workspace) {
+        self.embed_run_norm(tokens, ws, |xs, ws| {
+            for (layer, b) in self.model.blocks.iter().enumerate() {
+                self.run_block_with(layer, b, xs, kv, ws);
+            }
+        });
+        kv.len += tokens.len();
+    }
+
+    /// Embeds `tokens` into the residual stream (the workspace's `x`, taken out of it
+    /// meanwhile), runs `blocks` on that stream with the rest of the workspace, and
+    /// leaves the final normalized hidden states (`tokens × hidden`) in `ws.hidden`.
+    /// What [`Runner::chunk`] and [`Runner::next_logits_batch`] share: they differ
+    /// only in how the blocks reach the KV caches.
+    fn embed_run_norm(
+        &self,
+        tokens: &[u32],
+        ws: &mut Workspace,
+        blocks: impl FnOnce(&mut [f32], &mut Workspace),
+    ) {
         let c = &self.model.config;
         let (t, h) = (tokens.len(), c.hidden_size);
         let mut x = core::mem::take(&mut ws.x);
@@ -479,10 +527,7 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
         for (row, &tok) in xs.chunks_exact_mut(h).zip(tokens) {
             self.model.embed.row_into(tok as usize, row);
         }
-        for (layer, b) in self.model.blocks.iter().enumerate() {
-            self.run_block_with(layer, b, xs, kv, ws);
-        }
-        kv.len += t;
+        blocks(xs, ws);
         let out = grow(&mut ws.hidden, t * h);
         ops::rms_norm(out, xs, &self.model.norm, c.rms_eps);
         ws.x = x;
@@ -512,36 +557,12 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
         kv: &mut KvCache,
         ws: &mut Workspace,
     ) {
-        let c = &self.model.config;
-        let t = x.len() / c.hidden_size;
+        let t = x.len() / self.model.config.hidden_size;
         let pos0 = kv.len;
-        self.qkv(b, x, ws);
-        let Workspace {
-            q,
-            k,
-            v,
-            att,
-            heads,
-            ..
-        } = ws;
-        let (qd, kvd) = (c.q_dim(), c.kv_dim());
-        let (q, k, v, att) = (
-            &mut q[..t * qd],
-            &mut k[..t * kvd],
-            &v[..t * kvd],
-            &mut att[..t * qd],
-        );
-        for i in 0..t {
-            self.rope_and_store(
-                layer,
-                &mut q[i * qd..(i + 1) * qd],
-                &mut k[i * kvd..(i + 1) * kvd],
-                &v[i * kvd..(i + 1) * kvd],
-                kv,
-                pos0 + i,
-            );
-        }
-        self.attention(layer, q, kv, pos0, t, heads, att);
+        let bufs = self.qkv(b, x, ws, |i, q, k, v| {
+            self.rope_and_store(layer, q, k, v, kv, pos0 + i);
+        });
+        self.attention(layer, bufs.q, kv, pos0, t, bufs.heads, bufs.att);
         self.finish_block(b, x, ws);
     }
 
@@ -558,34 +579,12 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
         ws: &mut Workspace,
     ) {
         let c = &self.model.config;
-        let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
+        let (qd, hd) = (c.q_dim(), c.head_dim);
         let t = kvs.len();
-        self.qkv(b, x, ws);
-        let Workspace {
-            q,
-            k,
-            v,
-            att,
-            heads,
-            ..
-        } = ws;
-        let (q, k, v, att) = (
-            &mut q[..t * qd],
-            &mut k[..t * kvd],
-            &v[..t * kvd],
-            &mut att[..t * qd],
-        );
-        for (i, kv) in kvs.iter_mut().enumerate() {
-            let pos = kv.len;
-            self.rope_and_store(
-                layer,
-                &mut q[i * qd..(i + 1) * qd],
-                &mut k[i * kvd..(i + 1) * kvd],
-                &v[i * kvd..(i + 1) * kvd],
-                kv,
-                pos,
-            );
-        }
+        let BlockBufs { q, att, heads, .. } = self.qkv(b, x, ws, |i, q, k, v| {
+            let pos = kvs[i].len;
+            self.rope_and_store(layer, q, k, v, &mut kvs[i], pos);
+        });
         // One (sequence, head) pair per chunk: its output, then its scores.
         let group = c.n_heads / c.n_kv_heads;
         let scale = 1.0 / libm::sqrtf(hd as f32);
@@ -621,35 +620,22 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
 
     /// The first half of a block for the `t = x.len() / hidden` rows of `x`: the
     /// attention norm into `ws.xn`, then `q`, `k`, `v` (with their biases) into the
-    /// workspace, every buffer grown to `t` rows.
-    fn qkv<B: Linear>(&self, b: &Block<B>, x: &[f32], ws: &mut Workspace) {
+    /// workspace, every buffer grown to `t` rows; then `store(i, q, k, v)` for each
+    /// row `i`, which rotates and caches it ([`Runner::rope_and_store`]) with the
+    /// cache and position that row belongs to. Returns the workspace's block buffers.
+    fn qkv<'w, B: Linear>(
+        &self,
+        b: &Block<B>,
+        x: &[f32],
+        ws: &'w mut Workspace,
+        mut store: impl FnMut(usize, &mut [f32], &mut [f32], &[f32]),
+    ) -> BlockBufs<'w> {
         let c = &self.model.config;
-        let h = c.hidden_size;
-        let t = x.len() / h;
-        let (qd, kvd, inter) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
         let th = self.threads;
-        let Workspace {
-            xn,
-            q,
-            k,
-            v,
-            att,
-            tmp,
-            gate,
-            up,
-            lin,
-            ..
-        } = ws;
-        let (xn, q, k, v) = (
-            grow(xn, t * h),
-            grow(q, t * qd),
-            grow(k, t * kvd),
-            grow(v, t * kvd),
-        );
-        grow(att, t * qd);
-        grow(tmp, t * h);
-        grow(gate, t * inter);
-        grow(up, t * inter);
+        let mut bufs = ws.block(c, x.len() / c.hidden_size);
+        let BlockBufs {
+            xn, q, k, v, lin, ..
+        } = &mut bufs;
         ops::rms_norm(xn, x, &b.attn_norm, c.rms_eps);
         b.q.forward(xn, q, lin, th);
         b.k.forward(xn, k, lin, th);
@@ -659,6 +645,14 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
             add_bias(k, bk);
             add_bias(v, bv);
         }
+        let rows = q
+            .chunks_exact_mut(c.q_dim())
+            .zip(k.chunks_exact_mut(c.kv_dim()))
+            .zip(v.chunks_exact(c.kv_dim()));
+        for (i, ((q, k), v)) in rows.enumerate() {
+            store(i, q, k, v);
+        }
+        bufs
     }
 
     /// Rotates one token's query and key heads for position `pos` and stores its keys
@@ -687,11 +681,8 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
     /// projection and the residual, then the MLP and its residual, in place on `x`.
     fn finish_block<B: Linear>(&self, b: &Block<B>, x: &mut [f32], ws: &mut Workspace) {
         let c = &self.model.config;
-        let h = c.hidden_size;
-        let t = x.len() / h;
-        let (qd, inter) = (c.q_dim(), c.intermediate_size);
         let th = self.threads;
-        let Workspace {
+        let BlockBufs {
             xn,
             att,
             tmp,
@@ -699,14 +690,7 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
             up,
             lin,
             ..
-        } = ws;
-        let (xn, att, tmp, gate, up) = (
-            &mut xn[..t * h],
-            &att[..t * qd],
-            &mut tmp[..t * h],
-            &mut gate[..t * inter],
-            &mut up[..t * inter],
-        );
+        } = ws.block(c, x.len() / c.hidden_size);
         b.o.forward(att, tmp, lin, th);
         add_into(x, tmp);
 

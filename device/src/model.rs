@@ -90,6 +90,18 @@ impl DenseLinear {
     }
 }
 
+/// The number of token rows `t` a linear of `in_f` inputs and `out_f` outputs is
+/// given: `x` is `t × in_f`, `y` must be `t × out_f`. Panics otherwise: callers size
+/// both from the model's own shapes, so a mismatch is a bug, not bad input.
+pub(crate) fn token_rows(x: &[f32], y: &[f32], in_f: usize, out_f: usize) -> usize {
+    let t = x.len() / in_f;
+    assert!(
+        x.len() == t * in_f && y.len() == t * out_f,
+        "linear shape mismatch"
+    );
+    t
+}
+
 /// `y[t×out] = x[t×in]·Wᵀ` for a row-major `out × in` weight slice.
 pub fn dense_forward(
     weight: &[f32],
@@ -99,11 +111,7 @@ pub fn dense_forward(
     y: &mut [f32],
     threads: usize,
 ) {
-    let t = x.len() / in_f;
-    assert!(
-        x.len() == t * in_f && y.len() == t * out_f,
-        "linear shape mismatch"
-    );
+    let t = token_rows(x, y, in_f, out_f);
     let w = MatRef::row_major(weight, out_f, in_f).t();
     matmul(
         &mut MatMut::row_major(y, t, out_f),

@@ -53,84 +53,13 @@ pub fn encode_sparse(
             reason: "dense input length is not rows*cols*dtype size",
         });
     }
-    let elems = dense.chunks_exact(ds);
-    let (sparse, parts) = match kind {
-        SparseKind::Bitmask => {
-            let mut mask = vec![0u8; n.div_ceil(8)];
-            let mut values = Vec::new();
-            for (i, v) in elems.enumerate() {
-                if !is_zero(v) {
-                    mask[i / 8] |= 1 << (i % 8);
-                    values.extend_from_slice(v);
-                }
-            }
-            let nnz = (values.len() / ds) as u64;
-            (Sparse::Bitmask { nnz, dtype }, vec![mask, values])
-        }
-        SparseKind::BlockCsr => {
-            let c = cols as usize;
-            let bw = CSR_BLOCK_COLS as usize;
-            let mut ptr: Vec<u8> = Vec::new();
-            ptr.extend_from_slice(&0u32.to_le_bytes());
-            let (mut idx, mut values) = (Vec::new(), Vec::new());
-            for row in dense.chunks_exact(c * ds) {
-                for block in row.chunks(bw * ds) {
-                    for (k, v) in block.chunks_exact(ds).enumerate() {
-                        if !is_zero(v) {
-                            idx.push(k as u8);
-                            values.extend_from_slice(v);
-                        }
-                    }
-                    let p = u32::try_from(idx.len()).map_err(|_| FormatError::SizeOverflow)?;
-                    ptr.extend_from_slice(&p.to_le_bytes());
-                }
-            }
-            let nnz = idx.len() as u64;
-            (Sparse::BlockCsr { nnz, dtype }, vec![ptr, idx, values])
-        }
-        SparseKind::TwoFour => {
-            if !cols.is_multiple_of(4) {
-                return Err(FormatError::InvalidEncoding {
-                    reason: "2:4 needs cols to be a multiple of 4",
-                });
-            }
-            let mut meta = vec![0u8; (n / 4).div_ceil(2)];
-            let mut values = Vec::with_capacity(n / 2 * ds);
-            for (g, group) in dense.chunks_exact(4 * ds).enumerate() {
-                let mut kept = [0u8; 2];
-                let mut k = 0;
-                for (j, v) in group.chunks_exact(ds).enumerate() {
-                    if !is_zero(v) {
-                        if k == 2 {
-                            return Err(FormatError::InvalidEncoding {
-                                reason: "more than 2 non-zeros in a group of 4",
-                            });
-                        }
-                        kept[k] = j as u8;
-                        k += 1;
-                    }
-                }
-                // Pad to exactly two distinct increasing indices (stored values are 0).
-                match k {
-                    0 => kept = [0, 1],
-                    1 => {
-                        kept = if kept[0] == 3 {
-                            [2, 3]
-                        } else {
-                            [kept[0], kept[0] + 1]
-                        }
-                    }
-                    _ => {}
-                }
-                for &j in &kept {
-                    values.extend_from_slice(&group[j as usize * ds..(j as usize + 1) * ds]);
-                }
-                meta[g / 2] |= (kept[0] | (kept[1] << 2)) << (4 * (g % 2));
-            }
-            (Sparse::TwoFour { dtype }, vec![values, meta])
-        }
-    };
-    Ok((sparse, parts))
+    let row_len = cols as usize * ds;
+    // Every column is an entry; the zeros among them are dropped by `encode_rows`.
+    encode_rows(kind, rows, cols, dtype, |r| {
+        dense[r * row_len..(r + 1) * row_len]
+            .chunks_exact(ds)
+            .enumerate()
+    })
 }
 
 /// Checks a CSR matrix against its shape: `rows + 1` non-decreasing row pointers from
@@ -191,20 +120,41 @@ pub fn encode_sparse_csr(
         .ok_or(FormatError::SizeOverflow)?;
     n.checked_mul(ds).ok_or(FormatError::SizeOverflow)?;
     check_csr(rows, cols, ds, row_ptr, col, values)?;
-    let c = cols as usize;
-    let value = |e: usize| &values[e * ds..(e + 1) * ds];
-    // Entries `lo..hi` of row `r`.
-    let row = |r: usize| row_ptr[r] as usize..row_ptr[r + 1] as usize;
+    encode_rows(kind, rows, cols, dtype, |r| {
+        (row_ptr[r] as usize..row_ptr[r + 1] as usize)
+            .map(|e| (col[e] as usize, &values[e * ds..(e + 1) * ds]))
+    })
+}
+
+/// The encoder both public entry points share, over a matrix given row by row:
+/// `row(r)` yields row `r`'s stored entries as (column, raw value) with increasing
+/// columns; a column it skips holds +0. Entries whose value is ±0 count as absent,
+/// so a dense row (every column an entry) and its CSR form (only some) encode to the
+/// same bytes. Callers have checked the shape (`rows·cols·dtype.size()` fits `usize`)
+/// and the entries (columns in range).
+fn encode_rows<'a, I>(
+    kind: SparseKind,
+    rows: u32,
+    cols: u32,
+    dtype: DType,
+    row: impl Fn(usize) -> I,
+) -> Result<(Sparse, Vec<Vec<u8>>), FormatError>
+where
+    I: Iterator<Item = (usize, &'a [u8])>,
+{
+    let ds = dtype.size();
+    let (r_n, c) = (rows as usize, cols as usize);
+    let n = r_n * c;
     let (sparse, parts) = match kind {
         SparseKind::Bitmask => {
             let mut mask = vec![0u8; n.div_ceil(8)];
             let mut out = Vec::new();
-            for r in 0..rows as usize {
-                for e in row(r) {
-                    if !is_zero(value(e)) {
-                        let i = r * c + col[e] as usize;
+            for r in 0..r_n {
+                for (j, v) in row(r) {
+                    if !is_zero(v) {
+                        let i = r * c + j;
                         mask[i / 8] |= 1 << (i % 8);
-                        out.extend_from_slice(value(e));
+                        out.extend_from_slice(v);
                     }
                 }
             }
@@ -216,13 +166,13 @@ pub fn encode_sparse_csr(
             let mut ptr: Vec<u8> = Vec::new();
             ptr.extend_from_slice(&0u32.to_le_bytes());
             let (mut idx, mut out) = (Vec::new(), Vec::new());
-            for r in 0..rows as usize {
+            for r in 0..r_n {
                 let mut es = row(r).peekable();
                 for b in 0..c.div_ceil(bw) {
-                    while let Some(e) = es.next_if(|&e| (col[e] as usize) < (b + 1) * bw) {
-                        if !is_zero(value(e)) {
-                            idx.push((col[e] as usize - b * bw) as u8);
-                            out.extend_from_slice(value(e));
+                    while let Some((j, v)) = es.next_if(|&(j, _)| j < (b + 1) * bw) {
+                        if !is_zero(v) {
+                            idx.push((j - b * bw) as u8);
+                            out.extend_from_slice(v);
                         }
                     }
                     let p = u32::try_from(idx.len()).map_err(|_| FormatError::SizeOverflow)?;
@@ -241,13 +191,13 @@ pub fn encode_sparse_csr(
             let mut meta = vec![0u8; (n / 4).div_ceil(2)];
             let mut out = Vec::with_capacity(n / 2 * ds);
             let zero = vec![0u8; ds];
-            for r in 0..rows as usize {
+            for r in 0..r_n {
                 let mut es = row(r).peekable();
                 for gi in 0..c / 4 {
                     // The group's four slots as the dense matrix holds them.
                     let mut slot: [&[u8]; 4] = [&zero, &zero, &zero, &zero];
-                    while let Some(e) = es.next_if(|&e| (col[e] as usize) < 4 * (gi + 1)) {
-                        slot[col[e] as usize % 4] = value(e);
+                    while let Some((j, v)) = es.next_if(|&(j, _)| j < 4 * (gi + 1)) {
+                        slot[j % 4] = v;
                     }
                     let mut kept = [0u8; 2];
                     let mut k = 0;
@@ -262,7 +212,8 @@ pub fn encode_sparse_csr(
                             k += 1;
                         }
                     }
-                    // Padded exactly as `encode_sparse` pads.
+                    // Pad to exactly two distinct increasing indices; the padding
+                    // slots store whatever (±0) value the matrix holds there.
                     match k {
                         0 => kept = [0, 1],
                         1 => {

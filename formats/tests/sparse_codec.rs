@@ -4,20 +4,50 @@ mod common;
 use cap_format::*;
 use common::*;
 
-/// A random dense matrix (raw bytes) with the given density and no −0 values; with
-/// `two_four`, at most 2 non-zeros per group of 4.
-fn dense(
-    rng: &mut Rng,
+/// What a random test matrix looks like: its shape, dtype and the share of entries
+/// drawn non-zero; with `two_four`, at most 2 non-zeros per group of 4.
+struct Fill {
     rows: u32,
     cols: u32,
     dtype: DType,
     density: f64,
     two_four: bool,
-) -> Vec<u8> {
-    let ds = dtype.size();
-    let mut out = vec![0u8; rows as usize * cols as usize * ds];
+}
+
+impl Fill {
+    /// A matrix for encoding as `kind` (2:4 gets at most 2 non-zeros per group of 4).
+    fn new(kind: SparseKind, rows: u32, cols: u32, dtype: DType, density: f64) -> Self {
+        let two_four = kind == SparseKind::TwoFour;
+        Fill {
+            rows,
+            cols,
+            dtype,
+            density,
+            two_four,
+        }
+    }
+
+    /// The matrix's bytes, all +0.
+    fn zeros(&self) -> Vec<u8> {
+        vec![0u8; self.rows as usize * self.cols as usize * self.dtype.size()]
+    }
+}
+
+/// The three encodings in turn, one per test case.
+fn kind_of(case: usize) -> SparseKind {
+    [
+        SparseKind::Bitmask,
+        SparseKind::BlockCsr,
+        SparseKind::TwoFour,
+    ][case % 3]
+}
+
+/// A random dense matrix (raw bytes) filled as `fill` says, with no −0 values.
+fn dense(rng: &mut Rng, fill: &Fill) -> Vec<u8> {
+    let (ds, density) = (fill.dtype.size(), fill.density);
+    let mut out = fill.zeros();
     for (i, v) in out.chunks_exact_mut(ds).enumerate() {
-        let keep = if two_four {
+        let keep = if fill.two_four {
             let j = i % 4;
             let g = (i / 4) as u64;
             // Deterministic 2-of-4 choice per group, then thinned by density.
@@ -41,20 +71,10 @@ fn encode_write_read_decode_round_trip() {
         let dtype = rng.dtype();
         let rows = rng.range(1, 40) as u32;
         let cols = rng.range(1, 600) as u32 * 4;
-        let kind = [
-            SparseKind::Bitmask,
-            SparseKind::BlockCsr,
-            SparseKind::TwoFour,
-        ][case % 3];
+        let kind = kind_of(case);
         let density = [0.0, 0.05, 0.3, 0.5, 1.0][rng.below(5) as usize];
-        let d = dense(
-            &mut rng,
-            rows,
-            cols,
-            dtype,
-            density,
-            kind == SparseKind::TwoFour,
-        );
+        let fill = Fill::new(kind, rows, cols, dtype, density);
+        let d = dense(&mut rng, &fill);
         let (s, parts) = encode_sparse(kind, rows, cols, dtype, &d).unwrap();
         let desc = TensorDesc {
             rows,
@@ -118,27 +138,20 @@ fn decoder_rejects_inconsistent_views() {
     assert!(decode_sparse(1 << 24, 1 << 24, s, &view).is_err());
 }
 
-/// A random CSR matrix (`row_ptr`, `col`, raw values) and the same matrix written
-/// densely (absent entries +0). Some stored entries are +0 or −0: both encoders must
-/// treat them as absent. With `two_four`, at most 2 non-zeros per group of 4.
-fn csr(
-    rng: &mut Rng,
-    rows: u32,
-    cols: u32,
-    dtype: DType,
-    density: f64,
-    two_four: bool,
-) -> (Vec<u64>, Vec<u32>, Vec<u8>, Vec<u8>) {
-    let ds = dtype.size();
-    let mut dense = vec![0u8; rows as usize * cols as usize * ds];
+/// A random CSR matrix (`row_ptr`, `col`, raw values) filled as `fill` says, and the
+/// same matrix written densely (absent entries +0). Some stored entries are +0 or −0:
+/// both encoders must treat them as absent.
+fn csr(rng: &mut Rng, fill: &Fill) -> (Vec<u64>, Vec<u32>, Vec<u8>, Vec<u8>) {
+    let (cols, ds) = (fill.cols as usize, fill.dtype.size());
+    let mut dense = fill.zeros();
     let (mut row_ptr, mut col, mut vals) = (vec![0u64], Vec::new(), Vec::new());
-    for r in 0..rows as usize {
+    for r in 0..fill.rows as usize {
         let mut in_group = 0;
-        for c in 0..cols as usize {
+        for c in 0..cols {
             if c % 4 == 0 {
                 in_group = 0;
             }
-            if rng.f64() >= density {
+            if rng.f64() >= fill.density {
                 continue;
             }
             let mut v = rng.bytes(ds);
@@ -148,13 +161,13 @@ fn csr(
                     v.iter_mut().for_each(|b| *b = 0);
                     v[ds - 1] = 0x80;
                 }
-                _ if two_four && in_group == 2 => continue,
+                _ if fill.two_four && in_group == 2 => continue,
                 _ => {
                     v[ds - 1] |= 0x01;
                     in_group += 1;
                 }
             }
-            let at = (r * cols as usize + c) * ds;
+            let at = (r * cols + c) * ds;
             dense[at..at + ds].copy_from_slice(&v);
             col.push(c as u32);
             vals.extend_from_slice(&v);
@@ -169,11 +182,7 @@ fn the_csr_encoder_writes_the_dense_encoders_bytes() {
     let mut rng = Rng(0xC5E);
     for case in 0..150 {
         let dtype = rng.dtype();
-        let kind = [
-            SparseKind::Bitmask,
-            SparseKind::BlockCsr,
-            SparseKind::TwoFour,
-        ][case % 3];
+        let kind = kind_of(case);
         let rows = rng.range(1, 30) as u32;
         let cols = if kind == SparseKind::TwoFour {
             rng.range(1, 100) as u32 * 4
@@ -181,8 +190,8 @@ fn the_csr_encoder_writes_the_dense_encoders_bytes() {
             rng.range(1, 300) as u32
         };
         let density = [0.0, 0.05, 0.3, 0.7, 1.0][rng.below(5) as usize];
-        let two_four = kind == SparseKind::TwoFour;
-        let (row_ptr, col, vals, d) = csr(&mut rng, rows, cols, dtype, density, two_four);
+        let fill = Fill::new(kind, rows, cols, dtype, density);
+        let (row_ptr, col, vals, d) = csr(&mut rng, &fill);
         let want = encode_sparse(kind, rows, cols, dtype, &d).unwrap();
         let got = encode_sparse_csr(kind, rows, cols, dtype, &row_ptr, &col, &vals).unwrap();
         assert_eq!(got, want, "case {case} {kind:?} {rows}x{cols} {dtype:?}");

@@ -65,14 +65,19 @@ impl<'a> MatRef<'a> {
         self.data[i * self.row_stride + j * self.col_stride]
     }
 
+    /// Whether `data` holds every element the view's shape and strides reach.
     fn covers(&self) -> bool {
-        covers(
-            self.data.len(),
-            self.rows,
-            self.cols,
-            self.row_stride,
-            self.col_stride,
-        )
+        if self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        (self.rows - 1)
+            .checked_mul(self.row_stride)
+            .and_then(|a| {
+                (self.cols - 1)
+                    .checked_mul(self.col_stride)
+                    .and_then(|b| a.checked_add(b))
+            })
+            .is_some_and(|last| last < self.data.len())
     }
 }
 
@@ -88,26 +93,16 @@ impl<'a> MatMut<'a> {
         }
     }
 
-    fn covers(&self) -> bool {
-        covers(
-            self.data.len(),
-            self.rows,
-            self.cols,
-            self.row_stride,
-            self.col_stride,
-        )
+    /// The same elements, read-only (for the checks [`MatRef`] has).
+    fn view(&self) -> MatRef<'_> {
+        MatRef {
+            data: self.data,
+            rows: self.rows,
+            cols: self.cols,
+            row_stride: self.row_stride,
+            col_stride: self.col_stride,
+        }
     }
-}
-
-/// Whether a buffer of `len` elements holds every element of a strided view.
-fn covers(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
-    if rows == 0 || cols == 0 {
-        return true;
-    }
-    (rows - 1)
-        .checked_mul(rs)
-        .and_then(|a| (cols - 1).checked_mul(cs).and_then(|b| a.checked_add(b)))
-        .is_some_and(|last| last < len)
 }
 
 /// Scalar reference: `C = alpha·A·B + beta·C`, accumulating each dot product in `f64`
@@ -133,7 +128,7 @@ fn check_shapes(c: &MatMut<'_>, a: &MatRef<'_>, b: &MatRef<'_>) {
         "matmul shape mismatch"
     );
     assert!(
-        a.covers() && b.covers() && c.covers(),
+        a.covers() && b.covers() && c.view().covers(),
         "matmul view out of bounds"
     );
 }

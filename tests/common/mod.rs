@@ -41,6 +41,20 @@ pub fn real_model() -> Option<PathBuf> {
     Some(path)
 }
 
+/// The calibration and evaluation settings (4 samples of 24 tokens; perplexity over 2
+/// windows of 32) that keep compressing a tiny model to a fraction of a second; the
+/// tests that want fast runs and not particular figures share them.
+pub const SMALL_EVAL: [&str; 8] = [
+    "--calib-samples",
+    "4",
+    "--calib-len",
+    "24",
+    "--eval-ctx",
+    "32",
+    "--eval-windows",
+    "2",
+];
+
 /// Writes a calibration text of about 12k characters in paragraphs into `dir` and
 /// returns its path.
 pub fn calib_text(dir: &std::path::Path) -> String {

@@ -9,7 +9,7 @@ use super::error::{Result, step_error};
 use super::methods::{Method, sparse_candidate, svd_candidates};
 use super::run::Event;
 use super::select::Selection;
-use super::strategy::{Context, Notes, Strategy, keep_all_if_it_fits, select_uniform};
+use super::strategy::{Context, Notes, Strategy, select_uniform};
 
 /// `magnitude`, `wanda` or `svd`.
 pub struct OneShot {
@@ -62,15 +62,12 @@ impl Strategy for OneShot {
             .collect())
     }
 
-    fn select(
+    fn select_within(
         &mut self,
         cx: &Context<'_>,
         cands: &[Candidate],
         notes: &mut Notes,
     ) -> Result<Vec<Selection>> {
-        if let Some(all) = keep_all_if_it_fits(cx, cands) {
-            return Ok(all);
-        }
         let norms: Vec<Option<&[f32]>> = match &self.in_norms {
             Some(m) => cx
                 .linears

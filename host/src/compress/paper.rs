@@ -16,7 +16,7 @@ use super::methods::{Allocation, Method, probability_scores};
 use super::reinforce;
 use super::run::Event;
 use super::select::{Selection, global_top_k};
-use super::strategy::{Context, Notes, Strategy, keep_all_if_it_fits, select_uniform};
+use super::strategy::{Context, Notes, Strategy, select_uniform};
 use crate::rpca::cache::load_cached;
 use crate::rpca::model::{DecomposeOptions, decompose_model};
 
@@ -70,15 +70,12 @@ impl Strategy for Paper {
             .collect()
     }
 
-    fn select(
+    fn select_within(
         &mut self,
         cx: &Context<'_>,
         cands: &[Candidate],
         notes: &mut Notes,
     ) -> Result<Vec<Selection>> {
-        if let Some(all) = keep_all_if_it_fits(cx, cands) {
-            return Ok(all);
-        }
         match self.allocation {
             Allocation::Threshold => Ok(select_uniform(cx, cands, Method::Cap, &[], notes)),
             Allocation::Reinforce => reinforce_select(cx, cands, notes),

@@ -92,13 +92,13 @@ impl Strategy for Pruned {
         )
     }
 
-    fn select(
+    fn select_within(
         &mut self,
         _: &Context<'_>,
         cands: &[Candidate],
         _: &mut Notes,
     ) -> Result<Vec<Selection>> {
-        // The pruning chose already (or the budget holds every linear dense).
+        // The pruning chose already: its candidates are what fits.
         Ok(keep_all(cands))
     }
 }

@@ -80,8 +80,24 @@ pub trait Strategy {
     fn candidates(&mut self, cx: &Context<'_>, notes: &mut Notes) -> Result<Vec<Candidate>>;
 
     /// The items kept of each candidate; their total cost must be within
-    /// [`Context::limit`].
+    /// [`Context::limit`]. Every item when the budget holds them all (the same answer
+    /// for every method, so no method searches then), else
+    /// [`Strategy::select_within`]'s choice.
     fn select(
+        &mut self,
+        cx: &Context<'_>,
+        cands: &[Candidate],
+        notes: &mut Notes,
+    ) -> Result<Vec<Selection>> {
+        match keep_all_if_it_fits(cx, cands) {
+            Some(all) => Ok(all),
+            None => self.select_within(cx, cands, notes),
+        }
+    }
+
+    /// [`Strategy::select`] when the budget does not hold every item: the method's
+    /// own choice of what to drop.
+    fn select_within(
         &mut self,
         cx: &Context<'_>,
         cands: &[Candidate],

@@ -420,6 +420,16 @@ fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// The scale and minimum of sub-blocks `2p` and `2p + 1` (the pair one 32-byte run
+/// of `qs` holds) of a `q4_K` / `q5_K` super-block with super-scales `d` and `min`.
+#[inline(always)]
+fn sub_block_pair(p: usize, d: f32, min: f32, scales: &[u8]) -> [(f32, f32); 2] {
+    [2 * p, 2 * p + 1].map(|j| {
+        let (sc, m) = get_scale_min_k4(j, scales);
+        (d * sc as f32, min * m as f32)
+    })
+}
+
 /// `block_q4_K`: `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`. Each 32-byte run of
 /// `qs` holds two 32-element sub-blocks (low nibbles, then high nibbles).
 #[inline(always)]
@@ -433,10 +443,7 @@ fn block_q4_k(x: &[u8], y: &mut [f32]) {
         .zip(y[..QK_K].chunks_exact_mut(64))
         .enumerate()
     {
-        let (sc1, m1) = get_scale_min_k4(2 * p, scales);
-        let (sc2, m2) = get_scale_min_k4(2 * p + 1, scales);
-        let (d1, m1) = (d * sc1 as f32, min * m1 as f32);
-        let (d2, m2) = (d * sc2 as f32, min * m2 as f32);
+        let [(d1, m1), (d2, m2)] = sub_block_pair(p, d, min, scales);
         let (lo, hi) = y.split_at_mut(32);
         for l in 0..32 {
             lo[l] = d1 * (q[l] & 0x0F) as f32 - m1;
@@ -459,10 +466,7 @@ fn block_q5_k(x: &[u8], y: &mut [f32]) {
         .zip(y[..QK_K].chunks_exact_mut(64))
         .enumerate()
     {
-        let (sc1, m1) = get_scale_min_k4(2 * p, scales);
-        let (sc2, m2) = get_scale_min_k4(2 * p + 1, scales);
-        let (d1, m1) = (d * sc1 as f32, min * m1 as f32);
-        let (d2, m2) = (d * sc2 as f32, min * m2 as f32);
+        let [(d1, m1), (d2, m2)] = sub_block_pair(p, d, min, scales);
         let (u1, u2) = (1u8 << (2 * p), 2u8 << (2 * p));
         let (lo, hi) = y.split_at_mut(32);
         for l in 0..32 {
