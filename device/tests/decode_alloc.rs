@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use cap_device::forward::{KvCache, KvDtype, Runner, Workspace};
 use cap_device::load;
@@ -12,29 +11,9 @@ use cap_device::sample::{Sampler, SamplerConfig};
 use cap_format::CapFile;
 use cap_kernels::par;
 
-struct Counting;
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
+// Every allocation of this test binary is counted (common::Counting).
 #[global_allocator]
-static A: Counting = Counting;
+static A: common::Counting = common::Counting;
 
 fn decode_allocations(threads: usize, kv: KvDtype) -> usize {
     let (bytes, _) = common::tiny_cap(9, true, false);
@@ -60,11 +39,11 @@ fn decode_allocations(threads: usize, kv: KvDtype) -> usize {
         for _ in 0..3 {
             tok = sampler.sample(runner.next_logits(&[tok], &mut cache, &mut ws).unwrap());
         }
-        let before = ALLOCS.load(Ordering::SeqCst);
+        let before = common::ALLOCS.load(Ordering::SeqCst);
         for _ in 0..30 {
             tok = sampler.sample(runner.next_logits(&[tok], &mut cache, &mut ws).unwrap());
         }
-        ALLOCS.load(Ordering::SeqCst) - before
+        common::ALLOCS.load(Ordering::SeqCst) - before
     })
 }
 

@@ -5,37 +5,16 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use cap_device::forward::{KvCache, KvDtype, Runner, Workspace};
 use cap_device::load;
 use cap_format::{CapFile, DType, Encoding};
 use cap_kernels::par;
 
-struct Counting;
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
+// Every allocation of this test binary is counted (common::Counting).
 #[global_allocator]
-static A: Counting = Counting;
+static A: common::Counting = common::Counting;
 
 /// The two sides compute with the same weight values; they differ by summation order
 /// only (the quantized layers run the scalar kernels, the f32 ones AVX2/NEON or GEMM,
@@ -91,11 +70,11 @@ fn decode_allocations(bytes: &[u8], threads: usize) -> usize {
         for t in 0..3 {
             runner.next_logits(&[t], &mut cache, &mut ws).unwrap();
         }
-        let before = ALLOCS.load(Ordering::SeqCst);
+        let before = common::ALLOCS.load(Ordering::SeqCst);
         for t in 0..20 {
             runner.next_logits(&[t + 3], &mut cache, &mut ws).unwrap();
         }
-        ALLOCS.load(Ordering::SeqCst) - before
+        common::ALLOCS.load(Ordering::SeqCst) - before
     })
 }
 

@@ -3,7 +3,9 @@
 //! same weights as a dense `f32` reference model built independently of the loader.
 #![allow(dead_code)]
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Cursor;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cap_device::config::{Arch, Config, RopeScaling};
 use cap_device::model::{Block, DenseLinear, Head, Model};
@@ -287,34 +289,7 @@ pub fn tiny_cap(seed: u64, tied: bool, qkv_bias: bool) -> (Vec<u8>, Model<DenseL
         w.add_tensor("output.weight", &d, &refs).unwrap();
         Head::Separate(DenseLinear::new(wt, vocab, h).unwrap())
     };
-    let manifest = Manifest {
-        model: ModelConfig {
-            architecture: c.arch.name().into(),
-            vocab_size: vocab as u32,
-            hidden_size: h as u32,
-            intermediate_size: inter as u32,
-            num_layers: c.n_layers as u32,
-            num_heads: c.n_heads as u32,
-            num_kv_heads: c.n_kv_heads as u32,
-            head_dim: c.head_dim as u32,
-            rope_theta: c.rope_theta,
-            rope_scaling: RecRope::None,
-            rms_norm_eps: c.rms_eps,
-            tie_word_embeddings: tied,
-            qkv_bias,
-            max_position: c.max_position as u32,
-        },
-        tokenizer: None,
-        compression: None,
-        provenance: Provenance {
-            source_file: "tiny".into(),
-            source_sha256: [0; 32],
-            cap_version: "test".into(),
-            created_unix: None,
-        },
-        tensors: vec![],
-        extensions: vec![],
-    };
+    let manifest = test_manifest(&c, vocab, h, inter, tied, qkv_bias, "tiny");
     let bytes = w.finish(manifest).unwrap().into_inner();
     let model = Model {
         config: c,
@@ -546,7 +521,51 @@ pub fn tiny_quantized_cap(seed: u64, tied: bool) -> (Vec<u8>, Vec<u8>) {
         );
         both("output.weight", &d, &parts, &w);
     }
-    let manifest = Manifest {
+    let manifest = test_manifest(&c, vocab, h, inter, tied, false, "tiny-quantized");
+    (
+        wq.finish(manifest.clone()).unwrap().into_inner(),
+        wf.finish(manifest).unwrap().into_inner(),
+    )
+}
+
+/// Allocations (and reallocations) made through [`Counting`] so far.
+pub static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+/// A global allocator that forwards to the system allocator and counts, for the
+/// tests that decoding allocates nothing per token (each test binary declares it as
+/// its `#[global_allocator]`).
+pub struct Counting;
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+/// The manifest of a test file: the model record of `c` (with the dimensions the
+/// builders use), no tokenizer or compression record, `source` as the source name.
+fn test_manifest(
+    c: &Config,
+    vocab: usize,
+    h: usize,
+    inter: usize,
+    tied: bool,
+    qkv_bias: bool,
+    source: &str,
+) -> Manifest {
+    Manifest {
         model: ModelConfig {
             architecture: c.arch.name().into(),
             vocab_size: vocab as u32,
@@ -560,22 +579,18 @@ pub fn tiny_quantized_cap(seed: u64, tied: bool) -> (Vec<u8>, Vec<u8>) {
             rope_scaling: RecRope::None,
             rms_norm_eps: c.rms_eps,
             tie_word_embeddings: tied,
-            qkv_bias: false,
+            qkv_bias,
             max_position: c.max_position as u32,
         },
         tokenizer: None,
         compression: None,
         provenance: Provenance {
-            source_file: "tiny-quantized".into(),
+            source_file: source.into(),
             source_sha256: [0; 32],
             cap_version: "test".into(),
             created_unix: None,
         },
         tensors: vec![],
         extensions: vec![],
-    };
-    (
-        wq.finish(manifest.clone()).unwrap().into_inner(),
-        wf.finish(manifest).unwrap().into_inner(),
-    )
+    }
 }
