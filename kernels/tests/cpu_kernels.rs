@@ -13,11 +13,14 @@
 //! f16 subnormals and ±0, densities 0, 0.1, 0.5 and 1. Randomness comes from a fixed
 //! LCG, so runs are reproducible.
 
+mod common;
+
 use cap_format::sparse::{SparseKind, decode_sparse, encode_sparse};
 use cap_format::{CsrView, SparseView};
 use cap_kernels::cpu::{
     self, BitmaskRef, CsrRef, DType, Isa, Kernels, SparseRef, TwoFourRef, Values,
 };
+use common::Lcg;
 
 const COLS: [usize; 20] = [
     1, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 255, 256, 257, 300, 513,
@@ -37,33 +40,6 @@ const SUBNORMAL_ERR: f64 = 1.0 / (1u128 << 100) as f64 / (1u64 << 50) as f64;
 /// Allowed `|got − exact|` for a sum of `n_terms` terms with `Σ|terms| = abs`.
 fn bound(n_terms: usize, abs: f64) -> f64 {
     (n_terms as f64 + 1.0) * (GAMMA_PER_TERM * abs + SUBNORMAL_ERR)
-}
-
-/// A 64-bit LCG (Knuth's MMIX constants); the high bits are the output.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (self.0 >> 32) as u32
-    }
-    fn below(&mut self, n: u32) -> u32 {
-        ((u64::from(self.next()) * u64::from(n)) >> 32) as u32
-    }
-    fn unit(&mut self) -> f64 {
-        f64::from(self.next()) / 4_294_967_296.0
-    }
-    /// An activation in [-2, 2), exactly 0 one time in 16.
-    fn x(&mut self) -> f32 {
-        if self.below(16) == 0 {
-            0.0
-        } else {
-            (self.unit() * 4.0 - 2.0) as f32
-        }
-    }
 }
 
 /// Exact value of f16 bits, by arithmetic on the fields (not bit reinterpretation).

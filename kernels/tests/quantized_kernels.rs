@@ -13,27 +13,12 @@
 //! 4. The tiled path's decoders (`rows_to_f32`, `SparseRef::decode_rows`, `to_f32` from
 //!    inside a run) against the dequantized matrix, value for value.
 
+mod common;
+
 use cap_format::sparse::{SparseKind, decode_sparse_f32, encode_sparse, quantize_sparse};
 use cap_format::{CsrView, SparseView, dequantize_rows, extend_rows, to_bytes};
 use cap_kernels::cpu::{self, BitmaskRef, CsrRef, DType, Kernels, SparseRef, TwoFourRef, Values};
-
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (self.0 >> 32) as u32
-    }
-    fn unit(&mut self) -> f64 {
-        f64::from(self.next()) / 4_294_967_296.0
-    }
-    fn x(&mut self) -> f32 {
-        (self.unit() * 4.0 - 2.0) as f32
-    }
-}
+use common::Lcg;
 
 const DTYPES: [DType; 5] = [
     DType::Q8 { group: 16 },
@@ -50,7 +35,7 @@ fn matrix(rng: &mut Lcg, rows: usize, cols: usize, density: f64, two_four: bool)
     let mut w: Vec<f32> = (0..rows * cols)
         .map(|_| {
             if rng.unit() < density {
-                rng.x() + 3e-3
+                rng.signed() + 3e-3
             } else {
                 0.0
             }
@@ -117,7 +102,7 @@ fn dense_quantized_kernels_match_the_dequantized_matrix() {
                 dtype: DType::F32,
                 bytes: &f32b,
             };
-            let x: Vec<f32> = (0..cols).map(|_| rng.x()).collect();
+            let x: Vec<f32> = (0..cols).map(|_| rng.signed()).collect();
             let want = by_ranges(ROWS, |r0, y| (scalar.dense_rows)(fv, cols, r0, &x, y));
             let ex = exact(&deq, cols, &x);
             for k in tables() {
@@ -130,7 +115,7 @@ fn dense_quantized_kernels_match_the_dequantized_matrix() {
                     assert!((f64::from(g) - e).abs() <= b, "{dt} {cols} row {r}");
                 }
                 // Transposed: y[c] += Σ_i x[i]·W[r0+i, c] over rows 2..7.
-                let xt: Vec<f32> = (0..5).map(|_| rng.x()).collect();
+                let xt: Vec<f32> = (0..5).map(|_| rng.signed()).collect();
                 let (mut a, mut b2) = (vec![0.0; cols], vec![0.0; cols]);
                 (k.dense_t_rows)(qv, cols, 2, &xt, &mut a);
                 (scalar.dense_t_rows)(fv, cols, 2, &xt, &mut b2);
@@ -319,7 +304,7 @@ fn sparse_quantized_kernels_match_the_dequantized_matrix() {
                     let rs = cpu::bitmask_row_starts(&qp[0], ROWS, cols);
                     let qm = sparse_ref(kind, cols, &qp, dt, &rs);
                     let fm = sparse_ref(kind, cols, &fp, DType::F32, &rs);
-                    let x: Vec<f32> = (0..cols).map(|_| rng.x()).collect();
+                    let x: Vec<f32> = (0..cols).map(|_| rng.signed()).collect();
                     let want = by_ranges(ROWS, |r0, y| fm.mul_rows(&scalar, r0, &x, y));
                     let ex = exact(&deq, cols, &x);
                     let what = format!("{kind:?} {dt} cols {cols} density {density}");
@@ -349,7 +334,7 @@ fn sparse_quantized_kernels_match_the_dequantized_matrix() {
 fn from_f32_quantizes_one_run_like_the_format() {
     let mut rng = Lcg(5);
     for dt in DTYPES {
-        let x: Vec<f32> = (0..100).map(|_| rng.x()).collect();
+        let x: Vec<f32> = (0..100).map(|_| rng.signed()).collect();
         let want = to_bytes(&x, dt);
         for k in tables() {
             let mut out = vec![0u8; want.len()];
