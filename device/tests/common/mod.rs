@@ -123,17 +123,7 @@ fn encode(r: &mut Lcg, rows: usize, cols: usize, e: Enc) -> (TensorDesc, Vec<Vec
         let b: Vec<f32> = (0..rows * k).map(|_| r.next()).collect();
         let (ab, av) = store(&a, dt);
         let (bb, bv) = store(&b, dt);
-        // The reference product in f64, rounded once.
-        let mut w = vec![0.0f32; rows * cols];
-        for i in 0..rows {
-            for j in 0..cols {
-                let s: f64 = (0..k)
-                    .map(|p| bv[i * k + p] as f64 * av[p * cols + j] as f64)
-                    .sum();
-                w[i * cols + j] = s as f32;
-            }
-        }
-        (vec![ab, bb], w)
+        (vec![ab, bb], factor_product(&bv, &av, rows, cols, k))
     };
     let sparse = |r: &mut Lcg, kind: SparseKind, d: f32, dt: DType| {
         let s = sparse_dense(r, rows, cols, kind, d);
@@ -357,17 +347,7 @@ fn encode_q(
         let b: Vec<f32> = (0..rows * k).map(|_| r.next()).collect();
         let (ab, av) = store_rows(&a, cols, dt);
         let (bb, bv) = store_rows(&b, k, dt);
-        // The product of the stored factors in f64, rounded once.
-        let mut w = vec![0.0f32; rows * cols];
-        for i in 0..rows {
-            for j in 0..cols {
-                let s: f64 = (0..k)
-                    .map(|p| bv[i * k + p] as f64 * av[p * cols + j] as f64)
-                    .sum();
-                w[i * cols + j] = s as f32;
-            }
-        }
-        (vec![ab, bb], w)
+        (vec![ab, bb], factor_product(&bv, &av, rows, cols, k))
     };
     let sparse = |r: &mut Lcg, kind: SparseKind, d: f32, dt: DType| {
         let s = sparse_dense(r, rows, cols, kind, d);
@@ -593,4 +573,19 @@ fn test_manifest(
         tensors: vec![],
         extensions: vec![],
     }
+}
+
+/// `B·A` of stored factors (`B` rows × k, `A` k × cols, row-major) in f64, rounded
+/// once to f32: the reference a low-rank layer is compared with.
+fn factor_product(b: &[f32], a: &[f32], rows: usize, cols: usize, k: usize) -> Vec<f32> {
+    let mut w = vec![0.0f32; rows * cols];
+    for i in 0..rows {
+        for j in 0..cols {
+            let s: f64 = (0..k)
+                .map(|p| b[i * k + p] as f64 * a[p * cols + j] as f64)
+                .sum();
+            w[i * cols + j] = s as f32;
+        }
+    }
+    w
 }
