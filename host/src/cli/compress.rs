@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use cap_format::DType;
 use cap_host::compress::budget::{Budget, BudgetSpec};
 use cap_host::compress::methods::{Allocation, Method, Variant};
+use cap_host::compress::qvalues::Quantizer;
 use cap_host::compress::reinforce::ReinforceOptions;
 use cap_host::compress::run::{
     CompressOptions, CompressReport, Event, Outcome, Plan, compress, default_cache_dir,
@@ -74,10 +75,26 @@ pub struct CompressArgs {
     /// uniform threshold ablation.
     #[arg(long, value_enum, default_value = "reinforce")]
     pub allocation: Allocation,
-    /// Storage dtype of factors, sparse values and embeddings [default: the target's
+    /// Storage dtype of the tensors kept dense (embedding, an untied head), and of the
+    /// compressed linears unless --values says otherwise [default: the target's
     /// preferred dtype, else f16].
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
+    /// Value type of the compressed linears (sparse values, dense layers, low-rank
+    /// factors): a float type, or q8 (symmetric 8-bit codes) / q4 (asymmetric 4-bit
+    /// codes) with one f16 scale (q4: and one f16 minimum) per --group values of a row
+    /// [default: --dtype's]. The embedding, the head and the norms stay as --dtype.
+    #[arg(long, value_enum)]
+    pub values: Option<ValuesArg>,
+    /// Values per quantization group with --values q8|q4: a multiple of 16 in
+    /// 16..=256 (64: 4.5 bits per q4 value, 8.25 per q8 value).
+    #[arg(long, value_name = "G")]
+    pub group: Option<u16>,
+    /// How quantized values are chosen: gptq (each layer's kept weights quantized
+    /// right after pruning with its input Hessian, by the methods that have one: cap,
+    /// sparsegpt, admm; the others round to nearest) or rtn (round to nearest).
+    #[arg(long, value_enum, default_value = "gptq")]
+    pub quantizer: Quantizer,
     /// Calibration text: plain text, or JSON lines with a `text` field (the C4 layout).
     /// Never calibrate on the text you evaluate on. Without it, calibration is
     /// data-free: the model writes --calib-samples × --calib-len tokens itself (seeded
@@ -138,6 +155,45 @@ pub struct CompressArgs {
     pub json: bool,
 }
 
+/// Value types of `--values`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ValuesArg {
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// Single precision.
+    F32,
+    /// Symmetric 8-bit codes, one f16 scale per group.
+    Q8,
+    /// Asymmetric 4-bit codes, one f16 scale and one f16 minimum per group.
+    Q4,
+}
+
+/// The default `--group`: 64 values. For q4 that is 4.5 bits per value (g32: 5,
+/// g128: 4.25) with llama.cpp-like accuracy; for q8 8.25 bits, where the scale
+/// overhead (3%) matters more than the accuracy, which 8 bits already have. A sparse
+/// row pads its last group, so smaller groups waste fewer bytes at moderate
+/// sparsity; 64 is the middle.
+pub const DEFAULT_GROUP: u16 = 64;
+
+/// The linears' value type from `--values` and `--group` (`float`: the dense dtype).
+fn values_of(values: Option<ValuesArg>, group: Option<u16>, float: DType) -> Result<DType> {
+    let g = group.unwrap_or(DEFAULT_GROUP);
+    let d = match values {
+        None => float,
+        Some(ValuesArg::F16) => DType::F16,
+        Some(ValuesArg::Bf16) => DType::BF16,
+        Some(ValuesArg::F32) => DType::F32,
+        Some(ValuesArg::Q8) => DType::Q8 { group: g },
+        Some(ValuesArg::Q4) => DType::Q4 { group: g },
+    };
+    if group.is_some() && !d.is_quantized() {
+        bail!("--group {g} needs quantized values (--values q8 or q4), not {d}");
+    }
+    Ok(d)
+}
+
 fn dtype_of(a: DTypeArg) -> DType {
     match a {
         DTypeArg::F16 => DType::F16,
@@ -182,6 +238,8 @@ pub fn run(a: CompressArgs) -> Result<()> {
         }
         _ => bail!("give exactly one of --target, --budget, --ratio"),
     };
+    let dtype = a.dtype.map(dtype_of).or(preferred).unwrap_or(DType::F16);
+    let values = values_of(a.values, a.group, dtype)?;
     let cache_dir = match a.cache_dir {
         Some(d) => d,
         None => default_cache_dir(&a.model)?,
@@ -199,7 +257,9 @@ pub fn run(a: CompressArgs) -> Result<()> {
         },
         allocation: a.allocation,
         budget,
-        dtype: a.dtype.map(dtype_of).or(preferred).unwrap_or(DType::F16),
+        dtype,
+        values,
+        quantizer: a.quantizer,
         calib: a.calib,
         selfcalib_dir: None,
         calib_samples: a.calib_samples,
@@ -294,7 +354,7 @@ pub fn render_plan(p: &Plan) -> String {
     s.push_str(&render_budget(&p.budget));
     let _ = writeln!(
         s,
-        "compressed linears may take {} {} (dense f16 they take {} bytes, {} parameters)",
+        "compressed linears may take {} {} (stored dense they take {} bytes, {} parameters)",
         p.budget.limit,
         match p.budget.accounting {
             cap_host::compress::budget::Accounting::Bytes => "bytes",
@@ -341,6 +401,14 @@ pub fn render(r: &CompressReport) -> String {
         100.0 * r.linear_cost as f64 / r.budget.limit.max(1) as f64,
         r.linear_bytes,
         r.param_ratio
+    );
+    let _ = writeln!(
+        s,
+        "values of the compressed linears: {}{}",
+        r.values,
+        r.quantizer
+            .map(|q| format!(" ({}; low-rank factors rounded to nearest)", q.name()))
+            .unwrap_or_default()
     );
     let _ = writeln!(
         s,

@@ -9,7 +9,7 @@
 use super::error::{CompressError, Result};
 use cap_device::config::Config;
 use cap_device::forward::{KvCache, KvDtype, scratch_bytes};
-use cap_format::{DType, Encoding, Sparse, TensorDesc, encoded_bytes};
+use cap_format::{DType, Encoding, Sparse, TensorDesc, encoded_bytes, row_groups};
 use serde::Serialize;
 
 use super::speed::{DECODE_BANDWIDTH_EFFICIENCY, DecodeCost};
@@ -37,15 +37,60 @@ pub enum Accounting {
 pub struct CostModel {
     /// What is counted.
     pub accounting: Accounting,
-    /// Storage dtype of factors and sparse values.
+    /// Value type of the compressed linears: factors, sparse values, dense values.
     pub dtype: DType,
 }
 
 impl CostModel {
-    /// The encoding the writer uses for such a layer and its exact bytes: the cheapest of
+    /// The most quantization groups `nnz` kept values of a `rows × cols` sparse part can
+    /// fill (0 for a float `dtype`): each row's kept values are cut into groups of `G`,
+    /// the last one partial, so `Σ_r ⌈k_r/G⌉ ≤ Σ_r (k_r + G − 1)/G`, and never more
+    /// than one group per value or `⌈cols/G⌉` per row. Selection prices quantized
+    /// sparse parts with this bound (the row split is not known yet), so the exact bytes
+    /// written ([`CostModel::encoding_exact`]) never exceed what was priced.
+    pub fn group_bound(&self, rows: usize, cols: usize, nnz: u64) -> u64 {
+        if !self.dtype.is_quantized() {
+            return 0;
+        }
+        let g = self.dtype.group() as u64;
+        let (rows, cols) = (rows as u64, cols as u64);
+        let padded = nnz.saturating_add(rows.saturating_mul(g - 1)) / g;
+        nnz.min(rows.saturating_mul(cols.div_ceil(g))).min(padded)
+    }
+
+    /// The encoding the writer uses for such a layer and its bytes: the cheapest of
     /// the factored encodings (low-rank, sparse or both) and a dense matrix holding the
-    /// same product.
+    /// same product. Exact for float values; for quantized values a sparse part is
+    /// priced at [`CostModel::group_bound`] groups, an upper bound of the exact bytes.
     pub fn encoding(&self, rows: usize, cols: usize, rank: usize, nnz: u64) -> (Encoding, u64) {
+        let groups = self.group_bound(rows, cols, nnz);
+        self.encoding_with_groups(rows, cols, rank, nnz, groups)
+    }
+
+    /// [`CostModel::encoding`] once the kept sparse entries per row are known
+    /// (`row_counts[r]` in row `r`): the exact encoding and bytes the writer produces,
+    /// never more than [`CostModel::encoding`] of the same totals.
+    pub fn encoding_exact(
+        &self,
+        rows: usize,
+        cols: usize,
+        rank: usize,
+        row_counts: &[u32],
+    ) -> (Encoding, u64) {
+        let nnz = row_counts.iter().map(|&k| u64::from(k)).sum();
+        let groups = row_groups(row_counts, self.dtype);
+        self.encoding_with_groups(rows, cols, rank, nnz, groups)
+    }
+
+    /// The cheapest encoding with `groups` quantization groups in the sparse part.
+    fn encoding_with_groups(
+        &self,
+        rows: usize,
+        cols: usize,
+        rank: usize,
+        nnz: u64,
+        groups: u64,
+    ) -> (Encoding, u64) {
         let (r32, c32) = (rows as u32, cols as u32);
         let bytes = |encoding| {
             encoded_bytes(&TensorDesc {
@@ -57,14 +102,14 @@ impl CostModel {
         };
         let dtype = self.dtype;
         let sparse = [
-            Sparse::Bitmask { nnz, dtype },
-            Sparse::BlockCsr { nnz, dtype },
+            Sparse::with_values(true, nnz, groups, dtype),
+            Sparse::with_values(false, nnz, groups, dtype),
         ]
         .into_iter()
         .map(|s| (s, bytes(Encoding::Sparse(s))))
         .min_by_key(|&(_, b)| b)
         .map(|(s, _)| s)
-        .unwrap_or(Sparse::Bitmask { nnz, dtype });
+        .unwrap_or(Sparse::with_values(true, nnz, groups, dtype));
         let factored = match (rank, nnz) {
             (0, _) => Encoding::Sparse(sparse),
             (r, 0) => Encoding::LowRank {
@@ -82,7 +127,20 @@ impl CostModel {
         if f <= d { (factored, f) } else { (dense, d) }
     }
 
-    /// The cost of the layer in this accounting.
+    /// The exact cost of a layer whose kept sparse entries per row are `row_counts`
+    /// (what [`CostModel::cost`] bounds for quantized values).
+    pub fn cost_exact(&self, rows: usize, cols: usize, rank: usize, row_counts: &[u32]) -> u64 {
+        match self.accounting {
+            Accounting::Bytes => self.encoding_exact(rows, cols, rank, row_counts).1,
+            Accounting::Params => {
+                rank as u64 * (rows + cols) as u64
+                    + row_counts.iter().map(|&k| u64::from(k)).sum::<u64>()
+            }
+        }
+    }
+
+    /// The cost of the layer in this accounting (for quantized values in bytes, the
+    /// bound of [`CostModel::encoding`]).
     pub fn cost(&self, rows: usize, cols: usize, rank: usize, nnz: u64) -> u64 {
         match self.accounting {
             Accounting::Bytes => self.encoding(rows, cols, rank, nnz).1,
@@ -98,7 +156,8 @@ impl CostModel {
         match self.accounting {
             Accounting::Params => ((rows + cols) as f64, 1.0, 0),
             Accounting::Bytes => {
-                let ds = self.dtype.size() as f64;
+                // Bytes per stored value (a quantized block's bytes over its values).
+                let ds = self.dtype.size() as f64 / self.dtype.group() as f64;
                 ((rows + cols) as f64 * ds, ds, self.cost(rows, cols, 0, 0))
             }
         }
@@ -360,5 +419,50 @@ mod tests {
             dtype: DType::F16,
         };
         assert_eq!(p.cost(576, 1536, 10, 7), 10 * (576 + 1536) + 7);
+    }
+
+    /// Quantized values: selection's price (the group bound) is never below the exact
+    /// bytes of a split of the kept entries over the rows, which are the bytes the
+    /// layout gives; float values price exactly.
+    #[test]
+    fn quantized_prices_bound_the_exact_bytes() {
+        use cap_device::rng::XorShift64Star;
+        let mut rng = XorShift64Star::new(3);
+        for dtype in [DType::Q8 { group: 64 }, DType::Q4 { group: 16 }, DType::F16] {
+            let c = CostModel {
+                accounting: Accounting::Bytes,
+                dtype,
+            };
+            for (rows, cols) in [(7, 100), (64, 48), (192, 576)] {
+                for density in [0.0, 0.02, 0.3, 0.5, 0.9, 1.0] {
+                    let counts: Vec<u32> = (0..rows)
+                        .map(|_| {
+                            let k = (density * cols as f64 * 2.0 * rng.uniform()) as u32;
+                            k.min(cols as u32)
+                        })
+                        .collect();
+                    let nnz: u64 = counts.iter().map(|&k| u64::from(k)).sum();
+                    for rank in [0, 3] {
+                        let (e, exact) = c.encoding_exact(rows, cols, rank, &counts);
+                        let bound = c.cost(rows, cols, rank, nnz);
+                        assert!(
+                            exact <= bound,
+                            "{dtype} {rows}x{cols} {nnz}: {exact} > {bound}"
+                        );
+                        assert_eq!(exact, c.cost_exact(rows, cols, rank, &counts));
+                        let written = encoded_bytes(&TensorDesc {
+                            rows: rows as u32,
+                            cols: cols as u32,
+                            encoding: e,
+                        })
+                        .unwrap();
+                        assert_eq!(written, exact);
+                        if !dtype.is_quantized() {
+                            assert_eq!(exact, bound);
+                        }
+                    }
+                }
+            }
+        }
     }
 }

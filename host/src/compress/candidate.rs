@@ -11,6 +11,7 @@ use std::ops::Range;
 
 use cap_device::factored::FactoredLinear;
 
+use super::quantize::Quantized;
 use super::select::Selection;
 pub use crate::rpca::Csr;
 use crate::rpca::Decomposition;
@@ -40,6 +41,13 @@ pub struct Candidate {
     /// The dense matrix, row-major, if the entries are all offered (never together
     /// with `sparse`).
     pub dense: Option<Vec<f32>>,
+    /// The entries' quantized codes, when the method quantized them itself (GPTQ right
+    /// after pruning, [`super::qvalues::quantize_kept`]): every entry, rows in order,
+    /// each row's entries in column order, and the entry values are what these codes
+    /// decode to. The writer stores them as they are when every entry is kept in a
+    /// sparse encoding (or a dense one, for a dense candidate); otherwise the kept
+    /// values are rounded to nearest. Its `values` are empty (they are the entries).
+    pub quantized: Option<Box<Quantized>>,
 }
 
 impl Candidate {
@@ -51,6 +59,7 @@ impl Candidate {
             low_rank: None,
             sparse: None,
             dense: Some(w),
+            quantized: None,
         }
     }
 
@@ -62,6 +71,7 @@ impl Candidate {
             low_rank: None,
             sparse: Some(s),
             dense: None,
+            quantized: None,
         }
     }
 
@@ -73,6 +83,7 @@ impl Candidate {
             low_rank: Some(f),
             sparse: None,
             dense: None,
+            quantized: None,
         }
     }
 
@@ -88,6 +99,7 @@ impl Candidate {
             }),
             sparse: (!d.s.val.is_empty()).then_some(d.s),
             dense: None,
+            quantized: None,
         }
     }
 
@@ -209,6 +221,13 @@ impl Candidate {
             return std::borrow::Cow::Borrowed(w);
         }
         std::borrow::Cow::Owned(self.factored(sel).to_dense())
+    }
+
+    /// Kept entries per row.
+    pub fn kept_row_counts(&self, sel: &Selection) -> Vec<u32> {
+        (0..self.rows)
+            .map(|r| self.row_entries(r).filter(|&e| sel.entries[e]).count() as u32)
+            .collect()
     }
 
     /// The kept entries as CSR: `(row_ptr, col, values)`, rows in order, columns

@@ -5,8 +5,9 @@
 //! (the budget; [`tensors`] knows which tensors go into the file) → the method's
 //! candidates and selection ([`strategy`]: [`oneshot`], [`pruned`], [`paper`], all
 //! producing [`candidate::Candidate`]s) → [`write`] → [`measure`] → [`stamp`].
-//! [`quantize`] (round-to-nearest and GPTQ codes for kept values) is a library step
-//! not yet called by `compress`.
+//! With quantized values (`--values q8|q4`), [`quantize`] chooses the codes
+//! (round-to-nearest, or GPTQ right after pruning where the method has each layer's
+//! input Hessian) and [`qvalues`] is the seam to cap-format's value types.
 
 pub mod admm;
 pub mod allocate;
@@ -23,6 +24,7 @@ pub mod paper;
 pub mod plan;
 pub mod pruned;
 pub mod quantize;
+pub mod qvalues;
 pub mod reinforce;
 pub mod run;
 pub mod select;

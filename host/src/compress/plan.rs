@@ -19,11 +19,13 @@ pub struct Planned {
     pub budget: Budget,
 }
 
-/// Resolves the budget for compressing `linears` of `model`, with `manifest` (as far
-/// as it is known before the budget) bounding the file's overhead.
+/// Resolves the budget for compressing `linears` of `model` (values in `values`, the
+/// tensors kept dense in `dtype`), with `manifest` (as far as it is known before the
+/// budget) bounding the file's overhead.
 pub fn plan(
     spec: &BudgetSpec,
     dtype: cap_format::DType,
+    values: cap_format::DType,
     model: &Model<DenseLinear>,
     linears: &[(String, &DenseLinear)],
     manifest: &Manifest,
@@ -33,18 +35,23 @@ pub fn plan(
             BudgetSpec::Ratio(_) => Accounting::Params,
             _ => Accounting::Bytes,
         },
-        dtype,
+        dtype: values,
     };
     let bytes_model = CostModel {
         accounting: Accounting::Bytes,
-        dtype,
+        dtype: values,
     };
     let linear_names: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
     let shapes = || linears.iter().map(|(_, l)| (l.out_features, l.in_features));
     let fixed = FixedCosts {
         dense_tensor_bytes: dense_tensor_bytes(model, dtype)?,
         file_overhead_bytes: u64::from(MIN_ALIGNMENT)
-            + manifest_bound(manifest, &file_tensor_names(&model.config), &linear_names)?,
+            + manifest_bound(
+                manifest,
+                &file_tensor_names(&model.config),
+                &linear_names,
+                values,
+            )?,
         linear_params: shapes().map(|(m, n)| (m * n) as u64).sum(),
         linear_dense_bytes: shapes()
             .map(|(m, n)| bytes_model.cost(m, n, 0, (m * n) as u64))

@@ -2,6 +2,13 @@
 //! across layers from measured calibration losses, each layer pruned by ADMM with an
 //! exact refit, optionally with a low-rank part fitted to what pruning removed). The
 //! pruning decides what is kept, so selection keeps every item it offers.
+//!
+//! With quantized values each layer's kept weights are quantized right after its mask
+//! is fixed, by GPTQ with the same input Hessian the pruning used (or round-to-nearest
+//! with `--quantizer rtn`), and the layer's weight becomes what the codes decode to,
+//! so the later blocks are pruned on the quantized layers' outputs. A low-rank part
+//! (cap's method) is fit after that, to what pruning and quantization removed; its
+//! factors are rounded to nearest when written.
 
 use super::admm::{AdmmOptions, prune as admm_prune};
 use super::allocate::{Allocation2, Keep, Trial, search, sparsities, wanda_pruned};
@@ -10,10 +17,11 @@ use super::calibration::calibration_loss;
 use super::candidate::{Candidate, Factors};
 use super::error::{CompressError, Result, step_error};
 use super::methods::{Method, sparse_candidate};
+use super::qvalues::{Quantizer, quantize_kept};
 use super::run::Event;
 use super::select::Selection;
 use super::sparsegpt::{
-    kept as sparsegpt_kept, masked_candidate, prune_sequential, sparsegpt_model,
+    kept as sparsegpt_kept, masked_candidate, prune as sparsegpt_prune, prune_sequential,
 };
 use super::strategy::{Context, Notes, Strategy, keep_all};
 use cap_device::model::DenseLinear;
@@ -40,9 +48,31 @@ impl Strategy for Pruned {
                 cx.cost.cost(m, n, 0, (m * n) as u64)
             })
             .sum();
+        let (values, quantizer) = (cx.opts.values, cx.opts.quantizer);
+        let threads = cx.opts.threads;
         if dense_cost <= cx.limit {
             // The budget holds the dense linears (SmolLM2 on any real board).
             tracing::info!("the budget holds every linear dense: nothing is pruned");
+            if values.is_quantized() && quantizer == Quantizer::Gptq {
+                // Nothing pruned, but the values quantized with each layer's Hessian.
+                (cx.on_event)(Event::Stage {
+                    name: "gptq",
+                    total: cx.model.blocks.len() as u64,
+                });
+                return prune_sequential(
+                    cx.model,
+                    cx.windows,
+                    threads,
+                    &|_, w, r, c, h| {
+                        let q = quantize_kept(w, None, r, c, h, values, quantizer)?;
+                        let mut d = sparse_candidate(w, r, c);
+                        d.quantized = q;
+                        Ok(d)
+                    },
+                    false,
+                    |b| (cx.on_event)(Event::Progress(b as u64)),
+                );
+            }
             return Ok(cx
                 .linears
                 .iter()
@@ -63,10 +93,28 @@ impl Strategy for Pruned {
             total: cx.model.blocks.len() as u64,
         });
         let progress = |b: usize| (cx.on_event)(Event::Progress(b as u64));
-        let threads = cx.opts.threads;
         if self.method == Method::Sparsegpt {
-            let sp: Vec<f64> = keeps.iter().map(|k| k.sparsity).collect();
-            return sparsegpt_model(cx.model, cx.windows, &sp, threads, progress);
+            if keeps.len() != cx.model.blocks.len() * 7 {
+                return Err(CompressError::Internal(
+                    "one sparsity per block linear expected".into(),
+                ));
+            }
+            // SparseGPT, then (quantized values) GPTQ of the kept weights with the same
+            // Hessian: [`super::sparsegpt::sparsegpt_model`] plus the quantization.
+            return prune_sequential(
+                cx.model,
+                cx.windows,
+                threads,
+                &|i, w, r, c, h| {
+                    let mask = sparsegpt_prune(w, r, c, h, keeps[i].sparsity)?;
+                    let q = quantize_kept(w, Some(&mask), r, c, h, values, quantizer)?;
+                    let mut d = masked_candidate(w, &mask, r, c);
+                    d.quantized = q;
+                    Ok(d)
+                },
+                false,
+                progress,
+            );
         }
         let ao = AdmmOptions {
             threads,
@@ -79,7 +127,12 @@ impl Strategy for Pruned {
             &|i, w, r, c, h| {
                 let orig = w.to_vec();
                 let mask = admm_prune(w, r, c, h, keeps[i].sparsity, &ao)?;
+                // Quantized values: GPTQ of the kept (refit) weights with the same
+                // Hessian, before the low-rank part, which then also absorbs the
+                // quantization error.
+                let q = quantize_kept(w, Some(&mask), r, c, h, values, quantizer)?;
                 let mut d = masked_candidate(w, &mask, r, c);
+                d.quantized = q;
                 if keeps[i].rank > 0 {
                     add_lowrank(&mut d, w, &orig, h, keeps[i].rank)?;
                 }

@@ -13,6 +13,7 @@ use super::load::load;
 use super::measure::measure;
 use super::methods::{Allocation, Method, Variant};
 use super::plan::plan;
+use super::qvalues::{Quantizer, check_values};
 use super::reinforce::{ReinforceOptions, StepLog};
 use super::speed::{DECODE_BANDWIDTH_EFFICIENCY, DecodeCost, SpeedEstimate};
 use super::stamp::{
@@ -43,8 +44,14 @@ pub struct CompressOptions {
     pub lowrank_share: Option<f64>,
     /// The budget.
     pub budget: BudgetSpec,
-    /// Storage dtype of factors, sparse values and the dense tensors.
+    /// Storage dtype of the tensors kept dense (embedding, an untied head; norms and
+    /// biases are always f32).
     pub dtype: DType,
+    /// Value type of the compressed linears (factors, sparse values, dense values):
+    /// `dtype` itself, or quantized ([`DType::Q8`], [`DType::Q4`]).
+    pub values: DType,
+    /// How quantized values are chosen (ignored for float values).
+    pub quantizer: Quantizer,
     /// Calibration text (plain text, or JSON lines with a `text` field); `None`:
     /// data-free, text the model generates itself ([`crate::selfcalib`]).
     pub calib: Option<PathBuf>,
@@ -139,6 +146,12 @@ pub struct CompressReport {
     pub path: String,
     /// Method.
     pub method: Method,
+    /// Value type of the compressed linears (`f16`, `q4/g64`, ...).
+    pub values: String,
+    /// The quantizer that chose the kept weights' codes (`gptq`: with each layer's
+    /// input Hessian; `rtn`: round-to-nearest), `None` for float values. Low-rank
+    /// factors are always rounded to nearest.
+    pub quantizer: Option<Quantizer>,
     /// Allocation (for `cap`).
     pub allocation: Option<Allocation>,
     /// The budget.
@@ -184,6 +197,13 @@ pub struct CompressReport {
 
 /// Runs the whole pipeline.
 pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -> Result<Outcome> {
+    check_values(opts.values)?;
+    if opts.dtype.is_quantized() {
+        return Err(CompressError::Invalid(format!(
+            "--dtype {}: the tensors kept dense are stored in a float type; quantize the linears with --values",
+            opts.dtype
+        )));
+    }
     let mut notes = Notes::start();
     let input = load(opts, on_event)?;
     let windows: Vec<&[u32]> = input.windows.iter().map(|w| w.as_slice()).collect();
@@ -192,7 +212,14 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     notes.lap("load");
 
     let mut manifest = base_manifest(opts, &input)?;
-    let planned = plan(&opts.budget, opts.dtype, &input.model, &linears, &manifest)?;
+    let planned = plan(
+        &opts.budget,
+        opts.dtype,
+        opts.values,
+        &input.model,
+        &linears,
+        &manifest,
+    )?;
     let (budget, fixed) = (planned.budget, planned.fixed);
     if opts.dry_run {
         return Ok(Outcome::Planned(Plan { budget, fixed }));
@@ -229,6 +256,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         &cands,
         &sels,
         cx.cost,
+        opts.dtype,
     )?;
     drop((cands, sels));
     notes.lap("write");
@@ -266,6 +294,8 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     Ok(Outcome::Written(Box::new(CompressReport {
         path: path.display().to_string(),
         method: opts.method,
+        values: opts.values.to_string(),
+        quantizer: quantizer_used(opts),
         allocation: method.allocation(),
         param_ratio: kept_params as f64 / fixed.linear_params.max(1) as f64,
         dense_tensor_bytes: fixed.dense_tensor_bytes,
@@ -287,6 +317,22 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         allocation_search: notes.allocation_search,
         seconds: notes.seconds,
     })))
+}
+
+/// The quantizer that actually chose the codes of the sparse and dense values: GPTQ
+/// needs each layer's input Hessian, which only the pruning methods compute.
+fn quantizer_used(opts: &CompressOptions) -> Option<Quantizer> {
+    if !opts.values.is_quantized() {
+        return None;
+    }
+    let hessian = matches!(
+        (opts.method, opts.variant),
+        (Method::Cap, Variant::Cap) | (Method::Sparsegpt | Method::Admm, _)
+    );
+    Some(match opts.quantizer {
+        Quantizer::Gptq if hessian => Quantizer::Gptq,
+        _ => Quantizer::Rtn,
+    })
 }
 
 /// The predicted decode speed of linears of `linear_bytes` on the budget's target.

@@ -58,20 +58,35 @@ fn dense_desc(t: &TensorInfo, dtype: DType) -> Result<TensorDesc> {
 }
 
 /// An upper bound of the manifest's encoded size: `base` with a directory of
-/// `tensor_names` and a layer table whose every number takes its longest encoding.
+/// `tensor_names` and a layer table whose every number takes its longest encoding
+/// (with quantized `values`, the quantized encodings' group sizes and counts too).
 pub fn manifest_bound(
     base: &Manifest,
     tensor_names: &[String],
     linear_names: &[String],
+    values: DType,
 ) -> Result<u64> {
     let mut m = base.clone();
-    let widest = Encoding::Composite {
-        rank: u32::MAX,
-        factor_dtype: DType::F32,
-        sparse: Sparse::BlockCsr {
-            nnz: u64::MAX,
-            dtype: DType::F32,
-        },
+    let widest = if values.is_quantized() {
+        let q = DType::Q8 { group: u16::MAX };
+        Encoding::Composite {
+            rank: u32::MAX,
+            factor_dtype: q,
+            sparse: Sparse::QBlockCsr {
+                nnz: u64::MAX,
+                groups: u64::MAX,
+                dtype: q,
+            },
+        }
+    } else {
+        Encoding::Composite {
+            rank: u32::MAX,
+            factor_dtype: DType::F32,
+            sparse: Sparse::BlockCsr {
+                nnz: u64::MAX,
+                dtype: DType::F32,
+            },
+        }
     };
     m.tensors = tensor_names
         .iter()

@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 use cap_device::model::{DenseLinear, Model};
 use cap_format::manifest::Manifest;
 use cap_format::sparse::{SparseKind, encode_sparse_csr};
-use cap_format::{DType, Encoding, Sparse, TensorDesc, to_bytes};
+use cap_format::{DType, Encoding, Sparse, TensorDesc, row_groups, to_bytes};
 
-use super::budget::CostModel;
+use super::budget::{Accounting, CostModel};
 use super::candidate::Candidate;
 use super::error::{CompressError, Result};
+use super::quantize::Quantized;
+use super::qvalues::{extend_runs, rtn_rows, rtn_sparse_rows, spec_of};
 use super::run::LayerRow;
 use super::select::Selection;
 use crate::pack::write_model;
@@ -37,32 +39,71 @@ fn nonzero_bits(x: f32, dtype: DType, out: &mut Vec<u8>) {
             }
             out.extend_from_slice(&h.to_le_bytes());
         }
-        // `sparse_parts` rejects quantized value types before calling this.
+        // `sparse_parts` passes quantized values as `f32` first.
         DType::Q8 { .. } | DType::Q4 { .. } => {}
     }
 }
 
-/// The kept entries of `c` encoded as `s`, from their CSR form.
-fn sparse_parts(c: &Candidate, sel: &Selection, s: Sparse, dtype: DType) -> Result<Vec<Vec<u8>>> {
-    if dtype.is_quantized() {
-        // The format and the kernels have quantized values (format 1.1); choosing and
-        // writing them is the host's next step, not done here yet.
-        return Err(CompressError::Internal(format!(
-            "compress does not write {dtype} values yet"
-        )));
-    }
-    let kind = match s {
+/// Which index structure `s` has.
+fn sparse_kind(s: Sparse) -> SparseKind {
+    match s {
         Sparse::Bitmask { .. } | Sparse::QBitmask { .. } => SparseKind::Bitmask,
         Sparse::BlockCsr { .. } | Sparse::QBlockCsr { .. } => SparseKind::BlockCsr,
         Sparse::TwoFour { .. } => SparseKind::TwoFour,
-    };
+    }
+}
+
+/// The method's own quantization of `c`'s entries, when it can be stored as it is: every
+/// entry kept, quantized for `dtype`.
+fn own_codes<'a>(c: &'a Candidate, sel: &Selection, dtype: DType) -> Option<&'a Quantized> {
+    let q = c.quantized.as_deref()?;
+    let all = sel.entries.iter().all(|&k| k) && q.codes.len() == c.entries();
+    (all && spec_of(dtype) == Some(q.spec)).then_some(q)
+}
+
+/// The kept entries of `c` encoded as `s`, from their CSR form. Quantized values: the
+/// index parts are built as for `f32` values, then the values part is replaced by
+/// each row's kept values as one quantized run (the method's own codes when it made
+/// them for exactly these entries, else rounded to nearest).
+fn sparse_parts(c: &Candidate, sel: &Selection, s: Sparse, dtype: DType) -> Result<Vec<Vec<u8>>> {
+    let kind = sparse_kind(s);
     let (row_ptr, col, val) = c.kept_csr(sel);
-    let mut values = Vec::with_capacity(val.len() * dtype.size());
+    let float = if dtype.is_quantized() {
+        DType::F32
+    } else {
+        dtype
+    };
+    let mut values = Vec::with_capacity(val.len() * float.size());
     for &x in &val {
-        nonzero_bits(x, dtype, &mut values);
+        nonzero_bits(x, float, &mut values);
     }
     let (rows, cols) = (c.rows as u32, c.cols as u32);
-    let (got, parts) = encode_sparse_csr(kind, rows, cols, dtype, &row_ptr, &col, &values)?;
+    let (got, mut parts) = encode_sparse_csr(kind, rows, cols, float, &row_ptr, &col, &values)?;
+    let got = if dtype.is_quantized() {
+        let counts: Vec<u32> = row_ptr.windows(2).map(|w| (w[1] - w[0]) as u32).collect();
+        let nnz = got.nnz(rows, cols);
+        let bitmask = kind == SparseKind::Bitmask;
+        let q = match own_codes(c, sel, dtype) {
+            Some(q) => {
+                let mut out = Vec::new();
+                extend_runs(&mut out, q, dtype)?;
+                out
+            }
+            None => rtn_sparse_rows(&row_ptr, &val, dtype)?,
+        };
+        // The values are the last part of a bitmask and of a block-CSR section.
+        match parts.last_mut() {
+            Some(p) => *p = q,
+            None => {
+                return Err(CompressError::Internal(
+                    "a sparse part without values".into(),
+                ));
+            }
+        }
+        Sparse::with_values(bitmask, nnz, row_groups(&counts, dtype), dtype)
+    } else {
+        got
+    };
     if got != s {
         return Err(CompressError::Internal(format!(
             "sparse encoding produced {got:?}, expected {s:?}"
@@ -71,25 +112,50 @@ fn sparse_parts(c: &Candidate, sel: &Selection, s: Sparse, dtype: DType) -> Resu
     Ok(parts)
 }
 
-/// Encodes the kept items of `c` in the encoding `cost` chooses; returns the
+/// A row-major `rows × cols` matrix in `dtype` (quantized: each row one run, rounded
+/// to nearest).
+fn matrix_bytes(values: &[f32], rows: usize, cols: usize, dtype: DType) -> Result<Vec<u8>> {
+    if dtype.is_quantized() {
+        rtn_rows(values, rows, cols, dtype)
+    } else {
+        Ok(to_bytes(values, dtype))
+    }
+}
+
+/// Encodes the kept items of `c` in the encoding `cost` chooses for them, now that the
+/// kept entries per row are known ([`CostModel::encoding_exact`]); returns the
 /// descriptor, the parts in layout order and the exact section bytes.
 pub fn encode_linear(
     c: &Candidate,
     sel: &Selection,
     cost: &CostModel,
 ) -> Result<(TensorDesc, Vec<Vec<u8>>, u64)> {
-    let (encoding, bytes) = cost.encoding(c.rows, c.cols, sel.rank(), sel.nnz());
+    let counts = c.kept_row_counts(sel);
+    let (encoding, bytes) = cost.encoding_exact(c.rows, c.cols, sel.rank(), &counts);
     let dtype = cost.dtype;
-    let factors = || {
-        let (a, b, _) = c.kept_factors(sel);
-        vec![to_bytes(&a, dtype), to_bytes(&b, dtype)]
+    let factors = || -> Result<Vec<Vec<u8>>> {
+        let (a, b, k) = c.kept_factors(sel);
+        Ok(vec![
+            matrix_bytes(&a, k, c.cols, dtype)?,
+            matrix_bytes(&b, c.rows, k, dtype)?,
+        ])
     };
     let parts = match encoding {
-        Encoding::Dense { .. } => vec![to_bytes(&c.kept_dense(sel), dtype)],
-        Encoding::LowRank { .. } => factors(),
+        Encoding::Dense { .. } => {
+            let own = own_codes(c, sel, dtype).filter(|_| c.dense.is_some() && sel.rank() == 0);
+            match own {
+                Some(q) => {
+                    let mut out = Vec::new();
+                    extend_runs(&mut out, q, dtype)?;
+                    vec![out]
+                }
+                None => vec![matrix_bytes(&c.kept_dense(sel), c.rows, c.cols, dtype)?],
+            }
+        }
+        Encoding::LowRank { .. } => factors()?,
         Encoding::Sparse(s) => sparse_parts(c, sel, s, dtype)?,
         Encoding::Composite { sparse, .. } => {
-            let mut p = factors();
+            let mut p = factors()?;
             p.extend(sparse_parts(c, sel, sparse, dtype)?);
             p
         }
@@ -134,7 +200,9 @@ pub struct Written {
 }
 
 /// Writes `model` to a file next to `out` with `manifest`: the dense tensors in
-/// `cost.dtype`, the linear named `names[i]` as the kept items `sels[i]` of `cands[i]`.
+/// `dense_dtype`, the linear named `names[i]` as the kept items `sels[i]` of
+/// `cands[i]` with values in `cost.dtype`.
+#[allow(clippy::too_many_arguments)]
 pub fn write(
     model: &Model<DenseLinear>,
     out: &Path,
@@ -143,6 +211,7 @@ pub fn write(
     cands: &[Candidate],
     sels: &[Selection],
     cost: &CostModel,
+    dense_dtype: DType,
 ) -> Result<Written> {
     let by_name: BTreeMap<&str, usize> = names
         .iter()
@@ -154,7 +223,7 @@ pub fn write(
     write_model(
         model,
         file.path(),
-        cost.dtype,
+        dense_dtype,
         manifest,
         &mut |sink, name, _| {
             let i = *by_name
@@ -171,7 +240,11 @@ pub fn write(
                 nnz: [s.nnz(), c.entries() as u64],
                 encoding: desc.encoding.name().into(),
                 bytes,
-                cost: cost.cost(c.rows, c.cols, s.rank(), s.nnz()),
+                // Exact: the bytes written, or the paper's parameters.
+                cost: match cost.accounting {
+                    Accounting::Bytes => bytes,
+                    Accounting::Params => cost.cost(c.rows, c.cols, s.rank(), s.nnz()),
+                },
             });
             Ok(())
         },
