@@ -314,7 +314,7 @@ fn smollm2_target_that_forces_half_the_linears_out_is_met() {
     };
     let dir = tempfile::tempdir().unwrap();
     let m = model.display().to_string();
-    let c4 = common::shared_data()
+    let c4 = common::data_dir()
         .join("c4/c4_sample.json")
         .display()
         .to_string();

@@ -9,13 +9,13 @@ pub fn root() -> PathBuf {
 }
 
 /// The texts shipped in the repository (`data/`).
-pub fn shared_data() -> PathBuf {
+pub fn data_dir() -> PathBuf {
     root().join("data")
 }
 
 /// WikiText-2 raw validation text.
 pub fn wikitext_valid() -> PathBuf {
-    shared_data().join("wikitext-2-raw/wiki.valid.raw")
+    data_dir().join("wikitext-2-raw/wiki.valid.raw")
 }
 
 /// The real test model (SmolLM2-135M-Instruct Q4_1), or `None` when the run opted out
