@@ -9,15 +9,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use cap_format::CapFile;
-use common::{SMALL_EVAL, assert_clean_failure, calib_text, cap_host, root};
+use common::{
+    SMALL_EVAL, assert_clean_failure, calib_text, cap_host, is_linear, tiny, write_profile,
+};
 use serde_json::Value;
-
-fn tiny(name: &str) -> String {
-    root()
-        .join(format!("tests/fixtures/tiny/{name}/{name}.gguf"))
-        .display()
-        .to_string()
-}
 
 fn run_json(args: &[&str]) -> Value {
     let (code, out, err) = cap_host(args);
@@ -43,20 +38,6 @@ fn small(calib: &str, cache: &str) -> Vec<String> {
         .chain(search)
         .map(String::from)
         .collect()
-}
-
-fn is_linear(name: &str) -> bool {
-    [
-        "attn_q.",
-        "attn_k.",
-        "attn_v.",
-        "attn_output.",
-        "ffn_gate.",
-        "ffn_up.",
-        "ffn_down.",
-    ]
-    .iter()
-    .any(|p| name.contains(p))
 }
 
 /// Checks the written file against the report: the linear sections' bytes, the file
@@ -108,26 +89,6 @@ fn dense_params(report: &Value) -> u64 {
         .iter()
         .map(|r| r["shape"][0].as_u64().unwrap() * r["shape"][1].as_u64().unwrap())
         .sum()
-}
-
-/// A profile like `targets/host.toml` with another name and memory.
-fn write_profile(dir: &Path, name: &str, total: u64, reserved: u64) {
-    let text = std::fs::read_to_string(root().join("targets/host.toml")).unwrap();
-    let mut out = String::new();
-    for line in text.lines() {
-        let line = if line.starts_with("name =") {
-            format!("name = \"{name}\"")
-        } else if line.starts_with("total_memory_bytes =") {
-            format!("total_memory_bytes = {total}")
-        } else if line.starts_with("reserved_bytes =") {
-            format!("reserved_bytes = {reserved}")
-        } else {
-            line.to_string()
-        };
-        out.push_str(&line);
-        out.push('\n');
-    }
-    std::fs::write(dir.join(format!("{name}.toml")), out).unwrap();
 }
 
 /// Memory a profile must have for `plan` (a `--dry-run --json` report) with

@@ -6,65 +6,20 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use cap_format::{CapFile, DType, Encoding};
-use common::{assert_clean_failure, calib_text, cap_host, root};
+use common::{
+    assert_clean_failure, calib_text, cap_device, cap_host, is_linear, tiny, write_profile,
+};
 use serde_json::Value;
-
-fn tiny(name: &str) -> String {
-    root()
-        .join(format!("tests/fixtures/tiny/{name}/{name}.gguf"))
-        .display()
-        .to_string()
-}
 
 fn run_json(args: &[String]) -> Value {
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let (code, out, err) = cap_host(&a);
     assert_eq!(code, 0, "cap-host {args:?} failed: {err}");
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
-/// The x86-64 `cap-device`: beside `cap-host`, else built into a target directory of
-/// its own (as `tests/device_cli.rs` does).
-fn cap_device() -> PathBuf {
-    let host = PathBuf::from(env!("CARGO_BIN_EXE_cap-host"));
-    let beside = host.with_file_name("cap-device");
-    if beside.exists() {
-        return beside;
-    }
-    let dir = root().join("target/device-cli");
-    let st = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-p",
-            "cap-device",
-            "--bin",
-            "cap-device",
-            "--target-dir",
-        ])
-        .arg(&dir)
-        .current_dir(root())
-        .status()
-        .expect("run cargo");
-    assert!(st.success(), "building cap-device failed");
-    dir.join("debug/cap-device")
-}
-
-fn is_linear(name: &str) -> bool {
-    [
-        "attn_q.",
-        "attn_k.",
-        "attn_v.",
-        "attn_output.",
-        "ffn_gate.",
-        "ffn_up.",
-        "ffn_down.",
-    ]
-    .iter()
-    .any(|p| name.contains(p))
 }
 
 /// Checks the written file against the report and the value type: verified, the
@@ -133,26 +88,6 @@ fn self_test(bin: &Path, path: &Path) {
     );
     let v: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["pass"], Value::Bool(true), "{v}");
-}
-
-/// A profile like `targets/host.toml` with another name and memory.
-fn write_profile(dir: &Path, name: &str, total: u64, reserved: u64) {
-    let text = std::fs::read_to_string(root().join("targets/host.toml")).unwrap();
-    let mut out = String::new();
-    for line in text.lines() {
-        let line = if line.starts_with("name =") {
-            format!("name = \"{name}\"")
-        } else if line.starts_with("total_memory_bytes =") {
-            format!("total_memory_bytes = {total}")
-        } else if line.starts_with("reserved_bytes =") {
-            format!("reserved_bytes = {reserved}")
-        } else {
-            line.to_string()
-        };
-        out.push_str(&line);
-        out.push('\n');
-    }
-    std::fs::write(dir.join(format!("{name}.toml")), out).unwrap();
 }
 
 const METHODS: [&[&str]; 9] = [

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::root;
+use common::{cap_device, root};
 
 /// The self-test tolerance `cap-device` applies (its `SELFTEST_REL_TOLERANCE`).
 const SELFTEST_TOL: f64 = 1e-3;
@@ -18,32 +18,6 @@ const SELFTEST_TOL: f64 = 1e-3;
 /// block of 64 × vocab logits: about 25 MB for SmolLM2 at ctx 2048), the tokenizer
 /// and manifest (about 10 MB), the program, its libraries and thread stacks.
 const RSS_OVERHEAD: u64 = 96 << 20;
-
-/// The x86-64 `cap-device`: beside `cap-host` when the workspace's tests were built
-/// (`cargo test --workspace`), else built here into a target directory of its own.
-fn cap_device() -> PathBuf {
-    let host = PathBuf::from(env!("CARGO_BIN_EXE_cap-host"));
-    let beside = host.with_file_name("cap-device");
-    if beside.exists() {
-        return beside;
-    }
-    let dir = root().join("target/device-cli");
-    let st = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-p",
-            "cap-device",
-            "--bin",
-            "cap-device",
-            "--target-dir",
-        ])
-        .arg(&dir)
-        .current_dir(root())
-        .status()
-        .expect("run cargo");
-    assert!(st.success(), "building cap-device failed");
-    dir.join("debug/cap-device")
-}
 
 fn run(bin: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin)

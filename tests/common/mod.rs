@@ -1,7 +1,8 @@
 //! Helpers shared by the end-to-end tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -243,4 +244,73 @@ pub fn gpt2_byte_char(b: u8) -> char {
         }
     }
     char::from_u32(256 + n).unwrap()
+}
+
+/// The GGUF of tiny fixture `name` (`tests/fixtures/tiny/NAME/NAME.gguf`).
+pub fn tiny(name: &str) -> String {
+    root()
+        .join(format!("tests/fixtures/tiny/{name}/{name}.gguf"))
+        .display()
+        .to_string()
+}
+
+/// The x86-64 `cap-device`: beside `cap-host` when the workspace's tests were built
+/// (`cargo test --workspace`), else built here into a target directory of its own.
+pub fn cap_device() -> PathBuf {
+    let host = PathBuf::from(env!("CARGO_BIN_EXE_cap-host"));
+    let beside = host.with_file_name("cap-device");
+    if beside.exists() {
+        return beside;
+    }
+    let dir = root().join("target/device-cli");
+    let st = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-p",
+            "cap-device",
+            "--bin",
+            "cap-device",
+            "--target-dir",
+        ])
+        .arg(&dir)
+        .current_dir(root())
+        .status()
+        .expect("run cargo");
+    assert!(st.success(), "building cap-device failed");
+    dir.join("debug/cap-device")
+}
+
+/// Whether tensor `name` is a block linear (what `compress` compresses).
+pub fn is_linear(name: &str) -> bool {
+    [
+        "attn_q.",
+        "attn_k.",
+        "attn_v.",
+        "attn_output.",
+        "ffn_gate.",
+        "ffn_up.",
+        "ffn_down.",
+    ]
+    .iter()
+    .any(|p| name.contains(p))
+}
+
+/// A profile like `targets/host.toml` with another name and memory.
+pub fn write_profile(dir: &Path, name: &str, total: u64, reserved: u64) {
+    let text = std::fs::read_to_string(root().join("targets/host.toml")).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        let line = if line.starts_with("name =") {
+            format!("name = \"{name}\"")
+        } else if line.starts_with("total_memory_bytes =") {
+            format!("total_memory_bytes = {total}")
+        } else if line.starts_with("reserved_bytes =") {
+            format!("reserved_bytes = {reserved}")
+        } else {
+            line.to_string()
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    std::fs::write(dir.join(format!("{name}.toml")), out).unwrap();
 }
