@@ -25,6 +25,9 @@ pub struct Loaded {
     pub eval_name: String,
     /// What the model was calibrated on.
     pub calibration: String,
+    /// SHA-256 of the source (hex), hashed once: the provenance and the data-free
+    /// cache key both use it.
+    pub source_sha256: String,
 }
 
 /// Loads the model and the texts, and samples the calibration windows.
@@ -34,6 +37,7 @@ pub fn load(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -> Re
         .load_model()
         .step(|| format!("{}: loading the model", opts.model.display()))?;
     let tokenizer = ck.tokenizer().map_err(step_error)?;
+    let source_sha = source_sha256(&opts.model).map_err(step_error)?;
     // Calibration: a text file, or (data-free) text the model writes itself.
     let calib_text = match &opts.calib {
         Some(p) => Some(crate::calib::read_calib_text(p).map_err(step_error)?),
@@ -63,7 +67,7 @@ pub fn load(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -> Re
                 .step(|| format!("{}", p.display()))?;
             (w, p.display().to_string())
         }
-        _ => data_free(opts, &model, &tokenizer, on_event)?,
+        _ => data_free(opts, &model, &tokenizer, &source_sha, on_event)?,
     };
     Ok(Loaded {
         model,
@@ -72,6 +76,7 @@ pub fn load(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -> Re
         self_test_text,
         eval_name,
         calibration,
+        source_sha256: source_sha,
     })
 }
 
@@ -81,6 +86,7 @@ fn data_free(
     opts: &CompressOptions,
     model: &Model<DenseLinear>,
     tokenizer: &Tokenizer,
+    source_sha: &str,
     on_event: &(dyn Fn(Event<'_>) + Sync),
 ) -> Result<(Vec<Vec<u32>>, String)> {
     if opts.calib_len < 2 {
@@ -102,12 +108,11 @@ fn data_free(
         name: "data-free calibration text",
         total: (opts.calib_samples * (opts.calib_len - 1)) as u64,
     });
-    let sha = source_sha256(&opts.model).map_err(step_error)?;
     let (w, cached) = crate::selfcalib::cached_or_generate(
         model,
         tokenizer,
         &recipe,
-        &sha,
+        source_sha,
         &dir,
         opts.threads,
         |d, _| on_event(Event::Progress(d as u64)),

@@ -16,12 +16,12 @@ use super::load::Loaded;
 use super::run::CompressOptions;
 use super::select::Selection;
 use super::strategy::method_name;
-use crate::pack::{model_config, parse_sha256, source_sha256};
+use crate::pack::{model_config, parse_sha256};
 
 /// The manifest before the budget is resolved: model, tokenizer, method, target and
 /// provenance; the budget value, layer table and perplexity are filled in later.
 pub fn base_manifest(opts: &CompressOptions, input: &Loaded) -> Result<Manifest> {
-    let sha = source_sha256(&opts.model).map_err(step_error)?;
+    let sha = &input.source_sha256;
     Ok(Manifest {
         model: model_config(&input.model.config).map_err(step_error)?,
         tokenizer: Some(input.tokenizer.spec().to_record()),
@@ -51,7 +51,7 @@ pub fn base_manifest(opts: &CompressOptions, input: &Loaded) -> Result<Manifest>
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            source_sha256: parse_sha256(&sha).map_err(step_error)?,
+            source_sha256: parse_sha256(sha).map_err(step_error)?,
             cap_version: env!("CARGO_PKG_VERSION").to_string(),
             created_unix: crate::pack::creation_time().map_err(step_error)?,
         },
