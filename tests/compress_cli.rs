@@ -10,35 +10,10 @@ use std::path::{Path, PathBuf};
 
 use cap_format::CapFile;
 use common::{
-    SMALL_EVAL, assert_clean_failure, calib_text, cap_host, is_linear, tiny, write_profile,
+    METHODS, assert_clean_failure, calib_text, cap_host, compress_to, is_linear, run_json,
+    small_compress, tiny, write_profile,
 };
 use serde_json::Value;
-
-fn run_json(args: &[&str]) -> Value {
-    let (code, out, err) = cap_host(args);
-    assert_eq!(code, 0, "cap-host {args:?} failed: {err}");
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
-/// Settings that keep a tiny model's run to a fraction of a second.
-fn small(calib: &str, cache: &str) -> Vec<String> {
-    let search = [
-        "--steps",
-        "3",
-        "--step-samples",
-        "2",
-        "--threads",
-        "2",
-        "--cache-dir",
-        cache,
-    ];
-    ["--calib", calib]
-        .into_iter()
-        .chain(SMALL_EVAL)
-        .chain(search)
-        .map(String::from)
-        .collect()
-}
 
 /// Checks the written file against the report: the linear sections' bytes, the file
 /// size, the per-layer ranks and non-zeros, and the stored perplexity. Returns the
@@ -112,19 +87,10 @@ fn budgets_are_exact_for_every_method_and_budget_kind() {
         let m = tiny(model);
         let out = dir.path().join(format!("{model}.cap"));
         let out_s = out.display().to_string();
-        let base = |extra: &[&str]| -> Vec<String> {
-            let mut v: Vec<String> = ["compress", "--model", &m, "-o", &out_s, "--json"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-            v.extend(small(&calib, &cache));
-            v.extend(extra.iter().map(|s| s.to_string()));
-            v
-        };
-        let refs = |v: &[String]| -> Vec<String> { v.to_vec() };
+        let base = |extra: &[&str]| small_compress(&m, &out_s, &calib, &cache, extra);
         // The model's fixed costs, from a dry run.
         let plan_args = base(&["--budget", "1000000000", "--dry-run"]);
-        let plan = run_json(&plan_args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        let plan = run_json(&plan_args);
         assert!(!out.exists(), "--dry-run wrote a file");
         let fixed = &plan["fixed"];
         let file_fixed = fixed["dense_tensor_bytes"].as_u64().unwrap()
@@ -135,41 +101,17 @@ fn budgets_are_exact_for_every_method_and_budget_kind() {
         let tdir = dir.path().join("targets");
         std::fs::create_dir_all(&tdir).unwrap();
         let tplan_args = base(&["--target", "host", "--ctx", "64", "--dry-run"]);
-        let tplan = run_json(&tplan_args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        let tplan = run_json(&tplan_args);
         let reserved = 1 << 20;
         let total = needed(&tplan, half_linears) + reserved;
         write_profile(&tdir, "tiny-board", total, reserved);
         let tdir_s = tdir.display().to_string();
 
-        for method in [
-            &["--method", "cap"][..],
-            &["--method", "cap", "--lowrank-share", "0.3"],
-            &[
-                "--method",
-                "cap",
-                "--variant",
-                "paper",
-                "--allocation",
-                "reinforce",
-            ],
-            &[
-                "--method",
-                "cap",
-                "--variant",
-                "paper",
-                "--allocation",
-                "threshold",
-            ],
-            &["--method", "magnitude"],
-            &["--method", "wanda"],
-            &["--method", "svd"],
-            &["--method", "sparsegpt"],
-            &["--method", "admm"],
-        ] {
+        for method in METHODS {
             // The paper's ratio: kept parameters ≤ ⌊0.5 · dense⌋.
-            let mut a = refs(&base(method));
+            let mut a = base(method);
             a.extend(["--ratio", "0.5"].map(String::from));
-            let r = run_json(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+            let r = run_json(&a);
             let kept = check_file(&r, &out);
             assert!(
                 kept <= dense_params(&r) / 2,
@@ -177,10 +119,10 @@ fn budgets_are_exact_for_every_method_and_budget_kind() {
             );
             assert_eq!(kept, r["linear_cost"].as_u64().unwrap());
             // A file budget: the whole file within it.
-            let mut a = refs(&base(method));
+            let mut a = base(method);
             let fb = file_budget.to_string();
             a.extend(["--budget".to_string(), fb]);
-            let r = run_json(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+            let r = run_json(&a);
             check_file(&r, &out);
             assert!(
                 r["file_bytes"].as_u64().unwrap() <= file_budget,
@@ -188,7 +130,7 @@ fn budgets_are_exact_for_every_method_and_budget_kind() {
             );
             assert!(r["linear_bytes"].as_u64().unwrap() <= r["budget"]["limit"].as_u64().unwrap());
             // A device profile: file + KV cache + scratch + runtime within its memory.
-            let mut a = refs(&base(method));
+            let mut a = base(method);
             a.extend(
                 [
                     "--target",
@@ -200,7 +142,7 @@ fn budgets_are_exact_for_every_method_and_budget_kind() {
                 ]
                 .map(String::from),
             );
-            let r = run_json(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+            let r = run_json(&a);
             check_file(&r, &out);
             let linear = r["linear_bytes"].as_u64().unwrap();
             assert!(
@@ -228,14 +170,7 @@ fn the_stored_perplexity_is_the_written_files() {
     let cache = dir.path().join("rpca").display().to_string();
     let out = dir.path().join("t.cap");
     let (m, o) = (tiny("llama-tied"), out.display().to_string());
-    let mut a: Vec<String> = [
-        "compress", "--model", &m, "-o", &o, "--json", "--ratio", "0.6",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(small(&calib, &cache));
-    let r = run_json(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let r = run_json(&small_compress(&m, &o, &calib, &cache, &["--ratio", "0.6"]));
     let bytes = std::fs::read(&out).unwrap();
     let file = CapFile::parse(&bytes).unwrap();
     let c = file.manifest().compression.clone().unwrap();
@@ -420,14 +355,15 @@ fn bad_input_fails_cleanly_and_writes_nothing() {
 
 /// `cap-host compress` with `XDG_CACHE_HOME` (the data-free calibration cache) and
 /// `SOURCE_DATE_EPOCH` set; returns (exit code, stdout, stderr).
-fn cap_host_env(cache_home: &Path, args: &[&str]) -> (i32, String, String) {
+fn cap_host_env<S: AsRef<str>>(cache_home: &Path, args: &[S]) -> (i32, String, String) {
+    let args: Vec<&str> = args.iter().map(|s| s.as_ref()).collect();
     let epoch = std::ffi::OsStr::new("1700000000");
     common::cap_host_with(
         &[
             ("XDG_CACHE_HOME", cache_home.as_os_str()),
             ("SOURCE_DATE_EPOCH", epoch),
         ],
-        args,
+        &args,
     )
 }
 
@@ -464,27 +400,26 @@ fn data_free_calibration_without_calib() {
     let mut files = Vec::new();
     for (i, how) in ["generated", "cached"].iter().enumerate() {
         let o = dir.path().join(format!("s{i}.cap")).display().to_string();
-        let args = [
-            "compress",
-            "--model",
+        let args = compress_to(
             &m,
-            "-o",
             &o,
-            "--ratio",
-            "0.5",
-            "--method",
-            "wanda",
-            "--calib-samples",
-            "3",
-            "--calib-len",
-            "16",
-            "--eval-ctx",
-            "64",
-            "--eval-windows",
-            "1",
-            "--no-source-eval",
-            "--json",
-        ];
+            &[
+                "--ratio",
+                "0.5",
+                "--method",
+                "wanda",
+                "--calib-samples",
+                "3",
+                "--calib-len",
+                "16",
+                "--eval-ctx",
+                "64",
+                "--eval-windows",
+                "1",
+                "--no-source-eval",
+                "--json",
+            ],
+        );
         let (code, out, err) = cap_host_env(dir.path(), &args);
         assert_eq!(code, 0, "{err}");
         let r: Value = serde_json::from_str(out.trim()).unwrap();
@@ -525,23 +460,12 @@ fn a_decode_speed_requirement_bounds_the_linears() {
     let o = out.display().to_string();
     let m = tiny("llama-tied");
     let base = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["compress", "--model", &m, "-o", &o, "--json"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        v.extend(small(&calib, &cache));
+        let mut v = small_compress(&m, &o, &calib, &cache, extra);
         v.extend(["--method", "magnitude", "--target", "host", "--ctx", "64"].map(String::from));
-        v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
-    let strs = |v: &[String]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let plan_args = base(&["--dry-run"]);
-    let plan = run_json(
-        &strs(&plan_args)
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>(),
-    );
+    let plan = run_json(&plan_args);
     let fixed = &plan["fixed"];
     let dense_read = fixed["dense_read_bytes"].as_u64().unwrap();
     let linear_dense = fixed["linear_dense_bytes"].as_u64().unwrap();
@@ -553,12 +477,7 @@ fn a_decode_speed_requirement_bounds_the_linears() {
     // A speed that leaves about half the dense linear bytes, as a whole number.
     let n = (usable_bw / (dense_read + kv_read + linear_dense / 2) as f64).floor();
     let ns = format!("{n}");
-    let r = run_json(
-        &strs(&base(&["--min-tokens-per-s", &ns]))
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>(),
-    );
+    let r = run_json(&base(&["--min-tokens-per-s", &ns]));
     check_file(&r, &out);
     let want_limit = (usable_bw / n).floor() as u64 - dense_read - kv_read;
     assert_eq!(
@@ -593,35 +512,19 @@ fn a_decode_speed_requirement_bounds_the_linears() {
 
     // Out of reach: even empty linears read more than N allows.
     assert_clean_failure(
-        &strs(&base(&["--min-tokens-per-s", "1e12"]))
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>(),
+        &base(&["--min-tokens-per-s", "1e12"]),
         &["out of reach", "with every compressed layer empty"],
     );
     for bad in ["0", "-5", "NaN", "inf"] {
         assert_clean_failure(
-            &strs(&base(&[&format!("--min-tokens-per-s={bad}")]))
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>(),
+            &base(&[&format!("--min-tokens-per-s={bad}")]),
             &["--min-tokens-per-s must be a positive number"],
         );
     }
     assert!(leftovers(&work).is_empty(), "{:?}", leftovers(&work));
     // Without --target there is no bandwidth to predict from.
     assert_clean_failure(
-        &[
-            "compress",
-            "--model",
-            &m,
-            "-o",
-            &o,
-            "--ratio",
-            "0.5",
-            "--min-tokens-per-s",
-            "10",
-        ],
+        &compress_to(&m, &o, &["--ratio", "0.5", "--min-tokens-per-s", "10"]),
         &["--min-tokens-per-s needs --target"],
     );
     assert!(leftovers(&work).is_empty(), "{:?}", leftovers(&work));

@@ -29,6 +29,20 @@ fn is_zero(v: &[u8]) -> bool {
     last & 0x7F == 0 && rest.iter().all(|&b| b == 0)
 }
 
+/// The value size and entry count of a `rows×cols` matrix of float `dtype` values given
+/// to a sparse encoder (quantized values are an error: the encoders take floats).
+fn float_input(rows: u32, cols: u32, dtype: DType) -> Result<(usize, usize), FormatError> {
+    if dtype.is_quantized() {
+        return Err(FormatError::InvalidEncoding {
+            reason: "sparse encoders take float values; quantize the parts with quantize_sparse",
+        });
+    }
+    let n = (rows as usize)
+        .checked_mul(cols as usize)
+        .ok_or(FormatError::SizeOverflow)?;
+    Ok((dtype.size(), n))
+}
+
 /// Encodes a dense `rows×cols` matrix (`dense` = raw little-endian values of `dtype`,
 /// row-major) as `kind`. Returns the encoding and its parts in layout order, ready for
 /// `add_tensor` (check: each part has the length [`TensorLayout`] gives).
@@ -39,15 +53,7 @@ pub fn encode_sparse(
     dtype: DType,
     dense: &[u8],
 ) -> Result<(Sparse, Vec<Vec<u8>>), FormatError> {
-    if dtype.is_quantized() {
-        return Err(FormatError::InvalidEncoding {
-            reason: "sparse encoders take float values; quantize the parts with quantize_sparse",
-        });
-    }
-    let ds = dtype.size();
-    let n = (rows as usize)
-        .checked_mul(cols as usize)
-        .ok_or(FormatError::SizeOverflow)?;
+    let (ds, n) = float_input(rows, cols, dtype)?;
     if dense.len() != n.checked_mul(ds).ok_or(FormatError::SizeOverflow)? {
         return Err(FormatError::InvalidEncoding {
             reason: "dense input length is not rows*cols*dtype size",
@@ -109,15 +115,7 @@ pub fn encode_sparse_csr(
     col: &[u32],
     values: &[u8],
 ) -> Result<(Sparse, Vec<Vec<u8>>), FormatError> {
-    if dtype.is_quantized() {
-        return Err(FormatError::InvalidEncoding {
-            reason: "sparse encoders take float values; quantize the parts with quantize_sparse",
-        });
-    }
-    let ds = dtype.size();
-    let n = (rows as usize)
-        .checked_mul(cols as usize)
-        .ok_or(FormatError::SizeOverflow)?;
+    let (ds, n) = float_input(rows, cols, dtype)?;
     n.checked_mul(ds).ok_or(FormatError::SizeOverflow)?;
     check_csr(rows, cols, ds, row_ptr, col, values)?;
     encode_rows(kind, rows, cols, dtype, |r| {
@@ -238,6 +236,93 @@ where
     Ok((sparse, parts))
 }
 
+/// The layout of a sparse tensor, checked against the parts of `view`: shapes and
+/// parameters the layout rejects, and parts whose lengths differ from it, are errors
+/// (which bounds what a decoder allocates by the input's size).
+fn checked_layout(
+    rows: u32,
+    cols: u32,
+    sparse: Sparse,
+    view: &SparseView<'_>,
+) -> Result<TensorLayout, FormatError> {
+    let layout = TensorLayout::compute(
+        &TensorDesc {
+            rows,
+            cols,
+            encoding: Encoding::Sparse(sparse),
+        },
+        crate::MIN_ALIGNMENT,
+    )?;
+    let given: Vec<usize> = match *view {
+        SparseView::Bitmask { mask, values } => vec![mask.len(), values.bytes.len()],
+        SparseView::BlockCsr(v) => vec![v.block_ptr.len(), v.col_idx.len(), v.values.bytes.len()],
+        SparseView::TwoFour { values, meta } => vec![values.bytes.len(), meta.len()],
+    };
+    let want = layout.parts().iter().map(|p| p.len);
+    if given.len() != layout.parts().len() || want.zip(&given).any(|(w, &g)| w != g as u64) {
+        return Err(FormatError::BadSparseStructure {
+            index: 0,
+            reason: "part lengths differ from the encoding's layout",
+        });
+    }
+    Ok(layout)
+}
+
+/// Calls `f(i, k)` for every stored value of `view` in storage order: `i` is its
+/// row-major position in the `rows × cols` matrix (checked to be in range), `k` its
+/// index among the stored values. Inconsistent index data is an error.
+fn for_each_stored(
+    rows: u32,
+    cols: u32,
+    view: &SparseView<'_>,
+    mut f: impl FnMut(usize, usize) -> Result<(), FormatError>,
+) -> Result<(), FormatError> {
+    let bad = |reason| FormatError::BadSparseStructure { index: 0, reason };
+    let (rows, c) = (rows as usize, cols as usize);
+    let n = rows * c;
+    match *view {
+        SparseView::Bitmask { mask, .. } => {
+            let mut k = 0usize;
+            for i in 0..n {
+                if mask.get(i / 8).ok_or(bad("mask too short"))? >> (i % 8) & 1 == 1 {
+                    f(i, k)?;
+                    k += 1;
+                }
+            }
+        }
+        SparseView::BlockCsr(v) => {
+            let nb = c.div_ceil(CSR_BLOCK_COLS as usize);
+            for r in 0..rows {
+                for b in 0..nb {
+                    let lo = v
+                        .block_ptr_at(r * nb + b)
+                        .ok_or(bad("block pointers too short"))?;
+                    let hi = v
+                        .block_ptr_at(r * nb + b + 1)
+                        .ok_or(bad("block pointers too short"))?;
+                    for k in lo as usize..hi as usize {
+                        let col = b * CSR_BLOCK_COLS as usize
+                            + *v.col_idx.get(k).ok_or(bad("column indices too short"))? as usize;
+                        if col >= c {
+                            return Err(bad("column index out of range"));
+                        }
+                        f(r * c + col, k)?;
+                    }
+                }
+            }
+        }
+        SparseView::TwoFour { meta, .. } => {
+            for g in 0..n / 4 {
+                let nib = meta.get(g / 2).ok_or(bad("meta too short"))? >> (4 * (g % 2)) & 0xF;
+                for (s, j) in [nib & 3, nib >> 2].into_iter().enumerate() {
+                    f(4 * g + j as usize, 2 * g + s)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Decodes a sparse view of float values back to a dense row-major matrix of raw
 /// little-endian values (`rows·cols·dtype.size()` bytes; quantized values are an
 /// error, see [`decode_sparse_f32`]). Validates as it goes: inconsistent index data is
@@ -248,86 +333,30 @@ pub fn decode_sparse(
     sparse: Sparse,
     view: &SparseView<'_>,
 ) -> Result<Vec<u8>, FormatError> {
-    // Reject shapes and parameters the layout rejects, and parts whose lengths differ
-    // from the layout: this bounds the output allocation by the input size.
-    let layout = TensorLayout::compute(
-        &TensorDesc {
-            rows,
-            cols,
-            encoding: Encoding::Sparse(sparse),
-        },
-        crate::MIN_ALIGNMENT,
-    )?;
-    let bad = |reason| FormatError::BadSparseStructure { index: 0, reason };
+    checked_layout(rows, cols, sparse, view)?;
     if sparse.dtype().is_quantized() {
         return Err(FormatError::InvalidEncoding {
             reason: "decode_sparse returns raw float values; use decode_sparse_f32",
         });
     }
-    let given: Vec<usize> = match *view {
-        SparseView::Bitmask { mask, values } => vec![mask.len(), values.bytes.len()],
-        SparseView::BlockCsr(v) => vec![v.block_ptr.len(), v.col_idx.len(), v.values.bytes.len()],
-        SparseView::TwoFour { values, meta } => vec![values.bytes.len(), meta.len()],
+    let vals = match *view {
+        SparseView::Bitmask { values, .. } | SparseView::TwoFour { values, .. } => values,
+        SparseView::BlockCsr(v) => v.values,
     };
-    let want = layout.parts().iter().map(|p| p.len);
-    if given.len() != layout.parts().len() || want.zip(&given).any(|(w, &g)| w != g as u64) {
-        return Err(bad("part lengths differ from the encoding's layout"));
-    }
     let ds = sparse.dtype().size();
     let n = rows as usize * cols as usize;
     let mut out = vec![0u8; n.checked_mul(ds).ok_or(FormatError::SizeOverflow)?];
-    let value = |vals: &[u8], k: usize| -> Result<(), FormatError> {
-        vals.get(k * ds..(k + 1) * ds)
-            .map(|_| ())
-            .ok_or(bad("too few values"))
-    };
-    match *view {
-        SparseView::Bitmask { mask, values } => {
-            let mut k = 0usize;
-            for i in 0..n {
-                if mask.get(i / 8).ok_or(bad("mask too short"))? >> (i % 8) & 1 == 1 {
-                    value(values.bytes, k)?;
-                    out[i * ds..(i + 1) * ds].copy_from_slice(&values.bytes[k * ds..(k + 1) * ds]);
-                    k += 1;
-                }
-            }
-        }
-        SparseView::BlockCsr(v) => {
-            let nb = cols.div_ceil(CSR_BLOCK_COLS) as usize;
-            for r in 0..rows as usize {
-                for b in 0..nb {
-                    let lo = v
-                        .block_ptr_at(r * nb + b)
-                        .ok_or(bad("block pointers too short"))?;
-                    let hi = v
-                        .block_ptr_at(r * nb + b + 1)
-                        .ok_or(bad("block pointers too short"))?;
-                    for k in lo as usize..hi as usize {
-                        let c = b * CSR_BLOCK_COLS as usize
-                            + *v.col_idx.get(k).ok_or(bad("column indices too short"))? as usize;
-                        if c >= cols as usize {
-                            return Err(bad("column index out of range"));
-                        }
-                        value(v.values.bytes, k)?;
-                        let i = r * cols as usize + c;
-                        out[i * ds..(i + 1) * ds]
-                            .copy_from_slice(&v.values.bytes[k * ds..(k + 1) * ds]);
-                    }
-                }
-            }
-        }
-        SparseView::TwoFour { values, meta } => {
-            for g in 0..n / 4 {
-                let nib = meta.get(g / 2).ok_or(bad("meta too short"))? >> (4 * (g % 2)) & 0xF;
-                for (s, j) in [nib & 3, nib >> 2].into_iter().enumerate() {
-                    let k = 2 * g + s;
-                    value(values.bytes, k)?;
-                    let i = 4 * g + j as usize;
-                    out[i * ds..(i + 1) * ds].copy_from_slice(&values.bytes[k * ds..(k + 1) * ds]);
-                }
-            }
-        }
-    }
+    for_each_stored(rows, cols, view, |i, k| {
+        let v = vals
+            .bytes
+            .get(k * ds..(k + 1) * ds)
+            .ok_or(FormatError::BadSparseStructure {
+                index: 0,
+                reason: "too few values",
+            })?;
+        out[i * ds..(i + 1) * ds].copy_from_slice(v);
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -456,88 +485,45 @@ pub fn quantize_sparse(
 
 /// Decodes a sparse view of any value type to a dense row-major `f32` matrix (zeros
 /// where nothing is stored; quantized values dequantized exactly as
-/// [`crate::values::dequantize`]). Validates as it goes, like [`decode_sparse`].
+/// [`crate::values::dequantize`], each row's kept values one run). Validates as it
+/// goes, like [`decode_sparse`].
 pub fn decode_sparse_f32(
     rows: u32,
     cols: u32,
     sparse: Sparse,
     view: &SparseView<'_>,
 ) -> Result<Vec<f32>, FormatError> {
-    let layout = TensorLayout::compute(
-        &TensorDesc {
-            rows,
-            cols,
-            encoding: Encoding::Sparse(sparse),
-        },
-        crate::MIN_ALIGNMENT,
-    )?;
+    checked_layout(rows, cols, sparse, view)?;
     let bad = |reason| FormatError::BadSparseStructure { index: 0, reason };
     let vals = match *view {
         SparseView::Bitmask { values, .. } | SparseView::TwoFour { values, .. } => values,
         SparseView::BlockCsr(v) => v.values,
     };
-    if layout.part(crate::PartKind::SparseValues).map(|p| p.len) != Some(vals.bytes.len() as u64) {
-        return Err(bad("values part length differs from the encoding's layout"));
-    }
-    let counts = row_counts(rows, cols, view)?;
+    // Every stored value as f32, in storage order (row by row: a run per row).
     let dtype = sparse.dtype();
-    let c = cols as usize;
-    let mut out = vec![
-        0.0f32;
-        (rows as usize)
-            .checked_mul(c)
-            .ok_or(FormatError::SizeOverflow)?
-    ];
-    let mut row_vals = Vec::new();
-    let (mut at, mut first) = (0usize, 0usize);
-    for (r, &k) in counts.iter().enumerate() {
-        let k = k as usize;
-        row_vals.clear();
-        row_vals.resize(k, 0.0);
-        let run = vals.bytes.get(at..).ok_or(bad("too few values"))?;
-        crate::values::dequantize(run, dtype, &mut row_vals).map_err(|_| bad("too few values"))?;
-        at += dtype.run_bytes(k as u64) as usize;
-        let o = &mut out[r * c..(r + 1) * c];
-        match *view {
-            SparseView::Bitmask { mask, .. } => {
-                let mut j = 0;
-                for (col, o) in o.iter_mut().enumerate() {
-                    let i = r * c + col;
-                    if mask.get(i / 8).ok_or(bad("mask too short"))? >> (i % 8) & 1 == 1 {
-                        *o = row_vals[j];
-                        j += 1;
-                    }
-                }
-            }
-            SparseView::BlockCsr(v) => {
-                let nb = c.div_ceil(CSR_BLOCK_COLS as usize);
-                for b in 0..nb {
-                    let lo = v
-                        .block_ptr_at(r * nb + b)
-                        .ok_or(bad("block pointers too short"))?;
-                    let hi = v
-                        .block_ptr_at(r * nb + b + 1)
-                        .ok_or(bad("block pointers too short"))?;
-                    for e in lo as usize..hi as usize {
-                        let col = b * CSR_BLOCK_COLS as usize
-                            + *v.col_idx.get(e).ok_or(bad("column indices too short"))? as usize;
-                        let j = e.checked_sub(first).ok_or(bad("block pointers decrease"))?;
-                        *o.get_mut(col).ok_or(bad("column index out of range"))? =
-                            *row_vals.get(j).ok_or(bad("too few values"))?;
-                    }
-                }
-            }
-            SparseView::TwoFour { meta, .. } => {
-                for g in 0..c / 4 {
-                    let gi = r * (c / 4) + g;
-                    let nib =
-                        meta.get(gi / 2).ok_or(bad("meta too short"))? >> (4 * (gi % 2)) & 0xF;
-                    o[4 * g + (nib & 3) as usize] = row_vals[2 * g];
-                    o[4 * g + (nib >> 2) as usize] = row_vals[2 * g + 1];
-                }
-            }
-        }
-        first += k;
+    let mut stored = Vec::new();
+    let mut at = 0usize;
+    for k in row_counts(rows, cols, view)? {
+        // The run's bytes are checked before anything is allocated for it, so corrupt
+        // counts cannot make this allocate more than the values part holds.
+        let len = dtype.run_bytes(u64::from(k)) as usize;
+        let run = vals
+            .bytes
+            .get(at..at.saturating_add(len))
+            .ok_or(bad("too few values"))?;
+        let from = stored.len();
+        stored.resize(from + k as usize, 0.0);
+        crate::values::dequantize(run, dtype, &mut stored[from..])
+            .map_err(|_| bad("too few values"))?;
+        at += len;
     }
+    let n = (rows as usize)
+        .checked_mul(cols as usize)
+        .ok_or(FormatError::SizeOverflow)?;
+    let mut out = vec![0.0f32; n];
+    for_each_stored(rows, cols, view, |i, k| {
+        out[i] = *stored.get(k).ok_or(bad("too few values"))?;
+        Ok(())
+    })?;
     Ok(out)
 }

@@ -56,6 +56,86 @@ pub const SMALL_EVAL: [&str; 8] = [
     "2",
 ];
 
+/// `cap-host compress` arguments that keep a tiny model's run to a fraction of a
+/// second: `--calib calib`, [`SMALL_EVAL`], a short allocation search on 2 threads and
+/// the RPCA cache in `cache`.
+pub fn small_args(calib: &str, cache: &str) -> Vec<String> {
+    let search = [
+        "--steps",
+        "3",
+        "--step-samples",
+        "2",
+        "--threads",
+        "2",
+        "--cache-dir",
+        cache,
+    ];
+    ["--calib", calib]
+        .into_iter()
+        .chain(SMALL_EVAL)
+        .chain(search)
+        .map(String::from)
+        .collect()
+}
+
+/// `cap-host compress --model model -o out`, then `extra`.
+pub fn compress_to(model: &str, out: &str, extra: &[&str]) -> Vec<String> {
+    ["compress", "--model", model, "-o", out]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// `cap-host compress --model model -o out --json`, then [`small_args`], then `extra`.
+pub fn small_compress(
+    model: &str,
+    out: &str,
+    calib: &str,
+    cache: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut v = compress_to(model, out, &["--json"]);
+    v.extend(small_args(calib, cache));
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Every `--method` (with the variants that take another path) `compress` has.
+pub const METHODS: [&[&str]; 9] = [
+    &["--method", "cap"],
+    &["--method", "cap", "--lowrank-share", "0.3"],
+    &[
+        "--method",
+        "cap",
+        "--variant",
+        "paper",
+        "--allocation",
+        "reinforce",
+    ],
+    &[
+        "--method",
+        "cap",
+        "--variant",
+        "paper",
+        "--allocation",
+        "threshold",
+    ],
+    &["--method", "magnitude"],
+    &["--method", "wanda"],
+    &["--method", "svd"],
+    &["--method", "sparsegpt"],
+    &["--method", "admm"],
+];
+
+/// Runs `cap-host args`, asserts success and parses its `--json` output.
+pub fn run_json<S: AsRef<str>>(args: &[S]) -> serde_json::Value {
+    let a: Vec<&str> = args.iter().map(|s| s.as_ref()).collect();
+    let (code, out, err) = cap_host(&a);
+    assert_eq!(code, 0, "cap-host {a:?} failed: {err}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
 /// Writes a calibration text of about 12k characters in paragraphs into `dir` and
 /// returns its path.
 pub fn calib_text(dir: &std::path::Path) -> String {
@@ -78,8 +158,9 @@ pub fn calib_text(dir: &std::path::Path) -> String {
 
 /// Asserts a clean failure of `cap-host args`: exit code 1, one line on stderr
 /// containing every `needle`, and no panic.
-pub fn assert_clean_failure(args: &[&str], needles: &[&str]) {
-    let (code, _out, err) = cap_host(args);
+pub fn assert_clean_failure<S: AsRef<str>>(args: &[S], needles: &[&str]) {
+    let args: Vec<&str> = args.iter().map(|s| s.as_ref()).collect();
+    let (code, _out, err) = cap_host(&args);
     assert_eq!(code, 1, "expected exit 1 for {args:?}, stderr: {err}");
     assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();

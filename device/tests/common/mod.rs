@@ -48,34 +48,7 @@ pub fn config(tied: bool, qkv_bias: bool) -> Config {
     }
 }
 
-/// Rounds `v` to `dtype` and returns (raw little-endian bytes, the rounded values).
-fn store(v: &[f32], dtype: DType) -> (Vec<u8>, Vec<f32>) {
-    let mut bytes = Vec::new();
-    let mut vals = Vec::new();
-    for &x in v {
-        match dtype {
-            DType::F32 => {
-                bytes.extend_from_slice(&x.to_le_bytes());
-                vals.push(x);
-            }
-            DType::F16 => {
-                let h = half::f16::from_f32(x);
-                bytes.extend_from_slice(&h.to_le_bytes());
-                vals.push(h.to_f32());
-            }
-            DType::BF16 => {
-                let h = half::bf16::from_f32(x);
-                bytes.extend_from_slice(&h.to_le_bytes());
-                vals.push(h.to_f32());
-            }
-            // Quantized layers are built in `quantized_model.rs`.
-            DType::Q8 { .. } | DType::Q4 { .. } => unreachable!("float dtypes only here"),
-        }
-    }
-    (bytes, vals)
-}
-
-/// How one linear layer is stored.
+/// How one linear layer of a tiny test model is stored (float or quantized values).
 #[derive(Clone, Copy, Debug)]
 pub enum Enc {
     Dense(DType),
@@ -114,83 +87,15 @@ fn sparse_dense(r: &mut Lcg, rows: usize, cols: usize, kind: SparseKind, d: f32)
     w
 }
 
-/// One encoded layer: (desc, parts) for the writer, and its dense reference weight.
-fn encode(r: &mut Lcg, rows: usize, cols: usize, e: Enc) -> (TensorDesc, Vec<Vec<u8>>, Vec<f32>) {
-    let (rows32, cols32) = (rows as u32, cols as u32);
-    let low = |r: &mut Lcg, rank: u32, dt: DType| {
-        let k = rank as usize;
-        let a: Vec<f32> = (0..k * cols).map(|_| r.next()).collect();
-        let b: Vec<f32> = (0..rows * k).map(|_| r.next()).collect();
-        let (ab, av) = store(&a, dt);
-        let (bb, bv) = store(&b, dt);
-        (vec![ab, bb], factor_product(&bv, &av, rows, cols, k))
-    };
-    let sparse = |r: &mut Lcg, kind: SparseKind, d: f32, dt: DType| {
-        let s = sparse_dense(r, rows, cols, kind, d);
-        let (raw, vals) = store(&s, dt);
-        let (sp, parts) = encode_sparse(kind, rows32, cols32, dt, &raw).expect("encodable");
-        (sp, parts, vals)
-    };
-    match e {
-        Enc::Dense(dt) => {
-            let w: Vec<f32> = (0..rows * cols).map(|_| r.next()).collect();
-            let (b, v) = store(&w, dt);
-            (
-                TensorDesc {
-                    rows: rows32,
-                    cols: cols32,
-                    encoding: Encoding::Dense { dtype: dt },
-                },
-                vec![b],
-                v,
-            )
-        }
-        Enc::LowRank(rank, dt) => {
-            let (parts, w) = low(r, rank, dt);
-            (
-                TensorDesc {
-                    rows: rows32,
-                    cols: cols32,
-                    encoding: Encoding::LowRank { rank, dtype: dt },
-                },
-                parts,
-                w,
-            )
-        }
-        Enc::Sparse(kind, d, dt) => {
-            let (sp, parts, w) = sparse(r, kind, d, dt);
-            (
-                TensorDesc {
-                    rows: rows32,
-                    cols: cols32,
-                    encoding: Encoding::Sparse(sp),
-                },
-                parts,
-                w,
-            )
-        }
-        Enc::Composite(rank, fdt, kind, d, sdt) => {
-            let (mut parts, mut w) = low(r, rank, fdt);
-            let (sp, sparts, s) = sparse(r, kind, d, sdt);
-            parts.extend(sparts);
-            for (a, b) in w.iter_mut().zip(&s) {
-                *a += b;
-            }
-            (
-                TensorDesc {
-                    rows: rows32,
-                    cols: cols32,
-                    encoding: Encoding::Composite {
-                        rank,
-                        factor_dtype: fdt,
-                        sparse: sp,
-                    },
-                },
-                parts,
-                w,
-            )
-        }
-    }
+/// The widths of `c`: (hidden, q, kv, intermediate, vocabulary).
+fn dims(c: &Config) -> (usize, usize, usize, usize, usize) {
+    (
+        c.hidden_size,
+        c.q_dim(),
+        c.kv_dim(),
+        c.intermediate_size,
+        c.vocab_size,
+    )
 }
 
 /// The `.cap` bytes and the dense reference model with the same (rounded) weights.
@@ -198,13 +103,7 @@ pub fn tiny_cap(seed: u64, tied: bool, qkv_bias: bool) -> (Vec<u8>, Model<DenseL
     let c = config(tied, qkv_bias);
     let mut r = Lcg(seed);
     let mut w = StreamWriter::new(Cursor::new(Vec::new()), WriterOptions::default()).unwrap();
-    let (h, qd, kvd, inter, vocab) = (
-        c.hidden_size,
-        c.q_dim(),
-        c.kv_dim(),
-        c.intermediate_size,
-        c.vocab_size,
-    );
+    let (h, qd, kvd, inter, vocab) = dims(&c);
     let add =
         |w: &mut StreamWriter<Cursor<Vec<u8>>>, name: &str, d: &TensorDesc, parts: &[Vec<u8>]| {
             let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
@@ -213,7 +112,7 @@ pub fn tiny_cap(seed: u64, tied: bool, qkv_bias: bool) -> (Vec<u8>, Model<DenseL
     let vector =
         |w: &mut StreamWriter<Cursor<Vec<u8>>>, r: &mut Lcg, name: &str, n: usize, base: f32| {
             let v: Vec<f32> = (0..n).map(|_| base + r.next()).collect();
-            let (b, v) = store(&v, DType::F32);
+            let (b, v) = store_rows(&v, n, DType::F32);
             let d = TensorDesc {
                 rows: 1,
                 cols: n as u32,
@@ -292,15 +191,6 @@ pub fn tiny_cap(seed: u64, tied: bool, qkv_bias: bool) -> (Vec<u8>, Model<DenseL
     (bytes, model)
 }
 
-/// How one linear layer is stored in the quantized tiny model.
-#[derive(Clone, Copy, Debug)]
-pub enum QEnc {
-    Dense(DType),
-    LowRank(u32, DType),
-    Sparse(SparseKind, f32, DType),
-    Composite(u32, DType, SparseKind, f32, DType),
-}
-
 const fn q8(group: u16) -> DType {
     DType::Q8 { group }
 }
@@ -311,17 +201,17 @@ const fn q4(group: u16) -> DType {
 /// The quantized encodings assigned to the linear layers in turn: Q8 and Q4 values,
 /// dense (hidden 36 and intermediate 300 are not multiples of the groups, so rows end
 /// in partial groups), bitmask, block-CSR, 2:4, low-rank and low-rank + sparse.
-pub const QUANT_ENCODINGS: [QEnc; 10] = [
-    QEnc::Dense(q8(32)),
-    QEnc::Dense(q4(32)),
-    QEnc::Sparse(SparseKind::Bitmask, 0.4, q8(16)),
-    QEnc::Sparse(SparseKind::Bitmask, 0.5, q4(64)),
-    QEnc::Sparse(SparseKind::BlockCsr, 0.3, q4(16)),
-    QEnc::Sparse(SparseKind::TwoFour, 0.5, q8(32)),
-    QEnc::LowRank(4, q8(16)),
-    QEnc::Composite(3, q4(16), SparseKind::Bitmask, 0.2, q8(16)),
-    QEnc::Composite(2, DType::F16, SparseKind::BlockCsr, 0.25, q4(32)),
-    QEnc::Dense(q8(256)),
+pub const QUANT_ENCODINGS: [Enc; 10] = [
+    Enc::Dense(q8(32)),
+    Enc::Dense(q4(32)),
+    Enc::Sparse(SparseKind::Bitmask, 0.4, q8(16)),
+    Enc::Sparse(SparseKind::Bitmask, 0.5, q4(64)),
+    Enc::Sparse(SparseKind::BlockCsr, 0.3, q4(16)),
+    Enc::Sparse(SparseKind::TwoFour, 0.5, q8(32)),
+    Enc::LowRank(4, q8(16)),
+    Enc::Composite(3, q4(16), SparseKind::Bitmask, 0.2, q8(16)),
+    Enc::Composite(2, DType::F16, SparseKind::BlockCsr, 0.25, q4(32)),
+    Enc::Dense(q8(256)),
 ];
 
 /// Stores `v` (row-major, `cols` wide) in `dtype` (each row one run); returns the
@@ -333,13 +223,9 @@ fn store_rows(v: &[f32], cols: usize, dtype: DType) -> (Vec<u8>, Vec<f32>) {
     (b, vals)
 }
 
-/// One quantized layer: (desc, parts) and its dequantized dense `f32` weight.
-fn encode_q(
-    r: &mut Lcg,
-    rows: usize,
-    cols: usize,
-    e: QEnc,
-) -> (TensorDesc, Vec<Vec<u8>>, Vec<f32>) {
+/// One encoded layer (float or quantized values): (desc, parts) for the writer, and
+/// its dense `f32` reference weight, as the stored values decode.
+fn encode(r: &mut Lcg, rows: usize, cols: usize, e: Enc) -> (TensorDesc, Vec<Vec<u8>>, Vec<f32>) {
     let (rows32, cols32) = (rows as u32, cols as u32);
     let low = |r: &mut Lcg, rank: u32, dt: DType| {
         let k = rank as usize;
@@ -351,9 +237,15 @@ fn encode_q(
     };
     let sparse = |r: &mut Lcg, kind: SparseKind, d: f32, dt: DType| {
         let s = sparse_dense(r, rows, cols, kind, d);
-        let raw = cap_format::to_bytes(&s, DType::F32);
-        let (sp, parts) = encode_sparse(kind, rows32, cols32, DType::F32, &raw).unwrap();
-        let (q, qp) = cap_format::quantize_sparse(rows32, cols32, sp, parts, dt).unwrap();
+        // Quantized values: encoded as f32, then each row's kept values quantized.
+        let float = if dt.is_quantized() { DType::F32 } else { dt };
+        let raw = cap_format::to_bytes(&s, float);
+        let (sp, parts) = encode_sparse(kind, rows32, cols32, float, &raw).unwrap();
+        let (q, qp) = if dt.is_quantized() {
+            cap_format::quantize_sparse(rows32, cols32, sp, parts, dt).unwrap()
+        } else {
+            (sp, parts)
+        };
         let view = match kind {
             SparseKind::Bitmask => cap_format::SparseView::Bitmask {
                 mask: &qp[0],
@@ -387,20 +279,20 @@ fn encode_q(
         encoding,
     };
     match e {
-        QEnc::Dense(dt) => {
+        Enc::Dense(dt) => {
             let w: Vec<f32> = (0..rows * cols).map(|_| r.next()).collect();
             let (b, v) = store_rows(&w, cols, dt);
             (desc(Encoding::Dense { dtype: dt }), vec![b], v)
         }
-        QEnc::LowRank(rank, dt) => {
+        Enc::LowRank(rank, dt) => {
             let (parts, w) = low(r, rank, dt);
             (desc(Encoding::LowRank { rank, dtype: dt }), parts, w)
         }
-        QEnc::Sparse(kind, d, dt) => {
+        Enc::Sparse(kind, d, dt) => {
             let (sp, parts, w) = sparse(r, kind, d, dt);
             (desc(Encoding::Sparse(sp)), parts, w)
         }
-        QEnc::Composite(rank, fdt, kind, d, sdt) => {
+        Enc::Composite(rank, fdt, kind, d, sdt) => {
             let (mut parts, mut w) = low(r, rank, fdt);
             let (sp, sparts, s) = sparse(r, kind, d, sdt);
             parts.extend(sparts);
@@ -425,13 +317,7 @@ pub fn tiny_quantized_cap(seed: u64, tied: bool) -> (Vec<u8>, Vec<u8>) {
     let mut r = Lcg(seed);
     let new = || StreamWriter::new(Cursor::new(Vec::new()), WriterOptions::default()).unwrap();
     let (mut wq, mut wf) = (new(), new());
-    let (h, qd, kvd, inter, vocab) = (
-        c.hidden_size,
-        c.q_dim(),
-        c.kv_dim(),
-        c.intermediate_size,
-        c.vocab_size,
-    );
+    let (h, qd, kvd, inter, vocab) = dims(&c);
     // Writes one tensor to both files: as encoded, and dense f32 from `w`.
     let mut both = |name: &str, d: &TensorDesc, parts: &[Vec<u8>], w: &[f32]| {
         let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
@@ -453,12 +339,12 @@ pub fn tiny_quantized_cap(seed: u64, tied: bool) -> (Vec<u8>, Vec<u8>) {
         (name.to_string(), d, v)
     };
     let embed_enc = if tied {
-        QEnc::Dense(q8(16))
+        Enc::Dense(q8(16))
     } else {
-        QEnc::Dense(DType::F16)
+        Enc::Dense(DType::F16)
     };
     let (ed, ep, ew) = if tied {
-        encode_q(&mut r, vocab, h, embed_enc)
+        encode(&mut r, vocab, h, embed_enc)
     } else {
         let (d, p, w) = encode(&mut r, vocab, h, Enc::Dense(DType::F16));
         (d, p, w)
@@ -480,7 +366,7 @@ pub fn tiny_quantized_cap(seed: u64, tied: bool) -> (Vec<u8>, Vec<u8>) {
             ("ffn_up.weight", inter, h),
             ("ffn_down.weight", h, inter),
         ] {
-            let (d, parts, w) = encode_q(
+            let (d, parts, w) = encode(
                 &mut r,
                 rows,
                 cols,
@@ -493,11 +379,11 @@ pub fn tiny_quantized_cap(seed: u64, tied: bool) -> (Vec<u8>, Vec<u8>) {
     let (nm, d, v) = vector(&mut r, "output_norm.weight", h);
     both(&nm, &d, &[cap_format::to_bytes(&v, DType::F32)], &v);
     if !tied {
-        let (d, parts, w) = encode_q(
+        let (d, parts, w) = encode(
             &mut r,
             vocab,
             h,
-            QEnc::Sparse(SparseKind::Bitmask, 0.6, q4(32)),
+            Enc::Sparse(SparseKind::Bitmask, 0.6, q4(32)),
         );
         both("output.weight", &d, &parts, &w);
     }

@@ -248,22 +248,10 @@ pub enum DequantError {
 /// `data` has the wrong length; `out` is then left untouched.
 pub fn dequantize_into(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), DequantError> {
     let n = out.len();
-    let block = ty.block_elems();
-    if !n.is_multiple_of(block) {
-        return Err(DequantError::NotBlockMultiple { ty, n, block });
-    }
-    let expected = ty.bytes_for(n).ok_or(DequantError::TooLarge { ty, n })?;
-    if data.len() != expected {
-        return Err(DequantError::WrongByteLength {
-            ty,
-            n,
-            expected,
-            actual: data.len(),
-        });
-    }
+    check_len(ty, data, n)?;
     if n >= PARALLEL_MIN_ELEMS {
         // CHUNK_ELEMS is a multiple of every block size, so each chunk is whole blocks.
-        let chunk_bytes = CHUNK_ELEMS / block * ty.block_bytes();
+        let chunk_bytes = CHUNK_ELEMS / ty.block_elems() * ty.block_bytes();
         data.par_chunks(chunk_bytes)
             .zip(out.par_chunks_mut(CHUNK_ELEMS))
             .for_each(|(d, o)| dequantize_blocks(ty, d, o));
@@ -273,10 +261,8 @@ pub fn dequantize_into(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(),
     Ok(())
 }
 
-/// Dequantize `n` elements of type `ty` from `data` (exactly `ty.bytes_for(n)` bytes) into a
-/// new vector.
-pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, DequantError> {
-    // Validate before allocating, so a bogus `n` cannot trigger a huge allocation.
+/// Checks that `n` elements of `ty` are whole blocks stored in exactly `data.len()` bytes.
+fn check_len(ty: GgmlType, data: &[u8], n: usize) -> Result<(), DequantError> {
     let block = ty.block_elems();
     if !n.is_multiple_of(block) {
         return Err(DequantError::NotBlockMultiple { ty, n, block });
@@ -290,6 +276,14 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, Dequa
             actual: data.len(),
         });
     }
+    Ok(())
+}
+
+/// Dequantize `n` elements of type `ty` from `data` (exactly `ty.bytes_for(n)` bytes) into a
+/// new vector.
+pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, DequantError> {
+    // Validate before allocating, so a bogus `n` cannot trigger a huge allocation.
+    check_len(ty, data, n)?;
     let mut out = vec![0.0f32; n];
     dequantize_into(ty, data, &mut out)?;
     Ok(out)
@@ -434,46 +428,36 @@ fn sub_block_pair(p: usize, d: f32, min: f32, scales: &[u8]) -> [(f32, f32); 2] 
 /// `qs` holds two 32-element sub-blocks (low nibbles, then high nibbles).
 #[inline(always)]
 fn block_q4_k(x: &[u8], y: &mut [f32]) {
-    let d = f16_at(x, 0);
-    let min = f16_at(x, 2);
-    let scales = &x[4..16];
-    let qs = &x[16..144];
-    for (p, (q, y)) in qs
-        .chunks_exact(32)
-        .zip(y[..QK_K].chunks_exact_mut(64))
-        .enumerate()
-    {
-        let [(d1, m1), (d2, m2)] = sub_block_pair(p, d, min, scales);
-        let (lo, hi) = y.split_at_mut(32);
-        for l in 0..32 {
-            lo[l] = d1 * (q[l] & 0x0F) as f32 - m1;
-            hi[l] = d2 * (q[l] >> 4) as f32 - m2;
-        }
-    }
+    k_quant_4_5(x, &x[16..144], None, y);
 }
 
 /// `block_q5_K`: `d: f16, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]`. Bit
 /// `2p` / `2p + 1` of `qh[l]` is the fifth bit of element `l` of sub-block `2p` / `2p + 1`.
 #[inline(always)]
 fn block_q5_k(x: &[u8], y: &mut [f32]) {
+    k_quant_4_5(x, &x[48..176], Some(&x[16..48]), y);
+}
+
+/// The shared body of Q4_K and Q5_K (Q5_K is Q4_K plus a fifth bit per value from `qh`):
+/// `x` starts with `d`, `dmin` and the 12 bytes of packed scales; `qs` holds the low
+/// nibbles.
+#[inline(always)]
+fn k_quant_4_5(x: &[u8], qs: &[u8], qh: Option<&[u8]>, y: &mut [f32]) {
     let d = f16_at(x, 0);
     let min = f16_at(x, 2);
     let scales = &x[4..16];
-    let qh = &x[16..48];
-    let ql = &x[48..176];
-    for (p, (q, y)) in ql
+    for (p, (q, y)) in qs
         .chunks_exact(32)
         .zip(y[..QK_K].chunks_exact_mut(64))
         .enumerate()
     {
         let [(d1, m1), (d2, m2)] = sub_block_pair(p, d, min, scales);
         let (u1, u2) = (1u8 << (2 * p), 2u8 << (2 * p));
+        let high = |l: usize, u: u8| qh.map_or(0, |h| if h[l] & u != 0 { 16 } else { 0 });
         let (lo, hi) = y.split_at_mut(32);
         for l in 0..32 {
-            let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
-            let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
-            lo[l] = d1 * ((q[l] & 0x0F) + h1) as f32 - m1;
-            hi[l] = d2 * ((q[l] >> 4) + h2) as f32 - m2;
+            lo[l] = d1 * ((q[l] & 0x0F) + high(l, u1)) as f32 - m1;
+            hi[l] = d2 * ((q[l] >> 4) + high(l, u2)) as f32 - m2;
         }
     }
 }
