@@ -85,16 +85,21 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 with FMA and F16C.
     Avx2,
+    /// x86-64 AVX-512 (F, BW, VL) on top of AVX2's features; its entries without a
+    /// 16-lane kernel are AVX2's.
+    Avx512,
     /// aarch64 Advanced SIMD.
     Neon,
 }
 
 impl Isa {
-    /// Short lower-case name for reports: `"scalar"`, `"avx2"` or `"neon"`.
+    /// Short lower-case name for reports (and `CAP_FORCE_ISA`): `"scalar"`, `"avx2"`,
+    /// `"avx512"` or `"neon"`.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
             Isa::Neon => "neon",
         }
     }
@@ -192,25 +197,30 @@ pub fn scalar() -> Kernels {
 pub fn available() -> Vec<Kernels> {
     let mut v = alloc::vec![scalar::KERNELS];
     #[cfg(target_arch = "x86_64")]
-    v.extend(x86::table());
+    v.extend(x86::tables());
     #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
     v.push(neon::KERNELS);
     v
 }
 
 /// The table to use: the best available, or scalar when the environment variable
-/// `CAP_FORCE_SCALAR=1` (so one binary can check its fast paths on the board).
-/// Detected once.
+/// `CAP_FORCE_SCALAR=1` (so one binary can check its fast paths on the board), or the
+/// available table named by `CAP_FORCE_ISA` (an [`Isa::name`], e.g. `avx2` on an
+/// AVX-512 machine; a name this CPU cannot run is ignored, and the table in use is
+/// what reports print). Detected once.
 #[cfg(feature = "std")]
 pub fn kernels() -> &'static Kernels {
     static K: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
     K.get_or_init(|| {
         if crate::force_scalar() {
-            scalar::KERNELS
-        } else {
-            // The last of `available` is the fastest.
-            available().pop().unwrap_or(scalar::KERNELS)
+            return scalar::KERNELS;
         }
+        let mut all = available();
+        if let Some(k) = crate::force_isa().and_then(|n| all.iter().find(|k| k.isa.name() == n)) {
+            return *k;
+        }
+        // The last of `available` is the fastest.
+        all.pop().unwrap_or(scalar::KERNELS)
     })
 }
 
@@ -228,7 +238,26 @@ pub fn kernels() -> &'static Kernels {
         target_feature = "avx2",
         target_feature = "fma",
         target_feature = "f16c",
-        target_feature = "popcnt"
+        target_feature = "popcnt",
+        target_feature = "avx512f",
+        target_feature = "avx512bw",
+        target_feature = "avx512vl"
+    ))]
+    {
+        static K: Kernels = x86::AVX512;
+        &K
+    }
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c",
+        target_feature = "popcnt",
+        not(all(
+            target_feature = "avx512f",
+            target_feature = "avx512bw",
+            target_feature = "avx512vl"
+        ))
     ))]
     {
         static K: Kernels = x86::KERNELS;

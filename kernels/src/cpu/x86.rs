@@ -43,9 +43,19 @@ fn detected() -> bool {
     }
 }
 
-/// The AVX2 table when this CPU can run it.
-pub(super) fn table() -> Option<Kernels> {
-    detected().then_some(KERNELS)
+mod avx512;
+
+/// The AVX-512 table, for the no-std `kernels` (which picks a table by compile-time
+/// target features).
+#[allow(unused_imports)]
+pub(super) use avx512::KERNELS as AVX512;
+
+/// The x86 tables this CPU can run, slowest first: AVX2, then AVX-512.
+pub(super) fn tables() -> impl Iterator<Item = Kernels> {
+    detected()
+        .then_some(KERNELS)
+        .into_iter()
+        .chain(avx512::table())
 }
 
 /// The features of interest that this CPU has.
@@ -62,12 +72,14 @@ pub(super) fn features() -> alloc::vec::Vec<&'static str> {
             }
         )*};
     }
-    check!("avx2", "fma", "f16c", "popcnt", "avx512f");
+    check!(
+        "avx2", "fma", "f16c", "popcnt", "avx512f", "avx512bw", "avx512vl"
+    );
     v
 }
 
 /// The AVX2 table. Private entry points only: holding this table means the features
-/// were detected (see [`table`]), which is what makes the calls below sound.
+/// were detected (see [`tables`]), which is what makes the calls below sound.
 pub(super) const KERNELS: Kernels = Kernels {
     isa: Isa::Avx2,
     dense_rows: entry::dense_rows,
@@ -87,7 +99,7 @@ mod entry {
     macro_rules! entries {
         ($($name:ident($($a:ident: $t:ty),*);)*) => {$(
             pub(super) fn $name($($a: $t),*) {
-                // SAFETY: only reachable through `KERNELS`, which `table` returns only
+                // SAFETY: only reachable through `KERNELS`, which `tables` returns only
                 // when avx2, fma, f16c and popcnt were detected (or are compile-time
                 // features without std), so the target features hold.
                 unsafe { super::$name($($a),*) }
