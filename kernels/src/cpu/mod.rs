@@ -148,9 +148,9 @@ pub struct TwoFourRef<'a> {
 
 /// One instruction set's kernels. Every `*_rows` kernel accumulates into `y`:
 /// (every dtype, the quantized Q8 and Q4 included: their values are found by row, as
-/// `cap_format` lays them out; the AVX2 table has its own quantized dense, bitmask and
-/// block-CSR rows and `to_f32`, and runs the scalar reference for the others; the NEON
-/// table runs the scalar reference for all of them)
+/// `cap_format` lays them out; the AVX2, AVX-512 and NEON tables have their own
+/// quantized dense, bitmask and block-CSR rows and `to_f32`, and run the scalar
+/// reference for the transposed dense rows, 2:4 and `from_f32`)
 /// for `i` in `0..y.len()`, `y[i] += Σ_c W[r0+i, c]·x[c]` with `x.len() == cols`, so
 /// callers can split rows across threads and add a low-rank and a sparse part.
 ///
@@ -547,6 +547,48 @@ pub(crate) fn q_run_bytes(values: Values<'_>, first: usize, count: usize) -> &[u
                 .get(first.checked_mul(bs)?..end.checked_mul(bs)?)
         })
         .expect("quantized run past the end of the values")
+}
+
+/// Kept values of bitmask row `r` (from the row starts).
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+#[inline]
+pub(crate) fn bitmask_count(m: &BitmaskRef<'_>, r: usize) -> usize {
+    (m.row_start[r + 1])
+        .checked_sub(m.row_start[r])
+        .expect("bitmask row starts decrease") as usize
+}
+
+/// Kept values of block-CSR row `r`.
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+#[inline]
+pub(crate) fn csr_count(m: &CsrRef<'_>, nb: usize, r: usize) -> usize {
+    (u32_at(m.block_ptr, (r + 1) * nb) as usize)
+        .checked_sub(u32_at(m.block_ptr, r * nb) as usize)
+        .expect("block pointers decrease")
+}
+
+/// 8 column indices from `idx[k..]`, zeros past its end.
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+#[inline]
+pub(crate) fn idx8(idx: &[u8], k: usize) -> u64 {
+    match idx.get(k..k + 8) {
+        Some(s) => u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]),
+        None => {
+            let mut b = [0u8; 8];
+            let s = idx.get(k..).unwrap_or(&[]);
+            b[..s.len()].copy_from_slice(s);
+            u64::from_le_bytes(b)
+        }
+    }
 }
 
 /// Little-endian `u32` number `i` of raw bytes `b` (block-CSR pointers).

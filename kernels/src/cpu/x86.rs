@@ -18,8 +18,9 @@ use core::arch::x86_64::*;
 
 use super::scalar;
 use super::{
-    BF16, BitmaskRef, CsrRef, DType, F16, F32, Isa, Kernels, QWindow, TwoFourRef, Values, bits_at,
-    csr_blocks, f32_bytes, low_bits, q_run_bytes, size, u32_at,
+    BF16, BitmaskRef, CsrRef, DType, F16, F32, Isa, Kernels, QWindow, TwoFourRef, Values,
+    bitmask_count, bits_at, csr_blocks, csr_count, f32_bytes, idx8, low_bits, q_run_bytes, size,
+    u32_at,
 };
 
 /// Whether this CPU has AVX2, FMA, F16C and POPCNT (at run time with `std`, else from the
@@ -1039,14 +1040,6 @@ fn q_to_f32(v: Values<'_>, start: usize, out: &mut [f32]) {
     q_decode(v.bytes, v.dtype, start, out)
 }
 
-/// Row starts of a bitmask part as kept-value counts per row.
-#[inline]
-fn bitmask_count(m: &BitmaskRef<'_>, r: usize) -> usize {
-    (m.row_start[r + 1])
-        .checked_sub(m.row_start[r])
-        .expect("bitmask row starts decrease") as usize
-}
-
 /// Quantized bitmask rows: each row's run is decoded into a window, and each 64-column
 /// word runs the `f32` word kernel on the window's values.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
@@ -1093,28 +1086,6 @@ fn q_bitmask_last(bits: u64, v: &[u8], x: &[f32], acc: Acc2) -> Acc2 {
     let mut xs = [0f32; 64];
     xs[..x.len()].copy_from_slice(x);
     bitmask_word::<F32>(bits, v, 0, &xs, acc)
-}
-
-/// Kept values of block-CSR row `r`.
-#[inline]
-fn csr_count(m: &CsrRef<'_>, nb: usize, r: usize) -> usize {
-    (u32_at(m.block_ptr, (r + 1) * nb) as usize)
-        .checked_sub(u32_at(m.block_ptr, r * nb) as usize)
-        .expect("block pointers decrease")
-}
-
-/// 8 column indices from `idx[k..]`, zeros past its end.
-#[inline]
-fn idx8(idx: &[u8], k: usize) -> u64 {
-    match idx.get(k..k + 8) {
-        Some(s) => u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]),
-        None => {
-            let mut b = [0u8; 8];
-            let s = idx.get(k..).unwrap_or(&[]);
-            b[..s.len()].copy_from_slice(s);
-            u64::from_le_bytes(b)
-        }
-    }
 }
 
 /// Quantized block-CSR rows: values from the row's window, `x` by clamped scalar loads

@@ -19,10 +19,10 @@
 use core::arch::x86_64::*;
 
 use super::super::{
-    BF16, BitmaskRef, CsrRef, DType, F16, F32, Isa, Kernels, QWindow, Values, bits_at, csr_blocks,
-    low_bits, q_run_bytes, size, u32_at,
+    BF16, BitmaskRef, CsrRef, DType, F16, F32, Isa, Kernels, QWindow, Values, bitmask_count,
+    bits_at, csr_blocks, csr_count, low_bits, q_run_bytes, size, u32_at,
 };
-use super::{bitmask_count, csr_count, scalar};
+use super::scalar;
 
 /// Whether this CPU has AVX-512 F, BW and VL besides the AVX2 table's features (at run
 /// time with `std`, else from the compile-time target features).
