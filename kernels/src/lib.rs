@@ -20,4 +20,13 @@ pub fn force_scalar() -> bool {
     *FORCE.get_or_init(|| std::env::var_os("CAP_FORCE_SCALAR").is_some_and(|v| v == "1"))
 }
 
+/// The kernel table `CAP_FORCE_ISA` names (`scalar`, `avx2`, `avx512`, `neon`; see
+/// [`cpu::kernels`]), if set (checked once).
+#[cfg(feature = "std")]
+pub fn force_isa() -> Option<&'static str> {
+    static ISA: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ISA.get_or_init(|| std::env::var("CAP_FORCE_ISA").ok())
+        .as_deref()
+}
+
 pub use gemm::{MatMut, MatRef};

@@ -673,6 +673,7 @@ fn the_chosen_table_is_available_and_reported() {
     assert!(all.iter().any(|k| k.isa == chosen.isa));
     assert_eq!(Isa::Scalar.name(), "scalar");
     assert_eq!(Isa::Avx2.name(), "avx2");
+    assert_eq!(Isa::Avx512.name(), "avx512");
     assert_eq!(Isa::Neon.name(), "neon");
     let features = cpu::cpu_features();
     if all.iter().any(|k| k.isa == Isa::Avx2) {
@@ -683,6 +684,44 @@ fn the_chosen_table_is_available_and_reported() {
     if cfg!(target_arch = "aarch64") {
         assert!(all.iter().any(|k| k.isa == Isa::Neon));
         assert!(features.contains(&"neon"), "{features:?}");
+    }
+}
+
+/// Where the CPU has AVX-512 (F, BW, VL), its table is available, after AVX2's, and
+/// every test in this file and in `quantized_kernels.rs` runs it against the scalar
+/// reference (they iterate over `available()`); elsewhere this says plainly that those
+/// checks were skipped.
+#[test]
+fn avx512_table_is_available_where_the_cpu_has_it() {
+    let all = tables();
+    #[cfg(target_arch = "x86_64")]
+    let has = std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    let has = false;
+    if !has {
+        println!("skipped: no AVX-512 on this CPU");
+        assert!(all.iter().all(|k| k.isa != Isa::Avx512));
+        return;
+    }
+    let isas: Vec<Isa> = all.iter().map(|k| k.isa).collect();
+    assert_eq!(isas, [Isa::Scalar, Isa::Avx2, Isa::Avx512]);
+    let features = cpu::cpu_features();
+    for f in ["avx512f", "avx512bw", "avx512vl"] {
+        assert!(features.contains(&f), "{features:?}");
+    }
+    // Without CAP_FORCE_* the best table is chosen; `CAP_FORCE_ISA=avx2` (run this test
+    // with it set) picks AVX2's.
+    let force_isa = std::env::var("CAP_FORCE_ISA").ok();
+    if std::env::var_os("CAP_FORCE_SCALAR").is_none() {
+        let want = match force_isa.as_deref() {
+            Some("avx2") => Isa::Avx2,
+            Some("scalar") => Isa::Scalar,
+            _ => Isa::Avx512,
+        };
+        assert_eq!(cpu::kernels().isa, want);
     }
 }
 

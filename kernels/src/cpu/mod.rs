@@ -53,10 +53,8 @@ const fn size(d: u8) -> usize {
 /// Calls `$f::<D>(args)` with the storage code of `$dtype` (SIMD modules), or `$q`
 /// for a quantized type.
 ///
-/// The SIMD tables have almost no quantized kernels yet: every call site but AVX2's
-/// `dense_rows` passes the scalar reference's entry as `$q`, so quantized values (Q8,
-/// Q4) run the scalar kernels in the AVX2 and NEON tables (dense rows excepted on
-/// AVX2).
+/// Where a SIMD table has no quantized kernel for an entry, the call site passes the
+/// scalar reference's entry as `$q` (see [`Kernels`] for which entries those are).
 #[cfg(any(
     target_arch = "x86_64",
     all(target_arch = "aarch64", target_feature = "neon")
@@ -67,7 +65,7 @@ macro_rules! by_dtype {
             DType::F32 => $f::<F32>($($a),*),
             DType::F16 => $f::<F16>($($a),*),
             DType::BF16 => $f::<BF16>($($a),*),
-            // Mostly no SIMD path for quantized values yet: see the call site's `$q`.
+            // Quantized values are addressed by run and block: see the call site's `$q`.
             DType::Q8 { .. } | DType::Q4 { .. } => $q,
         }
     };
@@ -87,16 +85,21 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 with FMA and F16C.
     Avx2,
+    /// x86-64 AVX-512 (F, BW, VL) on top of AVX2's features; its entries without a
+    /// 16-lane kernel are AVX2's.
+    Avx512,
     /// aarch64 Advanced SIMD.
     Neon,
 }
 
 impl Isa {
-    /// Short lower-case name for reports: `"scalar"`, `"avx2"` or `"neon"`.
+    /// Short lower-case name for reports (and `CAP_FORCE_ISA`): `"scalar"`, `"avx2"`,
+    /// `"avx512"` or `"neon"`.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
             Isa::Neon => "neon",
         }
     }
@@ -145,8 +148,10 @@ pub struct TwoFourRef<'a> {
 
 /// One instruction set's kernels. Every `*_rows` kernel accumulates into `y`:
 /// (every dtype, the quantized Q8 and Q4 included: their values are found by row, as
-/// `cap_format` lays them out; the AVX2 and NEON tables run the scalar reference for
-/// them, except AVX2's `dense_rows`)
+/// `cap_format` lays them out; the AVX2, AVX-512 and NEON tables have their own
+/// quantized dense, bitmask and block-CSR rows and `to_f32` (AVX-512's block-CSR is
+/// AVX2's), and run the scalar
+/// reference for the transposed dense rows, 2:4 and `from_f32`)
 /// for `i` in `0..y.len()`, `y[i] += Σ_c W[r0+i, c]·x[c]` with `x.len() == cols`, so
 /// callers can split rows across threads and add a low-rank and a sparse part.
 ///
@@ -193,25 +198,30 @@ pub fn scalar() -> Kernels {
 pub fn available() -> Vec<Kernels> {
     let mut v = alloc::vec![scalar::KERNELS];
     #[cfg(target_arch = "x86_64")]
-    v.extend(x86::table());
+    v.extend(x86::tables());
     #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
     v.push(neon::KERNELS);
     v
 }
 
 /// The table to use: the best available, or scalar when the environment variable
-/// `CAP_FORCE_SCALAR=1` (so one binary can check its fast paths on the board).
-/// Detected once.
+/// `CAP_FORCE_SCALAR=1` (so one binary can check its fast paths on the board), or the
+/// available table named by `CAP_FORCE_ISA` (an [`Isa::name`], e.g. `avx2` on an
+/// AVX-512 machine; a name this CPU cannot run is ignored, and the table in use is
+/// what reports print). Detected once.
 #[cfg(feature = "std")]
 pub fn kernels() -> &'static Kernels {
     static K: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
     K.get_or_init(|| {
         if crate::force_scalar() {
-            scalar::KERNELS
-        } else {
-            // The last of `available` is the fastest.
-            available().pop().unwrap_or(scalar::KERNELS)
+            return scalar::KERNELS;
         }
+        let mut all = available();
+        if let Some(k) = crate::force_isa().and_then(|n| all.iter().find(|k| k.isa.name() == n)) {
+            return *k;
+        }
+        // The last of `available` is the fastest.
+        all.pop().unwrap_or(scalar::KERNELS)
     })
 }
 
@@ -229,7 +239,26 @@ pub fn kernels() -> &'static Kernels {
         target_feature = "avx2",
         target_feature = "fma",
         target_feature = "f16c",
-        target_feature = "popcnt"
+        target_feature = "popcnt",
+        target_feature = "avx512f",
+        target_feature = "avx512bw",
+        target_feature = "avx512vl"
+    ))]
+    {
+        static K: Kernels = x86::AVX512;
+        &K
+    }
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c",
+        target_feature = "popcnt",
+        not(all(
+            target_feature = "avx512f",
+            target_feature = "avx512bw",
+            target_feature = "avx512vl"
+        ))
     ))]
     {
         static K: Kernels = x86::KERNELS;
@@ -370,6 +399,197 @@ fn bits_at_end(mask: &[u8], bit: usize) -> u64 {
     let n = avail.len().min(9);
     buf[..n].copy_from_slice(&avail[..n]);
     bits_at(&buf, bit % 8)
+}
+
+/// Values a [`QWindow`] holds: enough for a few 64-column mask words per refill, small
+/// enough (1 KiB) to live on the stack of every call.
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+const QWIN: usize = 256;
+
+/// Floats readable past the requested values of a [`QWindow`] slice: the widest vector
+/// load (16 lanes) may start at the last requested value.
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+pub(crate) const QSLACK: usize = 16;
+
+/// One quantized run (a sparse row's kept values) dequantized to `f32` a window at a
+/// time, so the SIMD sparse kernels can run their `f32` code on quantized values.
+///
+/// A run's value `j` lives in block `j / group`, but a sparse row consumes its values
+/// in mask or index order, a variable number per 64 columns, so decoding on the fly
+/// would mean a block lookup per value. Decoding 8-aligned stretches of the run into a
+/// stack buffer with the ISA's vector decoder instead costs one store and one load per
+/// value, and the `f32` kernels then see plain packed floats. The buffer is part of the
+/// kernel's stack frame: nothing is allocated.
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+pub(crate) struct QWindow {
+    /// Run index of `buf[0]`, a multiple of 8.
+    base: usize,
+    /// Run values `base..end` are decoded in `buf` (`end` a multiple of 8).
+    end: usize,
+    /// Values the run's blocks hold, decodable: its count rounded up to a multiple of 8
+    /// (inside the last block, whose codes are padded to a full group, since a group is
+    /// a multiple of 16).
+    avail: usize,
+    /// The decoded values, then slack for vector loads past the last one.
+    buf: [f32; QWIN + QSLACK],
+}
+
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+impl QWindow {
+    /// An empty window.
+    #[inline(always)]
+    pub(crate) fn new() -> Self {
+        QWindow {
+            base: 0,
+            end: 0,
+            avail: 0,
+            buf: [0.0; QWIN + QSLACK],
+        }
+    }
+
+    /// Starts a run of `count` values (the buffer keeps earlier rows' values: callers
+    /// mask every lane past the values they asked for).
+    #[inline(always)]
+    pub(crate) fn start(&mut self, count: usize) {
+        self.base = 0;
+        self.end = 0;
+        self.avail = count.next_multiple_of(8);
+    }
+
+    /// The run's values from index `a` on, at least `n + QSLACK` floats: values
+    /// `a..a + n` are the run's wherever they exist (`a + n ≤ count`); later entries are
+    /// leftovers (finite or not) that the caller must mask bitwise. `fill(start, out)`
+    /// decodes run values `start..start + out.len()` (`start` and `out.len()` multiples
+    /// of 8, inside the run's blocks) into `out`. Requests must not move backwards in a
+    /// run, and `n ≤ QWIN − 8`.
+    #[inline(always)]
+    pub(crate) fn at(
+        &mut self,
+        a: usize,
+        n: usize,
+        fill: impl FnOnce(usize, &mut [f32]),
+    ) -> &[f32] {
+        debug_assert!(n <= QWIN - 8);
+        let hit = a >= self.base
+            && a + n <= self.base + QWIN
+            && (a + n <= self.end || self.end >= self.avail);
+        if !hit {
+            self.refill(a, fill);
+        }
+        // After a refill `a − base < 8`, so this leaves `QWIN + QSLACK − 7 ≥ n +
+        // QSLACK` floats; a hit checked the same bound above.
+        &self.buf[a - self.base..]
+    }
+
+    /// Moves the window to start at `a` rounded down to 8, keeping what is already
+    /// decoded from there, and decodes as far as the buffer or the run allows.
+    #[inline(never)]
+    fn refill(&mut self, a: usize, fill: impl FnOnce(usize, &mut [f32])) {
+        let nb = a - a % 8;
+        if nb > self.base && nb < self.end {
+            self.buf
+                .copy_within(nb - self.base..self.end - self.base, 0);
+        } else if nb != self.base {
+            self.end = nb;
+        }
+        self.base = nb;
+        self.end = self.end.max(nb);
+        let stop = (nb + QWIN).min(self.avail);
+        if self.end < stop {
+            fill(self.end, &mut self.buf[self.end - nb..stop - nb]);
+            self.end = stop;
+        }
+    }
+}
+
+/// `f32`s as their native bytes, for the kernels that read values as raw bytes.
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+#[inline(always)]
+pub(crate) fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: `f32` has no padding and every byte is a valid `u8`; `u8` needs no
+    // alignment; the length covers exactly the floats' bytes, and the borrow keeps them
+    // alive and unmodified.
+    unsafe { core::slice::from_raw_parts(v.as_ptr().cast(), core::mem::size_of_val(v)) }
+}
+
+/// The bytes of one sparse row's quantized run: `count` values, starting at block
+/// `first` of `values`.
+///
+/// # Panics
+/// When the run lies outside the values.
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+#[inline]
+pub(crate) fn q_run_bytes(values: Values<'_>, first: usize, count: usize) -> &[u8] {
+    let bs = values.dtype.size();
+    let blocks = count.div_ceil(values.dtype.group());
+    first
+        .checked_add(blocks)
+        .and_then(|end| {
+            values
+                .bytes
+                .get(first.checked_mul(bs)?..end.checked_mul(bs)?)
+        })
+        .expect("quantized run past the end of the values")
+}
+
+/// Kept values of bitmask row `r` (from the row starts).
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+#[inline]
+pub(crate) fn bitmask_count(m: &BitmaskRef<'_>, r: usize) -> usize {
+    (m.row_start[r + 1])
+        .checked_sub(m.row_start[r])
+        .expect("bitmask row starts decrease") as usize
+}
+
+/// Kept values of block-CSR row `r`.
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+#[inline]
+pub(crate) fn csr_count(m: &CsrRef<'_>, nb: usize, r: usize) -> usize {
+    (u32_at(m.block_ptr, (r + 1) * nb) as usize)
+        .checked_sub(u32_at(m.block_ptr, r * nb) as usize)
+        .expect("block pointers decrease")
+}
+
+/// 8 column indices from `idx[k..]`, zeros past its end.
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+#[inline]
+pub(crate) fn idx8(idx: &[u8], k: usize) -> u64 {
+    match idx.get(k..k + 8) {
+        Some(s) => u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]),
+        None => {
+            let mut b = [0u8; 8];
+            let s = idx.get(k..).unwrap_or(&[]);
+            b[..s.len()].copy_from_slice(s);
+            u64::from_le_bytes(b)
+        }
+    }
 }
 
 /// Little-endian `u32` number `i` of raw bytes `b` (block-CSR pointers).

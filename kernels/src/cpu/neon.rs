@@ -3,8 +3,9 @@
 //! NEON is part of the aarch64 baseline, so no detection is needed. Every kernel
 //! multiplies and accumulates in `f32` (`vfmaq_f32`). The boards' optional `fp16`
 //! arithmetic is deliberately unused: it would accumulate in f16 and break the
-//! perplexity tolerance; `dotprod` is for int8 values, which the format does not have.
-//! Both are only reported by [`features`].
+//! perplexity tolerance; `dotprod` multiplies int8 by int8, and the quantized (Q8, Q4)
+//! kernels keep activations in `f32` (see their section below). Both are only reported
+//! by [`features`].
 //!
 //! f16 ↔ f32 conversion uses `fcvtl`/`fcvtn` through `asm!`: they are base Armv8
 //! instructions (no FEAT_FP16), exact, but stable Rust has no `float16x4_t` to reach
@@ -20,8 +21,9 @@ use core::arch::asm;
 
 use super::scalar;
 use super::{
-    BF16, BitmaskRef, CsrRef, DType, F16, F32, Isa, Kernels, TwoFourRef, Values, bits_at,
-    csr_blocks, low_bits, size, u32_at,
+    BF16, BitmaskRef, CsrRef, DType, F16, F32, Isa, Kernels, QWindow, TwoFourRef, Values,
+    bitmask_count, bits_at, csr_blocks, csr_count, f32_bytes, idx8, low_bits, q_run_bytes, size,
+    u32_at,
 };
 
 /// The NEON table.
@@ -205,7 +207,7 @@ fn dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
     by_dtype!(
         w.dtype,
         dense_rows_d(w.bytes, cols, r0, x, y),
-        (scalar::KERNELS.dense_rows)(w, cols, r0, x, y)
+        q_dense_rows(w, cols, r0, x, y)
     )
 }
 
@@ -391,7 +393,7 @@ fn bitmask_rows(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
     by_dtype!(
         m.values.dtype,
         bitmask_rows_d(m, r0, x, y),
-        (scalar::KERNELS.bitmask_rows)(m, r0, x, y)
+        q_bitmask_rows(m, r0, x, y)
     )
 }
 
@@ -528,7 +530,7 @@ fn csr_rows(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
     by_dtype!(
         m.values.dtype,
         csr_rows_d(m, r0, x, y),
-        (scalar::KERNELS.csr_rows)(m, r0, x, y)
+        q_csr_rows(m, r0, x, y)
     )
 }
 
@@ -731,7 +733,7 @@ fn to_f32(v: Values<'_>, start: usize, out: &mut [f32]) {
     by_dtype!(
         v.dtype,
         to_f32_d(v.bytes, start, out),
-        (scalar::KERNELS.to_f32)(v, start, out)
+        q_to_f32(v, start, out)
     )
 }
 
@@ -794,4 +796,274 @@ fn f32x4_to_bf16(v: float32x4_t) -> uint16x4_t {
     let nan = vorrq_u32(vshrq_n_u32::<16>(bits), vdupq_n_u32(0x40));
     let is_num = vceqq_f32(v, v);
     vmovn_u32(vbslq_u32(is_num, rounded, nan))
+}
+
+// ---- Quantized values (Q8, Q4; format 1.1) ------------------------------------------
+//
+// As on x86 (see the quantized section of `x86.rs`): 8 values at a time, decoded to
+// exactly the scalar reference's values (`s·q` is exact; Q4's `s·q + m` rounds once,
+// so `vfmaq` gives the reference's value), summed in `f32` in another order. The
+// sparse kernels decode a row's run into a `QWindow` and run the `f32` paths.
+//
+// Activations stay `f32`: a `dotprod` (`sdot`) path would need int8 activations, i.e.
+// quantizing `x` per token, which changes the results (and the tolerance the forward
+// pass is held to), so it is deliberately not used.
+
+/// Values `off..off + 8` of the block `blk` (`off` a multiple of 8 below the group)
+/// with the block's scale `s` and (Q4) minimum `m`.
+#[inline]
+#[target_feature(enable = "neon")]
+fn q_unit8<const Q4: bool>(blk: &[u8], off: usize, s: f32, m: float32x4_t) -> F32x8 {
+    if Q4 {
+        // 4 bytes = 8 codes: interleaving the low and high nibbles puts them in order.
+        let b = &blk[4 + off / 2..4 + off / 2 + 4];
+        let v = vcreate_u8(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        let codes = vzip1_u8(vand_u8(v, vdup_n_u8(0xF)), vshr_n_u8::<4>(v));
+        let q = vmovl_u8(codes);
+        let (lo, hi) = (
+            vcvtq_f32_u32(vmovl_u16(vget_low_u16(q))),
+            vcvtq_f32_u32(vmovl_high_u16(q)),
+        );
+        (vfmaq_n_f32(m, lo, s), vfmaq_n_f32(m, hi, s))
+    } else {
+        let b = &blk[2 + off..2 + off + 8];
+        let v = vcreate_s8(u64::from_le_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ]));
+        let q = vmovl_s8(v);
+        (
+            vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(q))), s),
+            vmulq_n_f32(vcvtq_f32_s32(vmovl_high_s16(q)), s),
+        )
+    }
+}
+
+/// The block's scale and (Q4) minimum (as lanes).
+#[inline]
+#[target_feature(enable = "neon")]
+fn q_params<const Q4: bool>(blk: &[u8]) -> (f32, float32x4_t) {
+    let s = scalar::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
+    let m = if Q4 {
+        scalar::f16_to_f32(u16::from_le_bytes([blk[2], blk[3]]))
+    } else {
+        0.0
+    };
+    (s, vdupq_n_f32(m))
+}
+
+#[target_feature(enable = "neon")]
+fn q_dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
+    if matches!(w.dtype, DType::Q4 { .. }) {
+        q_dense_rows_q::<true>(w, cols, r0, x, y)
+    } else {
+        q_dense_rows_q::<false>(w, cols, r0, x, y)
+    }
+}
+
+/// Dense rows of quantized values: 16 decoded values per step, four accumulators.
+#[inline]
+#[target_feature(enable = "neon")]
+fn q_dense_rows_q<const Q4: bool>(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), cols, "x.len() != cols");
+    if cols == 0 {
+        return;
+    }
+    let dt = w.dtype;
+    let (g, bs) = (dt.group(), dt.size());
+    let rb = dt.run_bytes(cols as u64) as usize;
+    let block = w
+        .bytes
+        .get(r0 * rb..(r0 + y.len()) * rb)
+        .expect("rows out of range of the dense matrix");
+    let zero = vdupq_n_f32(0.0);
+    for (yi, row) in y.iter_mut().zip(block.chunks_exact(rb)) {
+        let (mut a0, mut a1, mut a2, mut a3) = (zero, zero, zero, zero);
+        for (bi, blk) in row.chunks_exact(bs).enumerate() {
+            let (s, m) = q_params::<Q4>(blk);
+            let j0 = bi * g;
+            let mut off = 0;
+            // g is a multiple of 16.
+            while off < g && j0 + off + 16 <= cols {
+                let v0 = q_unit8::<Q4>(blk, off, s, m);
+                let v1 = q_unit8::<Q4>(blk, off + 8, s, m);
+                let (x0, x1) = (loadx(x, j0 + off), loadx(x, j0 + off + 8));
+                a0 = vfmaq_f32(a0, v0.0, x0.0);
+                a1 = vfmaq_f32(a1, v0.1, x0.1);
+                a2 = vfmaq_f32(a2, v1.0, x1.0);
+                a3 = vfmaq_f32(a3, v1.1, x1.1);
+                off += 16;
+            }
+            // The row's last up to 15 values: zero activations past the row meet the
+            // padding codes (even Q4's `s·0 + m` then adds nothing).
+            while off < g && j0 + off < cols {
+                let v = q_unit8::<Q4>(blk, off, s, m);
+                let xv = loadx_partial(&x[j0 + off..]);
+                a0 = vfmaq_f32(a0, v.0, xv.0);
+                a1 = vfmaq_f32(a1, v.1, xv.1);
+                off += 8;
+            }
+        }
+        *yi += vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
+    }
+}
+
+/// Run values `start..start + out.len()` of the quantized run `run` into `out`.
+///
+/// # Panics
+/// When the values lie past the run's bytes.
+#[target_feature(enable = "neon")]
+fn q_decode(run: &[u8], dt: DType, start: usize, out: &mut [f32]) {
+    if matches!(dt, DType::Q4 { .. }) {
+        q_decode_q::<true>(run, dt, start, out)
+    } else {
+        q_decode_q::<false>(run, dt, start, out)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "neon")]
+fn q_decode_q<const Q4: bool>(run: &[u8], dt: DType, start: usize, out: &mut [f32]) {
+    let (g, bs) = (dt.group(), dt.size());
+    let end = start + out.len();
+    let mut j = start - start % 8;
+    let (mut bi, mut off) = (j / g, j % g);
+    while j < end {
+        let blk = run
+            .get(bi * bs..(bi + 1) * bs)
+            .expect("quantized run past the end of the values");
+        let (s, m) = q_params::<Q4>(blk);
+        while off < g && j < end {
+            let v = q_unit8::<Q4>(blk, off, s, m);
+            if j >= start && j + 8 <= end {
+                store8(&mut out[j - start..j - start + 8], v);
+            } else {
+                store_edge(out, start, j, v);
+            }
+            j += 8;
+            off += 8;
+        }
+        bi += 1;
+        off = 0;
+    }
+}
+
+/// Stores the lanes of `v` (run values `j..j + 8`) that fall in `out` (run values
+/// `start..start + out.len()`).
+#[cold]
+#[inline(never)]
+#[target_feature(enable = "neon")]
+fn store_edge(out: &mut [f32], start: usize, j: usize, v: F32x8) {
+    let mut buf = [0f32; 8];
+    store8(&mut buf, v);
+    for (l, &b) in buf.iter().enumerate() {
+        if let Some(o) = (j + l).checked_sub(start).and_then(|i| out.get_mut(i)) {
+            *o = b;
+        }
+    }
+}
+
+/// Quantized `to_f32`: `v` is one run.
+#[target_feature(enable = "neon")]
+fn q_to_f32(v: Values<'_>, start: usize, out: &mut [f32]) {
+    q_decode(v.bytes, v.dtype, start, out)
+}
+
+/// Quantized bitmask rows: each row's run is decoded into a window, and each 64-column
+/// word runs the `f32` word kernel on the window's values.
+#[target_feature(enable = "neon")]
+fn q_bitmask_rows(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
+    let cols = m.cols;
+    assert_eq!(x.len(), cols, "x.len() != cols");
+    let dt = m.values.dtype;
+    let mut blk = scalar::q_first_block(r0, dt.group(), |r| bitmask_count(m, r));
+    let mut win = QWindow::new();
+    let zero = vdupq_n_f32(0.0);
+    for (i, yi) in y.iter_mut().enumerate() {
+        let r = r0 + i;
+        let count = bitmask_count(m, r);
+        let run = q_run_bytes(m.values, blk, count);
+        win.start(count);
+        let mut k = 0;
+        let mut acc = ((zero, zero), (zero, zero));
+        let mut c = 0;
+        while c < cols {
+            let n = (cols - c).min(64);
+            let bits = bits_at(m.mask, r * cols + c) & low_bits(n);
+            if bits != 0 {
+                let cnt = bits.count_ones() as usize;
+                let v = win.at(k, cnt, |s, o| q_decode(run, dt, s, o));
+                let v = f32_bytes(&v[..cnt + 8]);
+                acc = if n == 64 {
+                    bitmask_word::<F32>(bits, v, 0, x[c..c + 64].try_into().unwrap(), acc)
+                } else {
+                    q_bitmask_last(bits, v, &x[c..], acc)
+                };
+                k += cnt;
+            }
+            c += 64;
+        }
+        *yi += hsum2(acc);
+        blk += count.div_ceil(dt.group());
+    }
+}
+
+/// A row's last, partial mask word: `x` through a zero-padded copy.
+#[cold]
+#[inline(never)]
+#[target_feature(enable = "neon")]
+fn q_bitmask_last(bits: u64, v: &[u8], x: &[f32], acc: Acc2) -> Acc2 {
+    let mut xs = [0f32; 64];
+    xs[..x.len()].copy_from_slice(x);
+    bitmask_word::<F32>(bits, v, 0, &xs, acc)
+}
+
+/// Quantized block-CSR rows: values from the row's window, `x` by clamped scalar loads
+/// as in `csr_rows_d`.
+#[target_feature(enable = "neon")]
+fn q_csr_rows(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
+    let cols = m.cols;
+    assert_eq!(x.len(), cols, "x.len() != cols");
+    let dt = m.values.dtype;
+    let nb = csr_blocks(cols);
+    let idx = m.col_idx;
+    let mut blk = scalar::q_first_block(r0, dt.group(), |r| csr_count(m, nb, r));
+    let mut win = QWindow::new();
+    // SAFETY: IOTA holds 8 u32.
+    let (iota0, iota1) = unsafe { (vld1q_u32(IOTA.as_ptr()), vld1q_u32(IOTA.as_ptr().add(4))) };
+    let zero = vdupq_n_f32(0.0);
+    for (i, yi) in y.iter_mut().enumerate() {
+        let r = r0 + i;
+        let count = csr_count(m, nb, r);
+        let run = q_run_bytes(m.values, blk, count);
+        win.start(count);
+        let first = u32_at(m.block_ptr, r * nb) as usize;
+        let mut acc = (zero, zero);
+        for (b, xb) in x.chunks(256).enumerate() {
+            let lo = u32_at(m.block_ptr, r * nb + b) as usize;
+            let hi = u32_at(m.block_ptr, r * nb + b + 1) as usize;
+            assert!(
+                first <= lo && lo <= hi && hi <= idx.len(),
+                "block pointers out of range"
+            );
+            let lim = xb.len() - 1;
+            let mut k = lo;
+            while k < hi {
+                // Clamped into the block whatever the bytes say (see `csr_rows_d`).
+                let ib = idx8(idx, k);
+                let at = |s: u32| xb[((ib >> s) as u8 as usize).min(lim)];
+                let g = [at(0), at(8), at(16), at(24), at(32), at(40), at(48), at(56)];
+                let live = vdupq_n_u32((hi - k).min(8) as u32);
+                let (l0, l1) = (vcltq_u32(iota0, live), vcltq_u32(iota1, live));
+                let v = win.at(k - first, 8, |s, o| q_decode(run, dt, s, o));
+                // The lanes past the block (or past the run) are masked off.
+                let w = loadx(v, 0);
+                let xg = loadx(&g, 0);
+                acc.0 = vfmaq_f32(acc.0, mask(w.0, l0), mask(xg.0, l0));
+                acc.1 = vfmaq_f32(acc.1, mask(w.1, l1), mask(xg.1, l1));
+                k += 8;
+            }
+        }
+        *yi += vaddvq_f32(vaddq_f32(acc.0, acc.1));
+        blk += count.div_ceil(dt.group());
+    }
 }

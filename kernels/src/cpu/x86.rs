@@ -18,8 +18,9 @@ use core::arch::x86_64::*;
 
 use super::scalar;
 use super::{
-    BF16, BitmaskRef, CsrRef, DType, F16, F32, Isa, Kernels, TwoFourRef, Values, bits_at,
-    csr_blocks, low_bits, size, u32_at,
+    BF16, BitmaskRef, CsrRef, DType, F16, F32, Isa, Kernels, QWindow, TwoFourRef, Values,
+    bitmask_count, bits_at, csr_blocks, csr_count, f32_bytes, idx8, low_bits, q_run_bytes, size,
+    u32_at,
 };
 
 /// Whether this CPU has AVX2, FMA, F16C and POPCNT (at run time with `std`, else from the
@@ -43,9 +44,19 @@ fn detected() -> bool {
     }
 }
 
-/// The AVX2 table when this CPU can run it.
-pub(super) fn table() -> Option<Kernels> {
-    detected().then_some(KERNELS)
+mod avx512;
+
+/// The AVX-512 table, for the no-std `kernels` (which picks a table by compile-time
+/// target features).
+#[allow(unused_imports)]
+pub(super) use avx512::KERNELS as AVX512;
+
+/// The x86 tables this CPU can run, slowest first: AVX2, then AVX-512.
+pub(super) fn tables() -> impl Iterator<Item = Kernels> {
+    detected()
+        .then_some(KERNELS)
+        .into_iter()
+        .chain(avx512::table())
 }
 
 /// The features of interest that this CPU has.
@@ -62,12 +73,14 @@ pub(super) fn features() -> alloc::vec::Vec<&'static str> {
             }
         )*};
     }
-    check!("avx2", "fma", "f16c", "popcnt", "avx512f");
+    check!(
+        "avx2", "fma", "f16c", "popcnt", "avx512f", "avx512bw", "avx512vl"
+    );
     v
 }
 
 /// The AVX2 table. Private entry points only: holding this table means the features
-/// were detected (see [`table`]), which is what makes the calls below sound.
+/// were detected (see [`tables`]), which is what makes the calls below sound.
 pub(super) const KERNELS: Kernels = Kernels {
     isa: Isa::Avx2,
     dense_rows: entry::dense_rows,
@@ -87,7 +100,7 @@ mod entry {
     macro_rules! entries {
         ($($name:ident($($a:ident: $t:ty),*);)*) => {$(
             pub(super) fn $name($($a: $t),*) {
-                // SAFETY: only reachable through `KERNELS`, which `table` returns only
+                // SAFETY: only reachable through `KERNELS`, which `tables` returns only
                 // when avx2, fma, f16c and popcnt were detected (or are compile-time
                 // features without std), so the target features hold.
                 unsafe { super::$name($($a),*) }
@@ -176,66 +189,60 @@ fn dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
     )
 }
 
-/// Dense rows of quantized values (Q8, Q4), the one AVX2 kernel for them so far: per
-/// block, 8 codes at a time are widened to `f32` and scaled (Q4: plus the minimum) as
-/// the scalar reference does (`s·q` is exact for an f16 `s` and a code of at most 8
-/// bits, the Q4 addition rounds once, as there), so the values are the reference's;
-/// only the summation (8 lanes, FMA) differs. The zero codes of a partial last group
-/// meet zero activations (`loadx_partial`), so even Q4's `s·0 + m` adds nothing.
+/// Dense rows of quantized values (Q8, Q4): per block, 8 codes at a time are decoded
+/// (`q_unit8`) to exactly the reference's values; only the summation (8 lanes, two
+/// accumulators, FMA) differs. The zero codes of a partial last group meet zero
+/// activations (`loadx_partial`), so even Q4's `s·0 + m` adds nothing.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn q_dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
+    if matches!(w.dtype, DType::Q4 { .. }) {
+        q_dense_rows_q::<true>(w, cols, r0, x, y)
+    } else {
+        q_dense_rows_q::<false>(w, cols, r0, x, y)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn q_dense_rows_q<const Q4: bool>(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), cols, "x.len() != cols");
     if cols == 0 {
         return;
     }
     let dt = w.dtype;
     let (g, bs) = (dt.group(), dt.size());
-    let q4 = matches!(dt, DType::Q4 { .. });
     let rb = dt.run_bytes(cols as u64) as usize;
     let block = w
         .bytes
         .get(r0 * rb..(r0 + y.len()) * rb)
         .expect("rows out of range of the dense matrix");
-    let nibble_shift = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    let low4 = _mm256_set1_epi32(0xF);
     for (yi, row) in y.iter_mut().zip(block.chunks_exact(rb)) {
-        let mut acc = _mm256_setzero_ps();
+        let mut acc = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for (bi, blk) in row.chunks_exact(bs).enumerate() {
-            let s = _mm256_set1_ps(scalar::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])));
-            let m = if q4 {
-                _mm256_set1_ps(scalar::f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])))
+            let s = q_param8(blk, 0);
+            let m = if Q4 {
+                q_param8(blk, 2)
             } else {
                 _mm256_setzero_ps()
             };
-            // g is a multiple of 16, so every 8-code step lies inside the block.
-            for c in (0..g).step_by(8) {
-                let j = bi * g + c;
-                if j >= cols {
-                    break;
-                }
-                let q = if q4 {
-                    // 4 bytes = 8 codes, the earlier code in the low nibble.
-                    let b = &blk[4 + c / 2..4 + c / 2 + 4];
-                    let v = _mm256_set1_epi32(i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-                    _mm256_and_si256(_mm256_srlv_epi32(v, nibble_shift), low4)
-                } else {
-                    let b = &blk[2 + c..2 + c + 8];
-                    let v = i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
-                    _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(v))
-                };
-                let mut v = _mm256_mul_ps(s, _mm256_cvtepi32_ps(q));
-                if q4 {
-                    v = _mm256_add_ps(v, m);
-                }
-                let xs = if j + 8 <= cols {
-                    loadx(x, j)
-                } else {
-                    loadx_partial(&x[j..])
-                };
-                acc = _mm256_fmadd_ps(v, xs, acc);
+            let j0 = bi * g;
+            let mut off = 0;
+            // Two units per step into two accumulators (g is a multiple of 16).
+            while off < g && j0 + off + 16 <= cols {
+                let v0 = q_unit8::<Q4>(blk, off, s, m);
+                let v1 = q_unit8::<Q4>(blk, off + 8, s, m);
+                acc.0 = _mm256_fmadd_ps(v0, loadx(x, j0 + off), acc.0);
+                acc.1 = _mm256_fmadd_ps(v1, loadx(x, j0 + off + 8), acc.1);
+                off += 16;
+            }
+            // The row's last group: its last up to 15 values.
+            while off < g && j0 + off < cols {
+                let v = q_unit8::<Q4>(blk, off, s, m);
+                acc.0 = _mm256_fmadd_ps(v, loadx_partial(&x[j0 + off..]), acc.0);
+                off += 8;
             }
         }
-        *yi += hsum(acc);
+        *yi += hsum2(acc);
     }
 }
 
@@ -485,7 +492,7 @@ fn bitmask_rows(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
     by_dtype!(
         m.values.dtype,
         bitmask_rows_d(m, r0, x, y),
-        (scalar::KERNELS.bitmask_rows)(m, r0, x, y)
+        q_bitmask_rows(m, r0, x, y)
     )
 }
 
@@ -617,7 +624,7 @@ fn csr_rows(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
     by_dtype!(
         m.values.dtype,
         csr_rows_d(m, r0, x, y),
-        (scalar::KERNELS.csr_rows)(m, r0, x, y)
+        q_csr_rows(m, r0, x, y)
     )
 }
 
@@ -841,7 +848,7 @@ fn to_f32(v: Values<'_>, start: usize, out: &mut [f32]) {
     by_dtype!(
         v.dtype,
         to_f32_d(v.bytes, start, out),
-        (scalar::KERNELS.to_f32)(v, start, out)
+        q_to_f32(v, start, out)
     )
 }
 
@@ -919,4 +926,216 @@ fn f32_to_bf16x8(v: __m256) -> __m128i {
     let r = _mm256_blendv_epi8(rounded, nan, is_nan);
     // Every lane is below 0x10000, so the unsigned saturating pack is exact.
     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r))
+}
+
+// ---- Quantized values (Q8, Q4; format 1.1) ------------------------------------------
+//
+// A run's values are decoded 8 at a time (a group is a multiple of 16, so 8 values from
+// an 8-aligned position never cross a block) to exactly the scalar reference's values:
+// `s·q` is exact in `f32` (an f16 scale times a code of at most 8 bits), and Q4's
+// `s·q + m` rounds once whether the FMA or a multiply and an add computes it. Only the
+// order of the `f32` sums differs from the scalar kernels. The sparse kernels decode a
+// row's run into a `QWindow` and run the `f32` paths of the float kernels on it.
+
+/// The f16 at `blk[i..i + 2]` as 8 equal `f32` lanes (F16C's conversion is exact, and
+/// quietens a NaN as the scalar decoder does).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn q_param8(blk: &[u8], i: usize) -> __m256 {
+    let h = u16::from_le_bytes([blk[i], blk[i + 1]]);
+    _mm256_cvtph_ps(_mm_set1_epi16(h as i16))
+}
+
+/// Values `off..off + 8` of the block `blk` (`off` a multiple of 8 below the group),
+/// with the block's scale `s` and (Q4) minimum `m` as lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn q_unit8<const Q4: bool>(blk: &[u8], off: usize, s: __m256, m: __m256) -> __m256 {
+    if Q4 {
+        // 4 bytes = 8 codes, the earlier code in the low nibble.
+        let b = &blk[4 + off / 2..4 + off / 2 + 4];
+        let v = _mm256_set1_epi32(i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let q = _mm256_and_si256(
+            _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+            _mm256_set1_epi32(0xF),
+        );
+        _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(q), m)
+    } else {
+        let b = &blk[2 + off..2 + off + 8];
+        let v = i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        _mm256_mul_ps(
+            s,
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(v))),
+        )
+    }
+}
+
+/// Run values `start..start + out.len()` of the quantized run `run` (its first block at
+/// `run[0]`) into `out`.
+///
+/// # Panics
+/// When the values lie past the run's bytes.
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn q_decode(run: &[u8], dt: DType, start: usize, out: &mut [f32]) {
+    if matches!(dt, DType::Q4 { .. }) {
+        q_decode_q::<true>(run, dt, start, out)
+    } else {
+        q_decode_q::<false>(run, dt, start, out)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn q_decode_q<const Q4: bool>(run: &[u8], dt: DType, start: usize, out: &mut [f32]) {
+    let (g, bs) = (dt.group(), dt.size());
+    let end = start + out.len();
+    let mut j = start - start % 8;
+    let (mut bi, mut off) = (j / g, j % g);
+    while j < end {
+        let blk = run
+            .get(bi * bs..(bi + 1) * bs)
+            .expect("quantized run past the end of the values");
+        let s = q_param8(blk, 0);
+        let m = if Q4 {
+            q_param8(blk, 2)
+        } else {
+            _mm256_setzero_ps()
+        };
+        while off < g && j < end {
+            let v = q_unit8::<Q4>(blk, off, s, m);
+            if j >= start && j + 8 <= end {
+                let o = &mut out[j - start..j - start + 8];
+                // SAFETY: `o` holds 8 floats.
+                unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
+            } else {
+                store_edge(out, start, j, v);
+            }
+            j += 8;
+            off += 8;
+        }
+        bi += 1;
+        off = 0;
+    }
+}
+
+/// Stores the lanes of `v` (run values `j..j + 8`) that fall in `out` (run values
+/// `start..start + out.len()`): the first and last units of a decode.
+#[cold]
+#[inline(never)]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn store_edge(out: &mut [f32], start: usize, j: usize, v: __m256) {
+    let mut buf = [0f32; 8];
+    // SAFETY: `buf` holds 8 floats.
+    unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), v) };
+    for (l, &b) in buf.iter().enumerate() {
+        if let Some(o) = (j + l).checked_sub(start).and_then(|i| out.get_mut(i)) {
+            *o = b;
+        }
+    }
+}
+
+/// Quantized `to_f32`: `v` is one run.
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn q_to_f32(v: Values<'_>, start: usize, out: &mut [f32]) {
+    q_decode(v.bytes, v.dtype, start, out)
+}
+
+/// Quantized bitmask rows: each row's run is decoded into a window, and each 64-column
+/// word runs the `f32` word kernel on the window's values.
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn q_bitmask_rows(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
+    let cols = m.cols;
+    assert_eq!(x.len(), cols, "x.len() != cols");
+    let dt = m.values.dtype;
+    let mut blk = scalar::q_first_block(r0, dt.group(), |r| bitmask_count(m, r));
+    let mut win = QWindow::new();
+    for (i, yi) in y.iter_mut().enumerate() {
+        let r = r0 + i;
+        let count = bitmask_count(m, r);
+        let run = q_run_bytes(m.values, blk, count);
+        win.start(count);
+        let mut k = 0;
+        let mut acc = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut c = 0;
+        while c < cols {
+            let n = (cols - c).min(64);
+            let bits = bits_at(m.mask, r * cols + c) & low_bits(n);
+            if bits != 0 {
+                let cnt = bits.count_ones() as usize;
+                let v = win.at(k, cnt, |s, o| q_decode(run, dt, s, o));
+                let v = f32_bytes(&v[..cnt + 8]);
+                acc = if n == 64 {
+                    bitmask_word::<F32>(bits, v, 0, x[c..c + 64].try_into().unwrap(), acc)
+                } else {
+                    q_bitmask_last(bits, v, &x[c..], acc)
+                };
+                k += cnt;
+            }
+            c += 64;
+        }
+        *yi += hsum2(acc);
+        blk += count.div_ceil(dt.group());
+    }
+}
+
+/// A row's last, partial mask word: `x` through a zero-padded copy.
+#[cold]
+#[inline(never)]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn q_bitmask_last(bits: u64, v: &[u8], x: &[f32], acc: Acc2) -> Acc2 {
+    let mut xs = [0f32; 64];
+    xs[..x.len()].copy_from_slice(x);
+    bitmask_word::<F32>(bits, v, 0, &xs, acc)
+}
+
+/// Quantized block-CSR rows: values from the row's window, `x` by clamped scalar loads
+/// as in `csr_rows_d`.
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn q_csr_rows(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
+    let cols = m.cols;
+    assert_eq!(x.len(), cols, "x.len() != cols");
+    let dt = m.values.dtype;
+    let nb = csr_blocks(cols);
+    let idx = m.col_idx;
+    let mut blk = scalar::q_first_block(r0, dt.group(), |r| csr_count(m, nb, r));
+    let mut win = QWindow::new();
+    let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (i, yi) in y.iter_mut().enumerate() {
+        let r = r0 + i;
+        let count = csr_count(m, nb, r);
+        let run = q_run_bytes(m.values, blk, count);
+        win.start(count);
+        let first = u32_at(m.block_ptr, r * nb) as usize;
+        let mut acc = _mm256_setzero_ps();
+        for (b, xb) in x.chunks(256).enumerate() {
+            let lo = u32_at(m.block_ptr, r * nb + b) as usize;
+            let hi = u32_at(m.block_ptr, r * nb + b + 1) as usize;
+            assert!(
+                first <= lo && lo <= hi && hi <= idx.len(),
+                "block pointers out of range"
+            );
+            let lim = xb.len() - 1;
+            let mut k = lo;
+            while k < hi {
+                let live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                    _mm256_set1_epi32((hi - k).min(8) as i32),
+                    iota,
+                ));
+                // Clamped into the block whatever the bytes say (see `csr_rows_d`).
+                let ib = idx8(idx, k);
+                let at = |s: u32| xb[((ib >> s) as u8 as usize).min(lim)];
+                let g = _mm256_and_ps(
+                    _mm256_setr_ps(at(0), at(8), at(16), at(24), at(32), at(40), at(48), at(56)),
+                    live,
+                );
+                let v = win.at(k - first, 8, |s, o| q_decode(run, dt, s, o));
+                // The lanes past the block (or past the run) are masked off.
+                let w = _mm256_and_ps(loadx(v, 0), live);
+                acc = _mm256_fmadd_ps(w, g, acc);
+                k += 8;
+            }
+        }
+        *yi += hsum(acc);
+        blk += count.div_ceil(dt.group());
+    }
 }
