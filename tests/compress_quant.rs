@@ -11,22 +11,28 @@ use std::process::Command;
 
 use cap_format::{CapFile, DType, Encoding};
 use common::{
-    assert_clean_failure, calib_text, cap_device, cap_host, is_linear, tiny, write_profile,
+    METHODS, assert_clean_failure, calib_text, cap_device, cap_host, is_linear, run_json,
+    small_compress, tiny, write_profile,
 };
 use serde_json::Value;
 
-fn run_json(args: &[String]) -> Value {
-    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    let (code, out, err) = cap_host(&a);
-    assert_eq!(code, 0, "cap-host {args:?} failed: {err}");
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+/// The embedding's value type `compress` picks by default for linears in `values`:
+/// q8 in the same groups when they are quantized, else the same float type.
+fn default_embed(values: DType) -> DType {
+    match values {
+        DType::Q8 { group } | DType::Q4 { group } => DType::Q8 { group },
+        d => d,
+    }
 }
 
-/// Checks the written file against the report and the value type: verified, the
+/// Checks the written file against the report and the value types: verified, the
 /// linear sections' bytes (each and in all) and the file size are the report's, every
-/// compressed linear holds `values` and nothing else does. Returns the kept non-zeros
+/// compressed linear holds `values`, the embedding and an untied head hold
+/// `default_embed(values)`, and nothing else is quantized. Returns the kept non-zeros
 /// per layer.
 fn check_file(report: &Value, path: &Path, values: DType) -> Vec<u64> {
+    let embed = default_embed(values);
+    assert_eq!(report["embed_values"].as_str().unwrap(), embed.to_string());
     let (code, _, err) = cap_host(&["verify", &path.display().to_string()]);
     assert_eq!(code, 0, "verify failed: {err}");
     let bytes = std::fs::read(path).unwrap();
@@ -50,6 +56,8 @@ fn check_file(report: &Value, path: &Path, values: DType) -> Vec<u64> {
                 "{}: {dtypes:?}",
                 t.name
             );
+        } else if t.name == "token_embd.weight" || t.name == "output.weight" {
+            assert_eq!(dtypes, [embed], "{}", t.name);
         } else {
             assert!(
                 dtypes.iter().all(|d| !d.is_quantized()),
@@ -90,32 +98,6 @@ fn self_test(bin: &Path, path: &Path) {
     assert_eq!(v["pass"], Value::Bool(true), "{v}");
 }
 
-const METHODS: [&[&str]; 9] = [
-    &["--method", "cap"],
-    &["--method", "cap", "--lowrank-share", "0.3"],
-    &[
-        "--method",
-        "cap",
-        "--variant",
-        "paper",
-        "--allocation",
-        "reinforce",
-    ],
-    &[
-        "--method",
-        "cap",
-        "--variant",
-        "paper",
-        "--allocation",
-        "threshold",
-    ],
-    &["--method", "magnitude"],
-    &["--method", "wanda"],
-    &["--method", "svd"],
-    &["--method", "sparsegpt"],
-    &["--method", "admm"],
-];
-
 #[test]
 fn every_method_writes_q8_and_q4_within_every_budget() {
     let dir = tempfile::tempdir().unwrap();
@@ -125,36 +107,7 @@ fn every_method_writes_q8_and_q4_within_every_budget() {
     let m = tiny("llama3-scaled");
     let out = dir.path().join("q.cap");
     let out_s = out.display().to_string();
-    let base = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<&str> = vec![
-            "compress",
-            "--model",
-            &m,
-            "-o",
-            &out_s,
-            "--json",
-            "--calib",
-            &calib,
-            "--calib-samples",
-            "4",
-            "--calib-len",
-            "24",
-            "--eval-ctx",
-            "32",
-            "--eval-windows",
-            "2",
-            "--steps",
-            "3",
-            "--step-samples",
-            "2",
-            "--threads",
-            "2",
-            "--cache-dir",
-            &cache,
-        ];
-        v.extend_from_slice(extra);
-        v.iter().map(|s| s.to_string()).collect()
-    };
+    let base = |extra: &[&str]| small_compress(&m, &out_s, &calib, &cache, extra);
     let tdir = dir.path().join("targets");
     std::fs::create_dir_all(&tdir).unwrap();
     let tdir_s = tdir.display().to_string();
@@ -272,38 +225,14 @@ fn q8_is_within_half_a_percent_of_f16_at_the_same_mask() {
     let run = |values: &str, method: &[&str]| -> (Value, Vec<u64>) {
         let out = dir.path().join(format!("{values}.cap"));
         let out_s = out.display().to_string();
-        let mut v: Vec<&str> = vec![
-            "compress",
-            "--model",
-            &m,
-            "-o",
-            &out_s,
-            "--json",
-            "--calib",
-            &calib,
-            "--calib-samples",
-            "4",
-            "--calib-len",
-            "24",
-            "--eval-ctx",
-            "32",
-            "--eval-windows",
-            "4",
-            "--steps",
-            "3",
-            "--step-samples",
-            "2",
-            "--threads",
-            "2",
-            "--cache-dir",
-            &cache,
-            "--ratio",
-            "0.6",
-            "--values",
-            values,
-        ];
-        v.extend_from_slice(method);
-        let r = run_json(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let mut v = small_compress(&m, &out_s, &calib, &cache, &["--ratio", "0.6"]);
+        v.extend(
+            ["--values", values]
+                .into_iter()
+                .chain(method.iter().copied())
+                .map(String::from),
+        );
+        let r = run_json(&v);
         let dtype = match values {
             "q8" => DType::Q8 { group: 64 },
             _ => DType::F16,
@@ -311,19 +240,8 @@ fn q8_is_within_half_a_percent_of_f16_at_the_same_mask() {
         let nnz = check_file(&r, &out, dtype);
         (r, nnz)
     };
-    for method in [
-        &["--method", "magnitude"][..],
-        &["--method", "wanda"],
-        &["--method", "svd"],
-        &[
-            "--method",
-            "cap",
-            "--variant",
-            "paper",
-            "--allocation",
-            "threshold",
-        ],
-    ] {
+    // magnitude, wanda, svd and the paper's threshold allocation.
+    for method in [METHODS[4], METHODS[5], METHODS[6], METHODS[3]] {
         let (f, nf) = run("f16", method);
         let (q, nq) = run("q8", method);
         assert_eq!(nf, nq, "{method:?}: a different mask");
@@ -337,6 +255,161 @@ fn q8_is_within_half_a_percent_of_f16_at_the_same_mask() {
         );
         assert!(q["linear_bytes"].as_u64() > Some(0));
     }
+}
+
+/// `--embed-values`: the embedding (tied: also the head) is stored in the asked type,
+/// its section has the closed-form size (rows × groups × block bytes: Q8 2 + g, Q4
+/// 4 + g/2, f16 2 per value), the budget priced exactly that (the dry run's dense bytes
+/// differ by exactly the sections' difference), and `cap-device` reproduces the stored
+/// figure.
+#[test]
+fn the_embedding_is_stored_and_priced_in_its_value_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calib_text(dir.path());
+    let cache = dir.path().join("rpca").display().to_string();
+    let device = cap_device();
+    let m = tiny("llama-tied");
+    let out = dir.path().join("e.cap");
+    let out_s = out.display().to_string();
+    let mut dense = Vec::new();
+    let mut sections = Vec::new();
+    for (embed, dtype) in [
+        ("f16", DType::F16),
+        ("q8", DType::Q8 { group: 16 }),
+        ("q4", DType::Q4 { group: 16 }),
+    ] {
+        let args = |extra: &[&str]| {
+            let mut v = small_compress(&m, &out_s, &calib, &cache, extra);
+            v.extend(
+                [
+                    "--method",
+                    "magnitude",
+                    "--values",
+                    "q4",
+                    "--group",
+                    "16",
+                    "--ratio",
+                    "0.5",
+                    "--embed-values",
+                    embed,
+                ]
+                .map(String::from),
+            );
+            v
+        };
+        let plan = run_json(&args(&["--dry-run"]));
+        dense.push(plan["fixed"]["dense_tensor_bytes"].as_u64().unwrap());
+        let r = run_json(&args(&[]));
+        assert_eq!(r["embed_values"].as_str().unwrap(), dtype.to_string());
+        let bytes = std::fs::read(&out).unwrap();
+        let file = CapFile::parse(&bytes).unwrap();
+        let t = &file.manifest().tensors[file.find("token_embd.weight").unwrap()];
+        assert_eq!(t.encoding, Encoding::Dense { dtype });
+        let (rows, cols) = (u64::from(t.rows), u64::from(t.cols));
+        assert_eq!(cols % 16, 0, "the tiny model's rows are whole groups");
+        let want = match dtype {
+            DType::Q8 { .. } => rows * (cols / 16) * (2 + 16),
+            DType::Q4 { .. } => rows * (cols / 16) * (4 + 8),
+            _ => rows * cols * 2,
+        };
+        assert_eq!(t.len, want, "{embed}");
+        sections.push(t.len);
+        self_test(&device, &out);
+    }
+    // Sections are 64-byte aligned in the budget's pricing; the tiny model's sections
+    // are multiples of 64 bytes, so the differences are exact.
+    for i in 1..3 {
+        assert_eq!(
+            dense[0] - dense[i],
+            sections[0] - sections[i],
+            "{dense:?} {sections:?}"
+        );
+    }
+}
+
+/// `--values auto`: cap's allocation scores the four bits plans beside the uniform q4
+/// one, keeps the one with the lowest calibration loss (when it beats uniform), and
+/// writes each linear in its plan's type: the report's per-layer types are the file's,
+/// the file stays within the byte budget, and `cap-device` reproduces the stored figure.
+#[test]
+fn auto_values_choose_bits_per_layer_within_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calib_text(dir.path());
+    let cache = dir.path().join("rpca").display().to_string();
+    let m = tiny("llama3-scaled");
+    let out = dir.path().join("auto.cap");
+    let out_s = out.display().to_string();
+    let args = |extra: &[&str]| {
+        let mut v = small_compress(&m, &out_s, &calib, &cache, extra);
+        v.extend(["--values", "auto", "--group", "16"].map(String::from));
+        v
+    };
+    let plan = run_json(&args(&["--budget", "1000000000", "--dry-run"]));
+    let fixed = &plan["fixed"];
+    let budget = fixed["dense_tensor_bytes"].as_u64().unwrap()
+        + fixed["file_overhead_bytes"].as_u64().unwrap()
+        + fixed["linear_dense_bytes"].as_u64().unwrap() / 2;
+    let r = run_json(&args(&["--budget", &budget.to_string()]));
+    assert!(r["file_bytes"].as_u64().unwrap() <= budget, "{r}");
+    let (best, trials) = (&r["allocation_search"][0], &r["allocation_search"][1]);
+    let bits: Vec<&str> = trials
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["alloc"]["bits"].as_str().unwrap())
+        .collect();
+    for plan in ["uniform", "v-down-q8", "attention-q8", "all-q8", "all-f16"] {
+        assert!(bits.contains(&plan), "{plan} not tried: {bits:?}");
+    }
+    // The bits coordinate runs first, from the uniform setting: its best is kept.
+    let first: Vec<(f64, &str)> = trials.as_array().unwrap()[..5]
+        .iter()
+        .map(|t| {
+            (
+                t["loss"].as_f64().unwrap(),
+                t["alloc"]["bits"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let min = first.iter().min_by(|a, b| a.0.total_cmp(&b.0)).unwrap();
+    assert_eq!(best["bits"].as_str().unwrap(), min.1, "{first:?}");
+    // Each layer's reported type is its tensor's in the file.
+    let bytes = std::fs::read(&out).unwrap();
+    let file = CapFile::parse(&bytes).unwrap();
+    let mut types = std::collections::BTreeSet::new();
+    for row in r["layers"].as_array().unwrap() {
+        let name = row["name"].as_str().unwrap();
+        let t = &file.manifest().tensors[file.find(name).unwrap()];
+        let stored = match t.encoding {
+            Encoding::Dense { dtype } | Encoding::LowRank { dtype, .. } => dtype,
+            Encoding::Sparse(s) => s.dtype(),
+            Encoding::Composite { sparse, .. } => sparse.dtype(),
+        };
+        assert_eq!(
+            row["values"].as_str().unwrap(),
+            stored.to_string(),
+            "{name}"
+        );
+        types.insert(stored.to_string());
+    }
+    assert!(
+        r["values"].as_str().unwrap().starts_with("auto: "),
+        "{}",
+        r["values"]
+    );
+    for t in &types {
+        assert!(r["values"].as_str().unwrap().contains(t.as_str()));
+    }
+    self_test(&cap_device(), &out);
+    // Only cap's own allocation chooses bits.
+    assert_clean_failure(
+        &args(&["--budget", &budget.to_string(), "--method", "wanda"]),
+        &["--values auto", "--method cap"],
+    );
+    assert_clean_failure(
+        &args(&["--budget", &budget.to_string(), "--embed-values", "auto"]),
+        &["--embed-values auto"],
+    );
 }
 
 #[test]

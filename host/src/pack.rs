@@ -208,7 +208,8 @@ impl Sink<'_> {
             });
         }
         self.buf.clear();
-        cap_format::extend_bytes(&mut self.buf, data, dtype);
+        // Each row one run: what the format's dense layout asks of quantized values.
+        cap_format::extend_rows(&mut self.buf, data, cols, dtype);
         let desc = TensorDesc {
             rows: u32_of(rows, "rows")?,
             cols: u32_of(cols, "cols")?,

@@ -82,10 +82,20 @@ pub struct CompressArgs {
     pub dtype: Option<DTypeArg>,
     /// Value type of the compressed linears (sparse values, dense layers, low-rank
     /// factors): a float type, or q8 (symmetric 8-bit codes) / q4 (asymmetric 4-bit
-    /// codes) with one f16 scale (q4: and one f16 minimum) per --group values of a row
-    /// [default: --dtype's]. The embedding, the head and the norms stay as --dtype.
+    /// codes) with one f16 scale (q4: and one f16 minimum) per --group values of a row,
+    /// or auto (cap's allocation picks q4, q8 or f16 per linear by calibration loss)
+    /// [default: --dtype's]. The embedding and an untied head: see --embed-values; the
+    /// norms stay f32.
     #[arg(long, value_enum)]
     pub values: Option<ValuesArg>,
+    /// Value type of the token embedding and an untied output head (each row rounded
+    /// to nearest, --group values a group; not auto) [default: q8 when --values is
+    /// quantized,
+    /// else --dtype's]. On a small model with a large vocabulary the tied head is the
+    /// largest tensor and is read for every token; llama.cpp likewise keeps it at 6 to
+    /// 8 bits in its 4-bit files.
+    #[arg(long, value_enum, value_name = "VALUES")]
+    pub embed_values: Option<ValuesArg>,
     /// Values per quantization group with --values q8|q4: a multiple of 16 in
     /// 16..=256 (64: 4.5 bits per q4 value, 8.25 per q8 value).
     #[arg(long, value_name = "G")]
@@ -168,6 +178,9 @@ pub enum ValuesArg {
     Q8,
     /// Asymmetric 4-bit codes, one f16 scale and one f16 minimum per group.
     Q4,
+    /// cap's allocation chooses per linear among q4, q8 and f16 by the calibration
+    /// loss, under the same byte budget (--method cap only).
+    Auto,
 }
 
 /// The default `--group`: 64 values. For q4 that is 4.5 bits per value (g32: 5,
@@ -177,21 +190,42 @@ pub enum ValuesArg {
 /// sparsity; 64 is the middle.
 pub const DEFAULT_GROUP: u16 = 64;
 
-/// The linears' value type from `--values` and `--group` (`float`: the dense dtype).
-fn values_of(values: Option<ValuesArg>, group: Option<u16>, float: DType) -> Result<DType> {
-    let g = group.unwrap_or(DEFAULT_GROUP);
-    let d = match values {
-        None => float,
+/// A `--values`-like argument as a value type (`None`: `default`), quantized types in
+/// groups of `g`.
+fn value_type(v: Option<ValuesArg>, g: u16, default: DType) -> DType {
+    match v {
+        None => default,
         Some(ValuesArg::F16) => DType::F16,
         Some(ValuesArg::Bf16) => DType::BF16,
         Some(ValuesArg::F32) => DType::F32,
         Some(ValuesArg::Q8) => DType::Q8 { group: g },
-        Some(ValuesArg::Q4) => DType::Q4 { group: g },
-    };
-    if group.is_some() && !d.is_quantized() {
-        bail!("--group {g} needs quantized values (--values q8 or q4), not {d}");
+        // `auto` starts from q4, which the allocation lifts where bits pay.
+        Some(ValuesArg::Q4 | ValuesArg::Auto) => DType::Q4 { group: g },
     }
-    Ok(d)
+}
+
+/// The linears' value type (`--values`) and the embedding's (`--embed-values`), with
+/// `--group`; `float` is the dense dtype.
+fn values_of(a: &CompressArgs, float: DType) -> Result<(DType, DType)> {
+    let g = a.group.unwrap_or(DEFAULT_GROUP);
+    let values = value_type(a.values, g, float);
+    let embed_default = if values.is_quantized() {
+        DType::Q8 { group: g }
+    } else {
+        float
+    };
+    if a.embed_values == Some(ValuesArg::Auto) {
+        bail!(
+            "--embed-values auto: the embedding's value type is fixed, not allocated; give f16, q8 or q4"
+        );
+    }
+    let embed = value_type(a.embed_values, g, embed_default);
+    if a.group.is_some() && !values.is_quantized() && !embed.is_quantized() {
+        bail!(
+            "--group {g} needs quantized values (--values or --embed-values q8 or q4), not {values}"
+        );
+    }
+    Ok((values, embed))
 }
 
 fn dtype_of(a: DTypeArg) -> DType {
@@ -239,7 +273,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
         _ => bail!("give exactly one of --target, --budget, --ratio"),
     };
     let dtype = a.dtype.map(dtype_of).or(preferred).unwrap_or(DType::F16);
-    let values = values_of(a.values, a.group, dtype)?;
+    let (values, embed) = values_of(&a, dtype)?;
     let cache_dir = match a.cache_dir {
         Some(d) => d,
         None => default_cache_dir(&a.model)?,
@@ -257,8 +291,9 @@ pub fn run(a: CompressArgs) -> Result<()> {
         },
         allocation: a.allocation,
         budget,
-        dtype,
+        dtype: embed,
         values,
+        auto_values: a.values == Some(ValuesArg::Auto),
         quantizer: a.quantizer,
         calib: a.calib,
         selfcalib_dir: None,
@@ -376,18 +411,19 @@ pub fn render(r: &CompressReport) -> String {
     };
     let _ = writeln!(
         s,
-        "{:<24} {:>11} {:>13} {:>21} {:<20} {:>10}",
-        "tensor", "shape", "rank kept", "non-zeros kept", "encoding", "bytes"
+        "{:<24} {:>11} {:>13} {:>21} {:<20} {:<8} {:>10}",
+        "tensor", "shape", "rank kept", "non-zeros kept", "encoding", "values", "bytes"
     );
     for l in &r.layers {
         let _ = writeln!(
             s,
-            "{:<24} {:>11} {:>13} {:>21} {:<20} {:>10}",
+            "{:<24} {:>11} {:>13} {:>21} {:<20} {:<8} {:>10}",
             l.name,
             format!("{}×{}", l.shape[0], l.shape[1]),
             format!("{}/{}", l.rank[0], l.rank[1]),
             format!("{}/{}", l.nnz[0], l.nnz[1]),
             l.encoding,
+            l.values,
             l.bytes
         );
     }
@@ -412,8 +448,8 @@ pub fn render(r: &CompressReport) -> String {
     );
     let _ = writeln!(
         s,
-        "dense tensors: {} bytes; file: {} bytes ({})",
-        r.dense_tensor_bytes, r.file_bytes, r.path
+        "dense tensors (embedding and head in {}): {} bytes; file: {} bytes ({})",
+        r.embed_values, r.dense_tensor_bytes, r.file_bytes, r.path
     );
     let _ = writeln!(s, "calibration: {}", r.calibration);
     let source = r

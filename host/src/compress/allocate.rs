@@ -20,7 +20,10 @@ use cap_device::model::{DenseLinear, Model};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use cap_format::DType;
+
 use super::budget::CostModel;
+use super::qvalues::{Quantizer, quantize_kept};
 use super::sparsegpt::kept;
 
 /// The allocation variables.
@@ -33,20 +36,68 @@ pub struct Allocation2 {
     /// Share of each linear's kept parameters spent on a low-rank part (CAP's `L`),
     /// fit to what the sparse part leaves; 0 when the measured loss says it does not pay.
     pub lowrank: f64,
+    /// Which linears get more bits per value (`--values auto`; always
+    /// [`Bits::Uniform`] otherwise).
+    pub bits: Bits,
 }
 
-/// What one linear keeps: sparsity of its sparse part and rank of its low-rank part.
+/// Value types per linear under `--values auto`: the base type is q4, and a plan lifts
+/// some linears to q8 (or all to f16). Fewer bits keep more weights in the same bytes;
+/// which wins, per role, is measured by the calibration loss like the other variables.
+/// The roles follow llama.cpp's k-quant mixes, which give `attn_v` and `ffn_down` more
+/// bits than the rest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Bits {
+    /// Every linear in the run's value type.
+    #[default]
+    Uniform,
+    /// The value (`v`) and down projections in q8, the rest q4.
+    VDownQ8,
+    /// The attention projections (`q`, `k`, `v`, `o`) in q8, the MLP in q4.
+    AttentionQ8,
+    /// Every linear in q8.
+    AllQ8,
+    /// Every linear in f16.
+    AllF16,
+}
+
+impl Bits {
+    /// The plans `--values auto` tries after [`Bits::Uniform`].
+    pub const SEARCHED: [Bits; 4] = [Bits::VDownQ8, Bits::AttentionQ8, Bits::AllQ8, Bits::AllF16];
+
+    /// The value type of linear `k` of a block (0..7: q, k, v, o, gate, up, down) when the
+    /// run's type is `base` (q4 under `--values auto`, whose groups the q8 plans share).
+    pub fn values(self, k: usize, base: DType) -> DType {
+        let q8 = DType::Q8 {
+            group: base.group() as u16,
+        };
+        match self {
+            Bits::Uniform => base,
+            Bits::VDownQ8 if k == 2 || k == 6 => q8,
+            Bits::AttentionQ8 if k < 4 => q8,
+            Bits::AllQ8 => q8,
+            Bits::AllF16 => DType::F16,
+            _ => base,
+        }
+    }
+}
+
+/// What one linear keeps: sparsity of its sparse part, rank of its low-rank part and
+/// the value type they are stored in.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Keep {
     /// Sparsity of `S` (kept entries: [`kept`]).
     pub sparsity: f64,
     /// Rank of `L`.
     pub rank: usize,
+    /// Value type of the kept values.
+    pub values: DType,
 }
 
 /// Splits a linear kept at sparsity `s` between `L` and `S`: `lowrank` of its kept
 /// parameters go to whole singular directions (`m + n` each), the rest stay sparse.
-pub fn split(m: usize, n: usize, s: f64, lowrank: f64) -> Keep {
+pub fn split(m: usize, n: usize, s: f64, lowrank: f64, values: DType) -> Keep {
     let total = (1.0 - s) * (m * n) as f64;
     let rank = ((lowrank * total) / (m + n) as f64).floor().max(0.0) as usize;
     let rank = rank.min(m.min(n));
@@ -54,6 +105,7 @@ pub fn split(m: usize, n: usize, s: f64, lowrank: f64) -> Keep {
     Keep {
         sparsity: (1.0 - sparse / (m * n) as f64).clamp(0.0, 1.0),
         rank,
+        values,
     }
 }
 
@@ -69,7 +121,8 @@ pub struct Trial {
 const MAX_SPARSITY: f64 = 0.99;
 
 /// What each linear keeps under `a` (block order, 7 per block), shifted so the total
-/// exact cost is within `limit`.
+/// exact cost is within `limit`; each linear priced in its value type under `a.bits`
+/// (the run's type `cost.dtype` as the base).
 pub fn sparsities(
     shapes: &[(usize, usize)],
     n_blocks: usize,
@@ -77,6 +130,12 @@ pub fn sparsities(
     cost: &CostModel,
     limit: u64,
 ) -> Vec<Keep> {
+    let costs: Vec<CostModel> = (0..shapes.len())
+        .map(|i| CostModel {
+            dtype: a.bits.values(i % 7, cost.dtype),
+            ..*cost
+        })
+        .collect();
     let raw: Vec<f64> = (0..shapes.len())
         .map(|i| {
             let (b, k) = (i / 7, i % 7);
@@ -92,14 +151,24 @@ pub fn sparsities(
     let at = |shift: f64| -> Vec<Keep> {
         raw.iter()
             .zip(shapes)
-            .map(|(r, &(m, n))| split(m, n, (r + shift).clamp(0.0, MAX_SPARSITY), a.lowrank))
+            .zip(&costs)
+            .map(|((r, &(m, n)), c)| {
+                split(
+                    m,
+                    n,
+                    (r + shift).clamp(0.0, MAX_SPARSITY),
+                    a.lowrank,
+                    c.dtype,
+                )
+            })
             .collect()
     };
     let total = |sp: &[Keep]| -> u64 {
         shapes
             .iter()
             .zip(sp)
-            .map(|(&(m, n), k)| cost.cost(m, n, k.rank, kept(m, n, k.sparsity)))
+            .zip(&costs)
+            .map(|((&(m, n), k), c)| c.cost(m, n, k.rank, kept(m, n, k.sparsity)))
             .sum()
     };
     // Cost falls as the shift rises; find the smallest shift that fits.
@@ -150,6 +219,21 @@ pub fn wanda_pruned(
                 row[j] = 0.0;
             }
         }
+        // Quantized values: the kept weights rounded to nearest (the proxy of the GPTQ
+        // the final pruning runs), so the loss sees what fewer bits cost.
+        if keep[i].values.is_quantized() {
+            let mask: Vec<bool> = l.weight.iter().map(|&x| x != 0.0).collect();
+            let q = quantize_kept(
+                &mut l.weight,
+                Some(&mask),
+                rows,
+                cols,
+                &[],
+                keep[i].values,
+                Quantizer::Rtn,
+            );
+            debug_assert!(q.is_ok(), "a valid value type");
+        }
         if let Some(orig) = orig {
             let d: Vec<f32> = norm.iter().map(|&x| x.max(1e-6)).collect();
             let resid: Vec<f32> = (0..rows * cols)
@@ -180,6 +264,7 @@ pub fn wanda_pruned(
 /// is as fine as the calibration data supports.) Returns the best setting and every trial.
 pub fn search(
     lowrank: Option<f64>,
+    choose_bits: bool,
     mut loss: impl FnMut(&Allocation2) -> Result<f64>,
 ) -> Result<(Allocation2, Vec<Trial>)> {
     let mut trials = Vec::new();
@@ -195,7 +280,17 @@ pub fn search(
     type Set = fn(Allocation2, f64) -> Allocation2;
     // Does a low-rank part pay? Measured, not assumed (unless the caller fixed it).
     let shares: &[f64] = if lowrank.is_some() { &[] } else { &[0.1, 0.2] };
-    let coordinates: [(&[f64], Set); 3] = [
+    // The bits plan first: it moves the most bytes. Its grid is the plans' indices.
+    let plans: &[f64] = if choose_bits {
+        &[0.0, 1.0, 2.0, 3.0]
+    } else {
+        &[]
+    };
+    let coordinates: [(&[f64], Set); 4] = [
+        (plans, |a, v| Allocation2 {
+            bits: Bits::SEARCHED[v as usize],
+            ..a
+        }),
         (&[-0.2, -0.1, 0.1, 0.2], |a, v| Allocation2 {
             slope: v,
             ..a

@@ -11,6 +11,9 @@ use std::ops::Range;
 
 use cap_device::factored::FactoredLinear;
 
+use cap_format::DType;
+
+use super::budget::CostModel;
 use super::quantize::Quantized;
 use super::select::Selection;
 pub use crate::rpca::Csr;
@@ -48,6 +51,9 @@ pub struct Candidate {
     /// sparse encoding (or a dense one, for a dense candidate); otherwise the kept
     /// values are rounded to nearest. Its `values` are empty (they are the entries).
     pub quantized: Option<Box<Quantized>>,
+    /// The value type this linear is stored in when its method chose one for it (cap's
+    /// allocation choosing bits per layer); `None`: the run's `--values`.
+    pub values: Option<DType>,
 }
 
 impl Candidate {
@@ -60,6 +66,7 @@ impl Candidate {
             sparse: None,
             dense: Some(w),
             quantized: None,
+            values: None,
         }
     }
 
@@ -72,6 +79,7 @@ impl Candidate {
             sparse: Some(s),
             dense: None,
             quantized: None,
+            values: None,
         }
     }
 
@@ -84,6 +92,7 @@ impl Candidate {
             sparse: None,
             dense: None,
             quantized: None,
+            values: None,
         }
     }
 
@@ -100,6 +109,7 @@ impl Candidate {
             sparse: (!d.s.val.is_empty()).then_some(d.s),
             dense: None,
             quantized: None,
+            values: None,
         }
     }
 
@@ -111,6 +121,15 @@ impl Candidate {
     /// Singular directions offered.
     pub fn rank(&self) -> usize {
         self.sigma().len()
+    }
+
+    /// How this linear's kept items are priced and written: `run`'s accounting, in
+    /// this linear's own value type when its method chose one.
+    pub fn cost_model(&self, run: &CostModel) -> CostModel {
+        CostModel {
+            dtype: self.values.unwrap_or(run.dtype),
+            ..*run
+        }
     }
 
     /// The values of the entries offered, in item order (CSR order, or row-major).

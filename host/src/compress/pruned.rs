@@ -50,7 +50,8 @@ impl Strategy for Pruned {
             .sum();
         let (values, quantizer) = (cx.opts.values, cx.opts.quantizer);
         let threads = cx.opts.threads;
-        if dense_cost <= cx.limit {
+        let choose_bits = cx.opts.auto_values;
+        if dense_cost <= cx.limit && !choose_bits {
             // The budget holds the dense linears (SmolLM2 on any real board).
             tracing::info!("the budget holds every linear dense: nothing is pruned");
             if values.is_quantized() && quantizer == Quantizer::Gptq {
@@ -86,7 +87,12 @@ impl Strategy for Pruned {
             k
         } else {
             let sparsity = sparsegpt_sparsity(cx.linears, cx.cost, cx.limit);
-            vec![Keep { sparsity, rank: 0 }; cx.linears.len()]
+            let keep = Keep {
+                sparsity,
+                rank: 0,
+                values,
+            };
+            vec![keep; cx.linears.len()]
         };
         (cx.on_event)(Event::Stage {
             name: self.method.name(),
@@ -130,9 +136,10 @@ impl Strategy for Pruned {
                 // Quantized values: GPTQ of the kept (refit) weights with the same
                 // Hessian, before the low-rank part, which then also absorbs the
                 // quantization error.
-                let q = quantize_kept(w, Some(&mask), r, c, h, values, quantizer)?;
+                let q = quantize_kept(w, Some(&mask), r, c, h, keeps[i].values, quantizer)?;
                 let mut d = masked_candidate(w, &mask, r, c);
                 d.quantized = q;
+                d.values = choose_bits.then_some(keeps[i].values);
                 if keeps[i].rank > 0 {
                     add_lowrank(&mut d, w, &orig, h, keeps[i].rank)?;
                 }
@@ -213,11 +220,11 @@ fn learned_sparsities(cx: &Context<'_>) -> Result<(Vec<Keep>, Allocation2, Vec<T
     let scoring = &windows[..windows.len().min(8)];
     (cx.on_event)(Event::Stage {
         name: "allocation search",
-        total: 11,
+        total: if cx.opts.auto_values { 15 } else { 11 },
     });
     let done = std::cell::Cell::new(0u64);
     let n_blocks = model.blocks.len();
-    let (best, trials) = search(cx.opts.lowrank_share, |a| {
+    let (best, trials) = search(cx.opts.lowrank_share, cx.opts.auto_values, |a| {
         let sp = sparsities(&shapes, n_blocks, a, cx.cost, cx.limit);
         let pruned = wanda_pruned(model, &norm_refs, &sp);
         let l = calibration_loss(&pruned, scoring, threads);

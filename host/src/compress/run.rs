@@ -44,12 +44,17 @@ pub struct CompressOptions {
     pub lowrank_share: Option<f64>,
     /// The budget.
     pub budget: BudgetSpec,
-    /// Storage dtype of the tensors kept dense (embedding, an untied head; norms and
-    /// biases are always f32).
+    /// Storage type of the tensors kept dense (the token embedding and an untied
+    /// head; norms and biases are always f32): a float type, or quantized (each row
+    /// rounded to nearest; the rows are gathered and multiplied in place).
     pub dtype: DType,
     /// Value type of the compressed linears (factors, sparse values, dense values):
     /// `dtype` itself, or quantized ([`DType::Q8`], [`DType::Q4`]).
     pub values: DType,
+    /// cap's allocation chooses each linear's value type (`--values auto`): `values`
+    /// (q4) or q8 in its groups, or f16, by the calibration loss
+    /// ([`super::allocate::Bits`]).
+    pub auto_values: bool,
     /// How quantized values are chosen (ignored for float values).
     pub quantizer: Quantizer,
     /// Calibration text (plain text, or JSON lines with a `text` field); `None`:
@@ -133,6 +138,8 @@ pub struct LayerRow {
     pub nnz: [u64; 2],
     /// Encoding written.
     pub encoding: String,
+    /// Value type of its stored values (`q4/g64`, `f16`, ...).
+    pub values: String,
     /// Bytes of its section.
     pub bytes: u64,
     /// Cost in the budget's accounting.
@@ -148,6 +155,8 @@ pub struct CompressReport {
     pub method: Method,
     /// Value type of the compressed linears (`f16`, `q4/g64`, ...).
     pub values: String,
+    /// Value type of the token embedding and an untied head.
+    pub embed_values: String,
     /// The quantizer that chose the kept weights' codes (`gptq`: with each layer's
     /// input Hessian; `rtn`: round-to-nearest), `None` for float values. Low-rank
     /// factors are always rounded to nearest.
@@ -198,11 +207,12 @@ pub struct CompressReport {
 /// Runs the whole pipeline.
 pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -> Result<Outcome> {
     check_values(opts.values)?;
-    if opts.dtype.is_quantized() {
-        return Err(CompressError::Invalid(format!(
-            "--dtype {}: the tensors kept dense are stored in a float type; quantize the linears with --values",
-            opts.dtype
-        )));
+    check_values(opts.dtype)?;
+    if opts.auto_values && (opts.method, opts.variant) != (Method::Cap, Variant::Cap) {
+        return Err(CompressError::Invalid(
+            "--values auto: only cap's own allocation (--method cap --variant cap) chooses bits per layer"
+                .into(),
+        ));
     }
     let mut notes = Notes::start();
     let input = load(opts, on_event)?;
@@ -294,7 +304,8 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     Ok(Outcome::Written(Box::new(CompressReport {
         path: path.display().to_string(),
         method: opts.method,
-        values: opts.values.to_string(),
+        values: values_summary(opts, &rows),
+        embed_values: opts.dtype.to_string(),
         quantizer: quantizer_used(opts),
         allocation: method.allocation(),
         param_ratio: kept_params as f64 / fixed.linear_params.max(1) as f64,
@@ -317,6 +328,20 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         allocation_search: notes.allocation_search,
         seconds: notes.seconds,
     })))
+}
+
+/// The linears' value type, or under `--values auto` how many linears got which type
+/// (`auto: q4/g64 ×140, q8/g64 ×70`).
+fn values_summary(opts: &CompressOptions, rows: &[LayerRow]) -> String {
+    if !opts.auto_values {
+        return opts.values.to_string();
+    }
+    let mut n: std::collections::BTreeMap<&str, usize> = Default::default();
+    for r in rows {
+        *n.entry(r.values.as_str()).or_default() += 1;
+    }
+    let parts: Vec<String> = n.iter().map(|(v, k)| format!("{v} ×{k}")).collect();
+    format!("auto: {}", parts.join(", "))
 }
 
 /// The quantizer that actually chose the codes of the sparse and dense values: GPTQ

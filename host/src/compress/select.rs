@@ -48,7 +48,8 @@ impl Selection {
 
 /// Exact cost of keeping `sel` of `d`.
 pub fn selection_cost(cost: &CostModel, d: &Candidate, sel: &Selection) -> u64 {
-    cost.cost(d.rows, d.cols, sel.rank(), sel.nnz())
+    d.cost_model(cost)
+        .cost(d.rows, d.cols, sel.rank(), sel.nnz())
 }
 
 /// Which kind of item a group holds.

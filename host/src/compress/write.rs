@@ -130,6 +130,7 @@ pub fn encode_linear(
     sel: &Selection,
     cost: &CostModel,
 ) -> Result<(TensorDesc, Vec<Vec<u8>>, u64)> {
+    let cost = &c.cost_model(cost);
     let counts = c.kept_row_counts(sel);
     let (encoding, bytes) = cost.encoding_exact(c.rows, c.cols, sel.rank(), &counts);
     let dtype = cost.dtype;
@@ -239,6 +240,7 @@ pub fn write(
                 rank: [s.rank(), c.rank()],
                 nnz: [s.nnz(), c.entries() as u64],
                 encoding: desc.encoding.name().into(),
+                values: c.cost_model(cost).dtype.to_string(),
                 bytes,
                 // Exact: the bytes written, or the paper's parameters.
                 cost: match cost.accounting {
