@@ -327,9 +327,9 @@ fn the_embedding_is_stored_and_priced_in_its_value_type() {
     }
 }
 
-/// `--values auto`: cap's allocation scores the four bits plans beside the uniform q4
-/// one, keeps the one with the lowest calibration loss (when it beats uniform), and
-/// writes each linear in its plan's type: the report's per-layer types are the file's,
+/// `--values auto`: cap's allocation scores groups half the size and the four bits
+/// plans beside the uniform q4 setting, keeps the setting with the lowest calibration
+/// loss, and writes each linear in its plan's type: the report's per-layer types are the file's,
 /// the file stays within the byte budget, and `cap-device` reproduces the stored figure.
 #[test]
 fn auto_values_choose_bits_per_layer_within_the_budget() {
@@ -341,7 +341,7 @@ fn auto_values_choose_bits_per_layer_within_the_budget() {
     let out_s = out.display().to_string();
     let args = |extra: &[&str]| {
         let mut v = small_compress(&m, &out_s, &calib, &cache, extra);
-        v.extend(["--values", "auto", "--group", "16"].map(String::from));
+        v.extend(["--values", "auto", "--group", "32"].map(String::from));
         v
     };
     let plan = run_json(&args(&["--budget", "1000000000", "--dry-run"]));
@@ -361,18 +361,27 @@ fn auto_values_choose_bits_per_layer_within_the_budget() {
     for plan in ["uniform", "v-down-q8", "attention-q8", "all-q8", "all-f16"] {
         assert!(bits.contains(&plan), "{plan} not tried: {bits:?}");
     }
-    // The bits coordinate runs first, from the uniform setting: its best is kept.
-    let first: Vec<(f64, &str)> = trials.as_array().unwrap()[..5]
+    assert!(
+        trials
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["alloc"]["finer_groups"] == Value::Bool(true)),
+        "groups of 16 (half of 32) not tried"
+    );
+    // The coordinate search keeps the setting with the lowest loss of all it tried.
+    let min = trials
+        .as_array()
+        .unwrap()
         .iter()
-        .map(|t| {
-            (
-                t["loss"].as_f64().unwrap(),
-                t["alloc"]["bits"].as_str().unwrap(),
-            )
+        .min_by(|a, b| {
+            a["loss"]
+                .as_f64()
+                .unwrap()
+                .total_cmp(&b["loss"].as_f64().unwrap())
         })
-        .collect();
-    let min = first.iter().min_by(|a, b| a.0.total_cmp(&b.0)).unwrap();
-    assert_eq!(best["bits"].as_str().unwrap(), min.1, "{first:?}");
+        .unwrap();
+    assert_eq!(best, &min["alloc"], "{trials}");
     // Each layer's reported type is its tensor's in the file.
     let bytes = std::fs::read(&out).unwrap();
     let file = CapFile::parse(&bytes).unwrap();

@@ -39,6 +39,24 @@ pub struct Allocation2 {
     /// Which linears get more bits per value (`--values auto`; always
     /// [`Bits::Uniform`] otherwise).
     pub bits: Bits,
+    /// `--values auto`: quantization groups half the run's (`--group`) size: a scale
+    /// (and minimum) per half as many values, which costs bytes and, where the weights
+    /// hold a grid of that size already (a source quantized in blocks of 32), can be
+    /// lossless.
+    pub finer_groups: bool,
+}
+
+impl Allocation2 {
+    /// The value type of linear `k` of a block (0..7) when the run's type is `base`.
+    pub fn values(&self, k: usize, base: DType) -> DType {
+        let base = match base {
+            DType::Q4 { group } if self.finer_groups && cap_format::valid_group(group / 2) => {
+                DType::Q4 { group: group / 2 }
+            }
+            d => d,
+        };
+        self.bits.values(k, base)
+    }
 }
 
 /// Value types per linear under `--values auto`: the base type is q4, and a plan lifts
@@ -132,7 +150,7 @@ pub fn sparsities(
 ) -> Vec<Keep> {
     let costs: Vec<CostModel> = (0..shapes.len())
         .map(|i| CostModel {
-            dtype: a.bits.values(i % 7, cost.dtype),
+            dtype: a.values(i % 7, cost.dtype),
             ..*cost
         })
         .collect();
@@ -280,13 +298,18 @@ pub fn search(
     type Set = fn(Allocation2, f64) -> Allocation2;
     // Does a low-rank part pay? Measured, not assumed (unless the caller fixed it).
     let shares: &[f64] = if lowrank.is_some() { &[] } else { &[0.1, 0.2] };
-    // The bits plan first: it moves the most bytes. Its grid is the plans' indices.
-    let plans: &[f64] = if choose_bits {
-        &[0.0, 1.0, 2.0, 3.0]
+    // The value types first: they move the most bytes. The group size (finer or
+    // not), then the bits plan (its grid is the plans' indices).
+    let (finer, plans): (&[f64], &[f64]) = if choose_bits {
+        (&[1.0], &[0.0, 1.0, 2.0, 3.0])
     } else {
-        &[]
+        (&[], &[])
     };
-    let coordinates: [(&[f64], Set); 4] = [
+    let coordinates: [(&[f64], Set); 5] = [
+        (finer, |a, v| Allocation2 {
+            finer_groups: v > 0.0,
+            ..a
+        }),
         (plans, |a, v| Allocation2 {
             bits: Bits::SEARCHED[v as usize],
             ..a

@@ -220,7 +220,7 @@ fn learned_sparsities(cx: &Context<'_>) -> Result<(Vec<Keep>, Allocation2, Vec<T
     let scoring = &windows[..windows.len().min(8)];
     (cx.on_event)(Event::Stage {
         name: "allocation search",
-        total: if cx.opts.auto_values { 15 } else { 11 },
+        total: if cx.opts.auto_values { 16 } else { 11 },
     });
     let done = std::cell::Cell::new(0u64);
     let n_blocks = model.blocks.len();
