@@ -143,7 +143,12 @@ pub fn encode_linear(
     };
     let parts = match encoding {
         Encoding::Dense { .. } => {
-            let own = own_codes(c, sel, dtype).filter(|_| c.dense.is_some() && sel.rank() == 0);
+            // The method's codes are the dense rows' runs when every position is an
+            // entry (a dense candidate, or a mask that kept everything: CSR order is
+            // then row-major) and no factor is added; rounding their values again would
+            // quantize twice.
+            let every_position = c.entries() == c.rows * c.cols;
+            let own = own_codes(c, sel, dtype).filter(|_| every_position && sel.rank() == 0);
             match own {
                 Some(q) => {
                     let mut out = Vec::new();
@@ -253,4 +258,51 @@ pub fn write(
     )
     .map_err(super::error::step_error)?;
     Ok(Written { file, rows })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::qvalues::{Quantizer, quantize_kept};
+    use crate::compress::sparsegpt::masked_candidate;
+    use cap_device::rng::XorShift64Star;
+
+    /// A mask that kept every position, quantized by GPTQ and written dense (cheaper
+    /// than any sparse encoding when nothing is dropped): the file holds the method's
+    /// own codes, so its values decode to exactly the candidate's values. Rounding them
+    /// again to nearest (what the writer did before) re-derives each group's scale and
+    /// minimum from the already-quantized values and moves some of them.
+    #[test]
+    fn a_fully_kept_quantized_mask_is_written_dense_with_its_own_codes() {
+        let (rows, cols) = (6, 96);
+        // A seed where some group's codes miss 0 or 15, so rounding again moves values.
+        let mut rng = XorShift64Star::new(1);
+        let mut w: Vec<f32> = (0..rows * cols).map(|_| rng.normal() as f32).collect();
+        let x: Vec<f32> = (0..64 * cols).map(|_| rng.normal() as f32).collect();
+        let mut h = vec![0f32; cols * cols];
+        for t in x.chunks_exact(cols) {
+            for i in 0..cols {
+                for j in 0..cols {
+                    h[i * cols + j] += t[i] * t[j];
+                }
+            }
+        }
+        let dtype = DType::Q4 { group: 32 };
+        let mask = vec![true; rows * cols];
+        let q = quantize_kept(&mut w, Some(&mask), rows, cols, &h, dtype, Quantizer::Gptq).unwrap();
+        let mut c = masked_candidate(&w, &mask, rows, cols);
+        c.quantized = q;
+        let sel = Selection::all(&c);
+        let cost = CostModel {
+            accounting: Accounting::Bytes,
+            dtype,
+        };
+        let (desc, parts, _) = encode_linear(&c, &sel, &cost).unwrap();
+        assert_eq!(desc.encoding, Encoding::Dense { dtype });
+        let stored = cap_format::dequantize_rows(&parts[0], dtype, rows, cols).unwrap();
+        assert_eq!(stored, w, "the written values are not the candidate's");
+        let again = rtn_rows(&w, rows, cols, dtype).unwrap();
+        let again = cap_format::dequantize_rows(&again, dtype, rows, cols).unwrap();
+        assert_ne!(again, w, "this case must be one that rounding twice spoils");
+    }
 }
