@@ -23,53 +23,13 @@ pub use decode::SparseRef;
 
 pub use scalar::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 
-/// Storage type codes of the SIMD kernels' const generic parameter: one kernel is
-/// compiled per stored dtype, and `D` is resolved at compile time.
+// What the SIMD tables share (with the macros they use, so declared before them).
 #[cfg(any(
     target_arch = "x86_64",
     all(target_arch = "aarch64", target_feature = "neon")
 ))]
-const F32: u8 = 0;
-#[cfg(any(
-    target_arch = "x86_64",
-    all(target_arch = "aarch64", target_feature = "neon")
-))]
-const F16: u8 = 1;
-#[cfg(any(
-    target_arch = "x86_64",
-    all(target_arch = "aarch64", target_feature = "neon")
-))]
-const BF16: u8 = 2;
-
-/// Bytes per value of storage code `D`.
-#[cfg(any(
-    target_arch = "x86_64",
-    all(target_arch = "aarch64", target_feature = "neon")
-))]
-const fn size(d: u8) -> usize {
-    if d == F32 { 4 } else { 2 }
-}
-
-/// Calls `$f::<D>(args)` with the storage code of `$dtype` (SIMD modules), or `$q`
-/// for a quantized type.
-///
-/// Where a SIMD table has no quantized kernel for an entry, the call site passes the
-/// scalar reference's entry as `$q` (see [`Kernels`] for which entries those are).
-#[cfg(any(
-    target_arch = "x86_64",
-    all(target_arch = "aarch64", target_feature = "neon")
-))]
-macro_rules! by_dtype {
-    ($dtype:expr, $f:ident($($a:expr),* $(,)?), $q:expr) => {
-        match $dtype {
-            DType::F32 => $f::<F32>($($a),*),
-            DType::F16 => $f::<F16>($($a),*),
-            DType::BF16 => $f::<BF16>($($a),*),
-            // Quantized values are addressed by run and block: see the call site's `$q`.
-            DType::Q8 { .. } | DType::Q4 { .. } => $q,
-        }
-    };
-}
+#[macro_use]
+mod simd;
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -314,13 +274,8 @@ pub fn rows_to_f32(k: &Kernels, w: Values<'_>, cols: usize, r0: usize, out: &mut
     if cols == 0 {
         return;
     }
-    let rb = w.dtype.run_bytes(cols as u64) as usize;
-    for (i, row) in out.chunks_exact_mut(cols).enumerate() {
-        let start = (r0 + i) * rb;
-        let bytes = w
-            .bytes
-            .get(start..start + rb)
-            .expect("rows out of range of the dense matrix");
+    let (block, rb) = scalar::q_dense_block(w, cols, r0, out.len() / cols);
+    for (row, bytes) in out.chunks_exact_mut(cols).zip(block.chunks_exact(rb)) {
         (k.to_f32)(
             Values {
                 dtype: w.dtype,
@@ -399,197 +354,6 @@ fn bits_at_end(mask: &[u8], bit: usize) -> u64 {
     let n = avail.len().min(9);
     buf[..n].copy_from_slice(&avail[..n]);
     bits_at(&buf, bit % 8)
-}
-
-/// Values a [`QWindow`] holds: enough for a few 64-column mask words per refill, small
-/// enough (1 KiB) to live on the stack of every call.
-#[cfg(any(
-    target_arch = "x86_64",
-    all(target_arch = "aarch64", target_feature = "neon")
-))]
-const QWIN: usize = 256;
-
-/// Floats readable past the requested values of a [`QWindow`] slice: the widest vector
-/// load (16 lanes) may start at the last requested value.
-#[cfg(any(
-    target_arch = "x86_64",
-    all(target_arch = "aarch64", target_feature = "neon")
-))]
-pub(crate) const QSLACK: usize = 16;
-
-/// One quantized run (a sparse row's kept values) dequantized to `f32` a window at a
-/// time, so the SIMD sparse kernels can run their `f32` code on quantized values.
-///
-/// A run's value `j` lives in block `j / group`, but a sparse row consumes its values
-/// in mask or index order, a variable number per 64 columns, so decoding on the fly
-/// would mean a block lookup per value. Decoding 8-aligned stretches of the run into a
-/// stack buffer with the ISA's vector decoder instead costs one store and one load per
-/// value, and the `f32` kernels then see plain packed floats. The buffer is part of the
-/// kernel's stack frame: nothing is allocated.
-#[cfg(any(
-    target_arch = "x86_64",
-    all(target_arch = "aarch64", target_feature = "neon")
-))]
-pub(crate) struct QWindow {
-    /// Run index of `buf[0]`, a multiple of 8.
-    base: usize,
-    /// Run values `base..end` are decoded in `buf` (`end` a multiple of 8).
-    end: usize,
-    /// Values the run's blocks hold, decodable: its count rounded up to a multiple of 8
-    /// (inside the last block, whose codes are padded to a full group, since a group is
-    /// a multiple of 16).
-    avail: usize,
-    /// The decoded values, then slack for vector loads past the last one.
-    buf: [f32; QWIN + QSLACK],
-}
-
-#[cfg(any(
-    target_arch = "x86_64",
-    all(target_arch = "aarch64", target_feature = "neon")
-))]
-impl QWindow {
-    /// An empty window.
-    #[inline(always)]
-    pub(crate) fn new() -> Self {
-        QWindow {
-            base: 0,
-            end: 0,
-            avail: 0,
-            buf: [0.0; QWIN + QSLACK],
-        }
-    }
-
-    /// Starts a run of `count` values (the buffer keeps earlier rows' values: callers
-    /// mask every lane past the values they asked for).
-    #[inline(always)]
-    pub(crate) fn start(&mut self, count: usize) {
-        self.base = 0;
-        self.end = 0;
-        self.avail = count.next_multiple_of(8);
-    }
-
-    /// The run's values from index `a` on, at least `n + QSLACK` floats: values
-    /// `a..a + n` are the run's wherever they exist (`a + n ≤ count`); later entries are
-    /// leftovers (finite or not) that the caller must mask bitwise. `fill(start, out)`
-    /// decodes run values `start..start + out.len()` (`start` and `out.len()` multiples
-    /// of 8, inside the run's blocks) into `out`. Requests must not move backwards in a
-    /// run, and `n ≤ QWIN − 8`.
-    #[inline(always)]
-    pub(crate) fn at(
-        &mut self,
-        a: usize,
-        n: usize,
-        fill: impl FnOnce(usize, &mut [f32]),
-    ) -> &[f32] {
-        debug_assert!(n <= QWIN - 8);
-        let hit = a >= self.base
-            && a + n <= self.base + QWIN
-            && (a + n <= self.end || self.end >= self.avail);
-        if !hit {
-            self.refill(a, fill);
-        }
-        // After a refill `a − base < 8`, so this leaves `QWIN + QSLACK − 7 ≥ n +
-        // QSLACK` floats; a hit checked the same bound above.
-        &self.buf[a - self.base..]
-    }
-
-    /// Moves the window to start at `a` rounded down to 8, keeping what is already
-    /// decoded from there, and decodes as far as the buffer or the run allows.
-    #[inline(never)]
-    fn refill(&mut self, a: usize, fill: impl FnOnce(usize, &mut [f32])) {
-        let nb = a - a % 8;
-        if nb > self.base && nb < self.end {
-            self.buf
-                .copy_within(nb - self.base..self.end - self.base, 0);
-        } else if nb != self.base {
-            self.end = nb;
-        }
-        self.base = nb;
-        self.end = self.end.max(nb);
-        let stop = (nb + QWIN).min(self.avail);
-        if self.end < stop {
-            fill(self.end, &mut self.buf[self.end - nb..stop - nb]);
-            self.end = stop;
-        }
-    }
-}
-
-/// `f32`s as their native bytes, for the kernels that read values as raw bytes.
-#[cfg(any(
-    target_arch = "x86_64",
-    all(target_arch = "aarch64", target_feature = "neon")
-))]
-#[inline(always)]
-pub(crate) fn f32_bytes(v: &[f32]) -> &[u8] {
-    // SAFETY: `f32` has no padding and every byte is a valid `u8`; `u8` needs no
-    // alignment; the length covers exactly the floats' bytes, and the borrow keeps them
-    // alive and unmodified.
-    unsafe { core::slice::from_raw_parts(v.as_ptr().cast(), core::mem::size_of_val(v)) }
-}
-
-/// The bytes of one sparse row's quantized run: `count` values, starting at block
-/// `first` of `values`.
-///
-/// # Panics
-/// When the run lies outside the values.
-#[cfg(any(
-    target_arch = "x86_64",
-    all(target_arch = "aarch64", target_feature = "neon")
-))]
-#[inline]
-pub(crate) fn q_run_bytes(values: Values<'_>, first: usize, count: usize) -> &[u8] {
-    let bs = values.dtype.size();
-    let blocks = count.div_ceil(values.dtype.group());
-    first
-        .checked_add(blocks)
-        .and_then(|end| {
-            values
-                .bytes
-                .get(first.checked_mul(bs)?..end.checked_mul(bs)?)
-        })
-        .expect("quantized run past the end of the values")
-}
-
-/// Kept values of bitmask row `r` (from the row starts).
-#[cfg(any(
-    target_arch = "x86_64",
-    all(target_arch = "aarch64", target_feature = "neon")
-))]
-#[inline]
-pub(crate) fn bitmask_count(m: &BitmaskRef<'_>, r: usize) -> usize {
-    (m.row_start[r + 1])
-        .checked_sub(m.row_start[r])
-        .expect("bitmask row starts decrease") as usize
-}
-
-/// Kept values of block-CSR row `r`.
-#[cfg(any(
-    target_arch = "x86_64",
-    all(target_arch = "aarch64", target_feature = "neon")
-))]
-#[inline]
-pub(crate) fn csr_count(m: &CsrRef<'_>, nb: usize, r: usize) -> usize {
-    (u32_at(m.block_ptr, (r + 1) * nb) as usize)
-        .checked_sub(u32_at(m.block_ptr, r * nb) as usize)
-        .expect("block pointers decrease")
-}
-
-/// 8 column indices from `idx[k..]`, zeros past its end.
-#[cfg(any(
-    target_arch = "x86_64",
-    all(target_arch = "aarch64", target_feature = "neon")
-))]
-#[inline]
-pub(crate) fn idx8(idx: &[u8], k: usize) -> u64 {
-    match idx.get(k..k + 8) {
-        Some(s) => u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]),
-        None => {
-            let mut b = [0u8; 8];
-            let s = idx.get(k..).unwrap_or(&[]);
-            b[..s.len()].copy_from_slice(s);
-            u64::from_le_bytes(b)
-        }
-    }
 }
 
 /// Little-endian `u32` number `i` of raw bytes `b` (block-CSR pointers).

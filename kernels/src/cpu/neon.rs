@@ -19,11 +19,10 @@
 use core::arch::aarch64::*;
 use core::arch::asm;
 
-use super::scalar;
+use super::simd::{self, BF16, F16, F32, f32_bytes, size};
 use super::{
-    BF16, BitmaskRef, CsrRef, DType, F16, F32, Isa, Kernels, QWindow, TwoFourRef, Values,
-    bitmask_count, bits_at, csr_blocks, csr_count, f32_bytes, idx8, low_bits, q_run_bytes, size,
-    u32_at,
+    BitmaskRef, CsrRef, DType, Isa, Kernels, TwoFourRef, Values, bits_at, csr_blocks, low_bits,
+    scalar, u32_at,
 };
 
 /// The NEON table.
@@ -207,21 +206,13 @@ fn dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
     by_dtype!(
         w.dtype,
         dense_rows_d(w.bytes, cols, r0, x, y),
-        q_dense_rows(w, cols, r0, x, y)
+        by_q4!(w.dtype, q_dense_rows(w, cols, r0, x, y))
     )
 }
 
 #[target_feature(enable = "neon")]
 fn dense_rows_d<const D: u8>(w: &[u8], cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    assert_eq!(x.len(), cols, "x.len() != cols");
-    let ds = size(D);
-    let block = super::scalar::dense_block(w, ds, cols, r0, y.len());
-    if cols == 0 {
-        return;
-    }
-    for (yi, row) in y.iter_mut().zip(block.chunks_exact(cols * ds)) {
-        *yi += dot::<D>(row, x);
-    }
+    simd::dense_rows::<D>(w, cols, r0, x, y, |row, x| dot::<D>(row, x))
 }
 
 /// `row · x` for one row of `x.len()` values of storage `D`.
@@ -733,7 +724,7 @@ fn to_f32(v: Values<'_>, start: usize, out: &mut [f32]) {
     by_dtype!(
         v.dtype,
         to_f32_d(v.bytes, start, out),
-        q_to_f32(v, start, out)
+        q_decode(v.bytes, v.dtype, start, out)
     )
 }
 
@@ -851,219 +842,92 @@ fn q_params<const Q4: bool>(blk: &[u8]) -> (f32, float32x4_t) {
     (s, vdupq_n_f32(m))
 }
 
-#[target_feature(enable = "neon")]
-fn q_dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    if matches!(w.dtype, DType::Q4 { .. }) {
-        q_dense_rows_q::<true>(w, cols, r0, x, y)
-    } else {
-        q_dense_rows_q::<false>(w, cols, r0, x, y)
-    }
-}
-
 /// Dense rows of quantized values: 16 decoded values per step, four accumulators.
 #[inline]
 #[target_feature(enable = "neon")]
-fn q_dense_rows_q<const Q4: bool>(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    assert_eq!(x.len(), cols, "x.len() != cols");
-    if cols == 0 {
-        return;
-    }
-    let dt = w.dtype;
-    let (g, bs) = (dt.group(), dt.size());
-    let rb = dt.run_bytes(cols as u64) as usize;
-    let block = w
-        .bytes
-        .get(r0 * rb..(r0 + y.len()) * rb)
-        .expect("rows out of range of the dense matrix");
+fn q_dense_rows<const Q4: bool>(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
     let zero = vdupq_n_f32(0.0);
-    for (yi, row) in y.iter_mut().zip(block.chunks_exact(rb)) {
-        let (mut a0, mut a1, mut a2, mut a3) = (zero, zero, zero, zero);
-        for (bi, blk) in row.chunks_exact(bs).enumerate() {
-            let (s, m) = q_params::<Q4>(blk);
-            let j0 = bi * g;
-            let mut off = 0;
-            // g is a multiple of 16.
-            while off < g && j0 + off + 16 <= cols {
-                let v0 = q_unit8::<Q4>(blk, off, s, m);
-                let v1 = q_unit8::<Q4>(blk, off + 8, s, m);
-                let (x0, x1) = (loadx(x, j0 + off), loadx(x, j0 + off + 8));
-                a0 = vfmaq_f32(a0, v0.0, x0.0);
-                a1 = vfmaq_f32(a1, v0.1, x0.1);
-                a2 = vfmaq_f32(a2, v1.0, x1.0);
-                a3 = vfmaq_f32(a3, v1.1, x1.1);
-                off += 16;
-            }
-            // The row's last up to 15 values: zero activations past the row meet the
-            // padding codes (even Q4's `s·0 + m` then adds nothing).
-            while off < g && j0 + off < cols {
-                let v = q_unit8::<Q4>(blk, off, s, m);
-                let xv = loadx_partial(&x[j0 + off..]);
-                a0 = vfmaq_f32(a0, v.0, xv.0);
-                a1 = vfmaq_f32(a1, v.1, xv.1);
-                off += 8;
-            }
-        }
-        *yi += vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
-    }
+    simd::q_dense_rows::<_, _, _, 8>(
+        w,
+        cols,
+        r0,
+        x,
+        y,
+        |blk| q_params::<Q4>(blk),
+        |blk, off, (s, m)| q_unit8::<Q4>(blk, off, s, m),
+        (zero, zero),
+        |a: F32x8, v: F32x8, xs| {
+            let xv = loadx(xs, 0);
+            (vfmaq_f32(a.0, v.0, xv.0), vfmaq_f32(a.1, v.1, xv.1))
+        },
+        |a0, a1| hsum2((a0, a1)),
+    )
 }
 
-/// Run values `start..start + out.len()` of the quantized run `run` into `out`.
+/// Run values `start..start + out.len()` of the quantized run `run` into `out`, 8 at a
+/// time.
 ///
 /// # Panics
 /// When the values lie past the run's bytes.
 #[target_feature(enable = "neon")]
 fn q_decode(run: &[u8], dt: DType, start: usize, out: &mut [f32]) {
-    if matches!(dt, DType::Q4 { .. }) {
-        q_decode_q::<true>(run, dt, start, out)
-    } else {
-        q_decode_q::<false>(run, dt, start, out)
-    }
+    by_q4!(dt, q_decode_q(run, dt, start, out))
 }
 
 #[inline]
 #[target_feature(enable = "neon")]
 fn q_decode_q<const Q4: bool>(run: &[u8], dt: DType, start: usize, out: &mut [f32]) {
-    let (g, bs) = (dt.group(), dt.size());
-    let end = start + out.len();
-    let mut j = start - start % 8;
-    let (mut bi, mut off) = (j / g, j % g);
-    while j < end {
-        let blk = run
-            .get(bi * bs..(bi + 1) * bs)
-            .expect("quantized run past the end of the values");
-        let (s, m) = q_params::<Q4>(blk);
-        while off < g && j < end {
-            let v = q_unit8::<Q4>(blk, off, s, m);
-            if j >= start && j + 8 <= end {
-                store8(&mut out[j - start..j - start + 8], v);
-            } else {
-                store_edge(out, start, j, v);
-            }
-            j += 8;
-            off += 8;
-        }
-        bi += 1;
-        off = 0;
-    }
-}
-
-/// Stores the lanes of `v` (run values `j..j + 8`) that fall in `out` (run values
-/// `start..start + out.len()`).
-#[cold]
-#[inline(never)]
-#[target_feature(enable = "neon")]
-fn store_edge(out: &mut [f32], start: usize, j: usize, v: F32x8) {
-    let mut buf = [0f32; 8];
-    store8(&mut buf, v);
-    for (l, &b) in buf.iter().enumerate() {
-        if let Some(o) = (j + l).checked_sub(start).and_then(|i| out.get_mut(i)) {
-            *o = b;
-        }
-    }
-}
-
-/// Quantized `to_f32`: `v` is one run.
-#[target_feature(enable = "neon")]
-fn q_to_f32(v: Values<'_>, start: usize, out: &mut [f32]) {
-    q_decode(v.bytes, v.dtype, start, out)
+    simd::q_decode::<_, _, 8>(
+        run,
+        dt,
+        start,
+        out,
+        |blk| q_params::<Q4>(blk),
+        |blk, off, (s, m)| q_unit8::<Q4>(blk, off, s, m),
+        |o, v| store8(o, v),
+    )
 }
 
 /// Quantized bitmask rows: each row's run is decoded into a window, and each 64-column
 /// word runs the `f32` word kernel on the window's values.
 #[target_feature(enable = "neon")]
 fn q_bitmask_rows(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    let cols = m.cols;
-    assert_eq!(x.len(), cols, "x.len() != cols");
-    let dt = m.values.dtype;
-    let mut blk = scalar::q_first_block(r0, dt.group(), |r| bitmask_count(m, r));
-    let mut win = QWindow::new();
     let zero = vdupq_n_f32(0.0);
-    for (i, yi) in y.iter_mut().enumerate() {
-        let r = r0 + i;
-        let count = bitmask_count(m, r);
-        let run = q_run_bytes(m.values, blk, count);
-        win.start(count);
-        let mut k = 0;
-        let mut acc = ((zero, zero), (zero, zero));
-        let mut c = 0;
-        while c < cols {
-            let n = (cols - c).min(64);
-            let bits = bits_at(m.mask, r * cols + c) & low_bits(n);
-            if bits != 0 {
-                let cnt = bits.count_ones() as usize;
-                let v = win.at(k, cnt, |s, o| q_decode(run, dt, s, o));
-                let v = f32_bytes(&v[..cnt + 8]);
-                acc = if n == 64 {
-                    bitmask_word::<F32>(bits, v, 0, x[c..c + 64].try_into().unwrap(), acc)
-                } else {
-                    q_bitmask_last(bits, v, &x[c..], acc)
-                };
-                k += cnt;
-            }
-            c += 64;
-        }
-        *yi += hsum2(acc);
-        blk += count.div_ceil(dt.group());
-    }
-}
-
-/// A row's last, partial mask word: `x` through a zero-padded copy.
-#[cold]
-#[inline(never)]
-#[target_feature(enable = "neon")]
-fn q_bitmask_last(bits: u64, v: &[u8], x: &[f32], acc: Acc2) -> Acc2 {
-    let mut xs = [0f32; 64];
-    xs[..x.len()].copy_from_slice(x);
-    bitmask_word::<F32>(bits, v, 0, &xs, acc)
+    simd::q_bitmask_rows(
+        m,
+        r0,
+        x,
+        y,
+        |run, dt, s, o| q_decode(run, dt, s, o),
+        ((zero, zero), (zero, zero)),
+        |bits, v, xs, acc| bitmask_word::<F32>(bits, f32_bytes(v), 0, xs, acc),
+        |acc| hsum2(acc),
+    )
 }
 
 /// Quantized block-CSR rows: values from the row's window, `x` by clamped scalar loads
 /// as in `csr_rows_d`.
 #[target_feature(enable = "neon")]
 fn q_csr_rows(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    let cols = m.cols;
-    assert_eq!(x.len(), cols, "x.len() != cols");
-    let dt = m.values.dtype;
-    let nb = csr_blocks(cols);
-    let idx = m.col_idx;
-    let mut blk = scalar::q_first_block(r0, dt.group(), |r| csr_count(m, nb, r));
-    let mut win = QWindow::new();
     // SAFETY: IOTA holds 8 u32.
     let (iota0, iota1) = unsafe { (vld1q_u32(IOTA.as_ptr()), vld1q_u32(IOTA.as_ptr().add(4))) };
+    let step = |acc: F32x8, ib: u64, xb: &[f32], v: &[f32], live: usize| {
+        // Clamped into the block whatever the bytes say (see `csr_rows_d`).
+        let lim = xb.len() - 1;
+        let at = |s: u32| xb[((ib >> s) as u8 as usize).min(lim)];
+        let g = [at(0), at(8), at(16), at(24), at(32), at(40), at(48), at(56)];
+        let live = vdupq_n_u32(live as u32);
+        let (l0, l1) = (vcltq_u32(iota0, live), vcltq_u32(iota1, live));
+        // The lanes past the block (or past the run) are masked off.
+        let w = loadx(v, 0);
+        let xg = loadx(&g, 0);
+        (
+            vfmaq_f32(acc.0, mask(w.0, l0), mask(xg.0, l0)),
+            vfmaq_f32(acc.1, mask(w.1, l1), mask(xg.1, l1)),
+        )
+    };
     let zero = vdupq_n_f32(0.0);
-    for (i, yi) in y.iter_mut().enumerate() {
-        let r = r0 + i;
-        let count = csr_count(m, nb, r);
-        let run = q_run_bytes(m.values, blk, count);
-        win.start(count);
-        let first = u32_at(m.block_ptr, r * nb) as usize;
-        let mut acc = (zero, zero);
-        for (b, xb) in x.chunks(256).enumerate() {
-            let lo = u32_at(m.block_ptr, r * nb + b) as usize;
-            let hi = u32_at(m.block_ptr, r * nb + b + 1) as usize;
-            assert!(
-                first <= lo && lo <= hi && hi <= idx.len(),
-                "block pointers out of range"
-            );
-            let lim = xb.len() - 1;
-            let mut k = lo;
-            while k < hi {
-                // Clamped into the block whatever the bytes say (see `csr_rows_d`).
-                let ib = idx8(idx, k);
-                let at = |s: u32| xb[((ib >> s) as u8 as usize).min(lim)];
-                let g = [at(0), at(8), at(16), at(24), at(32), at(40), at(48), at(56)];
-                let live = vdupq_n_u32((hi - k).min(8) as u32);
-                let (l0, l1) = (vcltq_u32(iota0, live), vcltq_u32(iota1, live));
-                let v = win.at(k - first, 8, |s, o| q_decode(run, dt, s, o));
-                // The lanes past the block (or past the run) are masked off.
-                let w = loadx(v, 0);
-                let xg = loadx(&g, 0);
-                acc.0 = vfmaq_f32(acc.0, mask(w.0, l0), mask(xg.0, l0));
-                acc.1 = vfmaq_f32(acc.1, mask(w.1, l1), mask(xg.1, l1));
-                k += 8;
-            }
-        }
-        *yi += vaddvq_f32(vaddq_f32(acc.0, acc.1));
-        blk += count.div_ceil(dt.group());
-    }
+    let decode = |run: &[u8], dt, s, o: &mut [f32]| q_decode(run, dt, s, o);
+    let hsum = |acc: F32x8| vaddvq_f32(vaddq_f32(acc.0, acc.1));
+    simd::q_csr_rows(m, r0, x, y, decode, (zero, zero), step, hsum)
 }

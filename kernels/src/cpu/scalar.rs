@@ -395,17 +395,28 @@ pub(super) fn q_first_block(r0: usize, group: usize, count: impl Fn(usize) -> us
     (0..r0).map(|r| count(r).div_ceil(group)).sum()
 }
 
+/// Raw bytes of rows `r0..r0 + n` of a dense matrix of quantized values (one run of
+/// `cols` values a row), and the bytes of a row.
+///
+/// # Panics
+/// When the rows lie outside `w`.
+#[inline]
+pub(super) fn q_dense_block(w: Values<'_>, cols: usize, r0: usize, n: usize) -> (&[u8], usize) {
+    let rb = w.dtype.run_bytes(cols as u64) as usize;
+    let block = w
+        .bytes
+        .get(r0 * rb..(r0 + n) * rb)
+        .expect("rows out of range of the dense matrix");
+    (block, rb)
+}
+
 fn q_dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), cols, "x.len() != cols");
     if cols == 0 {
         return;
     }
     let dt = w.dtype;
-    let rb = dt.run_bytes(cols as u64) as usize;
-    let block = w
-        .bytes
-        .get(r0 * rb..(r0 + y.len()) * rb)
-        .expect("rows out of range of the dense matrix");
+    let (block, rb) = q_dense_block(w, cols, r0, y.len());
     for (yi, row) in y.iter_mut().zip(block.chunks_exact(rb)) {
         let mut acc = 0.0f32;
         q_run(row, dt, cols, |j, v| acc += v * x[j]);
@@ -416,11 +427,7 @@ fn q_dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32])
 fn q_dense_t_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
     assert_eq!(y.len(), cols, "y.len() != cols");
     let dt = w.dtype;
-    let rb = dt.run_bytes(cols as u64) as usize;
-    let block = w
-        .bytes
-        .get(r0 * rb..(r0 + x.len()) * rb)
-        .expect("rows out of range of the dense matrix");
+    let (block, rb) = q_dense_block(w, cols, r0, x.len());
     for (c, yc) in y.iter_mut().enumerate() {
         let mut acc = 0.0f32;
         for (i, &xi) in x.iter().enumerate() {

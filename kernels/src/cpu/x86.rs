@@ -16,11 +16,10 @@
 
 use core::arch::x86_64::*;
 
-use super::scalar;
+use super::simd::{self, BF16, F16, F32, f32_bytes, size};
 use super::{
-    BF16, BitmaskRef, CsrRef, DType, F16, F32, Isa, Kernels, QWindow, TwoFourRef, Values,
-    bitmask_count, bits_at, csr_blocks, csr_count, f32_bytes, idx8, low_bits, q_run_bytes, size,
-    u32_at,
+    BitmaskRef, CsrRef, DType, Isa, Kernels, TwoFourRef, Values, bits_at, csr_blocks, low_bits,
+    scalar, u32_at,
 };
 
 /// Whether this CPU has AVX2, FMA, F16C and POPCNT (at run time with `std`, else from the
@@ -185,78 +184,33 @@ fn dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
     by_dtype!(
         w.dtype,
         dense_rows_d(w.bytes, cols, r0, x, y),
-        q_dense_rows(w, cols, r0, x, y)
+        by_q4!(w.dtype, q_dense_rows(w, cols, r0, x, y))
     )
 }
 
 /// Dense rows of quantized values (Q8, Q4): per block, 8 codes at a time are decoded
 /// (`q_unit8`) to exactly the reference's values; only the summation (8 lanes, two
-/// accumulators, FMA) differs. The zero codes of a partial last group meet zero
-/// activations (`loadx_partial`), so even Q4's `s·0 + m` adds nothing.
-#[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn q_dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    if matches!(w.dtype, DType::Q4 { .. }) {
-        q_dense_rows_q::<true>(w, cols, r0, x, y)
-    } else {
-        q_dense_rows_q::<false>(w, cols, r0, x, y)
-    }
-}
-
+/// accumulators, FMA) differs.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn q_dense_rows_q<const Q4: bool>(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    assert_eq!(x.len(), cols, "x.len() != cols");
-    if cols == 0 {
-        return;
-    }
-    let dt = w.dtype;
-    let (g, bs) = (dt.group(), dt.size());
-    let rb = dt.run_bytes(cols as u64) as usize;
-    let block = w
-        .bytes
-        .get(r0 * rb..(r0 + y.len()) * rb)
-        .expect("rows out of range of the dense matrix");
-    for (yi, row) in y.iter_mut().zip(block.chunks_exact(rb)) {
-        let mut acc = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        for (bi, blk) in row.chunks_exact(bs).enumerate() {
-            let s = q_param8(blk, 0);
-            let m = if Q4 {
-                q_param8(blk, 2)
-            } else {
-                _mm256_setzero_ps()
-            };
-            let j0 = bi * g;
-            let mut off = 0;
-            // Two units per step into two accumulators (g is a multiple of 16).
-            while off < g && j0 + off + 16 <= cols {
-                let v0 = q_unit8::<Q4>(blk, off, s, m);
-                let v1 = q_unit8::<Q4>(blk, off + 8, s, m);
-                acc.0 = _mm256_fmadd_ps(v0, loadx(x, j0 + off), acc.0);
-                acc.1 = _mm256_fmadd_ps(v1, loadx(x, j0 + off + 8), acc.1);
-                off += 16;
-            }
-            // The row's last group: its last up to 15 values.
-            while off < g && j0 + off < cols {
-                let v = q_unit8::<Q4>(blk, off, s, m);
-                acc.0 = _mm256_fmadd_ps(v, loadx_partial(&x[j0 + off..]), acc.0);
-                off += 8;
-            }
-        }
-        *yi += hsum2(acc);
-    }
+fn q_dense_rows<const Q4: bool>(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
+    simd::q_dense_rows::<_, _, _, 8>(
+        w,
+        cols,
+        r0,
+        x,
+        y,
+        |blk| q_params8::<Q4>(blk),
+        |blk, off, (s, m)| q_unit8::<Q4>(blk, off, s, m),
+        _mm256_setzero_ps(),
+        |a, v, xs| _mm256_fmadd_ps(v, loadx(xs, 0), a),
+        |a0, a1| hsum(_mm256_add_ps(a0, a1)),
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn dense_rows_d<const D: u8>(w: &[u8], cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    assert_eq!(x.len(), cols, "x.len() != cols");
-    let ds = size(D);
-    let block = super::scalar::dense_block(w, ds, cols, r0, y.len());
-    if cols == 0 {
-        return;
-    }
-    for (yi, row) in y.iter_mut().zip(block.chunks_exact(cols * ds)) {
-        *yi += dot::<D>(row, x);
-    }
+    simd::dense_rows::<D>(w, cols, r0, x, y, |row, x| dot::<D>(row, x))
 }
 
 /// `row · x` for one row of `x.len()` values of storage `D`.
@@ -848,7 +802,7 @@ fn to_f32(v: Values<'_>, start: usize, out: &mut [f32]) {
     by_dtype!(
         v.dtype,
         to_f32_d(v.bytes, start, out),
-        q_to_f32(v, start, out)
+        q_decode(v.bytes, v.dtype, start, out)
     )
 }
 
@@ -937,13 +891,14 @@ fn f32_to_bf16x8(v: __m256) -> __m128i {
 // order of the `f32` sums differs from the scalar kernels. The sparse kernels decode a
 // row's run into a `QWindow` and run the `f32` paths of the float kernels on it.
 
-/// The f16 at `blk[i..i + 2]` as 8 equal `f32` lanes (F16C's conversion is exact, and
-/// quietens a NaN as the scalar decoder does).
+/// The block's scale and (Q4) minimum as 8 equal `f32` lanes each (F16C's conversion is
+/// exact, and quietens a NaN as the scalar decoder does).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn q_param8(blk: &[u8], i: usize) -> __m256 {
-    let h = u16::from_le_bytes([blk[i], blk[i + 1]]);
-    _mm256_cvtph_ps(_mm_set1_epi16(h as i16))
+fn q_params8<const Q4: bool>(blk: &[u8]) -> (__m256, __m256) {
+    let lanes =
+        |i: usize| _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([blk[i], blk[i + 1]])));
+    (lanes(0), if Q4 { lanes(2) } else { _mm256_setzero_ps() })
 }
 
 /// Values `off..off + 8` of the block `blk` (`off` a multiple of 8 below the group),
@@ -971,171 +926,64 @@ fn q_unit8<const Q4: bool>(blk: &[u8], off: usize, s: __m256, m: __m256) -> __m2
 }
 
 /// Run values `start..start + out.len()` of the quantized run `run` (its first block at
-/// `run[0]`) into `out`.
+/// `run[0]`) into `out`, 8 at a time.
 ///
 /// # Panics
 /// When the values lie past the run's bytes.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn q_decode(run: &[u8], dt: DType, start: usize, out: &mut [f32]) {
-    if matches!(dt, DType::Q4 { .. }) {
-        q_decode_q::<true>(run, dt, start, out)
-    } else {
-        q_decode_q::<false>(run, dt, start, out)
-    }
+    by_q4!(dt, q_decode_q(run, dt, start, out))
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn q_decode_q<const Q4: bool>(run: &[u8], dt: DType, start: usize, out: &mut [f32]) {
-    let (g, bs) = (dt.group(), dt.size());
-    let end = start + out.len();
-    let mut j = start - start % 8;
-    let (mut bi, mut off) = (j / g, j % g);
-    while j < end {
-        let blk = run
-            .get(bi * bs..(bi + 1) * bs)
-            .expect("quantized run past the end of the values");
-        let s = q_param8(blk, 0);
-        let m = if Q4 {
-            q_param8(blk, 2)
-        } else {
-            _mm256_setzero_ps()
-        };
-        while off < g && j < end {
-            let v = q_unit8::<Q4>(blk, off, s, m);
-            if j >= start && j + 8 <= end {
-                let o = &mut out[j - start..j - start + 8];
-                // SAFETY: `o` holds 8 floats.
-                unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
-            } else {
-                store_edge(out, start, j, v);
-            }
-            j += 8;
-            off += 8;
-        }
-        bi += 1;
-        off = 0;
-    }
-}
-
-/// Stores the lanes of `v` (run values `j..j + 8`) that fall in `out` (run values
-/// `start..start + out.len()`): the first and last units of a decode.
-#[cold]
-#[inline(never)]
-#[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn store_edge(out: &mut [f32], start: usize, j: usize, v: __m256) {
-    let mut buf = [0f32; 8];
-    // SAFETY: `buf` holds 8 floats.
-    unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), v) };
-    for (l, &b) in buf.iter().enumerate() {
-        if let Some(o) = (j + l).checked_sub(start).and_then(|i| out.get_mut(i)) {
-            *o = b;
-        }
-    }
-}
-
-/// Quantized `to_f32`: `v` is one run.
-#[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn q_to_f32(v: Values<'_>, start: usize, out: &mut [f32]) {
-    q_decode(v.bytes, v.dtype, start, out)
+    simd::q_decode::<_, _, 8>(
+        run,
+        dt,
+        start,
+        out,
+        |blk| q_params8::<Q4>(blk),
+        |blk, off, (s, m)| q_unit8::<Q4>(blk, off, s, m),
+        // SAFETY: `o` holds 8 floats.
+        |o, v| unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) },
+    )
 }
 
 /// Quantized bitmask rows: each row's run is decoded into a window, and each 64-column
 /// word runs the `f32` word kernel on the window's values.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn q_bitmask_rows(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    let cols = m.cols;
-    assert_eq!(x.len(), cols, "x.len() != cols");
-    let dt = m.values.dtype;
-    let mut blk = scalar::q_first_block(r0, dt.group(), |r| bitmask_count(m, r));
-    let mut win = QWindow::new();
-    for (i, yi) in y.iter_mut().enumerate() {
-        let r = r0 + i;
-        let count = bitmask_count(m, r);
-        let run = q_run_bytes(m.values, blk, count);
-        win.start(count);
-        let mut k = 0;
-        let mut acc = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut c = 0;
-        while c < cols {
-            let n = (cols - c).min(64);
-            let bits = bits_at(m.mask, r * cols + c) & low_bits(n);
-            if bits != 0 {
-                let cnt = bits.count_ones() as usize;
-                let v = win.at(k, cnt, |s, o| q_decode(run, dt, s, o));
-                let v = f32_bytes(&v[..cnt + 8]);
-                acc = if n == 64 {
-                    bitmask_word::<F32>(bits, v, 0, x[c..c + 64].try_into().unwrap(), acc)
-                } else {
-                    q_bitmask_last(bits, v, &x[c..], acc)
-                };
-                k += cnt;
-            }
-            c += 64;
-        }
-        *yi += hsum2(acc);
-        blk += count.div_ceil(dt.group());
-    }
-}
-
-/// A row's last, partial mask word: `x` through a zero-padded copy.
-#[cold]
-#[inline(never)]
-#[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn q_bitmask_last(bits: u64, v: &[u8], x: &[f32], acc: Acc2) -> Acc2 {
-    let mut xs = [0f32; 64];
-    xs[..x.len()].copy_from_slice(x);
-    bitmask_word::<F32>(bits, v, 0, &xs, acc)
+    simd::q_bitmask_rows(
+        m,
+        r0,
+        x,
+        y,
+        |run, dt, s, o| q_decode(run, dt, s, o),
+        (_mm256_setzero_ps(), _mm256_setzero_ps()),
+        |bits, v, xs, acc| bitmask_word::<F32>(bits, f32_bytes(v), 0, xs, acc),
+        |acc| hsum2(acc),
+    )
 }
 
 /// Quantized block-CSR rows: values from the row's window, `x` by clamped scalar loads
 /// as in `csr_rows_d`.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn q_csr_rows(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    let cols = m.cols;
-    assert_eq!(x.len(), cols, "x.len() != cols");
-    let dt = m.values.dtype;
-    let nb = csr_blocks(cols);
-    let idx = m.col_idx;
-    let mut blk = scalar::q_first_block(r0, dt.group(), |r| csr_count(m, nb, r));
-    let mut win = QWindow::new();
     let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (i, yi) in y.iter_mut().enumerate() {
-        let r = r0 + i;
-        let count = csr_count(m, nb, r);
-        let run = q_run_bytes(m.values, blk, count);
-        win.start(count);
-        let first = u32_at(m.block_ptr, r * nb) as usize;
-        let mut acc = _mm256_setzero_ps();
-        for (b, xb) in x.chunks(256).enumerate() {
-            let lo = u32_at(m.block_ptr, r * nb + b) as usize;
-            let hi = u32_at(m.block_ptr, r * nb + b + 1) as usize;
-            assert!(
-                first <= lo && lo <= hi && hi <= idx.len(),
-                "block pointers out of range"
-            );
-            let lim = xb.len() - 1;
-            let mut k = lo;
-            while k < hi {
-                let live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-                    _mm256_set1_epi32((hi - k).min(8) as i32),
-                    iota,
-                ));
-                // Clamped into the block whatever the bytes say (see `csr_rows_d`).
-                let ib = idx8(idx, k);
-                let at = |s: u32| xb[((ib >> s) as u8 as usize).min(lim)];
-                let g = _mm256_and_ps(
-                    _mm256_setr_ps(at(0), at(8), at(16), at(24), at(32), at(40), at(48), at(56)),
-                    live,
-                );
-                let v = win.at(k - first, 8, |s, o| q_decode(run, dt, s, o));
-                // The lanes past the block (or past the run) are masked off.
-                let w = _mm256_and_ps(loadx(v, 0), live);
-                acc = _mm256_fmadd_ps(w, g, acc);
-                k += 8;
-            }
-        }
-        *yi += hsum(acc);
-        blk += count.div_ceil(dt.group());
-    }
+    let step = |acc, ib: u64, xb: &[f32], v: &[f32], live: usize| {
+        let live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(live as i32), iota));
+        // Clamped into the block whatever the bytes say (see `csr_rows_d`).
+        let lim = xb.len() - 1;
+        let at = |s: u32| xb[((ib >> s) as u8 as usize).min(lim)];
+        let g = _mm256_and_ps(
+            _mm256_setr_ps(at(0), at(8), at(16), at(24), at(32), at(40), at(48), at(56)),
+            live,
+        );
+        // The lanes past the block (or past the run) are masked off.
+        let w = _mm256_and_ps(loadx(v, 0), live);
+        _mm256_fmadd_ps(w, g, acc)
+    };
+    let decode = |run: &[u8], dt, s, o: &mut [f32]| q_decode(run, dt, s, o);
+    simd::q_csr_rows(m, r0, x, y, decode, _mm256_setzero_ps(), step, |a| hsum(a))
 }

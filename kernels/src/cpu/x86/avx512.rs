@@ -17,11 +17,8 @@
 
 use core::arch::x86_64::*;
 
-use super::super::{
-    BF16, BitmaskRef, DType, F16, F32, Isa, Kernels, QWindow, Values, bitmask_count, bits_at,
-    low_bits, q_run_bytes, size,
-};
-use super::scalar;
+use super::super::simd::{self, BF16, F16, F32, size};
+use super::super::{BitmaskRef, DType, Isa, Kernels, Values};
 
 /// Whether this CPU has AVX-512 F, BW and VL besides the AVX2 table's features (at run
 /// time with `std`, else from the compile-time target features).
@@ -144,25 +141,13 @@ fn dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
     by_dtype!(
         w.dtype,
         dense_rows_d(w.bytes, cols, r0, x, y),
-        if matches!(w.dtype, DType::Q4 { .. }) {
-            q_dense_rows::<true>(w, cols, r0, x, y)
-        } else {
-            q_dense_rows::<false>(w, cols, r0, x, y)
-        }
+        by_q4!(w.dtype, q_dense_rows(w, cols, r0, x, y))
     )
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
 fn dense_rows_d<const D: u8>(w: &[u8], cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    assert_eq!(x.len(), cols, "x.len() != cols");
-    let ds = size(D);
-    let block = scalar::dense_block(w, ds, cols, r0, y.len());
-    if cols == 0 {
-        return;
-    }
-    for (yi, row) in y.iter_mut().zip(block.chunks_exact(cols * ds)) {
-        *yi += dot::<D>(row, x);
-    }
+    simd::dense_rows::<D>(w, cols, r0, x, y, |row, x| dot::<D>(row, x))
 }
 
 /// `row · x` for one row of `x.len()` values of storage `D`.
@@ -208,12 +193,14 @@ fn dot<const D: u8>(row: &[u8], x: &[f32]) -> f32 {
     _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)))
 }
 
-/// The f16 at `blk[i..i + 2]` as 16 equal `f32` lanes (exact, as in `q_param8`).
+/// The block's scale and (Q4) minimum as 16 equal `f32` lanes each (exact, as in
+/// `q_params8`).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
-fn q_param16(blk: &[u8], i: usize) -> __m512 {
-    let h = u16::from_le_bytes([blk[i], blk[i + 1]]);
-    _mm512_cvtph_ps(_mm256_set1_epi16(h as i16))
+fn q_params16<const Q4: bool>(blk: &[u8]) -> (__m512, __m512) {
+    let lanes =
+        |i: usize| _mm512_cvtph_ps(_mm256_set1_epi16(i16::from_le_bytes([blk[i], blk[i + 1]])));
+    (lanes(0), if Q4 { lanes(2) } else { _mm512_setzero_ps() })
 }
 
 /// Values `off..off + 16` of the block `blk` (`off` a multiple of 16 below the
@@ -241,113 +228,47 @@ fn q_unit16<const Q4: bool>(blk: &[u8], off: usize, s: __m512, m: __m512) -> __m
     }
 }
 
-/// Dense rows of quantized values: 16 decoded values per step, two accumulators.
+/// Dense rows of quantized values: 32 decoded values per step, two accumulators.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
 fn q_dense_rows<const Q4: bool>(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    assert_eq!(x.len(), cols, "x.len() != cols");
-    if cols == 0 {
-        return;
-    }
-    let dt = w.dtype;
-    let (g, bs) = (dt.group(), dt.size());
-    let rb = dt.run_bytes(cols as u64) as usize;
-    let block = w
-        .bytes
-        .get(r0 * rb..(r0 + y.len()) * rb)
-        .expect("rows out of range of the dense matrix");
-    for (yi, row) in y.iter_mut().zip(block.chunks_exact(rb)) {
-        let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        for (bi, blk) in row.chunks_exact(bs).enumerate() {
-            let s = q_param16(blk, 0);
-            let m = if Q4 {
-                q_param16(blk, 2)
-            } else {
-                _mm512_setzero_ps()
-            };
-            let j0 = bi * g;
-            let mut off = 0;
-            while off + 32 <= g && j0 + off + 32 <= cols {
-                let v0 = q_unit16::<Q4>(blk, off, s, m);
-                let v1 = q_unit16::<Q4>(blk, off + 16, s, m);
-                a0 = _mm512_fmadd_ps(v0, loadx16(x, j0 + off), a0);
-                a1 = _mm512_fmadd_ps(v1, loadx16(x, j0 + off + 16), a1);
-                off += 32;
-            }
-            // A group of 16·odd values, or the row's last up to 31 values: zero
-            // activations past the row meet the padding codes (even Q4's `s·0 + m`
-            // then adds nothing).
-            while off < g && j0 + off < cols {
-                let v = q_unit16::<Q4>(blk, off, s, m);
-                a0 = _mm512_fmadd_ps(v, loadx16_partial(&x[j0 + off..]), a0);
-                off += 16;
-            }
-        }
-        *yi += _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    }
+    simd::q_dense_rows::<_, _, _, 16>(
+        w,
+        cols,
+        r0,
+        x,
+        y,
+        |blk| q_params16::<Q4>(blk),
+        |blk, off, (s, m)| q_unit16::<Q4>(blk, off, s, m),
+        _mm512_setzero_ps(),
+        |a, v, xs| _mm512_fmadd_ps(v, loadx16(xs, 0), a),
+        |a0, a1| _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)),
+    )
 }
 
-/// Run values `start..start + out.len()` of the quantized run `run` into `out`.
+/// Run values `start..start + out.len()` of the quantized run `run` into `out`, 16 at a
+/// time.
 ///
 /// # Panics
 /// When the values lie past the run's bytes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
 fn q_decode(run: &[u8], dt: DType, start: usize, out: &mut [f32]) {
-    if matches!(dt, DType::Q4 { .. }) {
-        q_decode_q::<true>(run, dt, start, out)
-    } else {
-        q_decode_q::<false>(run, dt, start, out)
-    }
+    by_q4!(dt, q_decode_q(run, dt, start, out))
 }
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
 fn q_decode_q<const Q4: bool>(run: &[u8], dt: DType, start: usize, out: &mut [f32]) {
-    let (g, bs) = (dt.group(), dt.size());
-    let end = start + out.len();
-    let mut j = start - start % 16;
-    let (mut bi, mut off) = (j / g, j % g);
-    while j < end {
-        let blk = run
-            .get(bi * bs..(bi + 1) * bs)
-            .expect("quantized run past the end of the values");
-        let s = q_param16(blk, 0);
-        let m = if Q4 {
-            q_param16(blk, 2)
-        } else {
-            _mm512_setzero_ps()
-        };
-        while off < g && j < end {
-            let v = q_unit16::<Q4>(blk, off, s, m);
-            if j >= start && j + 16 <= end {
-                let o = &mut out[j - start..j - start + 16];
-                // SAFETY: `o` holds 16 floats.
-                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), v) };
-            } else {
-                store_edge(out, start, j, v);
-            }
-            j += 16;
-            off += 16;
-        }
-        bi += 1;
-        off = 0;
-    }
-}
-
-/// Stores the lanes of `v` (run values `j..j + 16`) that fall in `out` (run values
-/// `start..start + out.len()`).
-#[cold]
-#[inline(never)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
-fn store_edge(out: &mut [f32], start: usize, j: usize, v: __m512) {
-    let mut buf = [0f32; 16];
-    // SAFETY: `buf` holds 16 floats.
-    unsafe { _mm512_storeu_ps(buf.as_mut_ptr(), v) };
-    for (l, &b) in buf.iter().enumerate() {
-        if let Some(o) = (j + l).checked_sub(start).and_then(|i| out.get_mut(i)) {
-            *o = b;
-        }
-    }
+    simd::q_decode::<_, _, 16>(
+        run,
+        dt,
+        start,
+        out,
+        |blk| q_params16::<Q4>(blk),
+        |blk, off, (s, m)| q_unit16::<Q4>(blk, off, s, m),
+        // SAFETY: `o` holds 16 floats.
+        |o, v| unsafe { _mm512_storeu_ps(o.as_mut_ptr(), v) },
+    )
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
@@ -373,37 +294,16 @@ fn bitmask_rows(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
 /// same mask.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
 fn q_bitmask_rows(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
-    let cols = m.cols;
-    assert_eq!(x.len(), cols, "x.len() != cols");
-    let dt = m.values.dtype;
-    let mut blk = scalar::q_first_block(r0, dt.group(), |r| bitmask_count(m, r));
-    let mut win = QWindow::new();
-    for (i, yi) in y.iter_mut().enumerate() {
-        let r = r0 + i;
-        let count = bitmask_count(m, r);
-        let run = q_run_bytes(m.values, blk, count);
-        win.start(count);
-        let mut k = 0;
-        let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let mut c = 0;
-        while c < cols {
-            let n = (cols - c).min(64);
-            let bits = bits_at(m.mask, r * cols + c) & low_bits(n);
-            if bits != 0 {
-                let cnt = bits.count_ones() as usize;
-                let v = win.at(k, cnt, |s, o| q_decode(run, dt, s, o));
-                (a0, a1) = if n == 64 {
-                    bitmask_word(bits, v, x[c..c + 64].try_into().unwrap(), (a0, a1))
-                } else {
-                    bitmask_last(bits, v, &x[c..], (a0, a1))
-                };
-                k += cnt;
-            }
-            c += 64;
-        }
-        *yi += _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-        blk += count.div_ceil(dt.group());
-    }
+    simd::q_bitmask_rows(
+        m,
+        r0,
+        x,
+        y,
+        |run, dt, s, o| q_decode(run, dt, s, o),
+        (_mm512_setzero_ps(), _mm512_setzero_ps()),
+        |bits, v, xs, acc| bitmask_word(bits, v, xs, acc),
+        |(a0, a1)| _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)),
+    )
 }
 
 /// One 64-column mask word over packed `f32` values `v` (at least popcount + 16 of
@@ -428,14 +328,4 @@ fn bitmask_word(bits: u64, v: &[f32], xs: &[f32; 64], acc: (__m512, __m512)) -> 
         k += b.count_ones() as usize;
     }
     (a0, a1)
-}
-
-/// A row's last, partial mask word: `x` through a zero-padded copy.
-#[cold]
-#[inline(never)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
-fn bitmask_last(bits: u64, v: &[f32], x: &[f32], acc: (__m512, __m512)) -> (__m512, __m512) {
-    let mut xs = [0f32; 64];
-    xs[..x.len()].copy_from_slice(x);
-    bitmask_word(bits, v, &xs, acc)
 }
