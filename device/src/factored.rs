@@ -121,22 +121,15 @@ mod tests {
     use super::*;
     use cap_kernels::gemm::matmul_ref;
 
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
-
     /// The factored product equals `x·(B·A + S)ᵀ` computed by the `f64`-accumulating
     /// reference on the densified weight, for every combination of parts. Tolerance:
     /// `f32` sums of ≤ 64 terms of size ≤ 0.25 differ by far less than 1e-5.
     #[test]
     fn factored_forward_matches_the_dense_reference() {
-        let mut seed = 7;
+        let mut rng = crate::rng::SplitMix64::new(7);
         let (rows, cols, t) = (13, 29, 5);
         for (rank, sparse) in [(0, true), (3, false), (4, true), (0, false)] {
-            let mut r = || lcg(&mut seed);
+            let mut r = || rng.uniform_f32() - 0.5;
             let l = FactoredLinear {
                 rows,
                 cols,

@@ -39,13 +39,16 @@ Checks (the script fails if one does not hold):
 
 usage: python scripts/reference/make_tiny_models.py [--out DIR]   (run by hand; outputs are committed)
 """
-import argparse, json, math, os, shutil, tempfile
+import argparse, json, math, os, shutil, sys, tempfile
 
 import numpy as np
 import torch
 import gguf
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpt2_bytes import bytes_to_unicode  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.normpath(os.path.join(HERE, "../../tests/fixtures/tiny"))
@@ -157,15 +160,8 @@ class Writer(gguf.GGUFWriter):
 
 
 def byte_tokens():
-    # GPT-2's bytes_to_unicode: the string a byte-level BPE vocabulary uses for each byte.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, map(chr, cs)))
+    # The string a byte-level BPE vocabulary uses for each byte, in byte order.
+    table = bytes_to_unicode()
     return [table[b] for b in range(256)]
 
 

@@ -27,6 +27,7 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tokenizer_cases import FIXTURES, ids_digest, summary, wiki, write_cases  # noqa: E402
+from gpt2_bytes import bytes_to_unicode  # noqa: E402
 
 MODEL = os.path.expanduser("~/.cache/cap/model/SmolLM2-135M-Instruct.Q4_1.gguf")
 ORIGINAL_PRE = "Sequence[Digits(individual_digits=True), ByteLevel(add_prefix_space=False, use_regex=True)]"
@@ -37,14 +38,7 @@ SMOLLM_CHKHSH = "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b624
 
 
 def byte_decoder():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def differing_spans(a, b, token_bytes):
