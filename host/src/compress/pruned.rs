@@ -132,7 +132,13 @@ impl Strategy for Pruned {
             threads,
             &|i, w, r, c, h| {
                 let orig = w.to_vec();
-                let mask = admm_prune(w, r, c, h, keeps[i].sparsity, &ao)?;
+                // Nothing to prune: the weights stay the source's (ADMM would spend
+                // its iterations to refit them to themselves).
+                let mask = if sparsegpt_kept(r, c, keeps[i].sparsity) == (r * c) as u64 {
+                    vec![true; r * c]
+                } else {
+                    admm_prune(w, r, c, h, keeps[i].sparsity, &ao)?
+                };
                 // Quantized values: GPTQ of the kept (refit) weights with the same
                 // Hessian, before the low-rank part, which then also absorbs the
                 // quantization error.
