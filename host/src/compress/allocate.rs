@@ -260,19 +260,61 @@ pub fn wanda_pruned(
             if let Some((u, sigma, v)) = super::lowrank::truncated(&resid, rows, cols, keep[i].rank)
             {
                 let k = sigma.len();
-                for r in 0..rows {
-                    for c in 0..cols {
-                        let mut acc = 0f32;
-                        for t in 0..k {
-                            acc += u[r * k + t] * sigma[t] * v[c * k + t];
+                if keep[i].values.is_quantized() {
+                    add_quantized_factors(&mut l.weight, &u, &sigma, &v, &d, keep[i].values);
+                } else {
+                    for r in 0..rows {
+                        for c in 0..cols {
+                            let mut acc = 0f32;
+                            for t in 0..k {
+                                acc += u[r * k + t] * sigma[t] * v[c * k + t];
+                            }
+                            l.weight[r * cols + c] += acc / d[c];
                         }
-                        l.weight[r * cols + c] += acc / d[c];
                     }
                 }
             }
         }
     });
     m
+}
+
+/// Adds `U·Σ·Vᵀ` (unscaled by `d`) to the row-major `w` as the writer stores it with
+/// quantized values: `A = √Σ·Vᵀ/d` (`k × cols`) and `B = U·√Σ` (`rows × k`), each row
+/// rounded to nearest in `values`, so the loss sees what the factors' bits cost.
+fn add_quantized_factors(
+    w: &mut [f32],
+    u: &[f32],
+    sigma: &[f32],
+    v: &[f32],
+    d: &[f32],
+    values: DType,
+) {
+    let (k, cols) = (sigma.len(), d.len());
+    let rows = w.len() / cols.max(1);
+    let mut a = vec![0f32; k * cols];
+    let mut b = vec![0f32; rows * k];
+    for (t, &s) in sigma.iter().enumerate() {
+        let s = s.max(0.0).sqrt();
+        for c in 0..cols {
+            a[t * cols + c] = s * v[c * k + t] / d[c];
+        }
+        for r in 0..rows {
+            b[r * k + t] = s * u[r * k + t];
+        }
+    }
+    // Round to nearest cannot fail for a quantized type; on an error the factors stay
+    // unrounded (the loss is then a little optimistic, never wrong in sign).
+    let _ = quantize_kept(&mut a, None, k, cols, &[], values, Quantizer::Rtn);
+    let _ = quantize_kept(&mut b, None, rows, k, &[], values, Quantizer::Rtn);
+    for r in 0..rows {
+        for t in 0..k {
+            let br = b[r * k + t];
+            for c in 0..cols {
+                w[r * cols + c] += br * a[t * cols + c];
+            }
+        }
+    }
 }
 
 /// Coordinate search over the slope, then the MLP offset, then the low-rank share
