@@ -146,7 +146,11 @@ def main():
             notes.append(f"* {name}: does not fit (compress exited {r['exit']}: {r['message']})")
         else:
             b = r.get("file_bytes")
-            types = r.get("linear_types") or r.get("linear_encodings") or {}
+            types = dict(r.get("linear_types") or {})
+            for enc, n in (r.get("linear_encodings") or {}).items():
+                # cap's encodings carry per-tensor counts (nnz=..., groups=..., rank=...)
+                enc = re.sub(r"\s*\b\w+=\d+", "", enc).strip()
+                types[enc] = types.get(enc, 0) + n
             tcell = " ".join(f"{k}×{v}" for k, v in sorted(types.items(), key=lambda kv: -kv[1]))
             bpw = f"{r['linear_bpw']:.3f}" if r.get("linear_bpw") else ""
             ppl = f"{r['ppl']:.4f} ± {r['ppl_stderr']:.4f}" if r.get("ppl_stderr") is not None else f"{r['ppl']:.4f}"
@@ -162,21 +166,31 @@ def main():
     print()
     print(f"The source file is itself Q4_1 ({fmt_int(source_bytes)} bytes); every file above was made "
           "from its weights (llama.cpp's with `llama-quantize --allow-requantize`, cap's with "
-          "`cap-host compress --model` on it). Above the source's bytes (\"≤ source\" = no) every "
-          "format is a near-lossless copy of the same weights; the contest is at and below Q4_1's bytes.")
+          "`cap-host compress --model` on it). Above the source's bytes (\"≤ source\" = no) a "
+          "format has room to hold those weights near-losslessly, so the contest is at and below "
+          "Q4_1's bytes.")
     print("Bits/weight: bytes of the block linears (q, k, v, o, gate, up, down) × 8 / their dense "
           "parameter count; the tied embedding/head is not counted. Decode: mean ± sd of 3 runs "
           "(llama-bench tg64 after an empty prompt; cap-device generate -n 64 --temp 0 after a "
           "short prompt).")
+    others = {}
     for r in rows:
         if r["side"] == "llama.cpp" and r.get("other_big_tensors"):
-            notes.append(f"* llama.cpp {r['format']}: " + ", ".join(
-                f"{k} {v}" for k, v in r["other_big_tensors"].items()))
+            key = ", ".join(f"{k} {v}" for k, v in r["other_big_tensors"].items())
+            others.setdefault(key, []).append(r["format"])
+    for key, fmts in others.items():
+        notes.append(f"* llama.cpp {' '.join(fmts)}: other large tensors: {key}")
     for r in rows:
         lb = r.get("load_before_bench") or r.get("load_before_ppl")
         if lb:
             notes.append(f"* {r['format']} ({r['side']}): measured {r.get('measured')}, "
                          f"load before the speed runs {lb}")
+    busy = [r["format"] for r in rows
+            if float((r.get("load_before_bench") or "0").split()[0]) > (os.cpu_count() or 1)]
+    if busy:
+        notes.insert(0, f"* WARNING: the speed runs of {', '.join(busy)} started with the 1-minute "
+                        f"load above the {os.cpu_count()} cores: their tok/s measure the contention, "
+                        "not the format (rerun on an idle machine; llama.cpp rows: PARETO_FRESH=1)")
     if notes:
         print()
         print("\n".join(notes))
