@@ -46,6 +46,8 @@
 #   PARETO_PPL_THREADS threads for the perplexity runs (default nproc)
 #   PARETO_FRESH       1: measure llama.cpp rows again too, and cap rows even when cached
 #   PARETO_COMPRESS_ONLY  1: only write the cap files (cached for a later run), measure nothing
+#   PARETO_SPEED       0: perplexity only, no decode runs (rows without speeds are measured
+#                      again by a later run with the default 1)
 #   BENCH_THREADS      decode thread counts        (default 1,2)
 #   and those of scripts/llamacpp-common.sh: CAP_LLAMACPP_DIR (the cache, default
 #   ~/.cache/cap/llamacpp), CAP_MODEL, CAP_PIP, CAP_CMAKE, LLAMA_CPP_PYTHON_VERSION/_SHA256,
@@ -66,6 +68,7 @@ TEXT="${PARETO_TEXT:-$REPO/data/wikitext-2-raw/wiki.valid.raw}"
 PPL_THREADS="${PARETO_PPL_THREADS:-$(nproc)}"
 FRESH="${PARETO_FRESH:-0}"
 COMPRESS_ONLY="${PARETO_COMPRESS_ONLY:-0}"
+SPEED="${PARETO_SPEED:-1}"
 THREADS="${BENCH_THREADS:-1,2}"
 CAP_ARGS="${CAP_ARGS---values q4 --no-source-eval}"
 read -r -a CAP_EXTRA <<< "$CAP_ARGS"
@@ -113,8 +116,8 @@ now() { date -u +%Y-%m-%dT%H:%M:%SZ; }
 llama_row() {
   local q="$1" f="${GGUF[$1]}" row="$P/rows/llama-$1.json"
   if [ -f "$row" ] && [ "$FRESH" != 1 ] \
-     && python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); sys.exit(r["chunks_asked"]!=int(sys.argv[2]) or r.get("text_sha256")!=sys.argv[3] or r["commit"]!=sys.argv[4])' \
-          "$row" "$CHUNKS" "$TEXT_SHA" "$COMMIT" 2>/dev/null; then
+     && python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); sys.exit(r["chunks_asked"]!=int(sys.argv[2]) or r.get("text_sha256")!=sys.argv[3] or r["commit"]!=sys.argv[4] or (sys.argv[5]=="1" and not r["decode"]))' \
+          "$row" "$CHUNKS" "$TEXT_SHA" "$COMMIT" "$SPEED" 2>/dev/null; then
     log "llama.cpp $q: cached ($row)"
     return 0
   fi
@@ -126,10 +129,14 @@ llama_row() {
   "$BIN/llama-perplexity" -m "$f" -f "$TEXT" -c "$CTX" "${chunk_arg[@]}" -t "$PPL_THREADS" > "$pl" 2>&1 \
     || { tail -n 20 "$pl" >&2; die "llama-perplexity failed on $f (log: $pl)"; }
   t1=$((SECONDS - t0))
-  wait_idle; lb_bench="$(loadavg)"
-  log "llama-bench $q: -p 0 -n $GEN -r $REPS -t $THREADS (load $lb_bench)"
-  "$BIN/llama-bench" -m "$f" -p 0 -n "$GEN" -r "$REPS" -t "$THREADS" -o jsonl > "$bl" 2> "$bl.err" \
-    || { tail -n 20 "$bl.err" >&2; die "llama-bench failed on $f"; }
+  lb_bench=""
+  : > "$bl"
+  if [ "$SPEED" = 1 ]; then
+    wait_idle; lb_bench="$(loadavg)"
+    log "llama-bench $q: -p 0 -n $GEN -r $REPS -t $THREADS (load $lb_bench)"
+    "$BIN/llama-bench" -m "$f" -p 0 -n "$GEN" -r "$REPS" -t "$THREADS" -o jsonl > "$bl" 2> "$bl.err" \
+      || { tail -n 20 "$bl.err" >&2; die "llama-bench failed on $f"; }
+  fi
   python3 - "$q" "$f" "$pl" "$bl" "$CHUNKS" "$TEXT" "$TEXT_SHA" "$COMMIT" "$t1" "$lb_ppl" "$lb_bench" "$(now)" \
       > "$row.tmp" <<'PY'
 import json, re, sys
@@ -171,7 +178,7 @@ cap_binaries() {
 }
 
 # Row key: what the measurement depends on besides the machine state.
-cap_key() { printf '%s|%s|%s|%s|%s|%s' "$CAP_BIN_KEY" "$CAP_ARGS" "$1" "$CHUNKS" "$TEXT_SHA" "$MODEL" | sha256sum | cut -c1-16; }
+cap_key() { printf '%s|%s|%s|%s|%s|%s|%s' "$CAP_BIN_KEY" "$CAP_ARGS" "$1" "$CHUNKS" "$TEXT_SHA" "$MODEL" "$SPEED" | sha256sum | cut -c1-16; }
 cached() {  # cached ROW KEY
   [ "$FRESH" != 1 ] && [ -f "$1" ] \
     && python3 -c 'import json,sys; sys.exit(json.load(open(sys.argv[1])).get("key")!=sys.argv[2])' "$1" "$2" 2>/dev/null
@@ -256,8 +263,10 @@ PY
     || die "cap-host inspect failed on $out"
   local gl="$P/logs/cap-generate-$budget.jsonl" t lb
   : > "$gl"
-  wait_idle; lb="$(loadavg)"
+  lb=""
+  [ "$SPEED" = 1 ] && { wait_idle; lb="$(loadavg)"; }
   for t in ${THREADS//,/ }; do
+    [ "$SPEED" = 1 ] || break
     log "cap-device generate -n $GEN --threads $t on $(basename "$out") (1 warm-up + $REPS)"
     for i in $(seq 0 "$REPS"); do
       "$CAP_DEVICE" generate "$out" --prompt "$PROMPT" -n "$GEN" --temp 0 --threads "$t" \
