@@ -106,7 +106,7 @@ for q in $FORMATS; do
   [ "$q" = Q4_1 ] && continue
   GGUF[$q]="$(llamacpp_requantize "$q")"
 done
-fsize() { stat -c %s "$1"; }
+fsize() { stat -L -c %s "$1"; }
 
 # One JSON object per measured row, under $P/rows; rows.py merges them into the table.
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }

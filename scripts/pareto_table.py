@@ -181,10 +181,11 @@ def main():
     for key, fmts in others.items():
         notes.append(f"* llama.cpp {' '.join(fmts)}: other large tensors: {key}")
     for r in rows:
-        lb = r.get("load_before_bench") or r.get("load_before_ppl")
-        if lb:
+        loads = [f"before {what}: {r[k]}" for what, k in (("perplexity", "load_before_ppl"),
+                 ("the speed runs", "load_before_bench")) if r.get(k)]
+        if loads:
             notes.append(f"* {r['format']} ({r['side']}): measured {r.get('measured')}, "
-                         f"load before the speed runs {lb}")
+                         f"1/5/15-minute load {'; '.join(loads)}")
     busy = [r["format"] for r in rows
             if float((r.get("load_before_bench") or "0").split()[0]) > (os.cpu_count() or 1)]
     if busy:
