@@ -114,7 +114,7 @@ pub enum SelfCalibError {
     #[error("data-free calibration: {0}")]
     Forward(ForwardError),
     /// Reading or writing the cache failed.
-    #[error("{path}: {source}")]
+    #[error("{}", path.display())]
     Io {
         /// The cache file.
         path: PathBuf,

@@ -19,7 +19,7 @@ pub enum ImportError {
     #[error(transparent)]
     Gguf(#[from] super::gguf::GgufError),
     /// The file or directory could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {}", path.display())]
     Io {
         /// The file.
         path: PathBuf,

@@ -24,7 +24,7 @@ const MAX_ARRAY_DEPTH: usize = 4;
 #[non_exhaustive]
 pub enum GgufError {
     /// The file could not be opened or mapped.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {}", path.display())]
     Io {
         /// The file.
         path: PathBuf,

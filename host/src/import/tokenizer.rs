@@ -20,7 +20,7 @@ use super::gguf::GgufFile;
 #[non_exhaustive]
 pub enum TokenizerImportError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
