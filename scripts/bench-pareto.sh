@@ -36,7 +36,8 @@
 # Environment knobs:
 #   CAP_HOST / CAP_DEVICE   binaries (default: `cargo build --release` of this checkout, into
 #                           $CARGO_TARGET_DIR or ./target)
-#   CAP_ARGS           extra `cap-host compress` arguments (default "--values q4 --no-source-eval")
+#   CAP_ARGS           extra `cap-host compress` arguments (default "--values auto --no-source-eval";
+#                      the README's Q3_K_M/Q2_K rows add --embed-values q4)
 #   PARETO_FORMATS     llama.cpp types             (default "Q8_0 Q6_K Q5_K_M Q4_K_M Q3_K_M Q2_K";
 #                      the source Q4_1 is always a row)
 #   PARETO_CAP_FORMATS whose bytes cap is compressed to (default: PARETO_FORMATS and Q4_1)
@@ -70,7 +71,7 @@ FRESH="${PARETO_FRESH:-0}"
 COMPRESS_ONLY="${PARETO_COMPRESS_ONLY:-0}"
 SPEED="${PARETO_SPEED:-1}"
 THREADS="${BENCH_THREADS:-1,2}"
-CAP_ARGS="${CAP_ARGS---values q4 --no-source-eval}"
+CAP_ARGS="${CAP_ARGS---values auto --no-source-eval}"
 read -r -a CAP_EXTRA <<< "$CAP_ARGS"
 CTX=512
 GEN=64
