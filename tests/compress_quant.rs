@@ -40,15 +40,8 @@ fn check_file(report: &Value, path: &Path, values: DType) -> Vec<u64> {
     let m = file.manifest();
     let mut linear = 0;
     for t in &m.tensors {
-        let dtypes: Vec<DType> = match t.encoding {
-            Encoding::Dense { dtype } | Encoding::LowRank { dtype, .. } => vec![dtype],
-            Encoding::Sparse(s) => vec![s.dtype()],
-            Encoding::Composite {
-                factor_dtype,
-                sparse,
-                ..
-            } => vec![factor_dtype, sparse.dtype()],
-        };
+        let (a, b) = t.encoding.dtypes();
+        let dtypes: Vec<DType> = if a == b { vec![a] } else { vec![a, b] };
         if is_linear(&t.name) {
             linear += t.len;
             assert!(
@@ -389,11 +382,7 @@ fn auto_values_choose_bits_per_layer_within_the_budget() {
     for row in r["layers"].as_array().unwrap() {
         let name = row["name"].as_str().unwrap();
         let t = &file.manifest().tensors[file.find(name).unwrap()];
-        let stored = match t.encoding {
-            Encoding::Dense { dtype } | Encoding::LowRank { dtype, .. } => dtype,
-            Encoding::Sparse(s) => s.dtype(),
-            Encoding::Composite { sparse, .. } => sparse.dtype(),
-        };
+        let stored = t.encoding.dtypes().1;
         assert_eq!(
             row["values"].as_str().unwrap(),
             stored.to_string(),

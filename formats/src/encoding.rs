@@ -177,10 +177,11 @@ impl Encoding {
 }
 
 impl Encoding {
-    /// The oldest minor format version that can hold this encoding: 1 when any of its
-    /// value types is quantized, else 0 (see [`DType::min_minor`]).
-    pub const fn min_minor(&self) -> u16 {
-        let (a, b) = match *self {
+    /// The value types it stores: (factors or dense values, sparse or dense values). A
+    /// dense or low-rank encoding has one type, given twice; a sparse one its values'
+    /// type twice; a composite one its factors' and its sparse values'.
+    pub const fn dtypes(&self) -> (DType, DType) {
+        match *self {
             Encoding::Dense { dtype } | Encoding::LowRank { dtype, .. } => (dtype, dtype),
             Encoding::Sparse(s) => (s.dtype(), s.dtype()),
             Encoding::Composite {
@@ -188,7 +189,13 @@ impl Encoding {
                 sparse,
                 ..
             } => (factor_dtype, sparse.dtype()),
-        };
+        }
+    }
+
+    /// The oldest minor format version that can hold this encoding: 1 when any of its
+    /// value types is quantized, else 0 (see [`DType::min_minor`]).
+    pub const fn min_minor(&self) -> u16 {
+        let (a, b) = self.dtypes();
         let (a, b) = (a.min_minor(), b.min_minor());
         if a > b { a } else { b }
     }

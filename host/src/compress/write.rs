@@ -245,7 +245,7 @@ pub fn write(
                 rank: [s.rank(), c.rank()],
                 nnz: [s.nnz(), c.entries() as u64],
                 encoding: desc.encoding.name().into(),
-                values: c.cost_model(cost).dtype.to_string(),
+                values: desc.encoding.dtypes().1.to_string(),
                 bytes,
                 // Exact: the bytes written, or the paper's parameters.
                 cost: match cost.accounting {
