@@ -1,7 +1,8 @@
 //! Matrix-vector throughput of every CPU kernel table on SmolLM2-135M shapes
 //! (576×1536 and 1536×576, f16 values): dense, 50%-dense bitmask and block-CSR, 2:4,
 //! and the transposed dense kernel on one attention head's f16 value cache; then Q8 and
-//! Q4 values (group 64) dense, bitmask and block-CSR on 576×1536.
+//! Q4 values (groups 64 and 32) dense, bitmask and block-CSR on 576×1536 (in cache)
+//! and on 262144×576 (94 MB at Q4/g32: it streams from memory as a decoded token does).
 //!
 //! Reports GB/s of encoded weight bytes read (values plus mask / indices / pointers /
 //! meta) and the speedup over the scalar table measured in the same run; one thread.
@@ -173,68 +174,74 @@ fn main() {
         });
     }
 
-    // Quantized values (the compressor's default group of 64) on the 576×1536 shape:
-    // dense, and 50%-dense bitmask and block-CSR, Q8 and Q4.
-    let (rows, cols) = (576usize, 1536usize);
-    let x: Vec<f32> = (0..cols).map(|_| rng.unit() - 0.5).collect();
-    let mut y = vec![0f32; rows];
-    let dense = matrix(rows, cols, &mut rng, |_, _, _| true);
-    let half = matrix(rows, cols, &mut rng, |_, _, u| u < 0.5);
-    let f32_of = |b: &[u8]| -> Vec<f32> {
-        b.chunks_exact(2)
-            .map(|h| cpu::f16_to_f32(u16::from_le_bytes([h[0], h[1]])))
-            .collect()
-    };
-    for qt in [DType::Q8 { group: 64 }, DType::Q4 { group: 64 }] {
-        let mut q = Vec::new();
-        cap_format::extend_rows(&mut q, &f32_of(&dense), cols, qt);
-        let w = Values {
-            dtype: qt,
-            bytes: &q,
+    // Quantized values (the compressor's default group of 64, and 32) on an in-cache
+    // and an out-of-cache shape: dense, and 50%-dense bitmask and block-CSR, Q8 and Q4.
+    for (rows, cols) in [(576usize, 1536usize), (262144, 576)] {
+        let x: Vec<f32> = (0..cols).map(|_| rng.unit() - 0.5).collect();
+        let mut y = vec![0f32; rows];
+        let dense = matrix(rows, cols, &mut rng, |_, _, _| true);
+        let half = matrix(rows, cols, &mut rng, |_, _, u| u < 0.5);
+        let f32_of = |b: &[u8]| -> Vec<f32> {
+            b.chunks_exact(2)
+                .map(|h| cpu::f16_to_f32(u16::from_le_bytes([h[0], h[1]])))
+                .collect()
         };
-        report(
-            &format!("dense {qt} {rows}x{cols}"),
-            q.len(),
-            &tables,
-            |k| (k.dense_rows)(w, cols, 0, black_box(&x), &mut y),
-        );
-        for kind in [SparseKind::Bitmask, SparseKind::BlockCsr] {
-            let (s, p) = encode_sparse(kind, rows as u32, cols as u32, dt, &half).unwrap();
-            let (_, p) =
-                cap_format::sparse::quantize_sparse(rows as u32, cols as u32, s, p, qt).unwrap();
-            let bytes: usize = p.iter().map(Vec::len).sum();
-            let values = |b| Values {
+        for qt in [
+            DType::Q8 { group: 64 },
+            DType::Q4 { group: 64 },
+            DType::Q4 { group: 32 },
+        ] {
+            let mut q = Vec::new();
+            cap_format::extend_rows(&mut q, &f32_of(&dense), cols, qt);
+            let w = Values {
                 dtype: qt,
-                bytes: b,
+                bytes: &q,
             };
-            if kind == SparseKind::Bitmask {
-                let starts = cpu::bitmask_row_starts(&p[0], rows, cols);
-                let m = BitmaskRef {
-                    cols,
-                    mask: &p[0],
-                    row_start: &starts,
-                    values: values(&p[1]),
+            report(
+                &format!("dense {qt} {rows}x{cols}"),
+                q.len(),
+                &tables,
+                |k| (k.dense_rows)(w, cols, 0, black_box(&x), &mut y),
+            );
+            for kind in [SparseKind::Bitmask, SparseKind::BlockCsr] {
+                let (s, p) = encode_sparse(kind, rows as u32, cols as u32, dt, &half).unwrap();
+                let (_, p) =
+                    cap_format::sparse::quantize_sparse(rows as u32, cols as u32, s, p, qt)
+                        .unwrap();
+                let bytes: usize = p.iter().map(Vec::len).sum();
+                let values = |b| Values {
+                    dtype: qt,
+                    bytes: b,
                 };
-                let bytes = bytes + 4 * starts.len();
-                report(
-                    &format!("bitmask 50% {qt} {rows}x{cols}"),
-                    bytes,
-                    &tables,
-                    |k| (k.bitmask_rows)(&m, 0, black_box(&x), &mut y),
-                );
-            } else {
-                let m = CsrRef {
-                    cols,
-                    block_ptr: &p[0],
-                    col_idx: &p[1],
-                    values: values(&p[2]),
-                };
-                report(
-                    &format!("block-CSR 50% {qt} {rows}x{cols}"),
-                    bytes,
-                    &tables,
-                    |k| (k.csr_rows)(&m, 0, black_box(&x), &mut y),
-                );
+                if kind == SparseKind::Bitmask {
+                    let starts = cpu::bitmask_row_starts(&p[0], rows, cols);
+                    let m = BitmaskRef {
+                        cols,
+                        mask: &p[0],
+                        row_start: &starts,
+                        values: values(&p[1]),
+                    };
+                    let bytes = bytes + 4 * starts.len();
+                    report(
+                        &format!("bitmask 50% {qt} {rows}x{cols}"),
+                        bytes,
+                        &tables,
+                        |k| (k.bitmask_rows)(&m, 0, black_box(&x), &mut y),
+                    );
+                } else {
+                    let m = CsrRef {
+                        cols,
+                        block_ptr: &p[0],
+                        col_idx: &p[1],
+                        values: values(&p[2]),
+                    };
+                    report(
+                        &format!("block-CSR 50% {qt} {rows}x{cols}"),
+                        bytes,
+                        &tables,
+                        |k| (k.csr_rows)(&m, 0, black_box(&x), &mut y),
+                    );
+                }
             }
         }
     }

@@ -31,6 +31,12 @@ pub use scalar::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 #[macro_use]
 mod simd;
 
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+mod prefetch;
+
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

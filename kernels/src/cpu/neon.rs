@@ -19,7 +19,8 @@
 use core::arch::aarch64::*;
 use core::arch::asm;
 
-use super::simd::{self, BF16, F16, F32, f32_bytes, size};
+use super::prefetch;
+use super::simd::{self, BF16, F16, F32, bitmask_count, csr_count, f32_bytes, size};
 use super::{
     BitmaskRef, CsrRef, DType, Isa, Kernels, TwoFourRef, Values, bits_at, csr_blocks, low_bits,
     scalar, u32_at,
@@ -398,6 +399,7 @@ fn bitmask_rows_d<const D: u8>(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut
     for (i, yi) in y.iter_mut().enumerate() {
         let r = r0 + i;
         let mut k = m.row_start[r] as usize;
+        prefetch::bitmask_row(m, r, k * ds, bitmask_count(m, r) * ds);
         let mut acc = ((zero, zero), (zero, zero));
         let mut c = 0;
         while c + 64 <= cols {
@@ -540,6 +542,9 @@ fn csr_rows_d<const D: u8>(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) 
     let zero = vdupq_n_f32(0.0);
     for (i, yi) in y.iter_mut().enumerate() {
         let r = r0 + i;
+        let first = u32_at(m.block_ptr, r * nb) as usize;
+        let count = csr_count(m, nb, r);
+        prefetch::csr_row(m, r, first, count, first * ds, count * ds);
         let mut acc = (zero, zero);
         for (b, xb) in x.chunks(256).enumerate() {
             let lo = u32_at(m.block_ptr, r * nb + b) as usize;
@@ -662,6 +667,7 @@ fn two_four_rows_d<const D: u8>(m: &TwoFourRef<'_>, r0: usize, x: &[f32], y: &mu
     let zero = vdupq_n_f32(0.0);
     for (i, yi) in y.iter_mut().enumerate() {
         let first = (r0 + i) * groups;
+        prefetch::two_four_row(m, first, groups, ds);
         let v = &m.values.bytes[2 * first * ds..2 * (first + groups) * ds];
         let mut acc = (zero, zero);
         let mut c = 0;

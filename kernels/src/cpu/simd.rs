@@ -9,7 +9,9 @@
 //! the closures, which inherit the kernel's features, inline into the loops. Bounds are
 //! established here as in the kernels: by checked slicing before any vector load.
 
-use super::{BitmaskRef, CsrRef, DType, Values, bits_at, csr_blocks, low_bits, scalar, u32_at};
+use super::{
+    BitmaskRef, CsrRef, DType, Values, bits_at, csr_blocks, low_bits, prefetch, scalar, u32_at,
+};
 
 /// Storage type codes of the SIMD kernels' const generic parameter: one kernel is
 /// compiled per stored dtype, and `D` is resolved at compile time.
@@ -214,7 +216,9 @@ pub(crate) fn dense_rows<const D: u8>(
     if cols == 0 {
         return;
     }
-    for (yi, row) in y.iter_mut().zip(block.chunks_exact(cols * ds)) {
+    let rb = cols * ds;
+    for (i, (yi, row)) in y.iter_mut().zip(block.chunks_exact(rb)).enumerate() {
+        prefetch::ahead(block, i * rb, rb);
         *yi += dot(row, x);
     }
 }
@@ -313,7 +317,8 @@ pub(crate) fn q_dense_rows<P: Copy, V: Copy, A: Copy, const W: usize>(
     let dt = w.dtype;
     let (g, bs) = (dt.group(), dt.size());
     let (block, rb) = scalar::q_dense_block(w, cols, r0, y.len());
-    for (yi, row) in y.iter_mut().zip(block.chunks_exact(rb)) {
+    for (i, (yi, row)) in y.iter_mut().zip(block.chunks_exact(rb)).enumerate() {
+        prefetch::ahead(block, i * rb, rb);
         let (mut a0, mut a1) = (zero, zero);
         for (bi, blk) in row.chunks_exact(bs).enumerate() {
             let p = params(blk);
@@ -368,6 +373,7 @@ pub(crate) fn q_bitmask_rows<A: Copy>(
         let r = r0 + i;
         let count = bitmask_count(m, r);
         let run = q_run_bytes(m.values, blk, count);
+        prefetch::bitmask_row(m, r, blk * dt.size(), run.len());
         win.start(count);
         let mut k = 0;
         let mut acc = zero;
@@ -433,6 +439,7 @@ pub(crate) fn q_csr_rows<A: Copy>(
         let run = q_run_bytes(m.values, blk, count);
         win.start(count);
         let first = u32_at(m.block_ptr, r * nb) as usize;
+        prefetch::csr_row(m, r, first, count, blk * dt.size(), run.len());
         let mut acc = zero;
         for (b, xb) in x.chunks(256).enumerate() {
             let lo = u32_at(m.block_ptr, r * nb + b) as usize;

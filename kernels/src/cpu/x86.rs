@@ -16,7 +16,8 @@
 
 use core::arch::x86_64::*;
 
-use super::simd::{self, BF16, F16, F32, f32_bytes, size};
+use super::prefetch;
+use super::simd::{self, BF16, F16, F32, bitmask_count, csr_count, f32_bytes, size};
 use super::{
     BitmaskRef, CsrRef, DType, Isa, Kernels, TwoFourRef, Values, bits_at, csr_blocks, low_bits,
     scalar, u32_at,
@@ -459,6 +460,7 @@ fn bitmask_rows_d<const D: u8>(m: &BitmaskRef<'_>, r0: usize, x: &[f32], y: &mut
     for (i, yi) in y.iter_mut().enumerate() {
         let r = r0 + i;
         let mut k = m.row_start[r] as usize;
+        prefetch::bitmask_row(m, r, k * ds, bitmask_count(m, r) * ds);
         let mut acc = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut c = 0;
         while c + 64 <= cols {
@@ -595,6 +597,9 @@ fn csr_rows_d<const D: u8>(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) 
     let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (i, yi) in y.iter_mut().enumerate() {
         let r = r0 + i;
+        let first = u32_at(m.block_ptr, r * nb) as usize;
+        let count = csr_count(m, nb, r);
+        prefetch::csr_row(m, r, first, count, first * ds, count * ds);
         let mut acc = _mm256_setzero_ps();
         for (b, xb) in x.chunks(256).enumerate() {
             let lo = u32_at(m.block_ptr, r * nb + b) as usize;
@@ -698,6 +703,7 @@ fn two_four_rows_d<const D: u8>(m: &TwoFourRef<'_>, r0: usize, x: &[f32], y: &mu
     let groups = cols / 4;
     for (i, yi) in y.iter_mut().enumerate() {
         let first = (r0 + i) * groups;
+        prefetch::two_four_row(m, first, groups, ds);
         let v = &m.values.bytes[2 * first * ds..2 * (first + groups) * ds];
         let mut acc = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut c = 0;
