@@ -404,10 +404,94 @@ fn auto_values_choose_bits_per_layer_within_the_budget() {
         &args(&["--budget", &budget.to_string(), "--method", "wanda"]),
         &["--values auto", "--method cap"],
     );
+    // `--embed-values auto` needs `--values auto`.
     assert_clean_failure(
-        &args(&["--budget", &budget.to_string(), "--embed-values", "auto"]),
-        &["--embed-values auto"],
+        &small_compress(
+            &m,
+            &out_s,
+            &calib,
+            &cache,
+            &[
+                "--budget",
+                &budget.to_string(),
+                "--values",
+                "q4",
+                "--embed-values",
+                "auto",
+            ],
+        ),
+        &["--embed-values auto", "--values auto"],
     );
+}
+
+/// `--values auto` also chooses the embedding's type: one allocation search per type
+/// (q8 and q4 in the group), each under the limit its type leaves the linears; the
+/// lower best calibration loss wins. Each search is the one a run with that type
+/// given (`--embed-values q8|q4`) does: the same best losses, two code paths agreeing.
+/// The file stores the chosen type, stays within the budget and passes its self-test.
+#[test]
+fn auto_values_choose_the_embedding_type_by_calibration_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calib_text(dir.path());
+    let cache = dir.path().join("rpca").display().to_string();
+    let m = tiny("llama-tied");
+    let out = dir.path().join("auto.cap");
+    let out_s = out.display().to_string();
+    let args = |extra: &[&str]| {
+        let mut v = small_compress(&m, &out_s, &calib, &cache, extra);
+        v.extend(["--values", "auto", "--group", "32"].map(String::from));
+        v
+    };
+    let plan = run_json(&args(&["--budget", "1000000000", "--dry-run"]));
+    let fixed = &plan["fixed"];
+    let budget = (fixed["dense_tensor_bytes"].as_u64().unwrap()
+        + fixed["file_overhead_bytes"].as_u64().unwrap()
+        + fixed["linear_dense_bytes"].as_u64().unwrap() / 3)
+        .to_string();
+    let best_loss = |r: &Value| {
+        r["allocation_search"][1]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["loss"].as_f64().unwrap())
+            .fold(f64::INFINITY, f64::min)
+    };
+    let mut forced = vec![];
+    for e in ["q8", "q4"] {
+        let r = run_json(&args(&["--budget", &budget, "--embed-values", e]));
+        assert_eq!(r["embed_values"], format!("{e}/g32"), "{r}");
+        assert_eq!(r["embed_search"], Value::Array(vec![]), "{r}");
+        forced.push(best_loss(&r));
+    }
+    let r = run_json(&args(&["--budget", &budget]));
+    assert!(
+        r["file_bytes"].as_u64().unwrap() <= budget.parse().unwrap(),
+        "{r}"
+    );
+    let searched = r["embed_search"].as_array().unwrap();
+    let names: Vec<&str> = searched
+        .iter()
+        .map(|t| t["values"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["q8/g32", "q4/g32"], "{r}");
+    for (t, f) in searched.iter().zip(&forced) {
+        let l = t["loss"].as_f64().unwrap();
+        // The same search on the same data: equal up to the summation order of the
+        // threaded loss (relative 1e-6 is far below the losses' differences).
+        assert!((l - f).abs() <= 1e-6 * f.abs(), "auto {l} vs forced {f}");
+    }
+    let chosen = usize::from(forced[1] < forced[0]);
+    assert_eq!(searched[chosen]["chosen"], Value::Bool(true), "{r}");
+    assert_eq!(searched[1 - chosen]["chosen"], Value::Bool(false), "{r}");
+    let want = names[chosen];
+    assert_eq!(r["embed_values"], format!("auto: {want}"), "{r}");
+    assert_eq!(best_loss(&r), forced[chosen]);
+    // The file stores the embedding in the chosen type.
+    let bytes = std::fs::read(&out).unwrap();
+    let file = CapFile::parse(&bytes).unwrap();
+    let t = &file.manifest().tensors[file.find("token_embd.weight").unwrap()];
+    assert_eq!(t.encoding.dtypes().1.to_string(), want);
+    self_test(&cap_device(), &out);
 }
 
 #[test]

@@ -89,9 +89,9 @@ pub struct CompressArgs {
     #[arg(long, value_enum)]
     pub values: Option<ValuesArg>,
     /// Value type of the token embedding and an untied output head (each row rounded
-    /// to nearest, --group values a group; not auto) [default: q8 when --values is
-    /// quantized,
-    /// else --dtype's]. On a small model with a large vocabulary the tied head is the
+    /// to nearest, --group values a group) [default: with --values auto, auto: q8 or
+    /// q4, whichever the allocation's calibration loss prefers under the budget; q8
+    /// when --values is quantized; else --dtype's]. On a small model with a large vocabulary the tied head is the
     /// largest tensor and is read for every token; llama.cpp likewise keeps it at 6 to
     /// 8 bits in its 4-bit files.
     #[arg(long, value_enum, value_name = "VALUES")]
@@ -214,12 +214,16 @@ fn values_of(a: &CompressArgs, float: DType) -> Result<(DType, DType)> {
     } else {
         float
     };
-    if a.embed_values == Some(ValuesArg::Auto) {
+    if a.embed_values == Some(ValuesArg::Auto) && a.values != Some(ValuesArg::Auto) {
         bail!(
-            "--embed-values auto: the embedding's value type is fixed, not allocated; give f16, q8 or q4"
+            "--embed-values auto needs --values auto: the allocation that chooses the linears' bits chooses the embedding's"
         );
     }
-    let embed = value_type(a.embed_values, g, embed_default);
+    // Under auto the allocation starts from q8 and may take q4 instead.
+    let embed = match a.embed_values {
+        Some(ValuesArg::Auto) => embed_default,
+        e => value_type(e, g, embed_default),
+    };
     if a.group.is_some() && !values.is_quantized() && !embed.is_quantized() {
         bail!(
             "--group {g} needs quantized values (--values or --embed-values q8 or q4), not {values}"
@@ -294,6 +298,9 @@ pub fn run(a: CompressArgs) -> Result<()> {
         dtype: embed,
         values,
         auto_values: a.values == Some(ValuesArg::Auto),
+        // `--values auto` chooses the embedding's type too unless it is given.
+        auto_embed: a.values == Some(ValuesArg::Auto)
+            && matches!(a.embed_values, None | Some(ValuesArg::Auto)),
         quantizer: a.quantizer,
         calib: a.calib,
         selfcalib_dir: None,
@@ -451,6 +458,21 @@ pub fn render(r: &CompressReport) -> String {
         "dense tensors (embedding and head in {}): {} bytes; file: {} bytes ({})",
         r.embed_values, r.dense_tensor_bytes, r.file_bytes, r.path
     );
+    if !r.embed_search.is_empty() {
+        let tried: Vec<String> = r
+            .embed_search
+            .iter()
+            .map(|t| {
+                let mark = if t.chosen { " (chosen)" } else { "" };
+                format!("{} loss {:.4}{mark}", t.values, t.loss)
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "embedding types searched (best calibration loss of each): {}",
+            tried.join(", ")
+        );
+    }
     let _ = writeln!(s, "calibration: {}", r.calibration);
     let source = r
         .dense_eval

@@ -24,7 +24,8 @@ use super::sparsegpt::{
     kept as sparsegpt_kept, masked_candidate, prune as sparsegpt_prune, prune_sequential,
 };
 use super::strategy::{Context, Notes, Strategy, keep_all};
-use cap_device::model::DenseLinear;
+use cap_device::model::{DenseLinear, Head, Model};
+use cap_format::DType;
 
 /// `sparsegpt`, `admm` or cap's method (`Method::Cap`).
 pub struct Pruned {
@@ -81,8 +82,9 @@ impl Strategy for Pruned {
                 .collect());
         }
         let keeps: Vec<Keep> = if self.method == Method::Cap {
-            let (k, a, trials) = learned_sparsities(cx)?;
+            let (k, a, trials, embed) = learned_sparsities(cx)?;
             notes.allocation_search = Some((a, trials));
+            notes.embed_choice = embed;
             notes.lap("allocation search");
             k
         } else {
@@ -198,7 +200,15 @@ fn sparsegpt_sparsity(linears: &[(String, &DenseLinear)], cost: &CostModel, limi
 
 /// cap's allocation: per-linear sparsities from [`super::allocate::search`], scored by
 /// the calibration loss of the Wanda-pruned model on the first 8 calibration sequences.
-fn learned_sparsities(cx: &Context<'_>) -> Result<(Vec<Keep>, Allocation2, Vec<Trial>)> {
+#[allow(clippy::type_complexity)]
+fn learned_sparsities(
+    cx: &Context<'_>,
+) -> Result<(
+    Vec<Keep>,
+    Allocation2,
+    Vec<Trial>,
+    Option<(usize, Vec<f64>)>,
+)> {
     let (model, windows, threads) = (cx.model, cx.windows, cx.opts.threads);
     (cx.on_event)(Event::Stage {
         name: "input norms",
@@ -224,26 +234,71 @@ fn learned_sparsities(cx: &Context<'_>) -> Result<(Vec<Keep>, Allocation2, Vec<T
         .map(|(_, l)| (l.out_features, l.in_features))
         .collect();
     let scoring = &windows[..windows.len().min(8)];
+    let per_search = if cx.opts.auto_values { 16 } else { 11 };
     (cx.on_event)(Event::Stage {
         name: "allocation search",
-        total: if cx.opts.auto_values { 16 } else { 11 },
+        total: per_search * cx.embeds.len() as u64,
     });
     let done = std::cell::Cell::new(0u64);
     let n_blocks = model.blocks.len();
-    let (best, trials) = search(cx.opts.lowrank_share, cx.opts.auto_values, |a| {
-        let sp = sparsities(&shapes, n_blocks, a, cx.cost, cx.limit);
-        let pruned = wanda_pruned(model, &norm_refs, &sp);
-        let l = calibration_loss(&pruned, scoring, threads);
-        done.set(done.get() + 1);
-        (cx.on_event)(Event::Progress(done.get()));
-        tracing::info!("allocation {a:?}: calibration loss {:?}", l.as_ref().ok());
-        l
-    })?;
+    // One search per embedding type, each under the limit that type leaves the
+    // linears and scored with the embedding (and an untied head) rounded as the file
+    // will store it (float types as they are); the lowest calibration loss wins.
+    let mut results = Vec::with_capacity(cx.embeds.len());
+    for &(dtype, limit) in cx.embeds {
+        let rounded;
+        let scored = if dtype.is_quantized() {
+            rounded = with_dense_rounded(model, dtype)?;
+            &rounded
+        } else {
+            model
+        };
+        let (best, trials) = search(cx.opts.lowrank_share, cx.opts.auto_values, |a| {
+            let sp = sparsities(&shapes, n_blocks, a, cx.cost, limit);
+            let pruned = wanda_pruned(scored, &norm_refs, &sp);
+            let l = calibration_loss(&pruned, scoring, threads);
+            done.set(done.get() + 1);
+            (cx.on_event)(Event::Progress(done.get()));
+            tracing::info!(
+                "embedding {dtype}, allocation {a:?}: calibration loss {:?}",
+                l.as_ref().ok()
+            );
+            l
+        })?;
+        let loss = trials.iter().map(|t| t.loss).fold(f64::INFINITY, f64::min);
+        results.push((best, trials, limit, loss));
+    }
+    let losses: Vec<f64> = results.iter().map(|r| r.3).collect();
+    let chosen = (0..results.len())
+        .min_by(|&a, &b| losses[a].total_cmp(&losses[b]))
+        .ok_or_else(|| CompressError::Internal("no embedding type to search".into()))?;
+    let (best, trials, limit, _) = results.swap_remove(chosen);
+    let embed = (cx.embeds.len() > 1).then_some((chosen, losses));
     Ok((
-        sparsities(&shapes, n_blocks, &best, cx.cost, cx.limit),
+        sparsities(&shapes, n_blocks, &best, cx.cost, limit),
         best,
         trials,
+        embed,
     ))
+}
+
+/// `model` with its embedding (and an untied head) rounded to nearest in `dtype`, as
+/// the writer stores them: what the allocation search scores an embedding type by.
+fn with_dense_rounded(model: &Model<DenseLinear>, dtype: DType) -> Result<Model<DenseLinear>> {
+    let round = |w: &mut Vec<f32>, rows: usize, cols: usize| -> Result<()> {
+        let mut bytes = Vec::new();
+        cap_format::extend_rows(&mut bytes, w, cols, dtype);
+        *w = cap_format::dequantize_rows(&bytes, dtype, rows, cols)
+            .map_err(|e| CompressError::Internal(format!("embedding round trip: {e}")))?;
+        Ok(())
+    };
+    let mut m = model.clone();
+    let (vocab, hidden) = (m.config.vocab_size, m.config.hidden_size);
+    round(&mut m.embed, vocab, hidden)?;
+    if let Head::Separate(h) = &mut m.head {
+        round(&mut h.weight, h.out_features, h.in_features)?;
+    }
+    Ok(m)
 }
 
 /// Adds to `c` (the sparse part, whose matrix is `w`) the rank-`rank` part that best

@@ -55,6 +55,11 @@ pub struct CompressOptions {
     /// (q4) or q8 in its groups, or f16, by the calibration loss
     /// ([`super::allocate::Bits`]).
     pub auto_values: bool,
+    /// Under `auto_values`, the allocation also chooses the embedding's (and an
+    /// untied head's) type: `dtype`, or Q4 in `dtype`'s group when the bytes that
+    /// frees serve the linears better, by the same calibration loss
+    /// (`--embed-values auto`).
+    pub auto_embed: bool,
     /// How quantized values are chosen (ignored for float values).
     pub quantizer: Quantizer,
     /// Calibration text (plain text, or JSON lines with a `text` field); `None`:
@@ -200,8 +205,22 @@ pub struct CompressReport {
     pub steps: Vec<StepLog>,
     /// cap's learned allocation and the settings it tried.
     pub allocation_search: Option<(Allocation2, Vec<Trial>)>,
+    /// Under `--embed-values auto`: each embedding type the allocation searched with,
+    /// its best calibration loss, and whether it was chosen.
+    pub embed_search: Vec<EmbedTrial>,
     /// Seconds per stage, in order.
     pub seconds: Vec<(String, f64)>,
+}
+
+/// One embedding type the allocation searched with (`--embed-values auto`).
+#[derive(Clone, Debug, Serialize)]
+pub struct EmbedTrial {
+    /// The type (`q8/g64`).
+    pub values: String,
+    /// The lowest calibration loss of its search (mean NLL, nats).
+    pub loss: f64,
+    /// Whether the file stores the embedding in it.
+    pub chosen: bool,
 }
 
 /// Runs the whole pipeline.
@@ -222,33 +241,66 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     notes.lap("load");
 
     let mut manifest = base_manifest(opts, &input)?;
-    let planned = plan(
-        &opts.budget,
-        opts.dtype,
-        opts.values,
-        &input.model,
-        &linears,
-        &manifest,
-    )?;
-    let (budget, fixed) = (planned.budget, planned.fixed);
-    if opts.dry_run {
-        return Ok(Outcome::Planned(Plan { budget, fixed }));
+    let plan_for = |dtype| {
+        plan(
+            &opts.budget,
+            dtype,
+            opts.values,
+            &input.model,
+            &linears,
+            &manifest,
+        )
+    };
+    let embed_types = embed_types(opts);
+    // Every embedding type the budget admits (it must admit one), each with the limit
+    // it leaves the linears.
+    let mut plans = Vec::new();
+    let mut first_error = None;
+    for &e in &embed_types {
+        match plan_for(e) {
+            Ok(p) => plans.push((e, p)),
+            Err(err) => {
+                first_error.get_or_insert(err);
+            }
+        }
     }
-    record_budget(&mut manifest, &opts.budget, &budget, &fixed);
+    let Some((_, planned)) = plans.first() else {
+        return Err(first_error
+            .unwrap_or_else(|| CompressError::Internal("no embedding type to plan".into())));
+    };
+    if opts.dry_run {
+        return Ok(Outcome::Planned(Plan {
+            budget: planned.budget.clone(),
+            fixed: planned.fixed,
+        }));
+    }
+    // The linears' cost model depends on their value type only, not the embedding's.
+    let (cost, first_limit) = (planned.cost, planned.budget.limit);
     notes.lap("budget");
 
     let mut method = strategy(opts);
+    let embeds: Vec<(DType, u64)> = plans.iter().map(|(e, p)| (*e, p.budget.limit)).collect();
     let cx = Context {
         model: &input.model,
         linears: &linears,
         windows: &windows,
-        cost: &planned.cost,
-        limit: budget.limit,
+        cost: &cost,
+        limit: first_limit,
+        embeds: &embeds,
         opts,
         on_event,
     };
     let cands = method.candidates(&cx, &mut notes)?;
     notes.lap("candidates");
+    // The allocation may have chosen another embedding type, and with it another limit.
+    let chosen = notes.embed_choice.as_ref().map_or(0, |(i, _)| *i);
+    let (embed_dtype, planned) = plans.swap_remove(chosen);
+    let (budget, fixed) = (planned.budget, planned.fixed);
+    record_budget(&mut manifest, &opts.budget, &budget, &fixed);
+    let cx = Context {
+        limit: budget.limit,
+        ..cx
+    };
     let sels = method.select(&cx, &cands, &mut notes)?;
     notes.lap("allocation");
 
@@ -266,7 +318,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         &cands,
         &sels,
         cx.cost,
-        opts.dtype,
+        embed_dtype,
     )?;
     drop((cands, sels));
     notes.lap("write");
@@ -305,7 +357,10 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         path: path.display().to_string(),
         method: opts.method,
         values: values_summary(opts, &rows),
-        embed_values: opts.dtype.to_string(),
+        embed_values: match &notes.embed_choice {
+            Some(_) => format!("auto: {embed_dtype}"),
+            None => embed_dtype.to_string(),
+        },
         quantizer: quantizer_used(opts),
         allocation: method.allocation(),
         param_ratio: kept_params as f64 / fixed.linear_params.max(1) as f64,
@@ -326,8 +381,40 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         speed,
         steps: notes.steps,
         allocation_search: notes.allocation_search,
+        embed_search: match notes.embed_choice {
+            Some((chosen, losses)) => losses
+                .iter()
+                .zip(&embeds)
+                .enumerate()
+                .map(|(i, (&loss, (e, _)))| EmbedTrial {
+                    values: e.to_string(),
+                    loss,
+                    chosen: i == chosen,
+                })
+                .collect(),
+            None => vec![],
+        },
         seconds: notes.seconds,
     })))
+}
+
+/// The embedding types the allocation may choose from: `opts.dtype`, and under
+/// `auto_embed` Q4 in its group (Q4 of the same group as a quantized `dtype`, else of
+/// the linears' group).
+fn embed_types(opts: &CompressOptions) -> Vec<DType> {
+    let mut v = vec![opts.dtype];
+    if opts.auto_embed {
+        let group = if opts.dtype.is_quantized() {
+            opts.dtype.group() as u16
+        } else {
+            opts.values.group() as u16
+        };
+        let q4 = DType::Q4 { group };
+        if q4 != opts.dtype && check_values(q4).is_ok() {
+            v.push(q4);
+        }
+    }
+    v
 }
 
 /// The linears' value type, or under `--values auto` how many linears got which type

@@ -35,6 +35,10 @@ pub struct Context<'a> {
     pub cost: &'a CostModel,
     /// The limit on the sum of those costs.
     pub limit: u64,
+    /// The embedding types the allocation may choose from with the limit each
+    /// leaves the linears; the first is `opts.dtype` with `limit`. More than one only
+    /// under `opts.auto_embed`.
+    pub embeds: &'a [(cap_format::DType, u64)],
     /// All options (seeds, threads, method settings).
     pub opts: &'a CompressOptions,
     /// Progress.
@@ -51,6 +55,9 @@ pub struct Notes {
     pub allocation_search: Option<(Allocation2, Vec<Trial>)>,
     /// Seconds per stage, in order.
     pub seconds: Vec<(String, f64)>,
+    /// Which of [`Context::embeds`] the allocation chose (`None`: the first), with
+    /// each one's best calibration loss.
+    pub embed_choice: Option<(usize, Vec<f64>)>,
     clock: Instant,
 }
 
@@ -62,6 +69,7 @@ impl Notes {
             uniform_fraction: None,
             allocation_search: None,
             seconds: vec![],
+            embed_choice: None,
             clock: Instant::now(),
         }
     }
