@@ -243,6 +243,30 @@ fn main() {
                     );
                 }
             }
+            // 2:4, as the f16 case picks its columns.
+            let tf = matrix(rows, cols, &mut rng, |r, c, _| {
+                let a = (r * 7 + c / 4) % 4;
+                let j = c % 4;
+                j == a || j == (a + 1 + r % 3) % 4
+            });
+            let (s, p) =
+                encode_sparse(SparseKind::TwoFour, rows as u32, cols as u32, dt, &tf).unwrap();
+            let (_, p) =
+                cap_format::sparse::quantize_sparse(rows as u32, cols as u32, s, p, qt).unwrap();
+            let m = TwoFourRef {
+                cols,
+                values: Values {
+                    dtype: qt,
+                    bytes: &p[0],
+                },
+                meta: &p[1],
+            };
+            report(
+                &format!("2:4 {qt} {rows}x{cols}"),
+                p[0].len() + p[1].len(),
+                &tables,
+                |k| (k.two_four_rows)(&m, 0, black_box(&x), &mut y),
+            );
         }
     }
 

@@ -115,9 +115,10 @@ pub struct TwoFourRef<'a> {
 /// One instruction set's kernels. Every `*_rows` kernel accumulates into `y`:
 /// (every dtype, the quantized Q8 and Q4 included: their values are found by row, as
 /// `cap_format` lays them out; the AVX2, AVX-512 and NEON tables have their own
-/// quantized dense, bitmask and block-CSR rows and `to_f32` (AVX-512's block-CSR is
-/// AVX2's), and run the scalar
-/// reference for the transposed dense rows, 2:4 and `from_f32`)
+/// quantized dense, bitmask, block-CSR and 2:4 rows and `to_f32` (AVX-512's
+/// block-CSR and 2:4 are AVX2's), and run the scalar reference for quantized
+/// transposed dense rows, which only the `f16` KV cache's attention uses, and
+/// `from_f32`)
 /// for `i` in `0..y.len()`, `y[i] += Σ_c W[r0+i, c]·x[c]` with `x.len() == cols`, so
 /// callers can split rows across threads and add a low-rank and a sparse part.
 ///

@@ -643,7 +643,7 @@ fn two_four_rows(m: &TwoFourRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
     by_dtype!(
         m.values.dtype,
         two_four_rows_d(m, r0, x, y),
-        (scalar::KERNELS.two_four_rows)(m, r0, x, y)
+        q_two_four_rows(m, r0, x, y)
     )
 }
 
@@ -936,4 +936,17 @@ fn q_csr_rows(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
     let decode = |run: &[u8], dt, s, o: &mut [f32]| q_decode(run, dt, s, o);
     let hsum = |acc: F32x8| vaddvq_f32(vaddq_f32(acc.0, acc.1));
     simd::q_csr_rows(m, r0, x, y, decode, (zero, zero), step, hsum)
+}
+
+/// Quantized 2:4 rows: each 64 columns' 32 values from the row's window, through the
+/// `f32` word kernel.
+#[target_feature(enable = "neon")]
+fn q_two_four_rows(m: &TwoFourRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
+    let word = |bits, v: &[f32; 32], xs: &[f32; 64], acc| {
+        two_four_word::<F32>(bits, f32_bytes(v), xs, acc)
+    };
+    let decode = |run: &[u8], dt, s, o: &mut [f32]| q_decode(run, dt, s, o);
+    let zero = vdupq_n_f32(0.0);
+    let hsum = |acc: F32x8| vaddvq_f32(vaddq_f32(acc.0, acc.1));
+    simd::q_two_four_rows(m, r0, x, y, decode, (zero, zero), word, hsum)
 }

@@ -10,7 +10,8 @@
 //! established here as in the kernels: by checked slicing before any vector load.
 
 use super::{
-    BitmaskRef, CsrRef, DType, Values, bits_at, csr_blocks, low_bits, prefetch, scalar, u32_at,
+    BitmaskRef, CsrRef, DType, TwoFourRef, Values, bits_at, csr_blocks, low_bits, prefetch, scalar,
+    u32_at,
 };
 
 /// Storage type codes of the SIMD kernels' const generic parameter: one kernel is
@@ -395,6 +396,63 @@ pub(crate) fn q_bitmask_rows<A: Copy>(
         }
         *yi += hsum(acc);
         blk += count.div_ceil(dt.group());
+    }
+}
+
+/// Quantized 2:4 rows: each row's run (`cols / 2` values, a fixed length, so row `r`
+/// starts at byte `r · run_bytes`) is decoded (`decode` as in [`q_bitmask_rows`]) into
+/// a [`QWindow`], and each 64 columns run `word(bits, v, xs, acc)`: `bits` the 16 meta
+/// nibbles, `v` their 32 values, `xs` the activations (the last, partial word's
+/// values and activations zero-padded, so whatever its padding nibbles pick adds
+/// nothing); `hsum` sums an accumulator's lanes.
+#[inline(always)]
+pub(crate) fn q_two_four_rows<A: Copy>(
+    m: &TwoFourRef<'_>,
+    r0: usize,
+    x: &[f32],
+    y: &mut [f32],
+    decode: impl Fn(&[u8], DType, usize, &mut [f32]),
+    zero: A,
+    word: impl Fn(u64, &[f32; 32], &[f32; 64], A) -> A,
+    hsum: impl Fn(A) -> f32,
+) {
+    let cols = m.cols;
+    assert!(cols.is_multiple_of(4), "2:4 needs cols % 4 == 0");
+    assert_eq!(x.len(), cols, "x.len() != cols");
+    let dt = m.values.dtype;
+    let (per, groups) = (cols / 2, cols / 4);
+    let rb = dt.run_bytes(per as u64) as usize;
+    let mut win = QWindow::new();
+    let mut pad = [0f32; 64];
+    for (i, yi) in y.iter_mut().enumerate() {
+        let r = r0 + i;
+        let first = r * groups;
+        let run = m
+            .values
+            .bytes
+            .get(r * rb..(r + 1) * rb)
+            .expect("quantized 2:4 row past the end of the values");
+        prefetch::ahead(m.meta, first / 2, groups.div_ceil(2));
+        prefetch::ahead(m.values.bytes, r * rb, rb);
+        win.start(per);
+        let mut acc = zero;
+        let mut c = 0;
+        while c < cols {
+            let n = (cols - c).min(64);
+            let bits = bits_at(m.meta, 4 * (first + c / 4)) & low_bits(n);
+            let v = win.at(c / 2, n / 2, |s, o| decode(run, dt, s, o));
+            if n == 64 {
+                let xs: &[f32; 64] = x[c..c + 64].try_into().unwrap();
+                acc = word(bits, v[..32].try_into().unwrap(), xs, acc);
+            } else {
+                // Past the row's values the window holds leftovers: zero them.
+                let mut w = [0f32; 32];
+                w[..n / 2].copy_from_slice(&v[..n / 2]);
+                acc = word(bits, &w, pad_x(&mut pad, &x[c..]), acc);
+            }
+            c += 64;
+        }
+        *yi += hsum(acc);
     }
 }
 

@@ -690,7 +690,7 @@ fn two_four_rows(m: &TwoFourRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
     by_dtype!(
         m.values.dtype,
         two_four_rows_d(m, r0, x, y),
-        (scalar::KERNELS.two_four_rows)(m, r0, x, y)
+        q_two_four_rows(m, r0, x, y)
     )
 }
 
@@ -992,4 +992,16 @@ fn q_csr_rows(m: &CsrRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
     };
     let decode = |run: &[u8], dt, s, o: &mut [f32]| q_decode(run, dt, s, o);
     simd::q_csr_rows(m, r0, x, y, decode, _mm256_setzero_ps(), step, |a| hsum(a))
+}
+
+/// Quantized 2:4 rows: each 64 columns' 32 values from the row's window, through the
+/// `f32` word kernel.
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn q_two_four_rows(m: &TwoFourRef<'_>, r0: usize, x: &[f32], y: &mut [f32]) {
+    let word = |bits, v: &[f32; 32], xs: &[f32; 64], acc| {
+        two_four_word::<F32>(bits, f32_bytes(v), xs, acc)
+    };
+    let decode = |run: &[u8], dt, s, o: &mut [f32]| q_decode(run, dt, s, o);
+    let zero = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    simd::q_two_four_rows(m, r0, x, y, decode, zero, word, |a| hsum2(a))
 }
