@@ -406,6 +406,7 @@ pub(crate) fn q_bitmask_rows<A: Copy>(
 /// values and activations zero-padded, so whatever its padding nibbles pick adds
 /// nothing); `hsum` sums an accumulator's lanes.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn q_two_four_rows<A: Copy>(
     m: &TwoFourRef<'_>,
     r0: usize,
