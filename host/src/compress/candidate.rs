@@ -28,6 +28,32 @@ pub struct Factors {
     pub sigma: Vec<f32>,
     /// `V`, row-major `cols × r`.
     pub v: Vec<f32>,
+    /// The stored factors' codes when the method quantized them itself (GPTQ, see
+    /// [`super::qvalues::quantize_factors`]): `A = √σ·Vᵀ` (`r × cols`) and
+    /// `B = U·√σ` (`rows × r`) as [`Candidate::kept_factors`] lays them out, valid
+    /// while every direction is kept. `None`: the writer rounds the factors to nearest.
+    pub codes: Option<Box<(Quantized, Quantized)>>,
+}
+
+impl Factors {
+    /// The factors a file stores for directions `kept` of a `rows × cols` part:
+    /// `A = √σ·Vᵀ` (`k × cols`, applied first) and `B = U·√σ` (`rows × k`), `k =
+    /// kept.len()`.
+    pub fn stored(&self, rows: usize, cols: usize, kept: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        let (r, k) = (self.sigma.len(), kept.len());
+        let mut a = vec![0.0f32; k * cols];
+        let mut b = vec![0.0f32; rows * k];
+        for (c, &i) in kept.iter().enumerate() {
+            let s = self.sigma[i].max(0.0).sqrt();
+            for j in 0..cols {
+                a[c * cols + j] = s * self.v[j * r + i];
+            }
+            for row in 0..rows {
+                b[row * k + c] = s * self.u[row * r + i];
+            }
+        }
+        (a, b)
+    }
 }
 
 /// What one `rows × cols` linear offers to keep.
@@ -105,6 +131,7 @@ impl Candidate {
                 u: d.u,
                 sigma: d.sigma,
                 v: d.v,
+                codes: None,
             }),
             sparse: (!d.s.val.is_empty()).then_some(d.s),
             dense: None,
@@ -170,21 +197,9 @@ impl Candidate {
         let Some(f) = &self.low_rank else {
             return (vec![], vec![], 0);
         };
-        let r = f.sigma.len();
-        let kept: Vec<usize> = (0..r).filter(|&i| sel.sigma[i]).collect();
-        let k = kept.len();
-        let mut a = vec![0.0f32; k * n];
-        let mut b = vec![0.0f32; m * k];
-        for (c, &i) in kept.iter().enumerate() {
-            let s = f.sigma[i].max(0.0).sqrt();
-            for j in 0..n {
-                a[c * n + j] = s * f.v[j * r + i];
-            }
-            for row in 0..m {
-                b[row * k + c] = s * f.u[row * r + i];
-            }
-        }
-        (a, b, k)
+        let kept: Vec<usize> = (0..f.sigma.len()).filter(|&i| sel.sigma[i]).collect();
+        let (a, b) = f.stored(m, n, &kept);
+        (a, b, kept.len())
     }
 
     /// The kept entries as a dense matrix (the rest zero), or `None` when none is kept.

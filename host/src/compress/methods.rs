@@ -88,7 +88,12 @@ pub fn svd_candidate(w: &[f32], rows: usize, cols: usize) -> Result<Candidate> {
     let u = (0..rows * k).map(|x| svd.u[(x / k, x % k)]).collect();
     let v = (0..cols * k).map(|x| svd.v[(x / k, x % k)]).collect();
     Ok(Candidate::low_rank(
-        Factors { u, sigma: svd.s, v },
+        Factors {
+            u,
+            sigma: svd.s,
+            v,
+            codes: None,
+        },
         rows,
         cols,
     ))

@@ -17,7 +17,7 @@ use super::calibration::calibration_loss;
 use super::candidate::{Candidate, Factors};
 use super::error::{CompressError, Result, step_error};
 use super::methods::{Method, sparse_candidate};
-use super::qvalues::{Quantizer, quantize_kept};
+use super::qvalues::{Quantizer, quantize_factors, quantize_kept};
 use super::run::Event;
 use super::select::Selection;
 use super::sparsegpt::{
@@ -149,7 +149,8 @@ impl Strategy for Pruned {
                 d.quantized = q;
                 d.values = choose_bits.then_some(keeps[i].values);
                 if keeps[i].rank > 0 {
-                    add_lowrank(&mut d, w, &orig, h, keeps[i].rank)?;
+                    let lr = (keeps[i].rank, keeps[i].values, quantizer);
+                    add_lowrank(&mut d, w, &orig, h, lr)?;
                 }
                 Ok(d)
             },
@@ -303,13 +304,15 @@ fn with_dense_rounded(model: &Model<DenseLinear>, dtype: DType) -> Result<Model<
 
 /// Adds to `c` (the sparse part, whose matrix is `w`) the rank-`rank` part that best
 /// fits what pruning removed from `orig`, in activation-scaled coordinates
-/// (`(orig − w)·D`, `D = diag(H)^½`), and sets `w` to `S + L`.
+/// (`(orig − w)·D`, `D = diag(H)^½`), and sets `w` to `S + L`. With quantized
+/// `values` and GPTQ the stored factors are quantized by GPTQ too
+/// ([`quantize_factors`]) and `L` is what their codes decode to.
 fn add_lowrank(
     c: &mut Candidate,
     w: &mut [f32],
     orig: &[f32],
     h: &[f32],
-    rank: usize,
+    (rank, values, quantizer): (usize, DType, Quantizer),
 ) -> Result<()> {
     let (rows, cols) = (c.rows, c.cols);
     let scale: Vec<f32> = (0..cols)
@@ -323,14 +326,30 @@ fn add_lowrank(
     let k = sigma.len();
     // Unscale: V's rows divided by D (as the activation-aware RPCA stores them).
     let v: Vec<f32> = (0..cols * k).map(|x| v[x] / scale[x / k]).collect();
+    let mut f = Factors {
+        u,
+        sigma,
+        v,
+        codes: None,
+    };
+    // The stored factors A = √σ·Vᵀ and B = U·√σ, quantized where GPTQ applies.
+    let all: Vec<usize> = (0..k).collect();
+    let (mut a, mut b) = f.stored(rows, cols, &all);
+    if let Some((qa, qb)) = quantize_factors(&mut a, &mut b, k, rows, cols, h, values, quantizer)? {
+        // σ = 1, U = B, V = Aᵀ: the factors are now the codes' values.
+        f.sigma = vec![1.0; k];
+        f.v = (0..cols * k).map(|x| a[(x % k) * cols + x / k]).collect();
+        f.u = b;
+        f.codes = Some(Box::new((qa, qb)));
+    }
     for r in 0..rows {
         for col in 0..cols {
             let acc: f32 = (0..k)
-                .map(|t| u[r * k + t] * sigma[t] * v[col * k + t])
+                .map(|t| f.u[r * k + t] * f.sigma[t] * f.v[col * k + t])
                 .sum();
             w[r * cols + col] += acc;
         }
     }
-    c.low_rank = Some(Factors { u, sigma, v });
+    c.low_rank = Some(f);
     Ok(())
 }

@@ -135,6 +135,18 @@ pub fn encode_linear(
     let (encoding, bytes) = cost.encoding_exact(c.rows, c.cols, sel.rank(), &counts);
     let dtype = cost.dtype;
     let factors = || -> Result<Vec<Vec<u8>>> {
+        // The method's own factor codes (GPTQ) while every direction is kept.
+        let own = c
+            .low_rank
+            .as_ref()
+            .and_then(|f| f.codes.as_deref())
+            .filter(|q| sel.sigma.iter().all(|&k| k) && spec_of(dtype) == Some(q.0.spec));
+        if let Some((qa, qb)) = own {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            extend_runs(&mut a, qa, dtype)?;
+            extend_runs(&mut b, qb, dtype)?;
+            return Ok(vec![a, b]);
+        }
         let (a, b, k) = c.kept_factors(sel);
         Ok(vec![
             matrix_bytes(&a, k, c.cols, dtype)?,
