@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use cap_format::DType;
 use cap_host::compress::budget::{Budget, BudgetSpec};
 use cap_host::compress::methods::{Allocation, Method, Variant};
+use cap_host::compress::pattern::Pattern;
 use cap_host::compress::qvalues::Quantizer;
 use cap_host::compress::reinforce::ReinforceOptions;
 use cap_host::compress::run::{
@@ -21,7 +22,7 @@ use crate::{DTypeArg, progress_bar, threads_or_all};
 
 /// Arguments of `cap-host compress`.
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("limit").required(true).args(["target", "budget", "ratio"])))]
+#[command(group(clap::ArgGroup::new("limit").required(true).args(["target", "budget", "ratio", "pattern"])))]
 pub struct CompressArgs {
     /// A GGUF file or a Hugging Face checkpoint directory.
     #[arg(long)]
@@ -57,6 +58,13 @@ pub struct CompressArgs {
     /// entry) ≤ R × the linears' dense parameters; R in (0, 1].
     #[arg(long, value_name = "R")]
     pub ratio: Option<f64>,
+    /// N:M structured sparsity instead of a budget: every pruned linear keeps at most N
+    /// of every M consecutive weights of a row (2:4 is what NVIDIA's sparse tensor cores
+    /// run; M a power of two up to 64), so each layer's sparsity is 1 − N/M. For the
+    /// pruning methods (cap: ADMM projected onto the pattern; sparsegpt, wanda: their
+    /// N:M modes; magnitude; admm), with any --values but auto.
+    #[arg(long, value_name = "N:M")]
+    pub pattern: Option<Pattern>,
     /// What is kept of each linear: `cap` (RPCA L + S, allocated globally) or a
     /// one-shot baseline at the same accounting.
     #[arg(long, value_enum, default_value = "cap")]
@@ -249,7 +257,9 @@ pub fn run(a: CompressArgs) -> Result<()> {
             "--min-tokens-per-s needs --target: the speed is predicted from a board's memory bandwidth"
         );
     }
-    let (budget, preferred) = match (&a.target, a.budget, a.ratio) {
+    // The pattern's parameter ratio is its budget (clap allows only one of them).
+    let ratio = a.pattern.map(|p| p.n as f64 / p.m as f64).or(a.ratio);
+    let (budget, preferred) = match (&a.target, a.budget, ratio) {
         (Some(t), None, None) => {
             let profile = cap_host::targets::find(t, a.targets_dir.as_deref())?;
             let d = match profile.preferred_dtype {
@@ -274,7 +284,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
             }
             (BudgetSpec::Ratio(r), None)
         }
-        _ => bail!("give exactly one of --target, --budget, --ratio"),
+        _ => bail!("give exactly one of --target, --budget, --ratio, --pattern"),
     };
     let dtype = a.dtype.map(dtype_of).or(preferred).unwrap_or(DType::F16);
     let (values, embed) = values_of(&a, dtype)?;
@@ -301,6 +311,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
         // `--values auto` chooses the embedding's type too unless it is given.
         auto_embed: a.values == Some(ValuesArg::Auto)
             && matches!(a.embed_values, None | Some(ValuesArg::Auto)),
+        pattern: a.pattern,
         quantizer: a.quantizer,
         calib: a.calib,
         selfcalib_dir: None,

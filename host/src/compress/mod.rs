@@ -21,6 +21,7 @@ pub mod measure;
 pub mod methods;
 pub mod oneshot;
 pub mod paper;
+pub mod pattern;
 pub mod plan;
 pub mod pruned;
 pub mod quantize;

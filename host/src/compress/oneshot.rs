@@ -9,7 +9,8 @@ use super::error::{Result, step_error};
 use super::methods::{Method, sparse_candidate, svd_candidates};
 use super::run::Event;
 use super::select::Selection;
-use super::strategy::{Context, Notes, Strategy, select_uniform};
+use super::sparsegpt::masked_candidate;
+use super::strategy::{Context, Notes, Strategy, keep_all, select_uniform};
 
 /// `magnitude`, `wanda` or `svd`.
 pub struct OneShot {
@@ -55,6 +56,29 @@ impl Strategy for OneShot {
                 .collect();
             return svd_candidates(&ws);
         }
+        if let Some(p) = cx.opts.pattern {
+            // N:M: each row's groups keep their N largest scores (|W|, or Wanda's
+            // |W|·‖x‖), the kept weights as they are.
+            return Ok(cx
+                .linears
+                .iter()
+                .map(|(name, l)| {
+                    let (rows, cols) = (l.out_features, l.in_features);
+                    let norm = self.in_norms.as_ref().and_then(|m| m.get(name));
+                    let w = &l.weight;
+                    let mask = p.mask(rows, cols, |r, c| {
+                        let s = f64::from(w[r * cols + c].abs());
+                        norm.map_or(s, |n| s * f64::from(n[c]))
+                    });
+                    let kept: Vec<f32> = w
+                        .iter()
+                        .zip(&mask)
+                        .map(|(&x, &k)| if k { x } else { 0.0 })
+                        .collect();
+                    masked_candidate(&kept, &mask, rows, cols)
+                })
+                .collect());
+        }
         Ok(cx
             .linears
             .iter()
@@ -68,6 +92,10 @@ impl Strategy for OneShot {
         cands: &[Candidate],
         notes: &mut Notes,
     ) -> Result<Vec<Selection>> {
+        if cx.opts.pattern.is_some() {
+            // The pattern is the selection.
+            return Ok(keep_all(cands));
+        }
         let norms: Vec<Option<&[f32]>> = match &self.in_norms {
             Some(m) => cx
                 .linears

@@ -21,7 +21,7 @@ use super::qvalues::{Quantizer, quantize_factors, quantize_kept};
 use super::run::Event;
 use super::select::Selection;
 use super::sparsegpt::{
-    kept as sparsegpt_kept, masked_candidate, prune as sparsegpt_prune, prune_sequential,
+    kept as sparsegpt_kept, masked_candidate, prune_pattern as sparsegpt_prune, prune_sequential,
 };
 use super::strategy::{Context, Notes, Strategy, keep_all};
 use cap_device::model::{DenseLinear, Head, Model};
@@ -52,7 +52,8 @@ impl Strategy for Pruned {
         let (values, quantizer) = (cx.opts.values, cx.opts.quantizer);
         let threads = cx.opts.threads;
         let choose_bits = cx.opts.auto_values;
-        if dense_cost <= cx.limit && !choose_bits {
+        let pattern = cx.opts.pattern;
+        if dense_cost <= cx.limit && !choose_bits && pattern.is_none() {
             // The budget holds the dense linears (SmolLM2 on any real board).
             tracing::info!("the budget holds every linear dense: nothing is pruned");
             if values.is_quantized() && quantizer == Quantizer::Gptq {
@@ -81,7 +82,17 @@ impl Strategy for Pruned {
                 .map(|(_, l)| sparse_candidate(&l.weight, l.out_features, l.in_features))
                 .collect());
         }
-        let keeps: Vec<Keep> = if self.method == Method::Cap {
+        let keeps: Vec<Keep> = if let Some(p) = pattern {
+            // The pattern fixes every linear's sparsity: nothing to allocate.
+            cx.linears
+                .iter()
+                .map(|(_, l)| Keep {
+                    sparsity: p.sparsity(l.in_features),
+                    rank: 0,
+                    values,
+                })
+                .collect()
+        } else if self.method == Method::Cap {
             let (k, a, trials, embed) = learned_sparsities(cx)?;
             notes.allocation_search = Some((a, trials));
             notes.embed_choice = embed;
@@ -114,7 +125,7 @@ impl Strategy for Pruned {
                 cx.windows,
                 threads,
                 &|i, w, r, c, h| {
-                    let mask = sparsegpt_prune(w, r, c, h, keeps[i].sparsity)?;
+                    let mask = sparsegpt_prune(w, r, c, h, keeps[i].sparsity, pattern)?;
                     let q = quantize_kept(w, Some(&mask), r, c, h, values, quantizer)?;
                     let mut d = masked_candidate(w, &mask, r, c);
                     d.quantized = q;
@@ -126,6 +137,7 @@ impl Strategy for Pruned {
         }
         let ao = AdmmOptions {
             threads,
+            pattern,
             ..AdmmOptions::default()
         };
         prune_sequential(

@@ -60,6 +60,9 @@ pub struct CompressOptions {
     /// frees serve the linears better, by the same calibration loss
     /// (`--embed-values auto`).
     pub auto_embed: bool,
+    /// An N:M pattern every pruned linear's mask follows (`--pattern`); the budget is
+    /// then the pattern's parameter ratio.
+    pub pattern: Option<super::pattern::Pattern>,
     /// How quantized values are chosen (ignored for float values).
     pub quantizer: Quantizer,
     /// Calibration text (plain text, or JSON lines with a `text` field); `None`:
@@ -227,6 +230,22 @@ pub struct EmbedTrial {
 pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -> Result<Outcome> {
     check_values(opts.values)?;
     check_values(opts.dtype)?;
+    if opts.pattern.is_some() {
+        let pruning = matches!(
+            opts.method,
+            Method::Cap | Method::Sparsegpt | Method::Admm | Method::Magnitude | Method::Wanda
+        );
+        if !pruning || opts.variant != Variant::Cap {
+            return Err(CompressError::Invalid(
+                "--pattern: only the pruning methods (cap, sparsegpt, admm, magnitude, wanda; not svd or --variant paper) follow an N:M pattern".into(),
+            ));
+        }
+        if opts.auto_values {
+            return Err(CompressError::Invalid(
+                "--pattern fixes every linear's sparsity, so there is nothing to allocate: give --values q8|q4|f16, not auto".into(),
+            ));
+        }
+    }
     if opts.auto_values && (opts.method, opts.variant) != (Method::Cap, Variant::Cap) {
         return Err(CompressError::Invalid(
             "--values auto: only cap's own allocation (--method cap --variant cap) chooses bits per layer"

@@ -24,6 +24,7 @@ use faer::Mat;
 use faer::linalg::solvers::DenseSolveCore;
 
 use super::candidate::{Candidate, Csr};
+use super::pattern::Pattern;
 
 /// Columns per OBS block (the paper's and reference code's 128).
 pub const BLOCK: usize = 128;
@@ -49,6 +50,20 @@ pub fn kept(rows: usize, cols: usize, s: f64) -> u64 {
 /// Prunes the row-major `rows × cols` weight `w` in place at sparsity `s` with the
 /// Hessian `h` (`cols × cols`, row-major, `Σ x·xᵀ`). Returns the keep mask.
 pub fn prune(w: &mut [f32], rows: usize, cols: usize, h: &[f32], s: f64) -> Result<Vec<bool>> {
+    prune_pattern(w, rows, cols, h, s, None)
+}
+
+/// [`prune`], or with an N:M `pattern` SparseGPT's N:M mode (`s` is then unused): each
+/// row's group of `M` columns is masked when the sweep reaches it, by the same OBS score
+/// `w²/[H⁻¹]_cc` on the weights as the earlier columns' errors have updated them.
+pub fn prune_pattern(
+    w: &mut [f32],
+    rows: usize,
+    cols: usize,
+    h: &[f32],
+    s: f64,
+    pattern: Option<Pattern>,
+) -> Result<Vec<bool>> {
     let n = cols;
     let mut hm = Mat::<f64>::from_fn(n, n, |i, j| f64::from(h[i * n + j]));
     // Inputs that never fire carry no information: their weights are pruned outright
@@ -83,21 +98,36 @@ pub fn prune(w: &mut [f32], rows: usize, cols: usize, h: &[f32], s: f64) -> Resu
     for i1 in (0..n).step_by(BLOCK) {
         let i2 = (i1 + BLOCK).min(n);
         let count = i2 - i1;
-        // Scores of the block, pruned: the ⌈s·numel⌉ smallest (ties: lower index).
-        let mut idx: Vec<(f64, usize)> = (0..rows * count)
-            .map(|k| {
-                let (r, c) = (k / count, i1 + k % count);
-                let d = u(c, c);
-                (wd[r * n + c] * wd[r * n + c] / (d * d), r * n + c)
-            })
-            .collect();
-        idx.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        for &(_, at) in &idx[..pruned_in_block(rows, count, s)] {
-            mask[at] = false;
+        if pattern.is_none() {
+            // Scores of the block, pruned: the ⌈s·numel⌉ smallest (ties: lower index).
+            let mut idx: Vec<(f64, usize)> = (0..rows * count)
+                .map(|k| {
+                    let (r, c) = (k / count, i1 + k % count);
+                    let d = u(c, c);
+                    (wd[r * n + c] * wd[r * n + c] / (d * d), r * n + c)
+                })
+                .collect();
+            idx.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            for &(_, at) in &idx[..pruned_in_block(rows, count, s)] {
+                mask[at] = false;
+            }
         }
         // Column by column: quantize (prune), spread the error over the rest of the block.
         let mut err = vec![0.0f64; rows * count];
+        let mut score = Vec::new();
         for c in i1..i2 {
+            if let Some(p) = pattern.filter(|p| c % p.m == 0) {
+                // The group starting here (inside the block: M divides 128).
+                let c1 = (c + p.m).min(n);
+                for r in 0..rows {
+                    score.clear();
+                    score.extend((c..c1).map(|j| {
+                        let d = u(j, j);
+                        wd[r * n + j] * wd[r * n + j] / (d * d)
+                    }));
+                    p.keep_in_group(&score, &mut mask[r * n + c..r * n + c1]);
+                }
+            }
             let d = u(c, c);
             for r in 0..rows {
                 let wv = wd[r * n + c];

@@ -129,6 +129,15 @@ pub fn strategy(opts: &CompressOptions) -> Box<dyn Strategy> {
 
 /// The method's name in the file's compression record.
 pub fn method_name(opts: &CompressOptions) -> String {
+    let name = base_method_name(opts);
+    match opts.pattern {
+        Some(p) => format!("{name} {p}"),
+        None => name,
+    }
+}
+
+/// [`method_name`] without the pattern.
+fn base_method_name(opts: &CompressOptions) -> String {
     match (opts.method, opts.variant) {
         (Method::Cap, Variant::Cap) => "cap".to_string(),
         (Method::Cap, Variant::Paper) => format!(

@@ -1,0 +1,161 @@
+//! `compress --pattern N:M`: every pruning method keeps at most N of every M
+//! consecutive weights of each row of each linear, as the written file's masks show,
+//! the file passes its self-test, and impossible combinations fail in one line.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use cap_format::{CapFile, SparseView, TensorData};
+use common::{
+    assert_clean_failure, calib_text, cap_device, is_linear, run_json, small_compress, tiny,
+};
+use serde_json::Value;
+
+/// Kept positions of a sparse tensor, row-major `rows × cols`.
+fn kept_positions(data: TensorData<'_>, rows: usize, cols: usize) -> Vec<bool> {
+    let mut kept = vec![false; rows * cols];
+    match data {
+        TensorData::Sparse(SparseView::Bitmask { mask, .. }) => {
+            for (i, k) in kept.iter_mut().enumerate() {
+                *k = mask[i / 8] >> (i % 8) & 1 == 1;
+            }
+        }
+        TensorData::Sparse(SparseView::BlockCsr(c)) => {
+            let nb = cols.div_ceil(256);
+            let ptr = |j: usize| c.block_ptr_at(j).unwrap() as usize;
+            for r in 0..rows {
+                for b in 0..nb {
+                    for e in ptr(r * nb + b)..ptr(r * nb + b + 1) {
+                        kept[r * cols + b * 256 + usize::from(c.col_idx[e])] = true;
+                    }
+                }
+            }
+        }
+        _ => panic!("a pruned linear that is not sparse"),
+    }
+    kept
+}
+
+/// The linears of `path` follow `n:m`: at most `n` kept in every `m` columns of a row,
+/// and (the pruned weights being non-zero but for exact zeros the encoders drop) at
+/// least 99% of `n/m` of every linear kept.
+fn check_pattern(path: &Path, n: usize, m: usize) {
+    let bytes = std::fs::read(path).unwrap();
+    let file = CapFile::parse(&bytes).unwrap();
+    let mut seen = 0;
+    for (i, t) in file.manifest().tensors.iter().enumerate() {
+        if !is_linear(&t.name) {
+            continue;
+        }
+        let (rows, cols) = (t.rows as usize, t.cols as usize);
+        assert_eq!(cols % m, 0, "the tiny model's rows are whole groups");
+        let kept = kept_positions(file.tensor(i).unwrap().data().unwrap(), rows, cols);
+        for r in 0..rows {
+            for g in (0..cols).step_by(m) {
+                let k = kept[r * cols + g..r * cols + g + m]
+                    .iter()
+                    .filter(|&&k| k)
+                    .count();
+                assert!(k <= n, "{}: row {r} columns {g}.. keep {k} > {n}", t.name);
+            }
+        }
+        let total = kept.iter().filter(|&&k| k).count();
+        let want = rows * cols / m * n;
+        assert!(
+            total * 100 >= want * 99 && total <= want,
+            "{}: {total} of {want}",
+            t.name
+        );
+        seen += 1;
+    }
+    assert!(seen > 0);
+}
+
+fn self_test(path: &Path) {
+    let out = Command::new(cap_device())
+        .args(["selftest", &path.display().to_string(), "--json"])
+        .output()
+        .expect("run cap-device");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "selftest: {stdout}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["pass"], Value::Bool(true), "{v}");
+}
+
+#[test]
+fn every_pruning_method_follows_the_pattern() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calib_text(dir.path());
+    let cache = dir.path().join("rpca").display().to_string();
+    let model = tiny("llama-tied");
+    let all = ["cap", "sparsegpt", "admm", "magnitude", "wanda"];
+    for (pattern, n, m, methods) in [("2:4", 2, 4, &all[..]), ("4:8", 4, 8, &all[..2])] {
+        for &method in methods {
+            let out = dir.path().join(format!("{method}-{n}-{m}.cap"));
+            let out_s = out.display().to_string();
+            let args = ["--pattern", pattern, "--method", method];
+            let r = run_json(&small_compress(&model, &out_s, &calib, &cache, &args));
+            check_pattern(&out, n, m);
+            let bytes = std::fs::read(&out).unwrap();
+            let file = CapFile::parse(&bytes).unwrap();
+            let c = file.manifest().compression.as_ref().unwrap();
+            assert_eq!(c.method, format!("{method} {pattern}"));
+            assert!(r["allocation_search"].is_null(), "nothing to allocate: {r}");
+            self_test(&out);
+        }
+    }
+    // Any value type but auto: quantized kept values under the pattern.
+    let out = dir.path().join("q4.cap");
+    let out_s = out.display().to_string();
+    let args = ["--pattern", "2:4", "--values", "q4", "--group", "16"];
+    let r = run_json(&small_compress(&model, &out_s, &calib, &cache, &args));
+    assert_eq!(r["values"], "q4/g16");
+    check_pattern(&out, 2, 4);
+    self_test(&out);
+
+    let bad = |extra: &[&str], needles: &[&str]| {
+        let out = dir.path().join("bad.cap");
+        let out_s = out.display().to_string();
+        let mut v = common::compress_to(&model, &out_s, &[]);
+        v.extend(common::small_args(&calib, &cache));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        assert_clean_failure(&v, needles);
+        assert!(!out.exists());
+    };
+    // Usage errors (clap's exit status 2), one line each.
+    for (extra, needles) in [
+        (&["--pattern", "2:6"][..], &["--pattern", "N:M"][..]),
+        (&["--pattern", "4:4"], &["--pattern", "N:M"]),
+        (
+            &["--pattern", "2:4", "--ratio", "0.5"],
+            &["--pattern", "--ratio"],
+        ),
+    ] {
+        let out = dir.path().join("bad.cap");
+        let mut v = common::compress_to(&model, &out.display().to_string(), &[]);
+        v.extend(common::small_args(&calib, &cache));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = v.iter().map(String::as_str).collect();
+        let (code, _, err) = common::cap_host(&args);
+        assert_eq!(code, 2, "{extra:?}: {err}");
+        let first = err.lines().next().unwrap_or("");
+        for n in needles {
+            assert!(first.contains(n), "{extra:?}: {first}");
+        }
+        assert!(!out.exists());
+    }
+    bad(
+        &["--pattern", "2:4", "--method", "svd"],
+        &["--pattern", "svd"],
+    );
+    bad(
+        &["--pattern", "2:4", "--variant", "paper"],
+        &["--pattern", "paper"],
+    );
+    bad(
+        &["--pattern", "2:4", "--values", "auto"],
+        &["--pattern", "auto"],
+    );
+}
