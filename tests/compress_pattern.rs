@@ -33,6 +33,13 @@ fn kept_positions(data: TensorData<'_>, rows: usize, cols: usize) -> Vec<bool> {
                 }
             }
         }
+        TensorData::Sparse(SparseView::TwoFour { meta, .. }) => {
+            for g in 0..rows * cols / 4 {
+                let nib = meta[g / 2] >> (4 * (g % 2)) & 0xF;
+                kept[4 * g + usize::from(nib & 3)] = true;
+                kept[4 * g + usize::from(nib >> 2)] = true;
+            }
+        }
         _ => panic!("a pruned linear that is not sparse"),
     }
     kept
@@ -40,7 +47,7 @@ fn kept_positions(data: TensorData<'_>, rows: usize, cols: usize) -> Vec<bool> {
 
 /// The linears of `path` follow `n:m`: at most `n` kept in every `m` columns of a row,
 /// and (the pruned weights being non-zero but for exact zeros the encoders drop) at
-/// least 99% of `n/m` of every linear kept.
+/// least 99% of `n/m` of every linear kept; 2:4 is stored in the 2:4 encoding.
 fn check_pattern(path: &Path, n: usize, m: usize) {
     let bytes = std::fs::read(path).unwrap();
     let file = CapFile::parse(&bytes).unwrap();
@@ -51,7 +58,11 @@ fn check_pattern(path: &Path, n: usize, m: usize) {
         }
         let (rows, cols) = (t.rows as usize, t.cols as usize);
         assert_eq!(cols % m, 0, "the tiny model's rows are whole groups");
-        let kept = kept_positions(file.tensor(i).unwrap().data().unwrap(), rows, cols);
+        let data = file.tensor(i).unwrap().data().unwrap();
+        // 2:4 masks are written in the 2:4 encoding (every kept weight non-zero here).
+        let two_four = matches!(data, TensorData::Sparse(SparseView::TwoFour { .. }));
+        assert_eq!(two_four, (n, m) == (2, 4), "{}: {}", path.display(), t.name);
+        let kept = kept_positions(data, rows, cols);
         for r in 0..rows {
             for g in (0..cols).step_by(m) {
                 let k = kept[r * cols + g..r * cols + g + m]
@@ -106,6 +117,60 @@ fn every_pruning_method_follows_the_pattern() {
             self_test(&out);
         }
     }
+    // The 2:4 sections hold what magnitude 2:4 keeps, at the right columns: the two
+    // largest |W| of every group of 4 (found here by sorting, ties to the lower
+    // column), each the source weight rounded to f16.
+    let src = cap_host::import::Checkpoint::open(Path::new(&model))
+        .unwrap()
+        .load_model()
+        .unwrap();
+    let bytes = std::fs::read(dir.path().join("magnitude-2-4.cap")).unwrap();
+    let file = CapFile::parse(&bytes).unwrap();
+    let names = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    for (b, block) in src.blocks.iter().enumerate() {
+        for (name, (_, l)) in names.iter().zip(block.linears()) {
+            let t = file
+                .tensor_by_name(&format!("blk.{b}.{name}.weight"))
+                .unwrap();
+            let TensorData::Sparse(SparseView::TwoFour { values, meta }) = t.data().unwrap() else {
+                panic!("blk.{b}.{name}: not 2:4");
+            };
+            let (rows, cols) = (l.out_features, l.in_features);
+            let stored = values.bytes;
+            for g in 0..rows * cols / 4 {
+                let w = &l.weight[4 * g..4 * g + 4];
+                let mut order = [0usize, 1, 2, 3];
+                order.sort_by(|&a, &c| w[c].abs().total_cmp(&w[a].abs()).then(a.cmp(&c)));
+                let mut want = [order[0], order[1]];
+                want.sort();
+                let nib = meta[g / 2] >> (4 * (g % 2)) & 0xF;
+                assert_eq!(
+                    [usize::from(nib & 3), usize::from(nib >> 2)],
+                    want,
+                    "group {g}"
+                );
+                for (k, &j) in want.iter().enumerate() {
+                    let at = 2 * (2 * g + k);
+                    let h = u16::from_le_bytes([stored[at], stored[at + 1]]);
+                    let rounded = cap_kernels::cpu::f16_to_f32(cap_kernels::cpu::f32_to_f16(w[j]));
+                    assert_eq!(
+                        cap_kernels::cpu::f16_to_f32(h),
+                        rounded,
+                        "group {g} slot {k}"
+                    );
+                }
+            }
+        }
+    }
+
     // Any value type but auto: quantized kept values under the pattern.
     let out = dir.path().join("q4.cap");
     let out_s = out.display().to_string();

@@ -61,6 +61,71 @@ fn own_codes<'a>(c: &'a Candidate, sel: &Selection, dtype: DType) -> Option<&'a 
     (all && spec_of(dtype) == Some(q.spec)).then_some(q)
 }
 
+/// The kept entries of a sparse part whose every group of 4 columns keeps exactly 2 (a
+/// 2:4 mask, `--pattern 2:4`; no low-rank part), as the format's 2:4 encoding stores
+/// them: the values (row-major, `cols / 2` per row in column order) and one meta
+/// nibble per group (the two kept columns' offsets, lower first). `None` for any other
+/// mask. Built from the mask, not the values, so a kept weight that is exactly zero
+/// keeps its slot.
+fn two_four_slots(c: &Candidate, sel: &Selection) -> Option<(Vec<f32>, Vec<u8>)> {
+    if sel.rank() > 0 || c.dense.is_some() || !c.cols.is_multiple_of(4) || c.cols == 0 {
+        return None;
+    }
+    let (row_ptr, col, val) = c.kept_csr(sel);
+    if val.len() != c.rows * c.cols / 2 {
+        return None;
+    }
+    let groups = c.cols / 4;
+    let mut meta = vec![0u8; (c.rows * groups).div_ceil(2)];
+    for r in 0..c.rows {
+        let cols = &col[row_ptr[r] as usize..row_ptr[r + 1] as usize];
+        if cols.len() != c.cols / 2 {
+            return None;
+        }
+        // Increasing columns, two in each group of 4.
+        for (g, p) in cols.chunks(2).enumerate() {
+            let (a, b) = (p[0] as usize, p[1] as usize);
+            if a / 4 != g || b / 4 != g || a >= b {
+                return None;
+            }
+            let gi = r * groups + g;
+            meta[gi / 2] |= ((a % 4) as u8 | ((b % 4) as u8) << 2) << (4 * (gi % 2));
+        }
+    }
+    Some((val, meta))
+}
+
+/// `c` as a 2:4 section from its [`two_four_slots`]: the values in `dtype` (quantized:
+/// the method's own codes when it quantized exactly these entries, which are the
+/// slots in order, else each row's slots rounded to nearest as one run), then the
+/// meta nibbles.
+fn two_four_linear(
+    c: &Candidate,
+    sel: &Selection,
+    (slots, meta): (Vec<f32>, Vec<u8>),
+    dtype: DType,
+) -> Result<(TensorDesc, Vec<Vec<u8>>, u64)> {
+    let values = if dtype.is_quantized() {
+        match own_codes(c, sel, dtype) {
+            Some(q) => {
+                let mut out = Vec::new();
+                extend_runs(&mut out, q, dtype)?;
+                out
+            }
+            None => rtn_rows(&slots, c.rows, c.cols / 2, dtype)?,
+        }
+    } else {
+        to_bytes(&slots, dtype)
+    };
+    let desc = TensorDesc {
+        rows: c.rows as u32,
+        cols: c.cols as u32,
+        encoding: Encoding::Sparse(Sparse::TwoFour { dtype }),
+    };
+    let bytes = cap_format::encoded_bytes(&desc)?;
+    Ok((desc, vec![values, meta], bytes))
+}
+
 /// The kept entries of `c` encoded as `s`, from their CSR form. Quantized values: the
 /// index parts are built as for `f32` values, then the values part is replaced by
 /// each row's kept values as one quantized run (the method's own codes when it made
@@ -131,9 +196,17 @@ pub fn encode_linear(
     cost: &CostModel,
 ) -> Result<(TensorDesc, Vec<Vec<u8>>, u64)> {
     let cost = &c.cost_model(cost);
+    let dtype = cost.dtype;
     let counts = c.kept_row_counts(sel);
     let (encoding, bytes) = cost.encoding_exact(c.rows, c.cols, sel.rank(), &counts);
-    let dtype = cost.dtype;
+    // A 2:4 mask is written in the 2:4 encoding (its kernels are the faster ones, and
+    // NVIDIA's sparse tensor cores run it) when that costs no more bytes than priced.
+    if let Some(slots) = two_four_slots(c, sel) {
+        let t = two_four_linear(c, sel, slots, dtype)?;
+        if t.2 <= bytes {
+            return Ok(t);
+        }
+    }
     let factors = || -> Result<Vec<Vec<u8>>> {
         // The method's own factor codes (GPTQ) while every direction is kept.
         let own = c
