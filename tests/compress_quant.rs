@@ -424,7 +424,8 @@ fn auto_values_choose_bits_per_layer_within_the_budget() {
     );
 }
 
-/// `--values auto` also chooses the embedding's type: one allocation search per type
+/// `--embed-values auto` (with `--values auto`): the allocation chooses the embedding's
+/// type too: one allocation search per type
 /// (q8 and q4 in the group), each under the limit its type leaves the linears; the
 /// lower best calibration loss wins. Each search is the one a run with that type
 /// given (`--embed-values q8|q4`) does: the same best losses, two code paths agreeing.
@@ -463,7 +464,7 @@ fn auto_values_choose_the_embedding_type_by_calibration_loss() {
         assert_eq!(r["embed_search"], Value::Array(vec![]), "{r}");
         forced.push(best_loss(&r));
     }
-    let r = run_json(&args(&["--budget", &budget]));
+    let r = run_json(&args(&["--budget", &budget, "--embed-values", "auto"]));
     assert!(
         r["file_bytes"].as_u64().unwrap() <= budget.parse().unwrap(),
         "{r}"

@@ -97,9 +97,9 @@ pub struct CompressArgs {
     #[arg(long, value_enum)]
     pub values: Option<ValuesArg>,
     /// Value type of the token embedding and an untied output head (each row rounded
-    /// to nearest, --group values a group) [default: with --values auto, auto: q8 or
-    /// q4, whichever the allocation's calibration loss prefers under the budget; q8
-    /// when --values is quantized; else --dtype's]. On a small model with a large vocabulary the tied head is the
+    /// to nearest, --group values a group; auto, with --values auto: q8 or q4, whichever
+    /// the allocation's calibration loss prefers under the budget) [default: q8 when
+    /// --values is quantized, else --dtype's]. On a small model with a large vocabulary the tied head is the
     /// largest tensor and is read for every token; llama.cpp likewise keeps it at 6 to
     /// 8 bits in its 4-bit files.
     #[arg(long, value_enum, value_name = "VALUES")]
@@ -308,9 +308,9 @@ pub fn run(a: CompressArgs) -> Result<()> {
         dtype: embed,
         values,
         auto_values: a.values == Some(ValuesArg::Auto),
-        // `--values auto` chooses the embedding's type too unless it is given.
-        auto_embed: a.values == Some(ValuesArg::Auto)
-            && matches!(a.embed_values, None | Some(ValuesArg::Auto)),
+        // Opt-in: the calibration loss chose wrongly at one of three measured budgets
+        // (see the README's Pareto notes).
+        auto_embed: a.embed_values == Some(ValuesArg::Auto),
         pattern: a.pattern,
         quantizer: a.quantizer,
         calib: a.calib,
