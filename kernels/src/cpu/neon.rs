@@ -204,6 +204,9 @@ fn store_partial(y: &mut [f32], v: F32x8) {
 
 #[target_feature(enable = "neon")]
 fn dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
+    if let Some(g) = simd::q4_split_group(w.dtype, cols) {
+        return q4_split_rows(w, g, cols, r0, x, y);
+    }
     by_dtype!(
         w.dtype,
         dense_rows_d(w.bytes, cols, r0, x, y),
@@ -846,6 +849,45 @@ fn q_params<const Q4: bool>(blk: &[u8]) -> (f32, float32x4_t) {
         0.0
     };
     (s, vdupq_n_f32(m))
+}
+
+/// Dense Q4 rows (groups a multiple of 32) against rearranged activations
+/// ([`simd::q4_split_rows`]): 32 values per 16-byte load, the even and the odd codes
+/// widened 4 lanes at a time. The decoded values are the reference's (`m + q·s` with
+/// `s·q` exact in `f32`), only summed in another order.
+#[target_feature(enable = "neon")]
+fn q4_split_rows(w: Values<'_>, g: usize, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
+    let step = |acc: Acc2, (sc, mn): (f32, float32x4_t), codes: &[u8; 16], xc: &[f32; 32]| {
+        // SAFETY: `codes` holds 16 bytes.
+        let v = unsafe { vld1q_u8(codes.as_ptr()) };
+        let (even, odd) = (vandq_u8(v, vdupq_n_u8(0xF)), vshrq_n_u8::<4>(v));
+        // Codes 8·k .. 8·k + 8 of a nibble half as two 4-lane value vectors.
+        let dec = |h: uint16x8_t| {
+            let f = |u: uint32x4_t| vfmaq_n_f32(mn, vcvtq_f32_u32(u), sc);
+            (f(vmovl_u16(vget_low_u16(h))), f(vmovl_high_u16(h)))
+        };
+        let (e0, e1) = (dec(vmovl_u8(vget_low_u8(even))), dec(vmovl_high_u8(even)));
+        let (o0, o1) = (dec(vmovl_u8(vget_low_u8(odd))), dec(vmovl_high_u8(odd)));
+        let (xe0, xe1, xo0, xo1) = (loadx(xc, 0), loadx(xc, 8), loadx(xc, 16), loadx(xc, 24));
+        let fma = |a: float32x4_t, p: float32x4_t, q: float32x4_t, xp, xq| {
+            vfmaq_f32(vfmaq_f32(a, p, xp), q, xq)
+        };
+        (
+            (
+                fma(acc.0.0, e0.0, e1.0, xe0.0, xe1.0),
+                fma(acc.0.1, e0.1, e1.1, xe0.1, xe1.1),
+            ),
+            (
+                fma(acc.1.0, o0.0, o1.0, xo0.0, xo1.0),
+                fma(acc.1.1, o0.1, o1.1, xo0.1, xo1.1),
+            ),
+        )
+    };
+    let z = vdupq_n_f32(0.0);
+    let params = |blk: &[u8]| q_params::<true>(blk);
+    simd::q4_split_rows(w, g, cols, r0, x, y, params, ((z, z), (z, z)), step, |a| {
+        hsum2(a)
+    })
 }
 
 /// Dense rows of quantized values: 16 decoded values per step, four accumulators.

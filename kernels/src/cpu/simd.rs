@@ -346,6 +346,77 @@ pub(crate) fn q_dense_rows<P: Copy, V: Copy, A: Copy, const W: usize>(
     }
 }
 
+/// Columns (rounded up to whole groups) [`q4_split_rows`] takes: its rearranged
+/// activations live on the stack (32 KiB). Wider rows take [`q_dense_rows`].
+const Q4_SPLIT_MAX: usize = 8192;
+
+/// The group of dense Q4 values `dt` over `cols` columns when [`q4_split_rows`] takes
+/// them (groups a multiple of 32, rows within [`Q4_SPLIT_MAX`]).
+#[inline(always)]
+pub(crate) fn q4_split_group(dt: DType, cols: usize) -> Option<usize> {
+    match dt {
+        DType::Q4 { group } if group % 32 == 0 => {
+            let g = usize::from(group);
+            (cols.next_multiple_of(g) <= Q4_SPLIT_MAX).then_some(g)
+        }
+        _ => None,
+    }
+}
+
+/// Dense Q4 rows in groups of `g` (a multiple of 32, see [`q4_split_group`]) with the
+/// activations rearranged once per call to the codes' nibble order: in each 32 values,
+/// `x` at the even positions (the low nibbles of 16 code bytes) then at the odd ones
+/// (the high nibbles). `step(acc, p, codes, xc)` multiply-accumulates one 16-byte code
+/// chunk (32 values, decoded with the block's parameters `p = params(blk)`) against
+/// its 32 rearranged activations, with no interleaving shuffle; `hsum` sums the
+/// accumulator. Padding past `cols` meets zero activations, as in [`q_dense_rows`].
+///
+/// # Panics
+/// When `x.len() != cols` or the rows lie outside `w`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn q4_split_rows<P: Copy, A: Copy>(
+    w: Values<'_>,
+    g: usize,
+    cols: usize,
+    r0: usize,
+    x: &[f32],
+    y: &mut [f32],
+    params: impl Fn(&[u8]) -> P,
+    zero: A,
+    step: impl Fn(A, P, &[u8; 16], &[f32; 32]) -> A,
+    hsum: impl Fn(A) -> f32,
+) {
+    assert_eq!(x.len(), cols, "x.len() != cols");
+    if cols == 0 {
+        return;
+    }
+    let width = cols.next_multiple_of(g);
+    assert!(
+        width <= Q4_SPLIT_MAX,
+        "row too wide for the rearranged Q4 kernel"
+    );
+    let mut xs = [0f32; Q4_SPLIT_MAX];
+    for (c, &v) in x.iter().enumerate() {
+        let (base, j) = (c - c % 32, c % 32);
+        xs[base + (j % 2) * 16 + j / 2] = v;
+    }
+    let xs = &xs[..width];
+    let (block, rb) = scalar::q_dense_block(w, cols, r0, y.len());
+    let bs = 4 + g / 2;
+    for (i, (yi, row)) in y.iter_mut().zip(block.chunks_exact(rb)).enumerate() {
+        prefetch::ahead(block, i * rb, rb);
+        let mut acc = zero;
+        for (blk, xb) in row.chunks_exact(bs).zip(xs.chunks_exact(g)) {
+            let p = params(blk);
+            for (codes, xc) in blk[4..].chunks_exact(16).zip(xb.chunks_exact(32)) {
+                acc = step(acc, p, codes.try_into().unwrap(), xc.try_into().unwrap());
+            }
+        }
+        *yi += hsum(acc);
+    }
+}
+
 /// Quantized bitmask rows: each row's run is decoded (`decode(run, dt, start, out)`,
 /// as [`q_decode`]) into a [`QWindow`], and each 64-column mask word runs
 /// `word(bits, v, xs, acc)` on the window's packed values `v` (the word's popcount

@@ -18,7 +18,7 @@
 use core::arch::x86_64::*;
 
 use super::super::simd::{self, BF16, F16, F32, size};
-use super::super::{BitmaskRef, DType, Isa, Kernels, Values, prefetch, scalar};
+use super::super::{BitmaskRef, DType, Isa, Kernels, Values};
 
 /// Whether this CPU has AVX-512 F, BW and VL besides the AVX2 table's features (at run
 /// time with `std`, else from the compile-time target features).
@@ -138,11 +138,8 @@ fn loadx16_partial(x: &[f32]) -> __m512 {
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
 fn dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    if let DType::Q4 { group } = w.dtype
-        && group % 32 == 0
-        && cols.next_multiple_of(usize::from(group)) <= Q4_SPLIT_MAX
-    {
-        return q4_dense_rows_split(w, usize::from(group), cols, r0, x, y);
+    if let Some(g) = simd::q4_split_group(w.dtype, cols) {
+        return q4_split_rows(w, g, cols, r0, x, y);
     }
     by_dtype!(
         w.dtype,
@@ -151,63 +148,44 @@ fn dense_rows(w: Values<'_>, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
     )
 }
 
-/// Columns (rounded up to whole groups) [`q4_dense_rows_split`] takes: its
-/// rearranged activations live on the stack (32 KiB). Wider rows take the generic
-/// quantized walk.
-const Q4_SPLIT_MAX: usize = 8192;
-
-/// Dense Q4 rows (groups a multiple of 32) with the activations rearranged once per
-/// call to match the codes' nibble order: in each 32 values, `x` at the even positions
-/// (the low nibbles of 16 code bytes) then at the odd ones (the high nibbles). A step
-/// then decodes 32 values from one 16-byte load with no interleaving shuffle: the
-/// decoded values, `s·q + m`, are the reference's (exact: `s·q` fits `f32`'s
-/// mantissa), only summed in another order. Padding past `cols` meets zero
-/// activations, as in the generic walk.
-///
-/// # Panics
-/// When `x.len() != cols` or the rows lie outside `w`.
-#[inline]
+/// Dense Q4 rows (groups a multiple of 32) against rearranged activations
+/// ([`simd::q4_split_rows`]): 32 values per 16-byte load, 16 lanes each of the even
+/// and the odd codes. The decoded values, `s·q + m`, are the reference's (exact:
+/// `s·q` fits `f32`'s mantissa), only summed in another order.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
-fn q4_dense_rows_split(w: Values<'_>, g: usize, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
-    assert_eq!(x.len(), cols, "x.len() != cols");
-    if cols == 0 {
-        return;
-    }
-    let width = cols.next_multiple_of(g);
-    let mut xs = [0f32; Q4_SPLIT_MAX];
-    for (c, &v) in x.iter().enumerate() {
-        let (base, j) = (c - c % 32, c % 32);
-        xs[base + (j % 2) * 16 + j / 2] = v;
-    }
-    let xs = &xs[..width];
-    let (block, rb) = scalar::q_dense_block(w, cols, r0, y.len());
-    let bs = 4 + g / 2;
+fn q4_split_rows(w: Values<'_>, g: usize, cols: usize, r0: usize, x: &[f32], y: &mut [f32]) {
     let low = _mm_set1_epi8(0xF);
-    for (i, (yi, row)) in y.iter_mut().zip(block.chunks_exact(rb)).enumerate() {
-        prefetch::ahead(block, i * rb, rb);
-        let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        for (blk, xb) in row.chunks_exact(bs).zip(xs.chunks_exact(g)) {
-            let (sc, mn) = q_params16::<true>(blk);
-            for (codes, xc) in blk[4..].chunks_exact(16).zip(xb.chunks_exact(32)) {
-                // SAFETY: `codes` holds 16 bytes and `xc` 32 floats.
-                let (v, xe, xo) = unsafe {
-                    (
-                        _mm_loadu_si128(codes.as_ptr().cast()),
-                        _mm512_loadu_ps(xc.as_ptr()),
-                        _mm512_loadu_ps(xc.as_ptr().add(16)),
-                    )
-                };
-                let even = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, low)));
-                let odd = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
-                    _mm_srli_epi16::<4>(v),
-                    low,
-                )));
-                a0 = _mm512_fmadd_ps(_mm512_fmadd_ps(sc, even, mn), xe, a0);
-                a1 = _mm512_fmadd_ps(_mm512_fmadd_ps(sc, odd, mn), xo, a1);
-            }
-        }
-        *yi += _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    }
+    let step = |(a0, a1): (__m512, __m512), (sc, mn), codes: &[u8; 16], xc: &[f32; 32]| {
+        // SAFETY: `codes` holds 16 bytes and `xc` 32 floats.
+        let (v, xe, xo) = unsafe {
+            (
+                _mm_loadu_si128(codes.as_ptr().cast()),
+                _mm512_loadu_ps(xc.as_ptr()),
+                _mm512_loadu_ps(xc.as_ptr().add(16)),
+            )
+        };
+        let even = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, low)));
+        let odd = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+            _mm_srli_epi16::<4>(v),
+            low,
+        )));
+        (
+            _mm512_fmadd_ps(_mm512_fmadd_ps(sc, even, mn), xe, a0),
+            _mm512_fmadd_ps(_mm512_fmadd_ps(sc, odd, mn), xo, a1),
+        )
+    };
+    simd::q4_split_rows(
+        w,
+        g,
+        cols,
+        r0,
+        x,
+        y,
+        |blk| q_params16::<true>(blk),
+        (_mm512_setzero_ps(), _mm512_setzero_ps()),
+        step,
+        |(a0, a1)| _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)),
+    )
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
