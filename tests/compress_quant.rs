@@ -320,28 +320,62 @@ fn the_embedding_is_stored_and_priced_in_its_value_type() {
     }
 }
 
+/// A `compress --values auto --group 32` run on a tiny model, writing `auto.cap` in a
+/// temporary folder with calibration text and a decomposition cache.
+struct AutoRun {
+    _dir: tempfile::TempDir,
+    model: String,
+    out: std::path::PathBuf,
+    out_s: String,
+    calib: String,
+    cache: String,
+}
+
+impl AutoRun {
+    fn new(tiny_name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let calib = calib_text(dir.path());
+        let cache = dir.path().join("rpca").display().to_string();
+        let out = dir.path().join("auto.cap");
+        AutoRun {
+            model: tiny(tiny_name),
+            out_s: out.display().to_string(),
+            out,
+            calib,
+            cache,
+            _dir: dir,
+        }
+    }
+
+    /// The run's arguments, then `extra`, then `--values auto --group 32`.
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut v = small_compress(&self.model, &self.out_s, &self.calib, &self.cache, extra);
+        v.extend(["--values", "auto", "--group", "32"].map(String::from));
+        v
+    }
+
+    /// A file budget: the dense tensors, the overhead bound and 1/`div` of the
+    /// linears' dense bytes, from a dry run.
+    fn budget(&self, div: u64) -> u64 {
+        let plan = run_json(&self.args(&["--budget", "1000000000", "--dry-run"]));
+        let fixed = &plan["fixed"];
+        fixed["dense_tensor_bytes"].as_u64().unwrap()
+            + fixed["file_overhead_bytes"].as_u64().unwrap()
+            + fixed["linear_dense_bytes"].as_u64().unwrap() / div
+    }
+}
+
 /// `--values auto`: cap's allocation scores groups half the size and the four bits
 /// plans beside the uniform q4 setting, keeps the setting with the lowest calibration
 /// loss, and writes each linear in its plan's type: the report's per-layer types are the file's,
 /// the file stays within the byte budget, and `cap-device` reproduces the stored figure.
 #[test]
 fn auto_values_choose_bits_per_layer_within_the_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let calib = calib_text(dir.path());
-    let cache = dir.path().join("rpca").display().to_string();
-    let m = tiny("llama3-scaled");
-    let out = dir.path().join("auto.cap");
-    let out_s = out.display().to_string();
-    let args = |extra: &[&str]| {
-        let mut v = small_compress(&m, &out_s, &calib, &cache, extra);
-        v.extend(["--values", "auto", "--group", "32"].map(String::from));
-        v
-    };
-    let plan = run_json(&args(&["--budget", "1000000000", "--dry-run"]));
-    let fixed = &plan["fixed"];
-    let budget = fixed["dense_tensor_bytes"].as_u64().unwrap()
-        + fixed["file_overhead_bytes"].as_u64().unwrap()
-        + fixed["linear_dense_bytes"].as_u64().unwrap() / 2;
+    let run = AutoRun::new("llama3-scaled");
+    let (m, out, out_s) = (run.model.clone(), run.out.clone(), run.out_s.clone());
+    let (calib, cache) = (run.calib.clone(), run.cache.clone());
+    let args = |extra: &[&str]| run.args(extra);
+    let budget = run.budget(2);
     let r = run_json(&args(&["--budget", &budget.to_string()]));
     assert!(r["file_bytes"].as_u64().unwrap() <= budget, "{r}");
     let (best, trials) = (&r["allocation_search"][0], &r["allocation_search"][1]);
@@ -432,23 +466,10 @@ fn auto_values_choose_bits_per_layer_within_the_budget() {
 /// The file stores the chosen type, stays within the budget and passes its self-test.
 #[test]
 fn auto_values_choose_the_embedding_type_by_calibration_loss() {
-    let dir = tempfile::tempdir().unwrap();
-    let calib = calib_text(dir.path());
-    let cache = dir.path().join("rpca").display().to_string();
-    let m = tiny("llama-tied");
-    let out = dir.path().join("auto.cap");
-    let out_s = out.display().to_string();
-    let args = |extra: &[&str]| {
-        let mut v = small_compress(&m, &out_s, &calib, &cache, extra);
-        v.extend(["--values", "auto", "--group", "32"].map(String::from));
-        v
-    };
-    let plan = run_json(&args(&["--budget", "1000000000", "--dry-run"]));
-    let fixed = &plan["fixed"];
-    let budget = (fixed["dense_tensor_bytes"].as_u64().unwrap()
-        + fixed["file_overhead_bytes"].as_u64().unwrap()
-        + fixed["linear_dense_bytes"].as_u64().unwrap() / 3)
-        .to_string();
+    let run = AutoRun::new("llama-tied");
+    let out = run.out.clone();
+    let args = |extra: &[&str]| run.args(extra);
+    let budget = run.budget(3).to_string();
     let best_loss = |r: &Value| {
         r["allocation_search"][1]
             .as_array()

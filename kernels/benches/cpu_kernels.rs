@@ -70,6 +70,15 @@ fn matrix(
     out
 }
 
+/// A 2:4 f16 matrix: two kept columns per group of 4, the pair changing with the row.
+fn two_four_matrix(rows: usize, cols: usize, rng: &mut Lcg) -> Vec<u8> {
+    matrix(rows, cols, rng, |r, c, _| {
+        let a = (r * 7 + c / 4) % 4;
+        let j = c % 4;
+        j == a || j == (a + 1 + r % 3) % 4
+    })
+}
+
 /// Times `run` for every table and prints one line per table.
 fn report(label: &str, bytes: usize, tables: &[Kernels], mut run: impl FnMut(&Kernels)) {
     // Optional filter: `cargo bench -p cap-kernels --bench cpu_kernels -- bitmask`.
@@ -153,12 +162,7 @@ fn main() {
             (k.csr_rows)(&m, 0, black_box(&x), &mut y)
         });
 
-        // 2:4: keep columns whose pattern changes with the row, two per group.
-        let tf = matrix(rows, cols, &mut rng, |r, c, _| {
-            let a = (r * 7 + c / 4) % 4;
-            let j = c % 4;
-            j == a || j == (a + 1 + r % 3) % 4
-        });
+        let tf = two_four_matrix(rows, cols, &mut rng);
         let (_, p) = encode_sparse(SparseKind::TwoFour, rows as u32, cols as u32, dt, &tf).unwrap();
         let m = TwoFourRef {
             cols,
@@ -243,12 +247,7 @@ fn main() {
                     );
                 }
             }
-            // 2:4, as the f16 case picks its columns.
-            let tf = matrix(rows, cols, &mut rng, |r, c, _| {
-                let a = (r * 7 + c / 4) % 4;
-                let j = c % 4;
-                j == a || j == (a + 1 + r % 3) % 4
-            });
+            let tf = two_four_matrix(rows, cols, &mut rng);
             let (s, p) =
                 encode_sparse(SparseKind::TwoFour, rows as u32, cols as u32, dt, &tf).unwrap();
             let (_, p) =

@@ -246,6 +246,28 @@ pub fn prune(
 mod tests {
     use super::*;
 
+    /// Uniform values in [−0.5, 0.5) from an LCG seeded with `seed`.
+    fn uniform(seed: u64) -> impl FnMut() -> f32 {
+        let mut seed = seed;
+        move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        }
+    }
+
+    /// `Σ_k x_k·x_kᵀ` of `t` row-major inputs of `cols` values.
+    fn hessian(x: &[f32], t: usize, cols: usize) -> Vec<f32> {
+        let mut h = vec![0f32; cols * cols];
+        for i in 0..cols {
+            for j in 0..cols {
+                h[i * cols + j] = (0..t).map(|k| x[k * cols + i] * x[k * cols + j]).sum();
+            }
+        }
+        h
+    }
+
     /// On a random layer the result keeps exactly SparseGPT's count and is the exact
     /// masked least-squares solution: the gradient of `tr((W' − W)·H_d·(W' − W)ᵀ)`
     /// (`H_d` the dampened Hessian the refit minimises) vanishes on every kept entry
@@ -254,21 +276,10 @@ mod tests {
     #[test]
     fn result_is_the_masked_least_squares_optimum() {
         let (rows, cols, t) = (8, 24, 100);
-        let mut seed = 11u64;
-        let mut r = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let mut r = uniform(11);
         let w: Vec<f32> = (0..rows * cols).map(|_| r()).collect();
         let x: Vec<f32> = (0..t * cols).map(|_| r()).collect();
-        let mut h = vec![0f32; cols * cols];
-        for i in 0..cols {
-            for j in 0..cols {
-                h[i * cols + j] = (0..t).map(|k| x[k * cols + i] * x[k * cols + j]).sum();
-            }
-        }
+        let h = hessian(&x, t, cols);
         let mut wp = w.clone();
         let o = AdmmOptions {
             refit_iters: 60,
@@ -313,13 +324,7 @@ mod tests {
     #[test]
     fn pattern_masks_follow_it_and_beat_magnitude() {
         let (rows, cols, t) = (16, 64, 400);
-        let mut seed = 5u64;
-        let mut r = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let mut r = uniform(5);
         let w: Vec<f32> = (0..rows * cols).map(|_| r()).collect();
         let z: Vec<f32> = (0..t * cols).map(|_| r()).collect();
         let mix: Vec<f32> = (0..cols * cols).map(|_| r()).collect();
@@ -329,12 +334,7 @@ mod tests {
                 (0..cols).map(|c| z[k * cols + c] * mix[c * cols + j]).sum()
             })
             .collect();
-        let mut h = vec![0f32; cols * cols];
-        for i in 0..cols {
-            for j in 0..cols {
-                h[i * cols + j] = (0..t).map(|k| x[k * cols + i] * x[k * cols + j]).sum();
-            }
-        }
+        let h = hessian(&x, t, cols);
         let err = |wp: &[f32]| -> f64 {
             (0..t)
                 .map(|k| {
