@@ -67,22 +67,23 @@ fn own_codes<'a>(c: &'a Candidate, sel: &Selection, dtype: DType) -> Option<&'a 
 /// nibble per group (the two kept columns' offsets, lower first). `None` for any other
 /// mask. Built from the mask, not the values, so a kept weight that is exactly zero
 /// keeps its slot.
-fn two_four_slots(c: &Candidate, sel: &Selection) -> Option<(Vec<f32>, Vec<u8>)> {
-    if sel.rank() > 0 || c.dense.is_some() || !c.cols.is_multiple_of(4) || c.cols == 0 {
+fn two_four_slots(c: &Candidate, sel: &Selection, counts: &[u32]) -> Option<(Vec<f32>, Vec<u8>)> {
+    let half = c.cols / 2;
+    // Cheap checks first: the kept count of every row (known) before the CSR copy.
+    if sel.rank() > 0
+        || c.dense.is_some()
+        || !c.cols.is_multiple_of(4)
+        || c.cols == 0
+        || counts.iter().any(|&k| k as usize != half)
+    {
         return None;
     }
     let (row_ptr, col, val) = c.kept_csr(sel);
-    if val.len() != c.rows * c.cols / 2 {
-        return None;
-    }
     let groups = c.cols / 4;
     let mut meta = vec![0u8; (c.rows * groups).div_ceil(2)];
     for r in 0..c.rows {
+        // `half` increasing columns (the counts say how many), two in each group of 4.
         let cols = &col[row_ptr[r] as usize..row_ptr[r + 1] as usize];
-        if cols.len() != c.cols / 2 {
-            return None;
-        }
-        // Increasing columns, two in each group of 4.
         for (g, p) in cols.chunks(2).enumerate() {
             let (a, b) = (p[0] as usize, p[1] as usize);
             if a / 4 != g || b / 4 != g || a >= b {
@@ -105,17 +106,9 @@ fn two_four_linear(
     (slots, meta): (Vec<f32>, Vec<u8>),
     dtype: DType,
 ) -> Result<(TensorDesc, Vec<Vec<u8>>, u64)> {
-    let values = if dtype.is_quantized() {
-        match own_codes(c, sel, dtype) {
-            Some(q) => {
-                let mut out = Vec::new();
-                extend_runs(&mut out, q, dtype)?;
-                out
-            }
-            None => rtn_rows(&slots, c.rows, c.cols / 2, dtype)?,
-        }
-    } else {
-        to_bytes(&slots, dtype)
+    let values = match own_codes(c, sel, dtype) {
+        Some(q) => runs(q, dtype)?,
+        None => matrix_bytes(&slots, c.rows, c.cols / 2, dtype)?,
     };
     let desc = TensorDesc {
         rows: c.rows as u32,
@@ -149,11 +142,7 @@ fn sparse_parts(c: &Candidate, sel: &Selection, s: Sparse, dtype: DType) -> Resu
         let nnz = got.nnz(rows, cols);
         let bitmask = kind == SparseKind::Bitmask;
         let q = match own_codes(c, sel, dtype) {
-            Some(q) => {
-                let mut out = Vec::new();
-                extend_runs(&mut out, q, dtype)?;
-                out
-            }
+            Some(q) => runs(q, dtype)?,
             None => rtn_sparse_rows(&row_ptr, &val, dtype)?,
         };
         // The values are the last part of a bitmask and of a block-CSR section.
@@ -175,6 +164,13 @@ fn sparse_parts(c: &Candidate, sel: &Selection, s: Sparse, dtype: DType) -> Resu
         )));
     }
     Ok(parts)
+}
+
+/// The method's own codes `q` as the format's runs (each row one run).
+fn runs(q: &Quantized, dtype: DType) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    extend_runs(&mut out, q, dtype)?;
+    Ok(out)
 }
 
 /// A row-major `rows × cols` matrix in `dtype` (quantized: each row one run, rounded
@@ -201,7 +197,7 @@ pub fn encode_linear(
     let (encoding, bytes) = cost.encoding_exact(c.rows, c.cols, sel.rank(), &counts);
     // A 2:4 mask is written in the 2:4 encoding (its kernels are the faster ones, and
     // NVIDIA's sparse tensor cores run it) when that costs no more bytes than priced.
-    if let Some(slots) = two_four_slots(c, sel) {
+    if let Some(slots) = two_four_slots(c, sel, &counts) {
         let t = two_four_linear(c, sel, slots, dtype)?;
         if t.2 <= bytes {
             return Ok(t);
@@ -215,10 +211,7 @@ pub fn encode_linear(
             .and_then(|f| f.codes.as_deref())
             .filter(|q| sel.sigma.iter().all(|&k| k) && spec_of(dtype) == Some(q.0.spec));
         if let Some((qa, qb)) = own {
-            let (mut a, mut b) = (Vec::new(), Vec::new());
-            extend_runs(&mut a, qa, dtype)?;
-            extend_runs(&mut b, qb, dtype)?;
-            return Ok(vec![a, b]);
+            return Ok(vec![runs(qa, dtype)?, runs(qb, dtype)?]);
         }
         let (a, b, k) = c.kept_factors(sel);
         Ok(vec![
@@ -234,14 +227,10 @@ pub fn encode_linear(
             // quantize twice.
             let every_position = c.entries() == c.rows * c.cols;
             let own = own_codes(c, sel, dtype).filter(|_| every_position && sel.rank() == 0);
-            match own {
-                Some(q) => {
-                    let mut out = Vec::new();
-                    extend_runs(&mut out, q, dtype)?;
-                    vec![out]
-                }
-                None => vec![matrix_bytes(&c.kept_dense(sel), c.rows, c.cols, dtype)?],
-            }
+            vec![match own {
+                Some(q) => runs(q, dtype)?,
+                None => matrix_bytes(&c.kept_dense(sel), c.rows, c.cols, dtype)?,
+            }]
         }
         Encoding::LowRank { .. } => factors()?,
         Encoding::Sparse(s) => sparse_parts(c, sel, s, dtype)?,
