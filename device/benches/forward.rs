@@ -43,6 +43,7 @@ fn main() {
         qkv_bias: false,
         max_position: 8192,
         sliding_window: None,
+        local_attention: None,
     };
     let mut s = 7u64;
     let (h, i) = (c.hidden_size, c.intermediate_size);
@@ -54,6 +55,8 @@ fn main() {
             v: lin(&mut s, c.kv_dim(), h),
             o: lin(&mut s, h, c.q_dim()),
             qkv_bias: None,
+            qk_norm: None,
+            post_norms: None,
             mlp_norm: vec![1.0; h],
             gate: lin(&mut s, i, h),
             up: lin(&mut s, i, h),

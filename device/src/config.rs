@@ -12,11 +12,16 @@ pub enum Arch {
     Mistral,
     /// Qwen2 (biases on q, k and v).
     Qwen2,
+    /// Gemma-3: RMSNorm on each query and key head, norms after attention and after the
+    /// MLP as well as before, GeGLU (tanh GELU), the embedding scaled by `√hidden`, and
+    /// sliding-window layers with their own RoPE base between global ones
+    /// ([`LocalAttention`]).
+    Gemma3,
 }
 
 impl Arch {
     /// All supported architectures, for error messages.
-    pub const ALL: [Arch; 3] = [Arch::Llama, Arch::Mistral, Arch::Qwen2];
+    pub const ALL: [Arch; 4] = [Arch::Llama, Arch::Mistral, Arch::Qwen2, Arch::Gemma3];
 
     /// The name used by GGUF (`general.architecture`) and in messages.
     pub fn name(self) -> &'static str {
@@ -24,6 +29,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Gemma3 => "gemma3",
         }
     }
 
@@ -33,8 +39,66 @@ impl Arch {
             "llama" => Some(Arch::Llama),
             "mistral" => Some(Arch::Mistral),
             "qwen2" => Some(Arch::Qwen2),
+            "gemma3" | "gemma3_text" => Some(Arch::Gemma3),
             _ => None,
         }
+    }
+
+    /// Whether each query and key head is RMS-normalized (with its own weight) before
+    /// RoPE.
+    pub fn qk_norm(self) -> bool {
+        self == Arch::Gemma3
+    }
+
+    /// Whether the attention output and the MLP output are RMS-normalized before they
+    /// are added to the residual stream (Gemma-2/3's "sandwich" norms).
+    pub fn post_norms(self) -> bool {
+        self == Arch::Gemma3
+    }
+
+    /// The MLP's gate activation.
+    pub fn activation(self) -> Activation {
+        match self {
+            Arch::Gemma3 => Activation::GeluTanh,
+            _ => Activation::Silu,
+        }
+    }
+
+    /// Whether token embeddings are multiplied by `√hidden_size` on the way in (not on
+    /// the way out: a tied head uses the stored table).
+    pub fn scales_embedding(self) -> bool {
+        self == Arch::Gemma3
+    }
+}
+
+/// The MLP's gate activation, `down(act(gate(x)) · up(x))`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `x·σ(x)` (SwiGLU).
+    Silu,
+    /// GELU's tanh approximation (GeGLU; PyTorch's `gelu(approximate="tanh")`).
+    GeluTanh,
+}
+
+/// Layers that attend only to a window of recent positions, with their own RoPE base,
+/// interleaved with global layers (Gemma-3: five local layers, then one global).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LocalAttention {
+    /// Positions a local layer's query sees: itself and the `window - 1` before it
+    /// (Hugging Face's `q - window < k ≤ q`; llama.cpp masks `q - k ≥ window`).
+    pub window: usize,
+    /// Every `global_every`-th layer (1-based: layers `global_every - 1`,
+    /// `2·global_every - 1`, ...) is global; the others are local.
+    pub global_every: usize,
+    /// The RoPE base of the local layers (plain RoPE, no scaling); global layers use
+    /// [`Config::rope_theta`] and [`Config::rope_scaling`].
+    pub rope_theta: f32,
+}
+
+impl LocalAttention {
+    /// Whether block `layer` (0-based) attends locally.
+    pub fn is_local(&self, layer: usize) -> bool {
+        !(layer + 1).is_multiple_of(self.global_every)
     }
 }
 
@@ -91,6 +155,8 @@ pub struct Config {
     pub max_position: usize,
     /// Sliding attention window, if the architecture has one (Mistral).
     pub sliding_window: Option<usize>,
+    /// Local (sliding-window) layers between global ones (Gemma-3), if any.
+    pub local_attention: Option<LocalAttention>,
 }
 
 impl Config {
@@ -117,6 +183,16 @@ impl Config {
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err("head dimension must be positive and even (RoPE rotates pairs)");
         }
+        if let Some(l) = &self.local_attention
+            && (l.window == 0
+                || l.global_every == 0
+                || !(l.rope_theta > 0.0 && l.rope_theta.is_finite()))
+        {
+            return Err("local attention needs a positive window, layer period and RoPE base");
+        }
+        if self.local_attention.is_some() != (self.arch == Arch::Gemma3) {
+            return Err("local attention layers are part of the gemma3 architecture only");
+        }
         if let RopeScaling::FreqFactors(f) = &self.rope_scaling
             && f.len() != self.head_dim / 2
         {
@@ -128,10 +204,7 @@ impl Config {
     /// The rotary inverse frequencies `1/theta^(2i/d)` after scaling, computed in `f32`
     /// exactly as Hugging Face `transformers` does so positions agree to rounding.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
-        let base: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / libm::powf(self.rope_theta, (2 * i) as f32 / d as f32))
-            .collect();
+        let base = plain_inv_freq(self.rope_theta, self.head_dim);
         match &self.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::FreqFactors(f) => base.iter().zip(f).map(|(b, f)| b / f).collect(),
@@ -161,5 +234,28 @@ impl Config {
                     .collect()
             }
         }
+    }
+}
+
+/// `1/theta^(2i/d)` for `i < d/2`, in `f32` as Hugging Face computes it.
+pub fn plain_inv_freq(theta: f32, d: usize) -> Vec<f32> {
+    (0..d / 2)
+        .map(|i| 1.0 / libm::powf(theta, (2 * i) as f32 / d as f32))
+        .collect()
+}
+
+impl Config {
+    /// The rotary inverse frequencies of local layers (plain RoPE at the local base),
+    /// or `None` when every layer is global.
+    pub fn local_rope_inv_freq(&self) -> Option<Vec<f32>> {
+        self.local_attention
+            .map(|l| plain_inv_freq(l.rope_theta, self.head_dim))
+    }
+
+    /// The attention window of block `layer`: `Some(w)` for a local layer.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.local_attention
+            .filter(|l| l.is_local(layer))
+            .map(|l| l.window)
     }
 }

@@ -1,5 +1,6 @@
 //! The forward pass: embeddings, RMSNorm, RoPE, grouped-query attention with a causal
-//! mask over a KV cache, SwiGLU MLP and the output head, for a chunk of tokens at once.
+//! (and, in Gemma-3's local layers, sliding-window) mask over a KV cache, gated MLP
+//! (SwiGLU or GeGLU) and the output head, for a chunk of tokens at once.
 //!
 //! Every step accumulates in `f32` and follows the order of operations of the Hugging
 //! Face reference, so logits agree with it to `f32` rounding.
@@ -11,7 +12,7 @@ use cap_format::{DType, Values};
 use cap_kernels::gemm::{MatMut, MatRef, matmul};
 use cap_kernels::{cpu, ops, par, vexp};
 
-use crate::config::Config;
+use crate::config::{Activation, Config};
 use crate::model::{Block, Embedding, Head, Linear, Model};
 
 /// Query rows handled by one attention task; bounds the score buffer to
@@ -329,16 +330,18 @@ pub fn scratch_bytes(
     let floats = t * (3 * h + 2 * qd + 2 * kvd + 2 * inter)
         + heads
         + linear_scratch as u64
-        + ctx as u64 * c.head_dim as u64
+        + ctx as u64 * c.head_dim as u64 * (1 + u64::from(c.local_attention.is_some()))
         + LOGIT_BLOCK as u64 * c.vocab_size as u64
         + 2 * tokens as u64 * h; // the hidden states returned, and their copy
     floats * 4
 }
 
-/// Runs a [`Model`]: owns the RoPE table and the thread budget.
+/// Runs a [`Model`]: owns the RoPE tables and the thread budget.
 pub struct Runner<'m, L, E = Vec<f32>> {
     model: &'m Model<L, E>,
     rope: RopeTable,
+    /// The local layers' table (their own base), when the model has local layers.
+    rope_local: Option<RopeTable>,
     threads: usize,
 }
 
@@ -346,9 +349,14 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
     /// Prepares to run `model` for contexts of up to `max_ctx` tokens on `threads` threads.
     pub fn new(model: &'m Model<L, E>, max_ctx: usize, threads: usize) -> Self {
         let rope = RopeTable::new(&model.config.rope_inv_freq(), max_ctx);
+        let rope_local = model
+            .config
+            .local_rope_inv_freq()
+            .map(|f| RopeTable::new(&f, max_ctx));
         Runner {
             model,
             rope,
+            rope_local,
             threads: threads.max(1),
         }
     }
@@ -527,6 +535,12 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
         for (row, &tok) in xs.chunks_exact_mut(h).zip(tokens) {
             self.model.embed.row_into(tok as usize, row);
         }
+        if c.arch.scales_embedding() {
+            // Hugging Face: `hidden_size ** 0.5` in Python (f64), cast to f32, then an
+            // f32 product.
+            let scale = libm::sqrt(h as f64) as f32;
+            xs.iter_mut().for_each(|v| *v *= scale);
+        }
         blocks(xs, ws);
         let out = grow(&mut ws.hidden, t * h);
         ops::rms_norm(out, xs, &self.model.norm, c.rms_eps);
@@ -585,6 +599,7 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
             let pos = kvs[i].len;
             self.rope_and_store(layer, q, k, v, &mut kvs[i], pos);
         });
+        let window = c.layer_window(layer);
         // One (sequence, head) pair per chunk: its output, then its scores.
         let group = c.n_heads / c.n_kv_heads;
         let scale = 1.0 / libm::sqrtf(hd as f32);
@@ -597,17 +612,19 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
             let (i, head) = (j / c.n_heads, j % c.n_heads);
             let kv = &kvs[i];
             let keys = kv.len + 1;
+            let first = first_visible(keys, window);
             let (o, s) = chunk.split_at_mut(hd);
             let base = kv.head_start(layer, head / group);
             let qh = &q[i * qd + head * hd..i * qd + (head + 1) * hd];
+            let seen = base + first * hd..base + keys * hd;
             decode_head(
                 kern,
-                kv.k.values(base..base + keys * hd),
-                kv.v.values(base..base + keys * hd),
+                kv.k.values(seen.clone()),
+                kv.v.values(seen),
                 hd,
                 qh,
                 scale,
-                &mut s[..keys],
+                &mut s[..keys - first],
                 o,
             );
         });
@@ -645,6 +662,11 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
             add_bias(k, bk);
             add_bias(v, bv);
         }
+        if let Some([nq, nk]) = &b.qk_norm {
+            // Per head (each `head_dim` slice), before RoPE, as Hugging Face's Gemma-3.
+            ops::rms_norm_in_place(q, nq, c.rms_eps);
+            ops::rms_norm_in_place(k, nk, c.rms_eps);
+        }
         let rows = q
             .chunks_exact_mut(c.q_dim())
             .zip(k.chunks_exact_mut(c.kv_dim()))
@@ -666,9 +688,14 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
         kv: &mut KvCache,
         pos: usize,
     ) {
-        let hd = self.model.config.head_dim;
+        let c = &self.model.config;
+        let hd = c.head_dim;
+        let rope = match (&self.rope_local, c.layer_window(layer)) {
+            (Some(local), Some(_)) => local,
+            _ => &self.rope,
+        };
         for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
-            self.rope.apply(head, pos);
+            rope.apply(head, pos);
         }
         for (g, (kh, vh)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
             let dst = kv.head_start(layer, g) + pos * hd;
@@ -692,13 +719,22 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
             ..
         } = ws.block(c, x.len() / c.hidden_size);
         b.o.forward(att, tmp, lin, th);
+        if let Some([post_attn, _]) = &b.post_norms {
+            ops::rms_norm_in_place(tmp, post_attn, c.rms_eps);
+        }
         add_into(x, tmp);
 
         ops::rms_norm(xn, x, &b.mlp_norm, c.rms_eps);
         b.gate.forward(xn, gate, lin, th);
         b.up.forward(xn, up, lin, th);
-        vexp::silu_mul(gate, up);
+        match c.arch.activation() {
+            Activation::Silu => vexp::silu_mul(gate, up),
+            Activation::GeluTanh => vexp::gelu_tanh_mul(gate, up),
+        }
         b.down.forward(gate, tmp, lin, th);
+        if let Some([_, post_mlp]) = &b.post_norms {
+            ops::rms_norm_in_place(tmp, post_mlp, c.rms_eps);
+        }
         add_into(x, tmp);
     }
 
@@ -720,6 +756,7 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
         let (hd, qd) = (c.head_dim, c.q_dim());
         let group = c.n_heads / c.n_kv_heads;
         let scale = 1.0 / libm::sqrtf(hd as f32);
+        let window = c.layer_window(layer);
         let keys = pos0 + t;
         let per_head = head_floats(hd, t, keys, kv.dtype());
         let kern = cpu::kernels();
@@ -738,7 +775,18 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
             let vvals = kv.v.values(base..base + keys * hd);
             if t == 1 {
                 let qh = &q[head * hd..(head + 1) * hd];
-                decode_head(kern, kvals, vvals, hd, qh, scale, s, o);
+                let first = first_visible(keys, window);
+                let seen = base + first * hd..base + keys * hd;
+                decode_head(
+                    kern,
+                    kv.k.values(seen.clone()),
+                    kv.v.values(seen),
+                    hd,
+                    qh,
+                    scale,
+                    &mut s[first..],
+                    o,
+                );
                 return;
             }
             let (kf, vf): (&[f32], &[f32]) = match (&kv.k, &kv.v) {
@@ -773,7 +821,9 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
                 );
                 for (i, row) in sb.chunks_exact_mut(seen).enumerate() {
                     let visible = pos0 + r0 + i + 1;
-                    vexp::softmax(&mut row[..visible]);
+                    let first = first_visible(visible, window);
+                    vexp::softmax(&mut row[first..visible]);
+                    row[..first].fill(0.0);
                     row[visible..].fill(0.0);
                 }
                 matmul(
@@ -835,6 +885,12 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
         }
         out
     }
+}
+
+/// The first position a query sees when `keys` positions (itself the last) are in the
+/// cache: 0, or the start of its window in a local layer.
+fn first_visible(keys: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| keys.saturating_sub(w))
 }
 
 /// Decode attention of one query head `qh` over `keys = scores.len()` cached

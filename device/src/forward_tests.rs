@@ -4,7 +4,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::config::{Arch, Config, RopeScaling};
+use crate::config::{Activation, Arch, Config, LocalAttention, RopeScaling};
 use crate::forward::Runner;
 use crate::model::{Block, DenseLinear, Head, Model};
 
@@ -42,6 +42,23 @@ fn config(bias: bool, tied: bool, scaling: RopeScaling) -> Config {
         qkv_bias: bias,
         max_position: 512,
         sliding_window: None,
+        local_attention: None,
+    }
+}
+
+/// A Gemma-3-shaped configuration: local layers with a window of 16 (much shorter than
+/// the 150 tokens [`check`] runs) and their own RoPE base, every third layer global.
+fn gemma3_config() -> Config {
+    Config {
+        arch: Arch::Gemma3,
+        n_layers: 4,
+        rope_theta: 1_000_000.0,
+        local_attention: Some(LocalAttention {
+            window: 16,
+            global_every: 3,
+            rope_theta: 10_000.0,
+        }),
+        ..config(false, true, RopeScaling::None)
     }
 }
 
@@ -56,6 +73,14 @@ fn random_model(c: Config, seed: u64) -> Model<DenseLinear> {
             v: r.lin(kvd, h),
             o: r.lin(h, qd),
             qkv_bias: c.qkv_bias.then(|| [r.vec(qd), r.vec(kvd), r.vec(kvd)]),
+            qk_norm: c.arch.qk_norm().then(|| {
+                let hd = c.head_dim;
+                [r.vec(hd), r.vec(hd)].map(|v| v.iter().map(|x| 1.0 + x).collect())
+            }),
+            post_norms: c
+                .arch
+                .post_norms()
+                .then(|| [r.vec(h), r.vec(h)].map(|v| v.iter().map(|x| 1.0 + x).collect())),
             mlp_norm: r.vec(h).iter().map(|v| 1.0 + v).collect(),
             gate: r.lin(i, h),
             up: r.lin(i, h),
@@ -98,8 +123,17 @@ fn rms(x: &[f64], w: &[f32], eps: f64) -> Vec<f64> {
 fn naive_logits(m: &Model<DenseLinear>, tokens: &[u32]) -> Vec<Vec<f64>> {
     let c = &m.config;
     let (h, hd) = (c.hidden_size, c.head_dim);
-    let inv: Vec<f64> = c.rope_inv_freq().iter().map(|&f| f as f64).collect();
-    let rope = |v: &mut [f64], pos: usize| {
+    let global: Vec<f64> = c.rope_inv_freq().iter().map(|&f| f as f64).collect();
+    let local: Option<Vec<f64>> = c.local_attention.map(|l| {
+        (0..hd / 2)
+            .map(|i| 1.0 / (l.rope_theta as f64).powf(2.0 * i as f64 / hd as f64))
+            .collect()
+    });
+    let rope = |v: &mut [f64], pos: usize, layer: usize| {
+        let inv = match (&local, c.layer_window(layer)) {
+            (Some(f), Some(_)) => f,
+            _ => &global,
+        };
         for head in v.chunks_mut(hd) {
             for i in 0..hd / 2 {
                 let a = pos as f64 * inv[i];
@@ -113,9 +147,14 @@ fn naive_logits(m: &Model<DenseLinear>, tokens: &[u32]) -> Vec<Vec<f64>> {
     let mut vals: Vec<Vec<Vec<f64>>> = vec![Vec::new(); c.n_layers];
     let mut out = Vec::new();
     for (pos, &t) in tokens.iter().enumerate() {
+        let scale = if c.arch.scales_embedding() {
+            (h as f64).sqrt()
+        } else {
+            1.0
+        };
         let mut x: Vec<f64> = m.embed[t as usize * h..(t as usize + 1) * h]
             .iter()
-            .map(|&v| v as f64)
+            .map(|&v| v as f64 * scale)
             .collect();
         for (l, b) in m.blocks.iter().enumerate() {
             let xn = rms(&x, &b.attn_norm, c.rms_eps as f64);
@@ -127,15 +166,26 @@ fn naive_logits(m: &Model<DenseLinear>, tokens: &[u32]) -> Vec<Vec<f64>> {
                         .for_each(|(a, b)| *a += *b as f64);
                 }
             }
-            rope(&mut q, pos);
-            rope(&mut k, pos);
+            if let Some([nq, nk]) = &b.qk_norm {
+                let per_head = |v: &[f64], w: &[f32]| -> Vec<f64> {
+                    v.chunks(hd)
+                        .flat_map(|hv| rms(hv, w, c.rms_eps as f64))
+                        .collect()
+                };
+                q = per_head(&q, nq);
+                k = per_head(&k, nk);
+            }
+            rope(&mut q, pos, l);
+            rope(&mut k, pos, l);
+            // Keys before the window are never seen again by a local layer.
+            let first = c.layer_window(l).map_or(0, |w| (pos + 1).saturating_sub(w));
             keys[l].push(k);
             vals[l].push(v);
             let mut att = vec![0.0; c.q_dim()];
             for head in 0..c.n_heads {
                 let g = head / (c.n_heads / c.n_kv_heads);
                 let qh = &q[head * hd..(head + 1) * hd];
-                let s: Vec<f64> = keys[l]
+                let s: Vec<f64> = keys[l][first..]
                     .iter()
                     .map(|k| {
                         qh.iter()
@@ -148,22 +198,38 @@ fn naive_logits(m: &Model<DenseLinear>, tokens: &[u32]) -> Vec<Vec<f64>> {
                 let mx = s.iter().cloned().fold(f64::MIN, f64::max);
                 let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
                 let z: f64 = e.iter().sum();
-                for (p, val) in e.iter().zip(&vals[l]) {
+                for (p, val) in e.iter().zip(&vals[l][first..]) {
                     for d in 0..hd {
                         att[head * hd + d] += p / z * val[g * hd + d];
                     }
                 }
             }
-            let o = matvec(&b.o, &att);
+            let mut o = matvec(&b.o, &att);
+            if let Some([pa, _]) = &b.post_norms {
+                o = rms(&o, pa, c.rms_eps as f64);
+            }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let xn = rms(&x, &b.mlp_norm, c.rms_eps as f64);
             let (g, u) = (matvec(&b.gate, &xn), matvec(&b.up, &xn));
             let act: Vec<f64> = g
                 .iter()
                 .zip(&u)
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .map(|(&g, u)| {
+                    let a = match c.arch.activation() {
+                        Activation::Silu => g / (1.0 + (-g).exp()),
+                        Activation::GeluTanh => {
+                            let z =
+                                (2.0 / core::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g);
+                            0.5 * g * (1.0 + libm::tanh(z))
+                        }
+                    };
+                    a * u
+                })
                 .collect();
-            let d = matvec(&b.down, &act);
+            let mut d = matvec(&b.down, &act);
+            if let Some([_, pm]) = &b.post_norms {
+                d = rms(&d, pm, c.rms_eps as f64);
+            }
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
         }
         let xn = rms(&x, &m.norm, c.rms_eps as f64);
@@ -185,8 +251,15 @@ fn check(model: &Model<DenseLinear>, threads: usize) {
     let runner = Runner::new(model, tokens.len(), threads);
     let mut kv = runner.new_cache();
     let mut hidden = Vec::new();
-    // Uneven chunks: prefill through the KV cache must equal the token-by-token result.
-    for chunk in [&tokens[..1], &tokens[1..140], &tokens[140..]] {
+    // Uneven chunks: prefill through the KV cache must equal the token-by-token result;
+    // one-token chunks take the decode path.
+    let chunks = [
+        &tokens[..1],
+        &tokens[1..140],
+        &tokens[140..141],
+        &tokens[141..],
+    ];
+    for chunk in chunks {
         let mut hid = Vec::new();
         runner.forward(chunk, &mut kv, &mut hid).unwrap();
         hidden.extend_from_slice(&hid);
@@ -223,6 +296,16 @@ fn dense_llama_matches_naive_reference() {
 #[test]
 fn qwen2_biases_untied_head_two_threads() {
     check(&random_model(config(true, false, RopeScaling::None), 2), 2);
+}
+
+#[test]
+fn gemma3_norms_geglu_and_local_layers() {
+    let m = random_model(gemma3_config(), 5);
+    assert_eq!(
+        (0..4).map(|l| m.config.layer_window(l)).collect::<Vec<_>>(),
+        [Some(16), Some(16), None, Some(16)]
+    );
+    check(&m, 2);
 }
 
 #[test]
@@ -276,8 +359,14 @@ fn context_overflow_is_an_error() {
 #[test]
 fn batched_decoding_equals_one_sequence_at_a_time() {
     use crate::forward::{KvCache, KvDtype, Workspace};
-    for (kvd, threads) in [(KvDtype::F32, 1), (KvDtype::F16, 2)] {
-        let model = random_model(config(true, false, RopeScaling::None), 11);
+    let cases = [
+        (KvDtype::F32, 1, config(true, false, RopeScaling::None)),
+        (KvDtype::F16, 2, config(true, false, RopeScaling::None)),
+        // 20 decoded tokens after prompts of up to 5: past the window of 16.
+        (KvDtype::F32, 2, gemma3_config()),
+    ];
+    for (kvd, threads, c) in cases {
+        let model = random_model(c, 11);
         let runner = Runner::new(&model, 64, threads);
         let vocab = model.config.vocab_size;
         let prompts: [&[u32]; 3] = [&[1, 2, 3], &[7], &[4, 9, 9, 30, 2]];
@@ -296,7 +385,7 @@ fn batched_decoding_equals_one_sequence_at_a_time() {
             runner.next_logits(&p[..n], kv, &mut ws).unwrap();
         }
         let mut next: Vec<u32> = prompts.iter().map(|p| p[p.len() - 1]).collect();
-        for step in 0..6 {
+        for step in 0..20 {
             let batch = runner
                 .next_logits_batch(&next, &mut kvs, &mut ws)
                 .unwrap()

@@ -5,12 +5,12 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use cap_format::manifest::{Manifest, ModelConfig, RopeScaling};
+use cap_format::manifest::{LocalAttentionRecord, Manifest, RopeScaling};
 use cap_format::{CapFile, FormatError};
 use cap_kernels::cpu;
 
 use crate::caplinear::CapLinear;
-use crate::config::{Arch, Config, RopeScaling as DevRope};
+use crate::config::{Arch, Config, LocalAttention, RopeScaling as DevRope};
 use crate::model::{Block, Head, Model, ShapeError};
 use crate::tensors::{Naming, Role, TensorInfo, tensor_name};
 use crate::tokenizer::{RecordError, Tokenizer, TokenizerError, TokenizerSpec};
@@ -89,8 +89,10 @@ pub fn tokenizer(m: &Manifest) -> Result<Tokenizer, LoadError> {
     Tokenizer::new(spec).map_err(LoadError::Tokenizer)
 }
 
-/// The runtime configuration of a manifest's model record.
-pub fn runtime_config(m: &ModelConfig) -> Result<Config, LoadError> {
+/// The runtime configuration of a manifest's model record (and of its local-attention
+/// record, for architectures that have one).
+pub fn runtime_config(manifest: &Manifest) -> Result<Config, LoadError> {
+    let m = &manifest.model;
     let arch =
         Arch::from_name(&m.architecture).ok_or_else(|| LoadError::UnsupportedArchitecture {
             name: m.architecture.clone(),
@@ -126,6 +128,11 @@ pub fn runtime_config(m: &ModelConfig) -> Result<Config, LoadError> {
         qkv_bias: m.qkv_bias,
         max_position: m.max_position as usize,
         sliding_window: None,
+        local_attention: LocalAttentionRecord::from_manifest(manifest)?.map(|r| LocalAttention {
+            window: r.window as usize,
+            global_every: r.global_every as usize,
+            rope_theta: r.rope_theta,
+        }),
     };
     c.validate()
         .map_err(|reason| LoadError::ModelRecord { reason })?;
@@ -161,7 +168,7 @@ fn vector(file: &CapFile<'_>, name: &str, len: usize) -> Result<Vec<f32>, LoadEr
 /// trust the numbers: the kernels are memory-safe on any bytes, but a flipped bit
 /// would silently change results).
 pub fn model<'a>(file: &CapFile<'a>) -> Result<CapModel<'a>, LoadError> {
-    let config = runtime_config(&file.manifest().model)?;
+    let config = runtime_config(file.manifest())?;
     let c = &config;
     let name = |role, layer| tensor_name(Naming::Gguf, role, layer);
     let vec_of = |role, layer| {
@@ -185,8 +192,23 @@ pub fn model<'a>(file: &CapFile<'a>) -> Result<CapModel<'a>, LoadError> {
         } else {
             None
         };
+        let qk_norm = if c.arch.qk_norm() {
+            Some([vec_of(Role::QNorm, i)?, vec_of(Role::KNorm, i)?])
+        } else {
+            None
+        };
+        let post_norms = if c.arch.post_norms() {
+            Some([
+                vec_of(Role::PostAttnNorm, i)?,
+                vec_of(Role::PostMlpNorm, i)?,
+            ])
+        } else {
+            None
+        };
         blocks.push(Block {
             attn_norm: vec_of(Role::AttnNorm, i)?,
+            qk_norm,
+            post_norms,
             q: lin(Role::Q)?,
             k: lin(Role::K)?,
             v: lin(Role::V)?,

@@ -142,7 +142,8 @@ impl Linear for DenseLinear {
     }
 }
 
-/// One transformer block: pre-norm attention, then pre-norm SwiGLU MLP.
+/// One transformer block: pre-norm attention, then pre-norm gated MLP (SwiGLU, or
+/// GeGLU for Gemma-3, with its extra norms).
 #[derive(Clone, Debug)]
 pub struct Block<L> {
     /// RMSNorm weight before attention.
@@ -157,6 +158,12 @@ pub struct Block<L> {
     pub o: L,
     /// Biases of q, k, v (Qwen2), in that order.
     pub qkv_bias: Option<[Vec<f32>; 3]>,
+    /// RMSNorm weights (`head_dim` each) of every query head and every key head, in
+    /// that order, applied before RoPE (Gemma-3).
+    pub qk_norm: Option<[Vec<f32>; 2]>,
+    /// RMSNorm weights (`hidden` each) of the attention output and of the MLP output,
+    /// in that order, applied before each is added to the residual stream (Gemma-3).
+    pub post_norms: Option<[Vec<f32>; 2]>,
     /// RMSNorm weight before the MLP.
     pub mlp_norm: Vec<f32>,
     /// MLP gate projection (`intermediate × hidden`).
@@ -179,6 +186,26 @@ impl<L> Block<L> {
             ("up", &self.up),
             ("down", &self.down),
         ]
+    }
+
+    /// The same block with every linear layer replaced by `f(i, layer)` (`i` its index
+    /// in [`Block::linears`]) and every norm and bias copied: how stages wrap a
+    /// block's layers (recording, factoring, pruning) without listing its vectors.
+    pub fn map_linears<'a, M>(&'a self, mut f: impl FnMut(usize, &'a L) -> M) -> Block<M> {
+        Block {
+            attn_norm: self.attn_norm.clone(),
+            q: f(0, &self.q),
+            k: f(1, &self.k),
+            v: f(2, &self.v),
+            o: f(3, &self.o),
+            qkv_bias: self.qkv_bias.clone(),
+            qk_norm: self.qk_norm.clone(),
+            post_norms: self.post_norms.clone(),
+            mlp_norm: self.mlp_norm.clone(),
+            gate: f(4, &self.gate),
+            up: f(5, &self.up),
+            down: f(6, &self.down),
+        }
     }
 
     /// The same layers, mutable, in the order of [`Block::linears`].
@@ -264,6 +291,15 @@ pub enum ShapeError {
     BiasPresence {
         /// The block.
         block: usize,
+    },
+    /// A block has q/k norms or output norms when the architecture has none, or the
+    /// reverse.
+    #[error("block {block}: {what} disagree with the architecture")]
+    NormPresence {
+        /// The block.
+        block: usize,
+        /// Which norms (`"q/k norms"`, `"output norms"`).
+        what: &'static str,
     },
 }
 
@@ -351,6 +387,32 @@ impl<L: Linear, E: Embedding> Model<L, E> {
                 }
                 (None, false) => {}
                 _ => return Err(ShapeError::BiasPresence { block: n }),
+            }
+            match (&b.qk_norm, c.arch.qk_norm()) {
+                (Some([nq, nk]), true) => {
+                    vector(Some(n), "q norm", nq.len(), c.head_dim)?;
+                    vector(Some(n), "k norm", nk.len(), c.head_dim)?;
+                }
+                (None, false) => {}
+                _ => {
+                    return Err(ShapeError::NormPresence {
+                        block: n,
+                        what: "q/k norms",
+                    });
+                }
+            }
+            match (&b.post_norms, c.arch.post_norms()) {
+                (Some([na, nm]), true) => {
+                    vector(Some(n), "attention output norm", na.len(), h)?;
+                    vector(Some(n), "MLP output norm", nm.len(), h)?;
+                }
+                (None, false) => {}
+                _ => {
+                    return Err(ShapeError::NormPresence {
+                        block: n,
+                        what: "output norms",
+                    });
+                }
             }
         }
         Ok(())

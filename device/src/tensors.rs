@@ -43,6 +43,14 @@ pub enum Role {
     KBias,
     /// Value bias.
     VBias,
+    /// RMSNorm of each query head (Gemma-3).
+    QNorm,
+    /// RMSNorm of each key head (Gemma-3).
+    KNorm,
+    /// RMSNorm of the attention output, before the residual add (Gemma-3).
+    PostAttnNorm,
+    /// RMSNorm of the MLP output, before the residual add (Gemma-3).
+    PostMlpNorm,
     /// RMSNorm before the MLP.
     MlpNorm,
     /// MLP gate projection.
@@ -101,6 +109,8 @@ pub enum Dim {
     Inter,
     /// `head_dim / 2` (one RoPE factor per rotated pair).
     HalfHead,
+    /// `head_dim`.
+    HeadDim,
 }
 
 impl Dim {
@@ -114,6 +124,7 @@ impl Dim {
             Dim::KvDim => c.kv_dim(),
             Dim::Inter => c.intermediate_size,
             Dim::HalfHead => c.head_dim / 2,
+            Dim::HeadDim => c.head_dim,
         }
     }
 }
@@ -127,6 +138,11 @@ pub enum Presence {
     QkvBias,
     /// Only when the head is not tied to the embedding (`!Config::tie_embeddings`).
     UntiedHead,
+    /// Only when the architecture normalizes query and key heads (`Arch::qk_norm`).
+    QkNorm,
+    /// Only when the architecture normalizes attention and MLP outputs
+    /// (`Arch::post_norms`).
+    PostNorms,
     /// Only in a source checkpoint, optionally; import folds it into the configuration
     /// and it is never written to a `.cap` file.
     SourceOnly,
@@ -179,6 +195,8 @@ impl TensorSpec {
             Presence::Always => true,
             Presence::QkvBias => c.qkv_bias,
             Presence::UntiedHead => !c.tie_embeddings,
+            Presence::QkNorm => c.arch.qk_norm(),
+            Presence::PostNorms => c.arch.post_norms(),
             Presence::SourceOnly => false,
         }
     }
@@ -210,7 +228,8 @@ const PROJ: (bool, bool) = (true, true);
 const HEAD: (bool, bool) = (true, false);
 const DATA: (bool, bool) = (false, false);
 
-/// The table of the LLaMA family (LLaMA-1/2/3, SmolLM, TinyLlama, Mistral, Qwen2), in
+/// The table of the LLaMA family (LLaMA-1/2/3, SmolLM, TinyLlama, Mistral, Qwen2, and
+/// Gemma-3 with its extra norms as rows of their own), in
 /// file order: the rows before the per-block rows are written first, then every block
 /// (its rows in this order), then the rows after. The per-block rows are contiguous.
 pub const LLAMA: &[TensorSpec] = &[
@@ -287,6 +306,24 @@ pub const LLAMA: &[TensorSpec] = &[
         DATA,
     ),
     row(
+        Role::QNorm,
+        "blk.{}.attn_q_norm.weight",
+        Some("model.layers.{}.self_attn.q_norm.weight"),
+        (Dim::One, Dim::HeadDim),
+        Presence::QkNorm,
+        Storage::F32,
+        DATA,
+    ),
+    row(
+        Role::KNorm,
+        "blk.{}.attn_k_norm.weight",
+        Some("model.layers.{}.self_attn.k_norm.weight"),
+        (Dim::One, Dim::HeadDim),
+        Presence::QkNorm,
+        Storage::F32,
+        DATA,
+    ),
+    row(
         Role::O,
         "blk.{}.attn_output.weight",
         Some("model.layers.{}.self_attn.o_proj.weight"),
@@ -294,6 +331,18 @@ pub const LLAMA: &[TensorSpec] = &[
         Presence::Always,
         Storage::Weight,
         PROJ,
+    ),
+    // Gemma's Hugging Face names differ from LLaMA's for the norms around the MLP
+    // (`post_attention_layernorm` is the MLP's pre-norm in LLaMA), so cap reads Gemma
+    // from GGUF only and these rows have no Hugging Face name.
+    row(
+        Role::PostAttnNorm,
+        "blk.{}.post_attention_norm.weight",
+        None,
+        (Dim::One, Dim::Hidden),
+        Presence::PostNorms,
+        Storage::F32,
+        DATA,
     ),
     row(
         Role::MlpNorm,
@@ -332,6 +381,15 @@ pub const LLAMA: &[TensorSpec] = &[
         PROJ,
     ),
     row(
+        Role::PostMlpNorm,
+        "blk.{}.post_ffw_norm.weight",
+        None,
+        (Dim::One, Dim::Hidden),
+        Presence::PostNorms,
+        Storage::F32,
+        DATA,
+    ),
+    row(
         Role::FinalNorm,
         "output_norm.weight",
         Some("model.norm.weight"),
@@ -360,11 +418,12 @@ pub const LLAMA: &[TensorSpec] = &[
     ),
 ];
 
-/// The table of an architecture. The three supported ones share the LLaMA layout;
-/// their differences (q/k/v biases) are [`Presence`] rows driven by the configuration.
+/// The table of an architecture. The supported ones share the LLaMA layout; their
+/// differences (q/k/v biases, Gemma's extra norms) are [`Presence`] rows driven by the
+/// configuration.
 pub fn table(arch: Arch) -> &'static [TensorSpec] {
     match arch {
-        Arch::Llama | Arch::Mistral | Arch::Qwen2 => LLAMA,
+        Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Gemma3 => LLAMA,
     }
 }
 
@@ -385,7 +444,8 @@ impl Role {
             Head => Group::Head,
             Q | K | V | O | QBias | KBias | VBias => Group::Attention,
             Gate | Up | Down => Group::Mlp,
-            FinalNorm | AttnNorm | MlpNorm | RopeFreqs => Group::Norms,
+            FinalNorm | AttnNorm | MlpNorm | RopeFreqs | QNorm | KNorm | PostAttnNorm
+            | PostMlpNorm => Group::Norms,
         }
     }
 
@@ -609,6 +669,18 @@ pub fn part<L, E>(m: &Model<L, E>, role: Role, layer: usize) -> Option<Part<'_, 
             .and_then(|b| b.qkv_bias.as_ref())
             .map(|q| Part::Vector(q[i].as_slice()))
     };
+    let qk_norm = |i: usize| {
+        m.blocks
+            .get(layer)
+            .and_then(|b| b.qk_norm.as_ref())
+            .map(|q| Part::Vector(q[i].as_slice()))
+    };
+    let post_norm = |i: usize| {
+        m.blocks
+            .get(layer)
+            .and_then(|b| b.post_norms.as_ref())
+            .map(|q| Part::Vector(q[i].as_slice()))
+    };
     match role {
         Role::Embed => Some(Part::Embedding(&m.embed)),
         Role::FinalNorm => Some(Part::Vector(&m.norm)),
@@ -622,6 +694,10 @@ pub fn part<L, E>(m: &Model<L, E>, role: Role, layer: usize) -> Option<Part<'_, 
         Role::QBias => bias(0),
         Role::KBias => bias(1),
         Role::VBias => bias(2),
+        Role::QNorm => qk_norm(0),
+        Role::KNorm => qk_norm(1),
+        Role::PostAttnNorm => post_norm(0),
+        Role::PostMlpNorm => post_norm(1),
         Role::Q | Role::K | Role::V | Role::O | Role::Gate | Role::Up | Role::Down => m
             .blocks
             .get(layer)
@@ -720,6 +796,7 @@ mod tests {
             qkv_bias,
             max_position: 64,
             sliding_window: None,
+            local_attention: None,
         }
     }
 
@@ -826,6 +903,8 @@ mod tests {
                 v: lin(&info(Role::V, i), 10 * i + 2),
                 o: lin(&info(Role::O, i), 10 * i + 3),
                 qkv_bias: None,
+                qk_norm: None,
+                post_norms: None,
                 mlp_norm: alloc::vec![0.0; 8],
                 gate: lin(&info(Role::Gate, i), 10 * i + 4),
                 up: lin(&info(Role::Up, i), 10 * i + 5),

@@ -262,6 +262,53 @@ pub struct Provenance {
     pub created_unix: Option<u64>,
 }
 
+/// The `Manifest.extensions` tag of a [`LocalAttentionRecord`].
+pub const TAG_LOCAL_ATTENTION: u32 = 1;
+
+/// Local (sliding-window) attention layers and their RoPE base, for architectures
+/// that have them (Gemma-3). Stored postcard-encoded as the extension
+/// [`TAG_LOCAL_ATTENTION`]: only architectures that need it carry it, and a reader
+/// that predates it refuses those architectures by name, so it needs no new version.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LocalAttentionRecord {
+    /// Positions a local layer's query sees, itself included.
+    pub window: u32,
+    /// Every `global_every`-th layer (1-based) is global, the others local.
+    pub global_every: u32,
+    /// RoPE base of the local layers.
+    pub rope_theta: f32,
+}
+
+impl LocalAttentionRecord {
+    /// The record as a manifest extension.
+    pub fn to_extension(&self) -> Extension {
+        Extension {
+            tag: TAG_LOCAL_ATTENTION,
+            // Serializing two integers and a float into a growable Vec cannot fail;
+            // were it to, the empty payload would be refused when read.
+            data: postcard::to_allocvec(self).unwrap_or_default(),
+        }
+    }
+
+    /// The record a manifest carries, if any; an error if it is malformed or there are
+    /// several.
+    pub fn from_manifest(m: &Manifest) -> Result<Option<Self>, FormatError> {
+        let mut found = m.extensions.iter().filter(|e| e.tag == TAG_LOCAL_ATTENTION);
+        let Some(e) = found.next() else {
+            return Ok(None);
+        };
+        if found.next().is_some() {
+            return Err(FormatError::ManifestDecode);
+        }
+        let (r, rest) =
+            postcard::take_from_bytes::<Self>(&e.data).map_err(|_| FormatError::ManifestDecode)?;
+        if !rest.is_empty() {
+            return Err(FormatError::ManifestTrailingBytes);
+        }
+        Ok(Some(r))
+    }
+}
+
 /// Encodes a manifest with postcard (deterministic).
 pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>, FormatError> {
     postcard::to_allocvec(m).map_err(|_| FormatError::ManifestDecode)

@@ -215,3 +215,33 @@ fn writer_rejects_bad_input() {
     ));
     assert!(StreamWriter::new(Cursor::new(Vec::new()), WriterOptions { alignment: 96 }).is_err());
 }
+
+#[test]
+fn local_attention_record_round_trips_and_bad_ones_are_refused() {
+    use cap_format::manifest::{LocalAttentionRecord, TAG_LOCAL_ATTENTION};
+    let r = LocalAttentionRecord {
+        window: 512,
+        global_every: 6,
+        rope_theta: 10_000.0,
+    };
+    let file = small_file(64, true);
+    let file = with_manifest(&file, |m| m.extensions.push(r.to_extension()));
+    let f = CapFile::parse(&file).unwrap();
+    assert_eq!(
+        LocalAttentionRecord::from_manifest(f.manifest()).unwrap(),
+        Some(r)
+    );
+    let mut m = f.manifest().clone();
+    assert_eq!(m.extensions[0].tag, TAG_LOCAL_ATTENTION);
+    // Two records, a truncated one, trailing bytes: refused, never guessed.
+    m.extensions.push(r.to_extension());
+    assert!(LocalAttentionRecord::from_manifest(&m).is_err());
+    m.extensions.truncate(1);
+    m.extensions[0].data.pop();
+    assert!(LocalAttentionRecord::from_manifest(&m).is_err());
+    m.extensions[0] = r.to_extension();
+    m.extensions[0].data.push(0);
+    assert!(LocalAttentionRecord::from_manifest(&m).is_err());
+    m.extensions.clear();
+    assert_eq!(LocalAttentionRecord::from_manifest(&m).unwrap(), None);
+}

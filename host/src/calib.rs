@@ -69,18 +69,7 @@ impl Linear for Recording<'_> {
 /// borrowed by cloning: calibration is a host-side, one-off cost).
 fn recording_model(model: &Model<DenseLinear>) -> Model<Recording<'_>> {
     fn wrap(b: &Block<DenseLinear>) -> Block<Recording<'_>> {
-        Block {
-            attn_norm: b.attn_norm.clone(),
-            q: Recording::new(&b.q),
-            k: Recording::new(&b.k),
-            v: Recording::new(&b.v),
-            o: Recording::new(&b.o),
-            qkv_bias: b.qkv_bias.clone(),
-            mlp_norm: b.mlp_norm.clone(),
-            gate: Recording::new(&b.gate),
-            up: Recording::new(&b.up),
-            down: Recording::new(&b.down),
-        }
+        b.map_linears(|_, l| Recording::new(l))
     }
     Model {
         config: model.config.clone(),

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use cap_device::config::{Config, RopeScaling as DevRope};
 use cap_device::model::{DenseLinear, Model};
 use cap_device::tensors::{self, Part, Storage};
-use cap_format::manifest::{Manifest, ModelConfig, Provenance, RopeScaling};
+use cap_format::manifest::{
+    Extension, LocalAttentionRecord, Manifest, ModelConfig, Provenance, RopeScaling,
+};
 use cap_format::{CapWriter, DType, Encoding, FormatError, TensorDesc, WriteError, WriterOptions};
 use serde::Serialize;
 
@@ -179,6 +181,20 @@ pub fn model_config(c: &Config) -> Result<ModelConfig> {
     })
 }
 
+/// The manifest extension records a configuration needs besides its model record
+/// (the local-attention layout of Gemma-3).
+pub fn model_extensions(c: &Config) -> Result<Vec<Extension>> {
+    let Some(l) = c.local_attention else {
+        return Ok(Vec::new());
+    };
+    let record = LocalAttentionRecord {
+        window: u32_of(l.window, "sliding window")?,
+        global_every: u32_of(l.global_every, "global layer period")?,
+        rope_theta: l.rope_theta,
+    };
+    Ok(vec![record.to_extension()])
+}
+
 /// Writes tensors one by one, converting each to its dtype.
 pub(crate) struct Sink<'a> {
     w: CapWriter,
@@ -295,7 +311,7 @@ pub fn pack(
             created_unix,
         },
         tensors: Vec::new(),
-        extensions: Vec::new(),
+        extensions: model_extensions(&model.config)?,
     };
     let has_tokenizer = tok.is_some();
     drop(tok);

@@ -21,6 +21,39 @@ pub fn rms_norm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
     }
 }
 
+/// [`rms_norm`] of each `weight.len()`-wide row of `x`, in place (the per-head q/k
+/// norms of Gemma-3).
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let d = weight.len();
+    assert!(
+        d > 0 && x.len().is_multiple_of(d),
+        "rms_norm shape mismatch"
+    );
+    for r in x.chunks_exact_mut(d) {
+        let ss: f32 = r.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / libm::sqrtf(ss + eps);
+        for (v, &w) in r.iter_mut().zip(weight) {
+            *v = w * (*v * inv);
+        }
+    }
+}
+
+/// `√(2/π)`, the constant of GELU's tanh approximation.
+pub const GELU_BETA: f32 = 0.797_884_6;
+/// The cubic coefficient of GELU's tanh approximation.
+pub const GELU_KAPPA: f32 = 0.044_715;
+
+/// GELU(g) · u element-wise, written into `g`, with PyTorch's tanh approximation
+/// (`gelu(approximate="tanh")`: `0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³)))`).
+pub fn gelu_tanh_mul(g: &mut [f32], u: &[f32]) {
+    assert_eq!(g.len(), u.len(), "gelu_tanh_mul shape mismatch");
+    for (g, &u) in g.iter_mut().zip(u) {
+        let x = *g;
+        let inner = GELU_BETA * (x + GELU_KAPPA * x * x * x);
+        *g = 0.5 * x * (1.0 + libm::tanhf(inner)) * u;
+    }
+}
+
 /// SiLU(g) · u, element-wise, written into `g`.
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     assert_eq!(g.len(), u.len(), "silu_mul shape mismatch");

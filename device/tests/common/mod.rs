@@ -45,6 +45,7 @@ pub fn config(tied: bool, qkv_bias: bool) -> Config {
         qkv_bias,
         max_position: 1024,
         sliding_window: None,
+        local_attention: None,
     }
 }
 
@@ -158,6 +159,8 @@ pub fn tiny_cap(seed: u64, tied: bool, qkv_bias: bool) -> (Vec<u8>, Model<DenseL
             v,
             o,
             qkv_bias,
+            qk_norm: None,
+            post_norms: None,
             mlp_norm,
             gate,
             up,

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use cap_device::factored::FactoredLinear;
-use cap_device::model::{Block, DenseLinear, Head, Model};
+use cap_device::model::{DenseLinear, Head, Model};
 use cap_device::tensors::{compressible, named_linears_mut};
 
 use super::calibration::calibration_loss;
@@ -157,18 +157,7 @@ fn factored_skeleton(model: &Model<DenseLinear>) -> Model<FactoredLinear> {
         blocks: model
             .blocks
             .iter()
-            .map(|b| Block {
-                attn_norm: b.attn_norm.clone(),
-                q: f(&b.q),
-                k: f(&b.k),
-                v: f(&b.v),
-                o: f(&b.o),
-                qkv_bias: b.qkv_bias.clone(),
-                mlp_norm: b.mlp_norm.clone(),
-                gate: f(&b.gate),
-                up: f(&b.up),
-                down: f(&b.down),
-            })
+            .map(|b| b.map_linears(|_, l| f(l)))
             .collect(),
         norm: model.norm.clone(),
         head: match &model.head {

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use super::error::{CompressError, Result};
 use cap_device::forward::Runner;
-use cap_device::model::{Block, DenseLinear, Linear, Model};
+use cap_device::model::{DenseLinear, Linear, Model};
 use cap_kernels::gemm::{MatMut, MatRef, matmul};
 use faer::Mat;
 use faer::linalg::solvers::DenseSolveCore;
@@ -306,19 +306,7 @@ pub fn prune_sequential(
         for groups in passes {
             let source = if true_sequential { &pruned } else { b };
             let record: Vec<usize> = groups.iter().map(|g| g[0]).collect();
-            let ls = source.linears();
-            let rec = Block {
-                attn_norm: source.attn_norm.clone(),
-                q: recorder(ls[0].1, record.contains(&0)),
-                k: recorder(ls[1].1, false),
-                v: recorder(ls[2].1, false),
-                o: recorder(ls[3].1, record.contains(&3)),
-                qkv_bias: source.qkv_bias.clone(),
-                mlp_norm: source.mlp_norm.clone(),
-                gate: recorder(ls[4].1, record.contains(&4)),
-                up: recorder(ls[5].1, false),
-                down: recorder(ls[6].1, record.contains(&6)),
-            };
+            let rec = source.map_linears(|i, l| recorder(l, record.contains(&i)));
             for x in &xs {
                 let mut kv = runner.new_cache();
                 let mut y = x.clone();

@@ -16,7 +16,7 @@ use super::load::Loaded;
 use super::run::CompressOptions;
 use super::select::Selection;
 use super::strategy::method_name;
-use crate::pack::{model_config, parse_sha256};
+use crate::pack::{model_config, model_extensions, parse_sha256};
 
 /// The manifest before the budget is resolved: model, tokenizer, method, target and
 /// provenance; the budget value, layer table and perplexity are filled in later.
@@ -56,7 +56,7 @@ pub fn base_manifest(opts: &CompressOptions, input: &Loaded) -> Result<Manifest>
             created_unix: crate::pack::creation_time().map_err(step_error)?,
         },
         tensors: vec![],
-        extensions: vec![],
+        extensions: model_extensions(&input.model.config).map_err(step_error)?,
     })
 }
 

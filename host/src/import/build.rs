@@ -220,8 +220,23 @@ pub fn build_model(
                 }
                 None
             };
+            let qk_norm = if c.arch.qk_norm() {
+                Some([ld.load(Role::QNorm, i)?, ld.load(Role::KNorm, i)?])
+            } else {
+                None
+            };
+            let post_norms = if c.arch.post_norms() {
+                Some([
+                    ld.load(Role::PostAttnNorm, i)?,
+                    ld.load(Role::PostMlpNorm, i)?,
+                ])
+            } else {
+                None
+            };
             Ok(Block {
                 attn_norm: ld.load(Role::AttnNorm, i)?,
+                qk_norm,
+                post_norms,
                 q: fix_qk(ld.linear(Role::Q, i)?, c.n_heads),
                 k: fix_qk(ld.linear(Role::K, i)?, c.n_kv_heads),
                 v: ld.linear(Role::V, i)?,

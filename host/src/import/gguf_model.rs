@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use cap_device::config::{Arch, Config, RopeScaling};
+use cap_device::config::{Arch, Config, LocalAttention, RopeScaling};
 
 use super::arch::Role;
 use super::build::{ImportError, TensorSource};
@@ -83,10 +83,27 @@ pub fn config(f: &GgufFile) -> Result<Config, ImportError> {
             }
         }
     };
-    let sliding_window = f
+    let window = f
         .get(&format!("{a}.attention.sliding_window"))
         .and_then(|v| v.as_u64())
         .map(|v| v as usize);
+    // Gemma-3's local layers: llama.cpp (llama-model.cpp) fixes the period (every 6th
+    // layer global) and the local RoPE base (10 000) for the architecture rather than
+    // storing them, as Hugging Face's config defaults do (`sliding_window_pattern`,
+    // `rope_local_base_freq`); only the window is in the file.
+    let (sliding_window, local_attention) = match arch {
+        Arch::Gemma3 => {
+            let key = format!("{a}.attention.sliding_window");
+            let window = window.ok_or_else(|| missing(&key))?;
+            let local = LocalAttention {
+                window,
+                global_every: 6,
+                rope_theta: 10_000.0,
+            };
+            (None, Some(local))
+        }
+        _ => (window, None),
+    };
     Ok(Config {
         arch,
         vocab_size,
@@ -117,5 +134,6 @@ pub fn config(f: &GgufFile) -> Result<Config, ImportError> {
             .is_some(),
         max_position: uint("context_length").unwrap_or(0),
         sliding_window,
+        local_attention,
     })
 }

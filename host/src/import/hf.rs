@@ -161,7 +161,18 @@ impl HfCheckpoint {
                 path: path.clone(),
                 msg: "\"model_type\" is missing".into(),
             })?;
-        Arch::from_name(name).ok_or_else(|| ImportError::unsupported_arch(path, name))
+        match Arch::from_name(name) {
+            // Gemma's Hugging Face tensor names for the norms around the MLP collide
+            // with LLaMA's (see cap_device::tensors); its GGUF files are read instead.
+            Some(Arch::Gemma3) => Err(ImportError::Config {
+                path,
+                msg: format!(
+                    "\"model_type\": \"{name}\" is read from GGUF files only (convert with llama.cpp's convert_hf_to_gguf.py)"
+                ),
+            }),
+            Some(a) => Ok(a),
+            None => Err(ImportError::unsupported_arch(path, name)),
+        }
     }
 
     /// Hyper-parameters from `config.json` (transformers 4 and 5 spellings).
@@ -259,6 +270,7 @@ impl HfCheckpoint {
             qkv_bias,
             max_position: uint("max_position_embeddings").unwrap_or(0),
             sliding_window,
+            local_attention: None,
         })
     }
 }
