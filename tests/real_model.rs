@@ -1,10 +1,11 @@
-//! The forward pass on the real model (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to
-//! f32) against the PyTorch + transformers reference numbers committed under
-//! tests/reference/ (made by scripts/reference/reference_eval.py).
+//! The forward pass on the real models (SmolLM2-135M-Instruct, GGUF Q4_1; Qwen2.5-Coder-
+//! 0.5B-Instruct and Gemma-3-270M, GGUF Q4_K_M; all dequantized to f32) against the
+//! independent reference numbers committed under tests/reference/ (made by the scripts
+//! in scripts/reference/).
 //!
 //! By default the per-window comparisons cover the first windows of WikiText-2
-//! validation (CI has 2 cores); `CAP_FULL_EVAL=1` runs every window and also compares
-//! the whole-text perplexity.
+//! validation (CI has 2 cores); `CAP_FULL_EVAL=1` runs every window the reference has
+//! and also compares the whole-text perplexity.
 
 mod common;
 
@@ -25,12 +26,47 @@ const NLL_REL_TOL: f64 = 1e-3;
 /// Absolute tolerance on logits: f32 rounding through 30 layers, logits of order 10.
 const LOGIT_ABS_TOL: f32 = 1e-3;
 
-fn reference_dir() -> PathBuf {
-    common::root().join("tests/reference/smollm2-135m-instruct-q4_1")
+/// A real model and its reference folder.
+struct RealModel {
+    /// The model file in the cache (`None`: SmolLM2, [`common::real_model`]).
+    file: Option<&'static str>,
+    /// `scripts/fetch-model.sh` name.
+    fetch: &'static str,
+    /// Folder under tests/reference/.
+    dir: &'static str,
 }
 
-fn reference(name: &str) -> Value {
-    let p = reference_dir().join(name);
+const SMOLLM2: RealModel = RealModel {
+    file: None,
+    fetch: "smollm2",
+    dir: "smollm2-135m-instruct-q4_1",
+};
+const QWEN: RealModel = RealModel {
+    file: Some("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"),
+    fetch: "qwen2.5-0.5b",
+    dir: "qwen2.5-coder-0.5b-instruct-q4_k_m",
+};
+const GEMMA: RealModel = RealModel {
+    file: Some("gemma-3-270m-q4_k_m.gguf"),
+    fetch: "gemma3-270m",
+    dir: "gemma-3-270m-q4_k_m",
+};
+
+impl RealModel {
+    fn path(&self) -> Option<PathBuf> {
+        match self.file {
+            None => common::real_model(),
+            Some(f) => common::cached_model(f, self.fetch),
+        }
+    }
+}
+
+fn reference_dir(m: &RealModel) -> PathBuf {
+    common::root().join("tests/reference").join(m.dir)
+}
+
+fn reference(m: &RealModel, name: &str) -> Value {
+    let p = reference_dir(m).join(name);
     serde_json::from_str(
         &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
     )
@@ -43,23 +79,29 @@ struct Loaded {
     tokens: Vec<u32>,
 }
 
-/// The model, tokenizer and tokenized WikiText-2 validation text, loaded once.
-fn loaded() -> Option<&'static Loaded> {
-    static L: OnceLock<Option<Loaded>> = OnceLock::new();
-    L.get_or_init(|| {
-        let path = common::real_model()?;
-        let ck = Checkpoint::open(&path).expect("open model");
-        let tokenizer = ck.tokenizer().expect("tokenizer");
-        let model = ck.load_model().expect("load model");
-        let text = std::fs::read_to_string(common::wikitext_valid()).expect("read wiki.valid.raw");
-        let tokens = tokenizer.encode(&text, true);
-        Some(Loaded {
-            model,
-            tokenizer,
-            tokens,
+/// The model, tokenizer and tokenized WikiText-2 validation text, loaded once per model.
+fn loaded(m: &RealModel) -> Option<&'static Loaded> {
+    static L: [OnceLock<Option<Loaded>>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let slot = [SMOLLM2.dir, QWEN.dir, GEMMA.dir]
+        .iter()
+        .position(|d| *d == m.dir)
+        .expect("a known model");
+    L[slot]
+        .get_or_init(|| {
+            let path = m.path()?;
+            let ck = Checkpoint::open(&path).expect("open model");
+            let tokenizer = ck.tokenizer().expect("tokenizer");
+            let model = ck.load_model().expect("load model");
+            let text =
+                std::fs::read_to_string(common::wikitext_valid()).expect("read wiki.valid.raw");
+            let tokens = tokenizer.encode(&text, true);
+            Some(Loaded {
+                model,
+                tokenizer,
+                tokens,
+            })
         })
-    })
-    .as_ref()
+        .as_ref()
 }
 
 fn threads() -> usize {
@@ -68,9 +110,9 @@ fn threads() -> usize {
 
 /// Asserts that `tokens` are the ids of the reference file `name` (count, first and last
 /// ids, sha256 of all of them).
-fn assert_reference_tokens(tokens: &[u32], name: &str) {
+fn assert_reference_tokens(m: &RealModel, tokens: &[u32], name: &str) {
     use sha2::Digest;
-    let r = reference(name);
+    let r = reference(m, name);
     assert_eq!(
         tokens.len() as u64,
         r["n_tokens"].as_u64().unwrap(),
@@ -95,8 +137,8 @@ fn assert_reference_tokens(tokens: &[u32], name: &str) {
 fn tokens_match_the_reference_tokenization() {
     // The whole WikiText-2 validation text, against Hugging Face `tokenizers` with
     // SmolLM2's original pre-tokenizer (digits isolated, then byte-level BPE).
-    let Some(l) = loaded() else { return };
-    assert_reference_tokens(&l.tokens, "tokens.json");
+    let Some(l) = loaded(&SMOLLM2) else { return };
+    assert_reference_tokens(&SMOLLM2, &l.tokens, "tokens.json");
     // Byte-level BPE is lossless.
     let text = std::fs::read_to_string(common::wikitext_valid()).unwrap();
     assert!(
@@ -108,16 +150,16 @@ fn tokens_match_the_reference_tokenization() {
 #[test]
 fn wikitext_joined_tokens_match_the_reference_tokenization() {
     // `eval --wikitext`: rows as the Hugging Face loader yields them, joined with "\n\n".
-    let Some(l) = loaded() else { return };
+    let Some(l) = loaded(&SMOLLM2) else { return };
     let raw = std::fs::read_to_string(common::wikitext_valid()).unwrap();
     let joined = cap_host::eval::wikitext_rows(&raw);
     let tokens = l.tokenizer.encode(&joined, true);
-    assert_reference_tokens(&tokens, "tokens_wikitext_joined.json");
+    assert_reference_tokens(&SMOLLM2, &tokens, "tokens_wikitext_joined.json");
 }
 
-fn check_windows(ctx: usize, default_windows: usize) {
-    let Some(l) = loaded() else { return };
-    let r = reference(&format!("eval_ctx{ctx}.json"));
+fn check_windows(m: &RealModel, ctx: usize, default_windows: usize) {
+    let Some(l) = loaded(m) else { return };
+    let r = reference(m, &format!("eval_ctx{ctx}.json"));
     let want: Vec<f64> = r["window_nll_mean"]
         .as_array()
         .unwrap()
@@ -145,7 +187,8 @@ fn check_windows(ctx: usize, default_windows: usize) {
         assert_eq!(s.count, ctx - 1);
         let rel = (s.mean() - want[i]).abs() / want[i];
         eprintln!(
-            "ctx {ctx} window {i}: cap {:.6} reference {:.6} (rel {rel:.2e})",
+            "{} ctx {ctx} window {i}: cap {:.6} reference {:.6} (rel {rel:.2e})",
+            m.fetch,
             s.mean(),
             want[i]
         );
@@ -164,7 +207,8 @@ fn check_windows(ctx: usize, default_windows: usize) {
     };
     let rel = (total.ppl() - want_ppl).abs() / want_ppl;
     eprintln!(
-        "ctx {ctx}, {n} windows: PPL cap {:.4} reference {want_ppl:.4} (rel {rel:.2e})",
+        "{} ctx {ctx}, {n} windows: PPL cap {:.4} reference {want_ppl:.4} (rel {rel:.2e})",
+        m.fetch,
         total.ppl()
     );
     assert!(rel < NLL_REL_TOL);
@@ -172,17 +216,17 @@ fn check_windows(ctx: usize, default_windows: usize) {
 
 #[test]
 fn window_nlls_match_reference_ctx512() {
-    check_windows(512, 4);
+    check_windows(&SMOLLM2, 512, 4);
 }
 
 #[test]
 fn window_nlls_match_reference_ctx2048() {
-    check_windows(2048, 1);
+    check_windows(&SMOLLM2, 2048, 1);
 }
 
-fn check_last_logits(ctx: usize) {
-    let Some(l) = loaded() else { return };
-    let p = reference_dir().join(format!("last_logits_ctx{ctx}.f32"));
+fn check_last_logits(m: &RealModel, ctx: usize) {
+    let Some(l) = loaded(m) else { return };
+    let p = reference_dir(m).join(format!("last_logits_ctx{ctx}.f32"));
     let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     let want: Vec<f32> = bytes
         .chunks_exact(4)
@@ -203,24 +247,27 @@ fn check_last_logits(ctx: usize) {
         .zip(&want)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    eprintln!("ctx {ctx}: max |logit - reference| = {worst:.2e}");
+    eprintln!(
+        "{} ctx {ctx}: max |logit - reference| = {worst:.2e}",
+        m.fetch
+    );
     assert!(worst < LOGIT_ABS_TOL, "max logit difference {worst}");
 }
 
 #[test]
 fn last_logits_match_reference_ctx512() {
-    check_last_logits(512);
+    check_last_logits(&SMOLLM2, 512);
 }
 
 #[test]
 fn last_logits_match_reference_ctx2048() {
-    check_last_logits(2048);
+    check_last_logits(&SMOLLM2, 2048);
 }
 
 #[test]
 fn chunked_prefill_equals_one_shot() {
     // The KV cache path (prefill in uneven chunks) must give the logits of one pass.
-    let Some(l) = loaded() else { return };
+    let Some(l) = loaded(&SMOLLM2) else { return };
     let toks = &l.tokens[..300];
     let runner = Runner::new(&l.model, 300, threads());
     let h = l.model.config.hidden_size;

@@ -101,6 +101,19 @@ pub fn inspect(ck: &Checkpoint) -> Result<CheckpointReport, ImportError> {
         ("max_position", c.max_position.to_string()),
     ]
     .into_iter()
+    .chain(c.local_attention.map(|l| {
+        (
+            "local_attention",
+            format!(
+                "window {} in every layer but each {}th, RoPE base {}",
+                l.window, l.global_every, l.rope_theta
+            ),
+        )
+    }))
+    .chain(
+        (c.arch.activation() != cap_device::config::Activation::Silu)
+            .then(|| ("activation", format!("{:?}", c.arch.activation()))),
+    )
     .collect();
     Ok(CheckpointReport {
         path: ck.path().display().to_string(),

@@ -21,22 +21,32 @@ pub fn wikitext_valid() -> PathBuf {
 
 /// The real test model (SmolLM2-135M-Instruct Q4_1), or `None` when the run opted out
 /// with `CAP_SKIP_MODEL_TESTS=1`. A missing model is a failure, not a silent pass.
+/// `CAP_MODEL` replaces it.
 pub fn real_model() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CAP_MODEL") {
+        return cached_model_at(PathBuf::from(p), "");
+    }
+    cached_model("SmolLM2-135M-Instruct.Q4_1.gguf", "")
+}
+
+/// One of the models `scripts/fetch-model.sh NAME` caches (`file` in
+/// `~/.cache/cap/model`), or `None` when the run opted out with
+/// `CAP_SKIP_MODEL_TESTS=1`. A missing model is a failure, not a silent pass.
+pub fn cached_model(file: &str, fetch_name: &str) -> Option<PathBuf> {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    cached_model_at(home.join(".cache/cap/model").join(file), fetch_name)
+}
+
+fn cached_model_at(path: PathBuf, fetch_name: &str) -> Option<PathBuf> {
     if std::env::var_os("CAP_SKIP_MODEL_TESTS").is_some_and(|v| v == "1") {
         eprintln!("SKIPPED: CAP_SKIP_MODEL_TESTS=1, real-model test not run");
         return None;
     }
-    let path = std::env::var_os("CAP_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/cap/model/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
     assert!(
         path.exists(),
-        "test model {} is missing: run scripts/fetch-model.sh (or set CAP_MODEL, or CAP_SKIP_MODEL_TESTS=1 to skip)",
+        "test model {} is missing: run scripts/fetch-model.sh {fetch_name} (or CAP_SKIP_MODEL_TESTS=1 to skip)",
         path.display()
     );
     Some(path)
