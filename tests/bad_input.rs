@@ -94,6 +94,27 @@ fn unsupported_architecture() {
 }
 
 #[test]
+fn gemma3_without_its_window_key_or_from_safetensors() {
+    // A gemma3 GGUF must say how far its local layers see: the missing key is named.
+    let d = tempfile::tempdir().unwrap();
+    let m = write(
+        d.path(),
+        "g.gguf",
+        &tiny_llama_gguf("gemma3", 0, 8 * 256 * 4),
+    );
+    assert_clean_failure(&["inspect", &m], &[&m, "gemma3.attention.sliding_window"]);
+    // Gemma's Hugging Face names collide with LLaMA's: refused by name, not misread.
+    let cfg = r#"{"model_type":"gemma3_text","vocab_size":256,"hidden_size":8,"intermediate_size":16,
+        "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":2}"#;
+    write(d.path(), "config.json", cfg.as_bytes());
+    let mut st = 2u64.to_le_bytes().to_vec();
+    st.extend_from_slice(b"{}");
+    write(d.path(), "model.safetensors", &st);
+    let dir = d.path().display().to_string();
+    assert_clean_failure(&["inspect", &dir], &["gemma3_text", "GGUF files only"]);
+}
+
+#[test]
 fn corrupt_safetensors_directory() {
     let d = tempfile::tempdir().unwrap();
     let cfg = r#"{"model_type":"llama","vocab_size":256,"hidden_size":8,"intermediate_size":16,

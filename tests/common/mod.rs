@@ -201,6 +201,7 @@ pub fn cap_host_with(envs: &[(&str, &std::ffi::OsStr)], args: &[&str]) -> (i32, 
 }
 
 /// A GGUF metadata value for [`gguf_bytes`].
+#[derive(Clone)]
 pub enum Kv {
     /// u32 (type 4).
     U32(u32),
@@ -282,19 +283,26 @@ pub fn gguf_bytes(kv: &[(&str, Kv)], tensors: &[(&str, Vec<u64>, u32, Vec<u8>)])
 pub fn tiny_llama_gguf(arch: &'static str, up_type: u32, up_bytes: usize) -> Vec<u8> {
     let (h, inter, vocab) = (8u64, 256u64, 256u64);
     let f32s = |n: u64| vec![0u8; n as usize * 4];
-    let mut kv = vec![
-        ("general.architecture", Kv::Str(arch)),
-        ("llama.block_count", Kv::U32(1)),
-        ("llama.context_length", Kv::U32(64)),
-        ("llama.embedding_length", Kv::U32(h as u32)),
-        ("llama.feed_forward_length", Kv::U32(inter as u32)),
-        ("llama.attention.head_count", Kv::U32(2)),
-        ("llama.attention.head_count_kv", Kv::U32(2)),
-        ("llama.attention.layer_norm_rms_epsilon", Kv::F32(1e-5)),
-        ("llama.rope.freq_base", Kv::F32(10000.0)),
+    // The hyper-parameters under the architecture's own prefix, as llama.cpp writes them.
+    let keys: Vec<(String, Kv)> = [
+        ("block_count", Kv::U32(1)),
+        ("context_length", Kv::U32(64)),
+        ("embedding_length", Kv::U32(h as u32)),
+        ("feed_forward_length", Kv::U32(inter as u32)),
+        ("attention.head_count", Kv::U32(2)),
+        ("attention.head_count_kv", Kv::U32(2)),
+        ("attention.layer_norm_rms_epsilon", Kv::F32(1e-5)),
+        ("rope.freq_base", Kv::F32(10000.0)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("{arch}.{k}"), v))
+    .collect();
+    let mut kv: Vec<(&str, Kv)> = vec![("general.architecture", Kv::Str(arch))];
+    kv.extend(keys.iter().map(|(k, v)| (k.as_str(), v.clone())));
+    kv.extend([
         ("tokenizer.ggml.model", Kv::Str("gpt2")),
         ("tokenizer.ggml.pre", Kv::Str("default")),
-    ];
+    ]);
     // GPT-2 byte-level vocabulary: the 256 byte symbols.
     let toks: Vec<String> = (0..=255u8).map(|b| gpt2_byte_char(b).to_string()).collect();
     kv.push(("tokenizer.ggml.tokens", Kv::Strs(toks)));
