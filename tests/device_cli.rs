@@ -1,7 +1,8 @@
 //! `cap-device` end to end: a file written by `cap-host compress` passes its self-test
 //! (the board recomputes the host's stored figure), generation reports its speeds,
-//! bad input fails cleanly, and on SmolLM2 the aarch64 build under qemu computes the
-//! same perplexity as the x86 build, within peak memory of file + KV cache + overhead.
+//! bad input fails cleanly, and on the three real models (SmolLM2, Qwen2.5, Gemma-3)
+//! the aarch64 build under qemu computes the same perplexity as the x86 build, within
+//! peak memory of file + KV cache + overhead.
 
 mod common;
 
@@ -242,31 +243,91 @@ fn smollm2_self_test_on_x86_and_aarch64() {
     let Some(model) = common::real_model() else {
         return;
     };
+    // Short windows: under qemu the aarch64 build runs about 1 token/s.
+    let settings = Settings {
+        method: &["--ratio", "0.5", "--method", "wanda"],
+        eval: ["32", "2"],
+        decode_check: "4",
+        overhead: RSS_OVERHEAD,
+    };
+    self_test_on_x86_and_aarch64("SmolLM2", &model, &settings);
+}
+
+/// Qwen2 (q/k/v biases, an untied head) in 2:4 with 4-bit values: the 2:4 encoding and
+/// the quantized kernels on both machines.
+#[test]
+fn qwen2_self_test_on_x86_and_aarch64() {
+    let Some(model) =
+        common::cached_model("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", "qwen2.5-0.5b")
+    else {
+        return;
+    };
+    // One window of 16: the 151,936-row head makes qemu ten times slower than on
+    // SmolLM2.
+    let settings = Settings {
+        method: &["--pattern", "2:4", "--method", "wanda", "--values", "q4"],
+        eval: ["16", "1"],
+        decode_check: "2",
+        overhead: big_vocab_overhead(151_936),
+    };
+    self_test_on_x86_and_aarch64("Qwen2.5", &model, &settings);
+}
+
+/// Gemma-3 (q/k norms, output norms, GeGLU, scaled embedding, local layers) with
+/// unstructured 50% sparsity in f16 bitmasks.
+#[test]
+fn gemma3_self_test_on_x86_and_aarch64() {
+    let Some(model) = common::cached_model("gemma-3-270m-q4_k_m.gguf", "gemma3-270m") else {
+        return;
+    };
+    let settings = Settings {
+        method: &["--ratio", "0.5", "--method", "wanda"],
+        eval: ["16", "1"],
+        decode_check: "2",
+        overhead: big_vocab_overhead(262_144),
+    };
+    self_test_on_x86_and_aarch64("Gemma-3", &model, &settings);
+}
+
+/// [`RSS_OVERHEAD`] plus what a large vocabulary adds: one block of 64 rows of logits
+/// and a tokenizer of that many tokens (with merges or scores), about 1 KB a token.
+fn big_vocab_overhead(vocab: u64) -> u64 {
+    RSS_OVERHEAD + 64 * vocab * 4 + vocab * 1024
+}
+
+/// How a self-test case compresses and measures.
+struct Settings {
+    /// Method and budget arguments of `compress`.
+    method: &'static [&'static str],
+    /// `--eval-ctx` and `--eval-windows`: the stored figure the boards recompute.
+    eval: [&'static str; 2],
+    /// `--decode-check` tokens under qemu.
+    decode_check: &'static str,
+    /// Peak resident memory allowed beyond the mapped file and the KV cache.
+    overhead: u64,
+}
+
+/// Compresses `model` (small calibration), then: the x86 self-test recomputes the
+/// stored figure within peak memory of file + KV cache + overhead, generation runs, and
+/// the aarch64 build under qemu computes the same perplexity.
+fn self_test_on_x86_and_aarch64(name: &str, model: &Path, s: &Settings) {
     let bin = cap_device();
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("smollm2.cap");
+    let out = dir.path().join("model.cap");
     let o = out.display().to_string();
     let calib = root().join("data/c4/c4_sample.json");
-    let r = compress(
-        &model.display().to_string(),
-        &out,
-        &calib,
-        &[
-            "--ratio",
-            "0.5",
-            "--method",
-            "wanda",
-            "--calib-samples",
-            "8",
-            "--calib-len",
-            "128",
-            // Short windows: under qemu the aarch64 build runs about 1 token/s.
-            "--eval-ctx",
-            "32",
-            "--eval-windows",
-            "2",
-        ],
-    );
+    let mut args = s.method.to_vec();
+    args.extend([
+        "--calib-samples",
+        "8",
+        "--calib-len",
+        "128",
+        "--eval-ctx",
+        s.eval[0],
+        "--eval-windows",
+        s.eval[1],
+    ]);
+    let r = compress(&model.display().to_string(), &out, &calib, &args);
     let stored = r["self_test"]["ppl"].as_f64().unwrap();
     let x86 = json(&bin, &["selftest", &o, "--json", "--threads", "2"]);
     assert_eq!(x86["pass"], true, "{x86}");
@@ -277,8 +338,9 @@ fn smollm2_self_test_on_x86_and_aarch64() {
     let kv = x86["kv_cache_bytes"].as_u64().unwrap();
     let rss = x86["peak_rss_bytes"].as_u64().unwrap();
     assert!(
-        rss <= file + kv + RSS_OVERHEAD,
-        "peak RSS {rss} > file {file} + KV {kv} + {RSS_OVERHEAD}"
+        rss <= file + kv + s.overhead,
+        "peak RSS {rss} > file {file} + KV {kv} + {}",
+        s.overhead
     );
     let g = json(
         &bin,
@@ -299,7 +361,7 @@ fn smollm2_self_test_on_x86_and_aarch64() {
     assert_eq!(g["generated_tokens"].as_u64().unwrap(), 16, "{g}");
     let rss = g["peak_rss_bytes"].as_u64().unwrap();
     let kv = g["kv_cache_bytes"].as_u64().unwrap();
-    assert!(rss <= file + kv + RSS_OVERHEAD, "generate: peak RSS {rss}");
+    assert!(rss <= file + kv + s.overhead, "generate: peak RSS {rss}");
 
     let Some((qemu, arm)) = aarch64_device() else {
         return;
@@ -315,7 +377,7 @@ fn smollm2_self_test_on_x86_and_aarch64() {
             "--threads",
             "2",
             "--decode-check",
-            "4",
+            s.decode_check,
         ])
         .output()
         .expect("run qemu");
@@ -329,6 +391,6 @@ fn smollm2_self_test_on_x86_and_aarch64() {
     assert_eq!(a["pass"], true, "{a}");
     assert_eq!(a["decode_check_pass"], true, "{a}");
     let arm_ppl = a["ppl"].as_f64().unwrap();
-    eprintln!("SmolLM2 self-test: stored {stored}, x86 {ppl}, aarch64 (qemu) {arm_ppl}");
+    eprintln!("{name} self-test: stored {stored}, x86 {ppl}, aarch64 (qemu) {arm_ppl}");
     assert!((arm_ppl - ppl).abs() / ppl <= SELFTEST_TOL);
 }
