@@ -2,7 +2,8 @@
 //! `--target` (the written file's linear sections never exceed it and the printed
 //! totals are the file's), the stored perplexity is the written file's, a custom
 //! device profile that forces about half of SmolLM2's linear weights out is met with
-//! the KV cache, and bad input fails cleanly with nothing written.
+//! the KV cache, bad input fails cleanly with nothing written, and Gemma-3 compresses
+//! with every method into files `cap-device` self-tests.
 
 mod common;
 
@@ -161,6 +162,90 @@ fn budgets_are_exact_for_every_method_and_budget_kind() {
             );
         }
     }
+}
+
+/// Runs `cap-device selftest path` and asserts that it passes: the device recomputes
+/// the perplexity the host stored (within its own tolerance) and scores tokens decoded
+/// one at a time as in a batch.
+fn assert_device_selftest(device: &Path, path: &Path) {
+    let out = std::process::Command::new(device)
+        .args([
+            "selftest",
+            &path.display().to_string(),
+            "--json",
+            "--threads",
+            "2",
+        ])
+        .output()
+        .expect("run cap-device");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "cap-device selftest failed: {err}");
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert_eq!(s["pass"], true, "{s}");
+    assert_eq!(s["decode_check_pass"], true, "{s}");
+}
+
+/// Gemma-3 (the tiny GGUF: 6 layers, q/k norms, norms after attention and MLP, layers
+/// 0–4 local with a window of 8, so the 32-token evaluation windows slide) with every
+/// method at `--ratio 0.5`, then with a device profile: each file verifies, holds the
+/// linear bytes the report gives, and passes `cap-device selftest`.
+#[test]
+fn gemma3_compresses_with_every_method_and_self_tests() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calib_text(dir.path());
+    let cache = dir.path().join("rpca").display().to_string();
+    let device = common::cap_device();
+    let m = tiny("gemma3");
+    let out = dir.path().join("gemma3.cap");
+    let out_s = out.display().to_string();
+    let base = |extra: &[&str]| small_compress(&m, &out_s, &calib, &cache, extra);
+    for method in METHODS {
+        let mut a = base(method);
+        a.extend(["--ratio", "0.5"].map(String::from));
+        let r = run_json(&a);
+        let kept = check_file(&r, &out);
+        // 6 layers × 7 linears: every one of them went through the method.
+        assert_eq!(r["layers"].as_array().unwrap().len(), 42, "{method:?}");
+        assert!(
+            kept <= dense_params(&r) / 2,
+            "{method:?}: {kept} params kept"
+        );
+        assert_eq!(kept, r["linear_cost"].as_u64().unwrap());
+        assert_device_selftest(&device, &out);
+        std::fs::remove_file(&out).unwrap();
+    }
+    // A device profile with room for about half the dense linear bytes.
+    let plan = run_json(&base(&["--budget", "1000000000", "--dry-run"]));
+    let half_linears = plan["fixed"]["linear_dense_bytes"].as_u64().unwrap() / 2;
+    let tplan = run_json(&base(&["--target", "host", "--ctx", "64", "--dry-run"]));
+    let reserved = 1 << 20;
+    let total = needed(&tplan, half_linears) + reserved;
+    let tdir = dir.path().join("targets");
+    std::fs::create_dir_all(&tdir).unwrap();
+    write_profile(&tdir, "tiny-board", total, reserved);
+    let tdir_s = tdir.display().to_string();
+    let r = run_json(&base(&[
+        "--target",
+        "tiny-board",
+        "--targets-dir",
+        &tdir_s,
+        "--ctx",
+        "64",
+    ]));
+    check_file(&r, &out);
+    let linear = r["linear_bytes"].as_u64().unwrap();
+    assert!(linear <= r["budget"]["limit"].as_u64().unwrap(), "{r}");
+    // Independently: 6 layers × (k, v) × ctx 64 × kv_dim 32 × 4 bytes (local layers
+    // keep every position too).
+    let kv = 6 * 2 * 64 * 32 * 4;
+    let br = r["budget"]["breakdown"].as_array().unwrap();
+    assert_eq!(br[0][1].as_u64().unwrap(), kv, "{r}");
+    let scratch_runtime: u64 = br[1..3].iter().map(|e| e[1].as_u64().unwrap()).sum();
+    assert!(
+        r["file_bytes"].as_u64().unwrap() + kv + scratch_runtime <= total - reserved,
+        "does not fit the board: {r}"
+    );
+    assert_device_selftest(&device, &out);
 }
 
 #[test]

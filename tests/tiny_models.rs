@@ -1,6 +1,7 @@
 //! Every supported architecture (LLaMA with llama3 RoPE scaling, tied LLaMA, Mistral,
-//! Qwen2 with q/k/v biases), imported from Hugging Face safetensors (f32, f16, sharded
-//! bf16) and from GGUF (with llama.cpp's q/k row permutation), against logits computed by
+//! Qwen2 with q/k/v biases, Gemma-3 with sliding local layers), imported from Hugging Face
+//! safetensors (f32, f16, sharded bf16) and from GGUF (with llama.cpp's q/k row
+//! permutation for LLaMA, and its +1 on Gemma's norm weights), against logits computed by
 //! PyTorch + transformers on the same random weights (tests/fixtures/tiny/, made by
 //! scripts/reference/make_tiny_models.py).
 
@@ -8,14 +9,17 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use cap_device::config::Arch;
 use cap_device::forward::Runner;
 use cap_host::import::Checkpoint;
 use serde_json::Value;
 
-/// Tiny models (2 layers, width 64, weights ~0.1): f32 logits agree with PyTorch to a
-/// few ULP of their magnitude; 1e-4 absolute leaves room for summation order.
+/// Tiny models (2 layers, Gemma-3 6, width 64, weights ~0.1): f32 logits agree with
+/// PyTorch to a few ULP of their magnitude; 1e-4 absolute leaves room for summation order
+/// (the script's float64 numpy pass is within 3e-6 of the same references).
 const TINY_LOGIT_TOL: f32 = 1e-4;
 
+/// `tests/fixtures/tiny`.
 fn tiny_dir() -> PathBuf {
     common::root().join("tests/fixtures/tiny")
 }
@@ -71,7 +75,9 @@ fn every_tiny_checkpoint_matches_transformers() {
     for e in entries {
         let p = e.path();
         let reference = p.join("reference.json");
-        if !p.is_dir() || !reference.exists() {
+        // GGUF-only folders (gemma3: cap refuses Gemma-3 safetensors) have no
+        // config.json and their own test below.
+        if !p.is_dir() || !reference.exists() || !p.join("config.json").exists() {
             continue;
         }
         let ck = Checkpoint::open(&p).unwrap_or_else(|e| panic!("{e}"));
@@ -95,6 +101,32 @@ fn every_tiny_checkpoint_matches_transformers() {
         checked.len() >= 6,
         "expected the tiny fixtures (4 architectures, sharded bf16, f16, GGUF), found {checked:?}"
     );
+}
+
+/// Gemma-3 from a GGUF written as llama.cpp's converter writes one (norm weights + 1,
+/// q/k rows not permuted, window in `gemma3.attention.sliding_window`): 6 layers and a
+/// window of 8 over the 40 reference tokens, so layers 0–4 attend to a sliding window
+/// at the local RoPE base and layer 5 globally at base 1e6.
+#[test]
+fn gemma3_gguf_matches_transformers() {
+    let dir = tiny_dir().join("gemma3");
+    let ck = Checkpoint::open(&dir.join("gemma3.gguf")).unwrap_or_else(|e| panic!("{e}"));
+    // The file must import as the model the reference ran, or the comparison below
+    // would test another architecture.
+    let c = ck.config().unwrap();
+    assert_eq!(c.arch, Arch::Gemma3);
+    assert_eq!((c.n_layers, c.head_dim, c.vocab_size), (6, 16, 256));
+    assert_eq!(c.rope_theta, 1e6);
+    assert!(c.tie_embeddings);
+    let l = c.local_attention.expect("local attention");
+    assert_eq!((l.window, l.global_every, l.rope_theta), (8, 6, 10_000.0));
+    let local: Vec<bool> = (0..c.n_layers)
+        .map(|i| c.layer_window(i).is_some())
+        .collect();
+    assert_eq!(local, [true, true, true, true, true, false]);
+    let worst = max_logit_diff(&ck, &dir.join("reference.json"));
+    eprintln!("gemma3.gguf: max |logit − transformers| = {worst:.2e}");
+    assert!(worst < TINY_LOGIT_TOL, "gemma3.gguf: {worst}");
 }
 
 #[test]

@@ -1,6 +1,6 @@
 """Tiny random models for cap's architecture tests (tests/fixtures/tiny/).
 
-Models (every one: vocab 256, hidden 64, 2 layers, 4 query heads, 2 key/value heads,
+Models (all but gemma3: vocab 256, hidden 64, 2 layers, 4 query heads, 2 key/value heads,
 head_dim 16, rms_norm_eps 1e-6, rope_theta 10000, max_position_embeddings 256; weights and
 biases ~N(0, 0.1), RMSNorm weights 1 + N(0, 0.1); float32; seed = position in the list):
 
@@ -8,8 +8,9 @@ biases ~N(0, 0.1), RMSNorm weights 1 + N(0, 0.1); float32; seed = position in th
   llama-tied     LLaMA, default RoPE, tied embeddings
   mistral        Mistral, sliding_window 128 (> the 40 test tokens), untied
   qwen2          Qwen2 (q/k/v biases), intermediate 96, untied
+  gemma3         Gemma3ForCausalLM, GGUF only (seed 4; see below)
 
-Each is saved with save_pretrained (config.json + model.safetensors) and gets
+Each but gemma3 is saved with save_pretrained (config.json + model.safetensors); each gets
 reference.json: 40 token ids (numpy default_rng(1)) and transformers' float32 logits for
 them (eager attention), each value written as the shortest decimal that reads back as
 the same float32. llama-tied is also saved as f16 (single file, llama-tied-f16/) and as
@@ -25,6 +26,19 @@ pre "default", 256 byte tokens (GPT-2's byte-to-unicode strings, id = byte value
 empty merges array (llama.cpp refuses a "gpt2" vocabulary without the merges key;
 gguf-py's writer cannot write an empty array, so it is written by hand here).
 
+gemma3 (cap refuses Gemma-3 safetensors, so there is no config.json or safetensors, only
+gemma3/gemma3.gguf and reference.json): vocab, hidden, heads, head_dim, intermediate 128,
+rms_norm_eps and max_position_embeddings as above; 6 layers (layers 0-4 sliding, layer 5 global:
+sliding_window_pattern 6), sliding_window 8 (< the 40 test tokens, so the windows slide),
+query_pre_attn_scalar 16 (= head_dim: scale 1/sqrt(head_dim), as llama.cpp and cap use),
+rope_theta 1e6 global and 10000 local, gelu_pytorch_tanh, tied embeddings, no softcapping;
+norm weights (all seven kinds) ~N(0, 0.1), i.e. scales 1 + N(0, 0.1) since Gemma3RMSNorm
+multiplies by 1 + w. The GGUF is written as convert_hf_to_gguf.py Gemma3Model does: its
+gemma3.* keys (incl. attention.sliding_window, key_length, value_length; it writes no
+vocab_size and no rope.dimension_count), F32 tensors with every *norm.weight + 1, q/k rows
+not permuted (llama.cpp runs Gemma-3 with NEOX RoPE), no output.weight; the same byte
+tokenizer.
+
 Checks (the script fails if one does not hold):
   * llama3 scaling is active (logits differ from the same weights with default RoPE) and
     rope_freqs.weight equals transformers' own llama3 inv_freq ratio;
@@ -35,7 +49,13 @@ Checks (the script fails if one does not hold):
   * an independent float64 numpy forward pass that reads the GGUF tensors and applies
     llama.cpp's semantics (adjacent-pair RoPE on the permuted q/k, angles divided by
     rope_freqs) reproduces reference.json within 1e-4;
-  * reference.json parses back to exactly the float32 logits.
+  * reference.json parses back to exactly the float32 logits;
+  * gemma3: the window is active (the same weights with a window of 256 give other
+    logits); GGUFReader reads back every key and tensor; a float64 numpy forward pass with
+    llama.cpp's gemma3 semantics on the GGUF tensors reproduces reference.json within
+    1e-4; transformers loads the GGUF and reproduces the logits within 1e-5 once
+    query_pre_attn_scalar=16 is passed (GGUF has no key for it, and without it transformers
+    takes Gemma3TextConfig's 256; that model is compared with the same weights at 256).
 
 usage: python scripts/reference/make_tiny_models.py [--out DIR]   (run by hand; outputs are committed)
 """
@@ -45,7 +65,7 @@ import numpy as np
 import torch
 import gguf
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt2_bytes import bytes_to_unicode  # noqa: E402
@@ -61,7 +81,8 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 64, "rope_theta": ROPE_THETA}
 DEFAULT_ROPE = {"rope_type": "default", "rope_theta": ROPE_THETA}
 TOKENS = [int(t) for t in np.random.default_rng(1).integers(0, 256, 40)]
-GENERATED = ["llama3-scaled", "llama-tied", "llama-tied-f16", "llama-tied-bf16-sharded", "mistral", "qwen2"]
+GENERATED = ["llama3-scaled", "llama-tied", "llama-tied-f16", "llama-tied-bf16-sharded", "mistral", "qwen2",
+             "gemma3"]
 
 
 def configs():
@@ -76,13 +97,14 @@ def configs():
     }
 
 
-def build(cfg, seed):
+def build(cfg, seed, norm_mean=1.0):
+    """Random model: weights and biases ~N(0, 0.1), norm weights norm_mean + N(0, 0.1)."""
     torch.manual_seed(seed)
     m = AutoModelForCausalLM.from_config(cfg, attn_implementation=ATTN).float().eval()
     with torch.no_grad():
         for name, p in m.named_parameters():  # tied: the shared tensor appears once
             if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                p.copy_(norm_mean + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.1 * torch.randn_like(p))  # weights and biases alike
     return m
@@ -300,6 +322,211 @@ def llamacpp_forward(t, r, tokens):
     return x @ T.get("output.weight", T["token_embd.weight"]).T
 
 
+# Gemma-3 (GGUF only: cap refuses gemma3 safetensors). Six layers so that layers 0-4 are
+# local and layer 5 is global (sliding_window_pattern 6, which llama.cpp also fixes), a
+# window of 8 tokens so that the local layers' windows slide over the 40 test tokens, and
+# query_pre_attn_scalar = head_dim so that the attention scale is 1/sqrt(head_dim), which
+# is what llama.cpp (and cap) use for every Gemma-3 size but 27B.
+GEMMA3_SEED = 4  # after the four models of configs()
+GEMMA3_LOCAL_THETA = 10000.0  # rope_local_base_freq; llama.cpp fixes it for gemma3
+GEMMA3_GLOBAL_THETA = 1e6
+
+
+def gemma3_config(query_pre_attn_scalar=16):
+    return Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=query_pre_attn_scalar, sliding_window=8,
+        sliding_window_pattern=6, rms_norm_eps=1e-6, max_position_embeddings=256, tie_word_embeddings=True,
+        hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=None, attn_logit_softcapping=None,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": GEMMA3_GLOBAL_THETA},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": GEMMA3_LOCAL_THETA}})
+
+
+# Hugging Face name -> GGUF name (gguf-py's tensor map for MODEL_ARCH.GEMMA3).
+GEMMA3_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+                "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm", "mlp.gate_proj": "ffn_gate",
+                "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def write_gemma3_gguf(path, name, m, cfg):
+    """As convert_hf_to_gguf.py Gemma3Model: its set_gguf_parameters keys (no vocab_size,
+    no rope.dimension_count: it writes neither), norm weights + 1 (Gemma3RMSNorm scales by
+    1 + w), q/k rows as they are (llama.cpp's gemma3 graph uses NEOX, i.e. half-split, RoPE
+    like Hugging Face), tied head. Returns (kv dict, tensor dict) as written."""
+    a = "gemma3"
+    kv = {
+        "general.architecture": a, "general.type": "model", "general.name": f"tiny {name}",
+        "general.file_type": int(gguf.LlamaFileType.ALL_F32), "general.quantization_version": gguf.GGML_QUANT_VERSION,
+        f"{a}.context_length": cfg.max_position_embeddings, f"{a}.embedding_length": cfg.hidden_size,
+        f"{a}.block_count": cfg.num_hidden_layers, f"{a}.feed_forward_length": cfg.intermediate_size,
+        f"{a}.attention.head_count": cfg.num_attention_heads,
+        f"{a}.attention.layer_norm_rms_epsilon": cfg.rms_norm_eps,
+        f"{a}.attention.key_length": cfg.head_dim, f"{a}.attention.value_length": cfg.head_dim,
+        f"{a}.rope.freq_base": cfg.rope_parameters["full_attention"]["rope_theta"],
+        f"{a}.attention.sliding_window": cfg.sliding_window,
+        f"{a}.attention.head_count_kv": cfg.num_key_value_heads,
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": byte_tokens(), "tokenizer.ggml.token_type": [int(gguf.TokenType.NORMAL)] * 256,
+        "tokenizer.ggml.merges": [],
+    }
+    w = Writer(path, a)
+    w.add_type(kv["general.type"])
+    w.add_name(kv["general.name"])
+    w.add_quantization_version(kv["general.quantization_version"])
+    w.add_context_length(kv[f"{a}.context_length"])
+    w.add_embedding_length(kv[f"{a}.embedding_length"])
+    w.add_block_count(kv[f"{a}.block_count"])
+    w.add_feed_forward_length(kv[f"{a}.feed_forward_length"])
+    w.add_head_count(kv[f"{a}.attention.head_count"])
+    w.add_layer_norm_rms_eps(kv[f"{a}.attention.layer_norm_rms_epsilon"])
+    w.add_key_length(kv[f"{a}.attention.key_length"])
+    w.add_value_length(kv[f"{a}.attention.value_length"])
+    w.add_file_type(kv["general.file_type"])
+    w.add_rope_freq_base(kv[f"{a}.rope.freq_base"])
+    w.add_sliding_window(kv[f"{a}.attention.sliding_window"])
+    w.add_head_count_kv(kv[f"{a}.attention.head_count_kv"])
+    w.add_tokenizer_model(kv["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(kv["tokenizer.ggml.pre"])
+    w.add_token_list(kv["tokenizer.ggml.tokens"])
+    w.add_token_types(kv["tokenizer.ggml.token_type"])
+    w.add_key_value("tokenizer.ggml.merges", [], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.STRING)
+
+    sd = {k: v.detach().float().numpy() for k, v in m.state_dict().items()}
+    assert cfg.tie_word_embeddings  # no output.weight: llama.cpp reuses token_embd
+    if "lm_head.weight" in sd:  # the state dict may list the tied tensor under both names
+        assert np.array_equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
+    shift = lambda k, t: t + np.float32(1.0) if k.endswith("norm.weight") else t  # float32 add, as torch's
+    tensors = {"token_embd.weight": sd["model.embed_tokens.weight"],
+               "output_norm.weight": shift("model.norm.weight", sd["model.norm.weight"])}
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in GEMMA3_NAMES.items():
+            k = f"model.layers.{i}.{hf}.weight"
+            tensors[f"blk.{i}.{gg}.weight"] = np.ascontiguousarray(shift(k, sd[k]), dtype=np.float32)
+    for k, t in tensors.items():
+        assert t.dtype == np.float32, k
+        w.add_tensor(k, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return kv, tensors
+
+
+def gemma3_llamacpp_forward(t, r, tokens):
+    """float64 forward pass from GGUF tensors with llama.cpp's gemma3 semantics: embedding
+    times sqrt(n_embd); norms multiply by the stored weight (the +1 is in it); per-head q/k
+    RMSNorm; NEOX RoPE (halves rotated together) at rope.freq_base in global layers and
+    10000 in local ones; every 6th layer global, the others mask keys with q - k >= window;
+    scores scaled by 1/sqrt(key_length); norms after attention and after the MLP;
+    GELU (tanh) gate."""
+    f = lambda k: r.fields[k].contents()
+    a = "gemma3"
+    n_layer, n_head, n_kv = f(f"{a}.block_count"), f(f"{a}.attention.head_count"), f(f"{a}.attention.head_count_kv")
+    eps, hd = f(f"{a}.attention.layer_norm_rms_epsilon"), f(f"{a}.attention.key_length")
+    window, global_base = f(f"{a}.attention.sliding_window"), f(f"{a}.rope.freq_base")
+    T = {k: v.astype(np.float64) for k, v in t.items()}
+    n = len(tokens)
+    d = T["token_embd.weight"].shape[1]
+    x = T["token_embd.weight"][tokens] * math.sqrt(d)
+
+    def rope(v, base):  # [n, heads, hd]; NEOX mode: rotate (i, i + hd/2)
+        theta = np.arange(n)[:, None] * base ** (-np.arange(0, hd, 2) / hd)[None, :]
+        cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+        a_, b_ = v[..., : hd // 2], v[..., hd // 2:]
+        return np.concatenate([a_ * cos - b_ * sin, a_ * sin + b_ * cos], axis=-1)
+
+    def norm(v, wt):
+        return v / np.sqrt((v * v).mean(-1, keepdims=True) + eps) * wt
+
+    def gelu_tanh(v):
+        return 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))
+
+    q_idx, k_idx = np.arange(n)[:, None], np.arange(n)[None, :]
+    causal = np.where(k_idx > q_idx, -np.inf, 0.0)
+    local = np.where((k_idx > q_idx) | (q_idx - k_idx >= window), -np.inf, 0.0)
+    for i in range(n_layer):
+        p = lambda s: T[f"blk.{i}.{s}.weight"]
+        is_local = (i + 1) % 6 != 0
+        base, mask = (GEMMA3_LOCAL_THETA, local) if is_local else (global_base, causal)
+        h = norm(x, p("attn_norm"))
+        q = rope(norm((h @ p("attn_q").T).reshape(n, n_head, hd), p("attn_q_norm")), base)
+        k = rope(norm((h @ p("attn_k").T).reshape(n, n_kv, hd), p("attn_k_norm")), base)
+        v = (h @ p("attn_v").T).reshape(n, n_kv, hd)
+        out = np.empty((n, n_head, hd))
+        for hh in range(n_head):
+            kvh = hh // (n_head // n_kv)
+            s = q[:, hh] @ k[:, kvh].T / math.sqrt(hd) + mask
+            s = np.exp(s - s.max(-1, keepdims=True))
+            out[:, hh] = (s / s.sum(-1, keepdims=True)) @ v[:, kvh]
+        x = x + norm(out.reshape(n, n_head * hd) @ p("attn_output").T, p("post_attention_norm"))
+        h = norm(x, p("ffn_norm"))
+        y = (gelu_tanh(h @ p("ffn_gate").T) * (h @ p("ffn_up").T)) @ p("ffn_down").T
+        x = x + norm(y, p("post_ffw_norm"))
+    x = norm(x, T["output_norm.weight"])
+    return x @ T["token_embd.weight"].T
+
+
+def make_gemma3(out):
+    name = "gemma3"
+    cfg = gemma3_config()
+    assert cfg.layer_types == ["sliding_attention"] * 5 + ["full_attention"], cfg.layer_types
+    # Gemma3RMSNorm scales by (1 + w): w ~ N(0, 0.1) gives the same effective scales,
+    # 1 + N(0, 0.1), as the other models' norms.
+    m = build(cfg, GEMMA3_SEED, norm_mean=0.0)
+    assert type(m).__name__ == "Gemma3ForCausalLM", type(m)
+    assert m.model.layers[0].self_attn.sliding_window == 8 and m.model.layers[5].self_attn.sliding_window is None
+    assert m.model.layers[0].self_attn.scaling == 0.25
+    d = os.path.join(out, name)
+    os.makedirs(d)
+    ref = save_ref(d, m)
+
+    # The window matters: the same weights with a window wider than the text differ.
+    wide = build(gemma3_config(), GEMMA3_SEED, norm_mean=0.0)
+    wide.config.sliding_window = 256
+    for layer in wide.model.layers:
+        if layer.self_attn.sliding_window is not None:
+            layer.self_attn.sliding_window = 256
+    wide.load_state_dict(m.state_dict())
+    diff = (logits(wide) - torch.from_numpy(ref)).abs().max().item()
+    assert diff > 1e-3, f"the sliding window does not change the logits ({diff})"
+    print(f"{name}: the window of 8 is active (max logit change vs a window of 256: {diff:.3f})")
+
+    g = os.path.join(d, name + ".gguf")
+    kv, tensors = write_gemma3_gguf(g, name, m, cfg)
+    t, reader = check_gguf_readback(g, kv, tensors)
+    print(f"{name}.gguf: GGUFReader read back {len(kv)} keys and {len(tensors)} tensors exactly")
+    lc = gemma3_llamacpp_forward(t, reader, TOKENS)
+    err = np.abs(lc - ref).max()
+    print(f"{name}.gguf: numpy forward with llama.cpp semantics vs reference: max diff {err:.2e}")
+    assert err < 1e-4, err
+
+    # transformers' GGUF loader reads no query_pre_attn_scalar (GGUF has no such key) and
+    # takes Gemma3TextConfig's default of 256: scores scaled by 1/16, not 1/4.
+    with tempfile.TemporaryDirectory() as tmp:  # only the GGUF, so no config.json is used
+        shutil.copy(g, tmp)
+        load = lambda **kw: AutoModelForCausalLM.from_pretrained(
+            tmp, gguf_file=name + ".gguf", dtype=torch.float32, attn_implementation=ATTN, **kw).eval()
+        plain = load()
+        fixed = load(query_pre_attn_scalar=cfg.query_pre_attn_scalar)
+    assert plain.config.query_pre_attn_scalar == 256, plain.config.query_pre_attn_scalar
+    assert plain.config.tie_word_embeddings and plain.config.sliding_window == cfg.sliding_window
+    assert plain.config.layer_types == cfg.layer_types
+    as256 = build(gemma3_config(query_pre_attn_scalar=256), GEMMA3_SEED, norm_mean=0.0)
+    as256.load_state_dict(m.state_dict())
+    d256 = (logits(plain) - logits(as256)).abs().max().item()
+    dref = (logits(plain) - torch.from_numpy(ref)).abs().max().item()
+    dfix = (logits(fixed) - torch.from_numpy(ref)).abs().max().item()
+    print(f"{name}.gguf: transformers' GGUF loader (query_pre_attn_scalar defaults to 256) vs the same weights "
+          f"with 256: max logit diff {d256:.2e}; vs reference: {dref:.3f}")
+    print(f"{name}.gguf: transformers' GGUF loader with query_pre_attn_scalar=16 passed vs reference: "
+          f"max logit diff {dfix:.2e}")
+    assert d256 < 1e-5 and dfix < 1e-5, (d256, dfix)
+    print(name, "saved")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=OUT)
@@ -370,6 +597,7 @@ def main():
                 save_ref(d2, AutoModelForCausalLM.from_pretrained(d2, dtype=torch.float32, attn_implementation=ATTN).eval())
                 print(f"{name}-{suffix} saved")
         print(name, "saved")
+    make_gemma3(a.out)
     total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(a.out) for f in fs)
     print(f"{a.out}: {total / 1e6:.2f} MB")
 
