@@ -517,6 +517,23 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
         kv.len += tokens.len();
     }
 
+    /// The residual stream block 0 sees for `tokens` (`tokens × hidden` into `out`):
+    /// their embedding rows, scaled where the architecture scales them (Gemma-3). Stages
+    /// that drive the blocks themselves (block-by-block pruning) start from this.
+    pub fn embed(&self, tokens: &[u32], out: &mut [f32]) {
+        let c = &self.model.config;
+        let h = c.hidden_size;
+        for (row, &tok) in out.chunks_exact_mut(h).zip(tokens) {
+            self.model.embed.row_into(tok as usize, row);
+        }
+        if c.arch.scales_embedding() {
+            // Hugging Face: `hidden_size ** 0.5` in Python (f64), cast to f32, then an
+            // f32 product.
+            let scale = libm::sqrt(h as f64) as f32;
+            out.iter_mut().for_each(|v| *v *= scale);
+        }
+    }
+
     /// Embeds `tokens` into the residual stream (the workspace's `x`, taken out of it
     /// meanwhile), runs `blocks` on that stream with the rest of the workspace, and
     /// leaves the final normalized hidden states (`tokens × hidden`) in `ws.hidden`.
@@ -532,15 +549,7 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
         let (t, h) = (tokens.len(), c.hidden_size);
         let mut x = core::mem::take(&mut ws.x);
         let xs = grow(&mut x, t * h);
-        for (row, &tok) in xs.chunks_exact_mut(h).zip(tokens) {
-            self.model.embed.row_into(tok as usize, row);
-        }
-        if c.arch.scales_embedding() {
-            // Hugging Face: `hidden_size ** 0.5` in Python (f64), cast to f32, then an
-            // f32 product.
-            let scale = libm::sqrt(h as f64) as f32;
-            xs.iter_mut().for_each(|v| *v *= scale);
-        }
+        self.embed(tokens, xs);
         blocks(xs, ws);
         let out = grow(&mut ws.hidden, t * h);
         ops::rms_norm(out, xs, &self.model.norm, c.rms_eps);
