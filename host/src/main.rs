@@ -98,7 +98,9 @@ enum Command {
         /// A GGUF file or a Hugging Face checkpoint directory.
         #[arg(long)]
         model: PathBuf,
-        /// The `.cap` file to write (replaced if it exists).
+        /// The `.cap` file to write (replaced if it exists). Only a regular file: a
+        /// directory, device or FIFO is refused; a symbolic link is written through,
+        /// atomically, to the file it names (the link stays).
         #[arg(short, long, value_name = "FILE.cap")]
         output: PathBuf,
         /// Storage type of the weight matrices (norms and biases stay f32).
@@ -165,6 +167,12 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("CAP_LOG"))
         .with_writer(std::io::stderr)
         .init();
+    // Ctrl-C or SIGTERM must not leave half-written temporary files behind.
+    if let Err(e) = cap_host::tempfiles::install_signal_cleanup() {
+        tracing::warn!(
+            "cannot watch for signals ({e}); an interrupted write may leave a temporary file"
+        );
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -305,6 +313,7 @@ fn run(cli: Cli) -> Result<()> {
                 DTypeArg::Bf16 => cap_format::DType::BF16,
                 DTypeArg::F32 => cap_format::DType::F32,
             };
+            cap_host::outputs::prepare(&output)?;
             let ck = Checkpoint::open(&model)?;
             let sha = cap_host::pack::source_sha256(&model)?;
             let source = model.file_name().map_or_else(

@@ -321,6 +321,17 @@ pub fn pack(
     })
 }
 
+/// A pause before each tensor is written, from `CAP_TEST_WRITE_DELAY_MS`: a test seam
+/// so the hostile-input tests can interrupt a tiny model's write mid-file (which
+/// otherwise takes a millisecond). Unset (always, outside those tests) is no pause.
+fn test_write_delay() -> Option<std::time::Duration> {
+    let ms: u64 = std::env::var("CAP_TEST_WRITE_DELAY_MS")
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_millis(ms.min(10_000)))
+}
+
 /// Writes `model` to `out` with the tensors, order and names of the tensor table
 /// ([`tensors::file_tensors`]): the embedding (and an untied head) in `dtype`, norms
 /// and biases in `f32`, and every compressible linear (the block projections) through
@@ -334,6 +345,7 @@ pub(crate) fn write_model(
     linear: &mut dyn FnMut(&mut Sink<'_>, &str, &DenseLinear) -> Result<(), HookError>,
 ) -> Result<(PathBuf, usize, u64, u64)> {
     let opts = WriterOptions::default();
+    let _cleanup = crate::tempfiles::register_writer(out);
     let w = CapWriter::create(out, opts).map_err(|source| PackError::Write {
         path: out.to_owned(),
         what: "cannot create".into(),
@@ -348,7 +360,11 @@ pub(crate) fn write_model(
         tensor_bytes: 0,
         alignment: opts.alignment,
     };
+    let delay = test_write_delay();
     for t in tensors::file_tensors(&model.config) {
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         let part = tensors::part(model, t.role, t.layer.unwrap_or(0))
             .ok_or_else(|| PackError::NotInModel(t.name.clone()))?;
         let dt = t.dense_dtype(dtype);
