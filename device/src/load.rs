@@ -69,7 +69,23 @@ pub enum LoadError {
     /// The tokenizer record does not form a tokenizer.
     #[error("tokenizer")]
     Tokenizer(#[source] TokenizerError),
+    /// The model record claims more layers than the file has tensors for (checked
+    /// before anything is sized by the layer count).
+    #[error(
+        "model record: {layers} layers, but the file has only {tensors} tensors (a layer needs {per_layer})"
+    )]
+    LayerCount {
+        /// The record's layer count.
+        layers: usize,
+        /// Tensors in the file.
+        tensors: usize,
+        /// Tensors one layer needs.
+        per_layer: usize,
+    },
 }
+
+/// Tensors every block has (two norms, four attention and three MLP projections).
+const TENSORS_PER_LAYER: usize = 9;
 
 /// Maps the file at `path` read-only: the bytes [`model`] borrows on a machine with
 /// an OS (a board without one passes its flash as `&[u8]` instead).
@@ -172,6 +188,15 @@ pub fn model<'a>(file: &CapFile<'a>) -> Result<CapModel<'a>, LoadError> {
     let embed = linear(file, &embed_name)?;
     if embed.dense.is_none() {
         return Err(LoadError::EmbeddingNotDense { name: embed_name });
+    }
+    // The record's numbers size allocations: a layer count of 4·10⁹ asked for terabytes
+    // here before any tensor was looked up.
+    if c.n_layers > file.len() / TENSORS_PER_LAYER {
+        return Err(LoadError::LayerCount {
+            layers: c.n_layers,
+            tensors: file.len(),
+            per_layer: TENSORS_PER_LAYER,
+        });
     }
     let mut blocks = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {

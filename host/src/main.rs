@@ -71,7 +71,7 @@ enum Command {
     },
     /// Token ids of a text under a model's tokenizer (one JSON array).
     Tokenize {
-        /// A GGUF file or a Hugging Face checkpoint directory.
+        /// A GGUF file, a Hugging Face checkpoint directory or a `.cap` file.
         #[arg(long)]
         model: PathBuf,
         /// The text (UTF-8).
@@ -239,6 +239,7 @@ fn run(cli: Cli) -> Result<()> {
                 let map = cap_host::capmodel::map(&model)?;
                 let file = cap_host::capmodel::parse_verified(&model, &map)?;
                 let m = cap_host::capmodel::model(&model, &file)?;
+                check_ctx(ctx, &m.config)?;
                 let tokenizer = cap_host::capmodel::tokenizer(&model, file.manifest())?;
                 evaluate(&m, &tokenizer, &body, &text_name, &opts, progress)?
             } else {
@@ -247,6 +248,7 @@ fn run(cli: Cli) -> Result<()> {
                 let m = ck
                     .load_model()
                     .with_context(|| format!("loading {}", model.display()))?;
+                check_ctx(ctx, &m.config)?;
                 evaluate(&m, &tokenizer, &body, &text_name, &opts, progress)?
             };
             pb.finish_and_clear();
@@ -279,7 +281,13 @@ fn run(cli: Cli) -> Result<()> {
             add_special,
         } => {
             let body = read_text(&text, false)?;
-            let tokenizer = Checkpoint::open(&model)?.tokenizer()?;
+            let tokenizer = if is_cap_file(&model) {
+                let map = cap_host::capmodel::map(&model)?;
+                let file = cap_host::capmodel::parse_verified(&model, &map)?;
+                cap_host::capmodel::tokenizer(&model, file.manifest())?
+            } else {
+                Checkpoint::open(&model)?.tokenizer()?
+            };
             println!(
                 "{}",
                 serde_json::to_string(&tokenizer.encode(&body, add_special))?
@@ -394,6 +402,18 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// Refuses a context longer than the model was trained for, as the board does
+/// (`cap-device`): positions past it are extrapolated, and it would size the KV cache.
+fn check_ctx(ctx: usize, c: &cap_device::config::Config) -> Result<()> {
+    if ctx > c.max_position {
+        anyhow::bail!(
+            "a context of {ctx} tokens exceeds the model's {} positions (lower --ctx)",
+            c.max_position
+        );
     }
     Ok(())
 }

@@ -257,6 +257,16 @@ pub fn run(a: CompressArgs) -> Result<()> {
     if !a.dry_run {
         cap_host::outputs::prepare(&a.out)?;
     }
+    // NaN passes every `<`/`>` test silently (a NaN step size ran REINFORCE with no
+    // sampled items and exited 0), so the float flags are checked here, by name.
+    if !(a.lr.is_finite() && a.lr > 0.0) {
+        bail!("--lr must be a finite number > 0, got {}", a.lr);
+    }
+    if let Some(t) = a.min_tokens_per_s
+        && !(t.is_finite() && t > 0.0)
+    {
+        bail!("--min-tokens-per-s must be a finite number > 0, got {t}");
+    }
     if a.min_tokens_per_s.is_some() && a.target.is_none() {
         bail!(
             "--min-tokens-per-s needs --target: the speed is predicted from a board's memory bandwidth"
