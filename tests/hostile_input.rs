@@ -780,3 +780,125 @@ fn messages_say_what_is_wrong() {
     assert_eq!(c2, 0);
     assert_eq!(out, out2);
 }
+
+#[test]
+fn absurd_flags_are_refused_before_anything_is_allocated() {
+    let d = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let out = d.path().join("o.cap");
+    let calib = common::calib_text(d.path());
+    let text = text_file(d.path(), 400);
+    let compress = [
+        "compress",
+        "--model",
+        &model,
+        "-o",
+        s(&out),
+        "--calib",
+        &calib,
+        "--ratio",
+        "0.5",
+    ];
+    for (extra, needle) in [
+        (&["--calib-samples", "100000000"][..], "calibration tokens"),
+        (&["--threads", "5000"], "--threads 5000"),
+        (&["--threads", "100000"], "--threads 100000"),
+    ] {
+        let args: Vec<&str> = compress.iter().chain(extra).copied().collect();
+        host_refuses(&args, &[needle]);
+    }
+    assert!(!out.exists());
+    host_refuses(
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--text",
+            &text,
+            "--ctx",
+            "16",
+            "--threads",
+            "5000",
+        ],
+        &["--threads 5000"],
+    );
+    host_refuses(
+        &["bench-rpca", "--sizes", "100000x100000"],
+        &["100000x100000", "elements"],
+    );
+    host_refuses(
+        &["bench-rpca", "--sizes", "64x64", "--threads", "5000"],
+        &["--threads 5000"],
+    );
+    host_refuses(
+        &["bench-rpca", "--sizes", "64x64", "--low-rank", "100"],
+        &["--low-rank"],
+    );
+    let cap = packed(d.path());
+    device_refuses(
+        &[
+            "selftest",
+            &cap,
+            "--text",
+            &text,
+            "--ctx",
+            "16",
+            "--threads",
+            "5000",
+        ],
+        &["--threads 5000"],
+    );
+    device_refuses(
+        &["generate", &cap, "--prompt", "the", "--threads", "100000"],
+        &["--threads 100000"],
+    );
+}
+
+#[test]
+fn texts_are_read_with_a_size_limit_and_special_files_are_not_opened() {
+    let d = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    host_refuses(
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--text",
+            "/dev/zero",
+            "--ctx",
+            "16",
+        ],
+        &["/dev/zero", "longer than 1073741824 bytes"],
+    );
+    let cap = packed(d.path());
+    device_refuses(
+        &["selftest", &cap, "--text", "/dev/zero", "--ctx", "16"],
+        &["/dev/zero", "longer than 1073741824 bytes"],
+    );
+    // A FIFO named as the model: refused, not waited on.
+    let fifo = d.path().join("m.cap");
+    mkfifo(&fifo);
+    device_refuses(&["info", s(&fifo)], &["not a regular file"]);
+    host_refuses(&["inspect", s(&fifo)], &[s(&fifo)]);
+}
+
+#[test]
+fn a_tokenizer_larger_than_the_embedding_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let cap = packed(d.path());
+    // The record says 128 rows; the embedding and tokenizer have 256.
+    let f = restamped(&cap, &d.path().join("v.cap"), |m| m.model.vocab_size = 128);
+    device_refuses(&["generate", &f, "--prompt", "the"], &["v.cap"]);
+    // A GGUF whose tokenizer has more tokens than the embedding has rows.
+    let m = gguf_with(d.path(), "tok.gguf", &mut |kv, _| {
+        let mut toks: Vec<String> = (0..=255u8)
+            .map(|b| common::gpt2_byte_char(b).to_string())
+            .collect();
+        toks.push("extra".into());
+        set_kv(kv, "tokenizer.ggml.tokens", Kv::Strs(toks));
+    });
+    host_refuses(
+        &["pack", "--model", &m, "-o", s(&d.path().join("t.cap"))],
+        &["257 tokens", "256 rows"],
+    );
+}

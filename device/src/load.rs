@@ -69,6 +69,14 @@ pub enum LoadError {
     /// The tokenizer record does not form a tokenizer.
     #[error("tokenizer")]
     Tokenizer(#[source] TokenizerError),
+    /// The tokenizer has more tokens than the embedding has rows.
+    #[error("the tokenizer has {tokens} tokens, more than the {rows} rows of the token embedding")]
+    TokenizerVocab {
+        /// Tokens of the tokenizer.
+        tokens: usize,
+        /// Rows of the embedding (the model record's vocabulary size).
+        rows: usize,
+    },
     /// The model record claims more layers than the file has tensors for (checked
     /// before anything is sized by the layer count).
     #[error(
@@ -102,7 +110,15 @@ pub fn map_file(path: &std::path::Path) -> std::io::Result<memmap2::Mmap> {
 pub fn tokenizer(m: &Manifest) -> Result<Tokenizer, LoadError> {
     let r = m.tokenizer.as_ref().ok_or(LoadError::NoTokenizer)?;
     let spec = TokenizerSpec::from_record(r).map_err(LoadError::TokenizerRecord)?;
-    Tokenizer::new(spec).map_err(LoadError::Tokenizer)
+    let tok = Tokenizer::new(spec).map_err(LoadError::Tokenizer)?;
+    // Token ids index the embedding's rows (the record's vocabulary size).
+    if tok.vocab_size() > m.model.vocab_size as usize {
+        return Err(LoadError::TokenizerVocab {
+            tokens: tok.vocab_size(),
+            rows: m.model.vocab_size as usize,
+        });
+    }
+    Ok(tok)
 }
 
 /// The runtime configuration of a manifest's model record.

@@ -150,10 +150,27 @@ enum Command {
     },
 }
 
+/// Refuses a model path that is neither a regular file nor a directory: opening a FIFO
+/// would block until a writer came, and a device is no model. A missing path is left to
+/// the reader, whose message names it.
+fn check_input(path: &std::path::Path) -> Result<()> {
+    if let Ok(m) = std::fs::metadata(path)
+        && !m.is_file()
+        && !m.is_dir()
+    {
+        anyhow::bail!("{}: not a regular file or directory", path.display());
+    }
+    Ok(())
+}
+
 /// Whether `path` looks like a `.cap` file (by extension, or by magic for other names).
 fn is_cap_file(path: &std::path::Path) -> bool {
     if path.extension().is_some_and(|e| e == "cap") {
         return true;
+    }
+    // Opening a FIFO to read its magic would block until a writer came.
+    if !path.is_file() {
+        return false;
     }
     let mut magic = [0u8; 8];
     std::fs::File::open(path)
@@ -198,6 +215,14 @@ fn progress_bar(len: u64, what: &str) -> ProgressBar {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Eval { model, .. }
+        | Command::Tokenize { model, .. }
+        | Command::Pack { model, .. } => check_input(model)?,
+        Command::Inspect { path, .. } | Command::Verify { path, .. } => check_input(path)?,
+        Command::Compress(a) => check_input(&a.model)?,
+        _ => {}
+    }
     match cli.command {
         Command::Eval {
             model,
@@ -217,8 +242,8 @@ fn run(cli: Cli) -> Result<()> {
                 Protocol::Standard => 2048,
                 Protocol::LlamaCpp => 512,
             });
-            let threads = threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            // 0 keeps meaning what it always did here (one worker); only the top is new.
+            let threads = threads_or_all(threads.map(|t| t.max(1)))?;
             cap_kernels::par::init_threads(threads);
             let body = read_text(&text, wikitext)?;
             let opts = EvalOptions {
@@ -418,10 +443,14 @@ fn check_ctx(ctx: usize, c: &cap_device::config::Config) -> Result<()> {
     Ok(())
 }
 
-/// `--threads` or every core, at least 1.
+/// `--threads` or every core, at least 1 and at most [`cap_kernels::par::MAX_THREADS`].
 fn threads_or_all(threads: Option<usize>) -> Result<usize> {
+    use cap_kernels::par::MAX_THREADS;
     match threads {
         Some(0) => anyhow::bail!("--threads must be at least 1"),
+        Some(t) if t > MAX_THREADS => {
+            anyhow::bail!("--threads {t} is more than the most cap runs, {MAX_THREADS}")
+        }
         Some(t) => Ok(t),
         None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
     }

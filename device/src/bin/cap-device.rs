@@ -179,10 +179,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn threads(t: Option<usize>) -> usize {
+/// `--threads` (every core by default), at most [`par::MAX_THREADS`]; starts the pool.
+fn threads(t: Option<usize>) -> Result<usize> {
     let n = t.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if n > par::MAX_THREADS {
+        bail!(
+            "--threads {n} is more than the most cap runs, {}",
+            par::MAX_THREADS
+        );
+    }
     par::init_threads(n);
-    n.max(1)
+    Ok(n.max(1))
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in bytes.
@@ -203,6 +210,26 @@ fn check_ctx(ctx: usize, c: &cap_device::config::Config) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The longest `--text` read: 1 GiB, as on the host (`/dev/zero` would be read until
+/// memory ran out).
+const MAX_TEXT_BYTES: u64 = 1 << 30;
+
+/// Reads a UTF-8 text of at most [`MAX_TEXT_BYTES`].
+fn read_text(p: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    std::fs::File::open(p)
+        .and_then(|f| f.take(MAX_TEXT_BYTES + 1).read_to_end(&mut raw))
+        .with_context(|| format!("{}: cannot read the text", p.display()))?;
+    if raw.len() as u64 > MAX_TEXT_BYTES {
+        bail!(
+            "{}: longer than {MAX_TEXT_BYTES} bytes, the most a text may have",
+            p.display()
+        );
+    }
+    String::from_utf8(raw).map_err(|_| anyhow::anyhow!("{}: not valid UTF-8", p.display()))
 }
 
 /// The memory available to this process per the OS (Linux `MemAvailable`), in bytes.
@@ -389,7 +416,7 @@ fn selftest(
     decode_check_tokens: usize,
     json: bool,
 ) -> Result<u8> {
-    let th = threads(threads_arg);
+    let th = threads(threads_arg)?;
     let bytes = map(path)?;
     let file = open(path, &bytes)?;
     let model = load_model(path, &file)?;
@@ -399,8 +426,7 @@ fn selftest(
         .and_then(|c| c.perplexity.as_ref())
         .filter(|r| r.protocol == PerplexityProtocol::LlamaCpp);
     let body = match text {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("{}: cannot read the text (UTF-8 expected)", p.display()))?,
+        Some(p) => read_text(p)?,
         None => match comp.map(|c| c.self_test_text.as_str()) {
             Some(t) if !t.is_empty() => t.to_string(),
             _ => bail!(
@@ -590,7 +616,7 @@ fn generate(
     if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
     }
-    let th = threads(threads_arg);
+    let th = threads(threads_arg)?;
     let bytes = map(path)?;
     let file = open(path, &bytes)?;
     let model = load_model(path, &file)?;
