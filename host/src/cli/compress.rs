@@ -250,11 +250,6 @@ fn dtype_of(a: DTypeArg) -> DType {
     }
 }
 
-/// The most calibration tokens (`--calib-samples × --calib-len`) `compress` takes:
-/// 2²⁰, four times the papers' 128 × 2048 (what a 2-core CPU takes minutes for is
-/// 32 × 256). Each token's activations are held per layer while pruning.
-const MAX_CALIB_TOKENS: usize = 1 << 20;
-
 /// Runs `cap-host compress`.
 pub fn run(a: CompressArgs) -> Result<()> {
     let threads = threads_or_all(a.threads)?;
@@ -266,23 +261,6 @@ pub fn run(a: CompressArgs) -> Result<()> {
     // sampled items and exited 0), so the float flags are checked here, by name.
     if !(a.lr.is_finite() && a.lr > 0.0) {
         bail!("--lr must be a finite number > 0, got {}", a.lr);
-    }
-    if let Some(t) = a.min_tokens_per_s
-        && !(t.is_finite() && t > 0.0)
-    {
-        bail!("--min-tokens-per-s must be a finite number > 0, got {t}");
-    }
-    // Every calibration token is held through the forward passes (activations per
-    // layer), so the count is bounded before any is drawn or generated.
-    if a.calib_samples
-        .checked_mul(a.calib_len)
-        .is_none_or(|n| n > MAX_CALIB_TOKENS)
-    {
-        bail!(
-            "--calib-samples × --calib-len = {} × {} is more than {MAX_CALIB_TOKENS} calibration tokens",
-            a.calib_samples,
-            a.calib_len
-        );
     }
     if a.min_tokens_per_s.is_some() && a.target.is_none() {
         bail!(
