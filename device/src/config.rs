@@ -198,6 +198,65 @@ impl Config {
         {
             return Err("rope frequency factors must have head_dim/2 entries");
         }
+        self.validate_numbers()
+    }
+
+    /// The checks on numbers that are not shapes: a NaN, infinite, zero or negative
+    /// value here does not fail loudly later, it turns every logit into NaN (or every
+    /// position into the same rotation), so it is refused with the field named.
+    fn validate_numbers(&self) -> Result<(), &'static str> {
+        let positive = |x: f32| x.is_finite() && x > 0.0;
+        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
+            return Err("rms_norm_eps must be a finite number >= 0");
+        }
+        if !positive(self.rope_theta) {
+            return Err("rope_theta (RoPE base) must be a finite number > 0");
+        }
+        if self.max_position == 0 {
+            return Err("max_position (context length) must be positive");
+        }
+        // Products the forward pass and every size computation rely on must not wrap.
+        let dims = [
+            self.n_heads.checked_mul(self.head_dim),
+            self.vocab_size.checked_mul(self.hidden_size),
+            self.intermediate_size.checked_mul(self.hidden_size),
+        ];
+        if dims
+            .iter()
+            .any(|d| d.is_none_or(|d| d > isize::MAX as usize))
+        {
+            return Err("dimensions too large (their products overflow)");
+        }
+        match &self.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::FreqFactors(f) => {
+                if !f.iter().all(|&x| positive(x)) {
+                    return Err("rope frequency factors must be finite numbers > 0");
+                }
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position,
+            } => {
+                if !positive(*factor) {
+                    return Err("rope_scaling.factor must be a finite number > 0");
+                }
+                if !positive(*low_freq_factor) || !positive(*high_freq_factor) {
+                    return Err("rope_scaling low/high_freq_factor must be finite numbers > 0");
+                }
+                // The smoothing divides by their difference.
+                if low_freq_factor == high_freq_factor {
+                    return Err("rope_scaling low_freq_factor and high_freq_factor must differ");
+                }
+                if !positive(*original_max_position) {
+                    return Err(
+                        "rope_scaling.original_max_position_embeddings must be a number > 0",
+                    );
+                }
+            }
+        }
         Ok(())
     }
 

@@ -170,8 +170,11 @@ pub struct KvCache {
 
 impl KvCache {
     /// Bytes a cache for `capacity` positions takes.
+    /// Saturates at `u64::MAX` rather than wrapping (sizes come from files and flags).
     pub fn bytes_for(c: &Config, capacity: usize, dtype: KvDtype) -> u64 {
-        2 * dtype.size() as u64 * c.n_layers as u64 * c.kv_dim() as u64 * capacity as u64
+        [c.n_layers, c.kv_dim(), capacity]
+            .iter()
+            .fold(2 * dtype.size() as u64, |b, &x| b.saturating_mul(x as u64))
     }
 
     /// A cache for `capacity` positions of a model with configuration `c`.

@@ -69,7 +69,31 @@ pub enum LoadError {
     /// The tokenizer record does not form a tokenizer.
     #[error("tokenizer")]
     Tokenizer(#[source] TokenizerError),
+    /// The tokenizer has more tokens than the embedding has rows.
+    #[error("the tokenizer has {tokens} tokens, more than the {rows} rows of the token embedding")]
+    TokenizerVocab {
+        /// Tokens of the tokenizer.
+        tokens: usize,
+        /// Rows of the embedding (the model record's vocabulary size).
+        rows: usize,
+    },
+    /// The model record claims more layers than the file has tensors for (checked
+    /// before anything is sized by the layer count).
+    #[error(
+        "model record: {layers} layers, but the file has only {tensors} tensors (a layer needs {per_layer})"
+    )]
+    LayerCount {
+        /// The record's layer count.
+        layers: usize,
+        /// Tensors in the file.
+        tensors: usize,
+        /// Tensors one layer needs.
+        per_layer: usize,
+    },
 }
+
+/// Tensors every block has (two norms, four attention and three MLP projections).
+const TENSORS_PER_LAYER: usize = 9;
 
 /// Maps the file at `path` read-only: the bytes [`model`] borrows on a machine with
 /// an OS (a board without one passes its flash as `&[u8]` instead).
@@ -86,7 +110,15 @@ pub fn map_file(path: &std::path::Path) -> std::io::Result<memmap2::Mmap> {
 pub fn tokenizer(m: &Manifest) -> Result<Tokenizer, LoadError> {
     let r = m.tokenizer.as_ref().ok_or(LoadError::NoTokenizer)?;
     let spec = TokenizerSpec::from_record(r).map_err(LoadError::TokenizerRecord)?;
-    Tokenizer::new(spec).map_err(LoadError::Tokenizer)
+    let tok = Tokenizer::new(spec).map_err(LoadError::Tokenizer)?;
+    // Token ids index the embedding's rows (the record's vocabulary size).
+    if tok.vocab_size() > m.model.vocab_size as usize {
+        return Err(LoadError::TokenizerVocab {
+            tokens: tok.vocab_size(),
+            rows: m.model.vocab_size as usize,
+        });
+    }
+    Ok(tok)
 }
 
 /// The runtime configuration of a manifest's model record (and of its local-attention
@@ -179,6 +211,15 @@ pub fn model<'a>(file: &CapFile<'a>) -> Result<CapModel<'a>, LoadError> {
     let embed = linear(file, &embed_name)?;
     if embed.dense.is_none() {
         return Err(LoadError::EmbeddingNotDense { name: embed_name });
+    }
+    // The record's numbers size allocations: a layer count of 4·10⁹ asked for terabytes
+    // here before any tensor was looked up.
+    if c.n_layers > file.len() / TENSORS_PER_LAYER {
+        return Err(LoadError::LayerCount {
+            layers: c.n_layers,
+            tensors: file.len(),
+            per_layer: TENSORS_PER_LAYER,
+        });
     }
     let mut blocks = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {

@@ -33,8 +33,9 @@ pub enum OpenError {
         #[source]
         source: FormatError,
     },
-    /// A section checksum or a sparse structure is wrong.
-    #[error("{}: checksum verification failed", path.display())]
+    /// A section checksum or a sparse structure is wrong (the source says which: a
+    /// structural fault is not a checksum failure, so the message names neither).
+    #[error("{}: verification failed", path.display())]
     Verify {
         /// The file.
         path: PathBuf,
@@ -53,12 +54,26 @@ pub enum OpenError {
     },
 }
 
-/// Maps the file at `path` read-only ([`load::map_file`]).
+/// Maps the file at `path` read-only ([`load::map_file`]). Only a regular file: a
+/// FIFO would block the open until a writer came, and a device has no size to map.
+///
+/// A mapped file must not shrink while it runs: reading a page past its new end raises
+/// SIGBUS, which ends the process (the OS gives no error to return). Replace a `.cap`
+/// file by renaming a new one over it (as `pack` and `compress` do), never by
+/// truncating or rewriting it in place.
 pub fn map(path: &Path) -> Result<memmap2::Mmap, OpenError> {
-    load::map_file(path).map_err(|source| OpenError::Map {
+    let err = |source| OpenError::Map {
         path: path.into(),
         source,
-    })
+    };
+    let meta = std::fs::metadata(path).map_err(err)?;
+    if !meta.is_file() {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    load::map_file(path).map_err(err)
 }
 
 /// Parses `bytes` (the file at `path`) and verifies every checksum and sparse

@@ -179,6 +179,18 @@ pub enum PplError {
     /// The forward pass refused a window.
     #[error("forward pass")]
     Forward(#[source] ForwardError),
+    /// No window was asked for (`max_windows` of 0).
+    #[error("the number of windows must be at least 1 (got 0)")]
+    NoWindows,
+    /// A window's mean NLL (or the perplexity) is NaN or infinite: the model's outputs
+    /// are not numbers, which is never a figure to report.
+    #[error(
+        "window {window}: the perplexity is not finite (NaN or infinite); a weight or setting of the model is NaN or infinite"
+    )]
+    NotFinite {
+        /// The window (0-based) where it was first seen.
+        window: usize,
+    },
 }
 
 /// Perplexity of `tokens` (the whole tokenized text) under `opts`: the window loop the
@@ -194,6 +206,9 @@ pub fn perplexity<L: Linear, E: Embedding>(
 ) -> Result<PplReport, PplError> {
     if opts.ctx < 2 {
         return Err(PplError::WindowTooShort { ctx: opts.ctx });
+    }
+    if opts.max_windows == Some(0) {
+        return Err(PplError::NoWindows);
     }
     let wins = windows(tokens.len(), opts.ctx, opts.max_windows);
     if wins.is_empty() {
@@ -216,8 +231,14 @@ pub fn perplexity<L: Linear, E: Embedding>(
             opts.kv,
         )
         .map_err(PplError::Forward)?;
+        if !s.mean().is_finite() {
+            return Err(PplError::NotFinite { window: i });
+        }
         report.window_nll_mean.push(s.mean());
         report.total.merge(&s);
+        if !report.total.ppl().is_finite() {
+            return Err(PplError::NotFinite { window: i });
+        }
         progress(i + 1, wins.len());
     }
     Ok(report)

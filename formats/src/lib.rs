@@ -31,6 +31,8 @@ pub mod error;
 pub mod fuzzing;
 pub mod header;
 pub mod manifest;
+#[cfg(feature = "std")]
+pub mod output;
 pub mod reader;
 pub mod sparse;
 pub mod values;
@@ -48,6 +50,8 @@ pub use manifest::{
     PerplexityProtocol, PerplexityRecord, Provenance, RopeScaling, SpacePrefix, TensorEntry,
     Tokenizer, TokenizerKind, decode_manifest, encode_manifest,
 };
+#[cfg(feature = "std")]
+pub use output::{OutputError, output_target, temporary_path};
 pub use reader::{CapFile, CsrView, SparseView, TensorData, TensorView, Values};
 pub use sparse::{
     SparseKind, decode_sparse, decode_sparse_f32, encode_sparse, encode_sparse_csr,

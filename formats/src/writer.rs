@@ -18,6 +18,7 @@ use std::vec::Vec;
 use crate::encoding::TensorLayout;
 use crate::header::{FORMAT_MAJOR, FORMAT_MINOR, HEADER_LEN, Header, MAGIC, valid_alignment};
 use crate::manifest::{Manifest, TensorEntry, encode_manifest};
+use crate::output::{OutputError, output_target, temporary_path};
 use crate::{FormatError, MAX_MANIFEST_LEN, MAX_NAME_LEN, MAX_TENSORS, MIN_ALIGNMENT, TensorDesc};
 
 /// Errors while writing.
@@ -42,12 +43,15 @@ pub enum WriteError {
     },
     /// The manifest passed to `finish` already has tensor entries.
     ManifestHasTensors,
+    /// The output path cannot be written (a directory, device, FIFO, link loop).
+    Output(OutputError),
 }
 
 impl std::fmt::Display for WriteError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             WriteError::Io(e) => write!(f, "I/O error: {e}"),
+            WriteError::Output(e) => write!(f, "{e}"),
             WriteError::Format(e) => write!(f, "{e}"),
             WriteError::DuplicateName(n) => write!(f, "duplicate tensor name {n:?}"),
             WriteError::PartMismatch {
@@ -69,15 +73,10 @@ impl std::fmt::Display for WriteError {
     }
 }
 
-impl std::error::Error for WriteError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            WriteError::Io(e) => Some(e),
-            WriteError::Format(e) => Some(e),
-            _ => None,
-        }
-    }
-}
+// No `source()`: each variant's message already includes its cause, and reporting both
+// printed the OS error twice ("…: Permission denied: Permission denied") in callers
+// that print the whole chain.
+impl std::error::Error for WriteError {}
 
 impl From<io::Error> for WriteError {
     fn from(e: io::Error) -> Self {
@@ -297,28 +296,33 @@ fn hash_zeros(crc: &mut crc32fast::Hasher, mut n: u64) {
 
 /// Atomic file writer: a [`StreamWriter`] on `NAME.tmp-<pid>`, renamed to `NAME` by
 /// [`CapWriter::finish`]. Dropping it unfinished removes the temporary file.
+///
+/// Only regular files are written: a symbolic link is written through (the temporary
+/// file goes beside the link's final target and is renamed onto it; the link stays),
+/// and a directory, device, FIFO or socket is refused (see [`output_target`]).
 #[derive(Debug)]
 pub struct CapWriter {
     inner: Option<StreamWriter<BufWriter<File>>>,
     tmp: PathBuf,
+    /// The path as the caller named it (returned by `finish`).
     path: PathBuf,
+    /// Where the bytes go: `path`, or the final target of a symbolic link.
+    target: PathBuf,
 }
 
 impl CapWriter {
-    /// Creates `path`'s temporary sibling and starts writing.
+    /// Creates the temporary sibling of `path`'s target (see [`output_target`]) and
+    /// starts writing. [`CapWriter::finish`] returns `path` as given.
     pub fn create(path: impl AsRef<Path>, opts: WriterOptions) -> Result<Self, WriteError> {
         let path = path.as_ref().to_path_buf();
-        let file_name = path.file_name().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "output path has no file name")
-        })?;
-        let mut tmp_name = file_name.to_os_string();
-        tmp_name.push(std::format!(".tmp-{}", std::process::id()));
-        let tmp = path.with_file_name(tmp_name);
+        let target = output_target(&path).map_err(WriteError::Output)?;
+        let tmp = temporary_path(&target)?;
         let file = File::create(&tmp)?;
         let mut w = CapWriter {
             inner: None,
             tmp,
             path,
+            target,
         };
         // On error `w` drops here and removes the temporary file.
         w.inner = Some(StreamWriter::new(BufWriter::new(file), opts)?);
@@ -354,8 +358,8 @@ impl CapWriter {
         let file = buf.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         drop(file);
-        std::fs::rename(&self.tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
+        std::fs::rename(&self.tmp, &self.target)?;
+        if let Some(dir) = self.target.parent() {
             let dir = if dir.as_os_str().is_empty() {
                 Path::new(".")
             } else {

@@ -23,6 +23,12 @@ pub enum EvalError {
         source: std::io::Error,
     },
     /// The text file is not UTF-8.
+    /// The text is longer than [`MAX_TEXT_BYTES`].
+    #[error("{}: longer than {MAX_TEXT_BYTES} bytes, the most a text may have", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
     #[error("{}: not valid UTF-8 (first bad byte at {offset})", path.display())]
     NotUtf8 {
         /// The file.
@@ -42,6 +48,10 @@ pub enum EvalError {
 }
 
 /// How to evaluate.
+/// The longest text [`read_text`] reads: 1 GiB (WikiText-103's training split is 0.5 GB;
+/// tokenizing a text costs 4 bytes per token on top of it).
+pub const MAX_TEXT_BYTES: u64 = 1 << 30;
+
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
     /// Window length in tokens.
@@ -87,11 +97,22 @@ pub struct EvalReport {
 /// Wanda code does from the Hugging Face `wikitext` dataset: every line of the raw file is
 /// a row that keeps its newline, whitespace-only rows become empty, rows are joined with
 /// `"\n\n"`.
+///
+/// At most [`MAX_TEXT_BYTES`] are read: a text is tokenized whole, and `/dev/zero` or a
+/// runaway pipe would otherwise be read until memory ran out.
 pub fn read_text(path: &Path, wikitext: bool) -> Result<String, EvalError> {
-    let raw = std::fs::read(path).map_err(|source| EvalError::Read {
+    use std::io::Read;
+    let read_err = |source| EvalError::Read {
         path: path.into(),
         source,
-    })?;
+    };
+    let mut raw = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_TEXT_BYTES + 1).read_to_end(&mut raw))
+        .map_err(read_err)?;
+    if raw.len() as u64 > MAX_TEXT_BYTES {
+        return Err(EvalError::TooLarge { path: path.into() });
+    }
     let text = String::from_utf8(raw).map_err(|e| EvalError::NotUtf8 {
         path: path.into(),
         offset: e.utf8_error().valid_up_to(),

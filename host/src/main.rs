@@ -71,7 +71,7 @@ enum Command {
     },
     /// Token ids of a text under a model's tokenizer (one JSON array).
     Tokenize {
-        /// A GGUF file or a Hugging Face checkpoint directory.
+        /// A GGUF file, a Hugging Face checkpoint directory or a `.cap` file.
         #[arg(long)]
         model: PathBuf,
         /// The text (UTF-8).
@@ -98,7 +98,9 @@ enum Command {
         /// A GGUF file or a Hugging Face checkpoint directory.
         #[arg(long)]
         model: PathBuf,
-        /// The `.cap` file to write (replaced if it exists).
+        /// The `.cap` file to write (replaced if it exists). Only a regular file: a
+        /// directory, device or FIFO is refused; a symbolic link is written through,
+        /// atomically, to the file it names (the link stays).
         #[arg(short, long, value_name = "FILE.cap")]
         output: PathBuf,
         /// Storage type of the weight matrices (norms and biases stay f32).
@@ -148,10 +150,27 @@ enum Command {
     },
 }
 
+/// Refuses a model path that is neither a regular file nor a directory: opening a FIFO
+/// would block until a writer came, and a device is no model. A missing path is left to
+/// the reader, whose message names it.
+fn check_input(path: &std::path::Path) -> Result<()> {
+    if let Ok(m) = std::fs::metadata(path)
+        && !m.is_file()
+        && !m.is_dir()
+    {
+        anyhow::bail!("{}: not a regular file or directory", path.display());
+    }
+    Ok(())
+}
+
 /// Whether `path` looks like a `.cap` file (by extension, or by magic for other names).
 fn is_cap_file(path: &std::path::Path) -> bool {
     if path.extension().is_some_and(|e| e == "cap") {
         return true;
+    }
+    // Opening a FIFO to read its magic would block until a writer came.
+    if !path.is_file() {
+        return false;
     }
     let mut magic = [0u8; 8];
     std::fs::File::open(path)
@@ -165,6 +184,12 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("CAP_LOG"))
         .with_writer(std::io::stderr)
         .init();
+    // Ctrl-C or SIGTERM must not leave half-written temporary files behind.
+    if let Err(e) = cap_host::tempfiles::install_signal_cleanup() {
+        tracing::warn!(
+            "cannot watch for signals ({e}); an interrupted write may leave a temporary file"
+        );
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -190,6 +215,14 @@ fn progress_bar(len: u64, what: &str) -> ProgressBar {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Eval { model, .. }
+        | Command::Tokenize { model, .. }
+        | Command::Pack { model, .. } => check_input(model)?,
+        Command::Inspect { path, .. } | Command::Verify { path, .. } => check_input(path)?,
+        Command::Compress(a) => check_input(&a.model)?,
+        _ => {}
+    }
     match cli.command {
         Command::Eval {
             model,
@@ -209,8 +242,8 @@ fn run(cli: Cli) -> Result<()> {
                 Protocol::Standard => 2048,
                 Protocol::LlamaCpp => 512,
             });
-            let threads = threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            // 0 keeps meaning what it always did here (one worker); only the top is new.
+            let threads = threads_or_all(threads.map(|t| t.max(1)))?;
             cap_kernels::par::init_threads(threads);
             let body = read_text(&text, wikitext)?;
             let opts = EvalOptions {
@@ -231,6 +264,7 @@ fn run(cli: Cli) -> Result<()> {
                 let map = cap_host::capmodel::map(&model)?;
                 let file = cap_host::capmodel::parse_verified(&model, &map)?;
                 let m = cap_host::capmodel::model(&model, &file)?;
+                check_ctx(ctx, &m.config)?;
                 let tokenizer = cap_host::capmodel::tokenizer(&model, file.manifest())?;
                 evaluate(&m, &tokenizer, &body, &text_name, &opts, progress)?
             } else {
@@ -239,6 +273,7 @@ fn run(cli: Cli) -> Result<()> {
                 let m = ck
                     .load_model()
                     .with_context(|| format!("loading {}", model.display()))?;
+                check_ctx(ctx, &m.config)?;
                 evaluate(&m, &tokenizer, &body, &text_name, &opts, progress)?
             };
             pb.finish_and_clear();
@@ -271,7 +306,13 @@ fn run(cli: Cli) -> Result<()> {
             add_special,
         } => {
             let body = read_text(&text, false)?;
-            let tokenizer = Checkpoint::open(&model)?.tokenizer()?;
+            let tokenizer = if is_cap_file(&model) {
+                let map = cap_host::capmodel::map(&model)?;
+                let file = cap_host::capmodel::parse_verified(&model, &map)?;
+                cap_host::capmodel::tokenizer(&model, file.manifest())?
+            } else {
+                Checkpoint::open(&model)?.tokenizer()?
+            };
             println!(
                 "{}",
                 serde_json::to_string(&tokenizer.encode(&body, add_special))?
@@ -305,6 +346,7 @@ fn run(cli: Cli) -> Result<()> {
                 DTypeArg::Bf16 => cap_format::DType::BF16,
                 DTypeArg::F32 => cap_format::DType::F32,
             };
+            cap_host::outputs::prepare(&output)?;
             let ck = Checkpoint::open(&model)?;
             let sha = cap_host::pack::source_sha256(&model)?;
             let source = model.file_name().map_or_else(
@@ -389,10 +431,26 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// `--threads` or every core, at least 1.
+/// Refuses a context longer than the model was trained for, as the board does
+/// (`cap-device`): positions past it are extrapolated, and it would size the KV cache.
+fn check_ctx(ctx: usize, c: &cap_device::config::Config) -> Result<()> {
+    if ctx > c.max_position {
+        anyhow::bail!(
+            "a context of {ctx} tokens exceeds the model's {} positions (lower --ctx)",
+            c.max_position
+        );
+    }
+    Ok(())
+}
+
+/// `--threads` or every core, at least 1 and at most [`cap_kernels::par::MAX_THREADS`].
 fn threads_or_all(threads: Option<usize>) -> Result<usize> {
+    use cap_kernels::par::MAX_THREADS;
     match threads {
         Some(0) => anyhow::bail!("--threads must be at least 1"),
+        Some(t) if t > MAX_THREADS => {
+            anyhow::bail!("--threads {t} is more than the most cap runs, {MAX_THREADS}")
+        }
         Some(t) => Ok(t),
         None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
     }

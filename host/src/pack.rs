@@ -41,6 +41,16 @@ pub enum PackError {
     /// The tokenizer could not be imported.
     #[error(transparent)]
     Tokenizer(ImportError),
+    /// The tokenizer has more tokens than the embedding has rows.
+    #[error("{}: the tokenizer has {tokens} tokens, more than the {rows} rows of the token embedding", .path.display())]
+    TokenizerVocab {
+        /// The checkpoint.
+        path: PathBuf,
+        /// Tokens of the tokenizer.
+        tokens: usize,
+        /// Rows of the embedding (the configuration's vocabulary size).
+        rows: usize,
+    },
     /// A digest could not be computed or parsed.
     #[error(transparent)]
     Digest(#[from] DigestError),
@@ -298,6 +308,17 @@ pub fn pack(
         }
         _ => Some(ck.tokenizer().map_err(PackError::Tokenizer)?),
     };
+    // A token id past the embedding's rows has no row: refused now, not at the first
+    // text that uses it. Fewer tokens than rows is normal (Qwen2 pads its embedding).
+    if let Some(t) = &tok
+        && t.vocab_size() > model.config.vocab_size
+    {
+        return Err(PackError::TokenizerVocab {
+            path: src.clone(),
+            tokens: t.vocab_size(),
+            rows: model.config.vocab_size,
+        });
+    }
     let model_cfg = model_config(&model.config)?;
     let created_unix = creation_time()?;
     let manifest = Manifest {
@@ -337,6 +358,17 @@ pub fn pack(
     })
 }
 
+/// A pause before each tensor is written, from `CAP_TEST_WRITE_DELAY_MS`: a test seam
+/// so the hostile-input tests can interrupt a tiny model's write mid-file (which
+/// otherwise takes a millisecond). Unset (always, outside those tests) is no pause.
+fn test_write_delay() -> Option<std::time::Duration> {
+    let ms: u64 = std::env::var("CAP_TEST_WRITE_DELAY_MS")
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_millis(ms.min(10_000)))
+}
+
 /// Writes `model` to `out` with the tensors, order and names of the tensor table
 /// ([`tensors::file_tensors`]): the embedding (and an untied head) in `dtype`, norms
 /// and biases in `f32`, and every compressible linear (the block projections) through
@@ -350,6 +382,7 @@ pub(crate) fn write_model(
     linear: &mut dyn FnMut(&mut Sink<'_>, &str, &DenseLinear) -> Result<(), HookError>,
 ) -> Result<(PathBuf, usize, u64, u64)> {
     let opts = WriterOptions::default();
+    let _cleanup = crate::tempfiles::register_writer(out);
     let w = CapWriter::create(out, opts).map_err(|source| PackError::Write {
         path: out.to_owned(),
         what: "cannot create".into(),
@@ -364,7 +397,11 @@ pub(crate) fn write_model(
         tensor_bytes: 0,
         alignment: opts.alignment,
     };
+    let delay = test_write_delay();
     for t in tensors::file_tensors(&model.config) {
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         let part = tensors::part(model, t.role, t.layer.unwrap_or(0))
             .ok_or_else(|| PackError::NotInModel(t.name.clone()))?;
         let dt = t.dense_dtype(dtype);

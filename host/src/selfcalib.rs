@@ -267,6 +267,7 @@ pub fn store(path: &Path, seqs: &[Vec<u32>]) -> Result<(), SelfCalibError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tmp-{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
+    let _cleanup = crate::tempfiles::register(&tmp);
     let written = std::fs::File::create(&tmp)
         .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
         .and_then(|_| std::fs::rename(&tmp, path));

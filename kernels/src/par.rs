@@ -46,6 +46,12 @@ pub fn warm_up() {
     rayon::broadcast(|_| ());
 }
 
+/// The most worker threads the command lines accept. Far above any board or host
+/// cap runs on (the largest x86 servers have a few hundred hardware threads); far below
+/// the counts where spawning fails (5000 failed the pool's start-up and a later use
+/// panicked; 100000 hung).
+pub const MAX_THREADS: usize = 1024;
+
 /// Sets the number of worker threads used by every parallel kernel in this process.
 /// Only the first call has an effect (the pool is global); returns whether it did.
 #[cfg(feature = "std")]

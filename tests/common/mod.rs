@@ -281,6 +281,21 @@ pub fn gguf_bytes(kv: &[(&str, Kv)], tensors: &[(&str, Vec<u64>, u32, Vec<u8>)])
 /// zeros for weights, whose `blk.0.ffn_up.weight` has the GGML type `up_type` (and the
 /// right byte length for it when known). `arch` sets `general.architecture`.
 pub fn tiny_llama_gguf(arch: &'static str, up_type: u32, up_bytes: usize) -> Vec<u8> {
+    tiny_llama_gguf_with(arch, up_type, up_bytes, &mut |_, _| {})
+}
+
+/// [`tiny_llama_gguf`] after `edit(metadata, tensors)` changed its metadata or tensor
+/// data (see [`set_kv`]: the reader takes a key's first occurrence).
+#[allow(clippy::type_complexity)]
+pub fn tiny_llama_gguf_with(
+    arch: &'static str,
+    up_type: u32,
+    up_bytes: usize,
+    edit: &mut dyn FnMut(
+        &mut Vec<(&'static str, Kv)>,
+        &mut Vec<(&'static str, Vec<u64>, u32, Vec<u8>)>,
+    ),
+) -> Vec<u8> {
     let (h, inter, vocab) = (8u64, 256u64, 256u64);
     let f32s = |n: u64| vec![0u8; n as usize * 4];
     // The hyper-parameters under the architecture's own prefix, as llama.cpp writes them.
@@ -324,7 +339,17 @@ pub fn tiny_llama_gguf(arch: &'static str, up_type: u32, up_bytes: usize) -> Vec
         ),
         ("blk.0.ffn_down.weight", vec![inter, h], 0, f32s(h * inter)),
     ];
+    let mut t = t;
+    edit(&mut kv, &mut t);
     gguf_bytes(&kv, &t)
+}
+
+/// Sets metadata `key` to `value` in place, or appends it.
+pub fn set_kv(kv: &mut Vec<(&'static str, Kv)>, key: &'static str, value: Kv) {
+    match kv.iter_mut().find(|(k, _)| *k == key) {
+        Some(e) => e.1 = value,
+        None => kv.push((key, value)),
+    }
 }
 
 /// GPT-2's printable stand-in for a byte (the `bytes_to_unicode` table).

@@ -122,6 +122,10 @@ enum Cmd {
         /// the batched path (0 skips the check).
         #[arg(long, default_value_t = DECODE_CHECK_TOKENS)]
         decode_check: usize,
+        /// Memory the KV cache and RoPE tables may take, in bytes [default: the
+        /// memory the OS reports available (Linux MemAvailable); unbounded elsewhere].
+        #[arg(long, value_name = "BYTES")]
+        max_memory: Option<u64>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -154,6 +158,10 @@ enum Cmd {
         /// KV cache element type.
         #[arg(long, value_enum, default_value_t = KvArg::F32)]
         kv: KvArg,
+        /// Memory the KV cache and RoPE tables may take, in bytes [default: the
+        /// memory the OS reports available (Linux MemAvailable); unbounded elsewhere].
+        #[arg(long, value_name = "BYTES")]
+        max_memory: Option<u64>,
         /// Print one JSON object at the end instead of streaming.
         #[arg(long)]
         json: bool,
@@ -171,10 +179,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn threads(t: Option<usize>) -> usize {
+/// `--threads` (every core by default), at most [`par::MAX_THREADS`]; starts the pool.
+fn threads(t: Option<usize>) -> Result<usize> {
     let n = t.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if n > par::MAX_THREADS {
+        bail!(
+            "--threads {n} is more than the most cap runs, {}",
+            par::MAX_THREADS
+        );
+    }
     par::init_threads(n);
-    n.max(1)
+    Ok(n.max(1))
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in bytes.
@@ -197,6 +212,59 @@ fn check_ctx(ctx: usize, c: &cap_device::config::Config) -> Result<()> {
     Ok(())
 }
 
+/// The longest `--text` read: 1 GiB, as on the host (`/dev/zero` would be read until
+/// memory ran out).
+const MAX_TEXT_BYTES: u64 = 1 << 30;
+
+/// Reads a UTF-8 text of at most [`MAX_TEXT_BYTES`].
+fn read_text(p: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    std::fs::File::open(p)
+        .and_then(|f| f.take(MAX_TEXT_BYTES + 1).read_to_end(&mut raw))
+        .with_context(|| format!("{}: cannot read the text", p.display()))?;
+    if raw.len() as u64 > MAX_TEXT_BYTES {
+        bail!(
+            "{}: longer than {MAX_TEXT_BYTES} bytes, the most a text may have",
+            p.display()
+        );
+    }
+    String::from_utf8(raw).map_err(|_| anyhow::anyhow!("{}: not valid UTF-8", p.display()))
+}
+
+/// The memory available to this process per the OS (Linux `MemAvailable`), in bytes.
+fn mem_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb.saturating_mul(1024))
+}
+
+/// Refuses a context whose KV cache and RoPE tables (sized from the file's dimensions
+/// and `ctx`) exceed `--max-memory`, or else the memory the OS reports available: an
+/// allocation that large would abort the process instead of failing in one line.
+fn check_memory(
+    c: &cap_device::config::Config,
+    ctx: usize,
+    kv: KvDtype,
+    max_memory: Option<u64>,
+) -> Result<()> {
+    let (limit, what) = match (max_memory, mem_available()) {
+        (Some(m), _) => (m, "--max-memory"),
+        (None, Some(m)) => (m, "available (MemAvailable)"),
+        (None, None) => return Ok(()),
+    };
+    // cos and sin, f32, half a head per position.
+    let rope = (ctx as u64).saturating_mul(c.head_dim as u64 / 2 * 8);
+    let need = KvCache::bytes_for(c, ctx, kv).saturating_add(rope);
+    if need > limit {
+        bail!(
+            "a context of {ctx} tokens needs {need} bytes of KV cache and RoPE tables, more than the {limit} bytes {what} (lower --ctx or -n)"
+        );
+    }
+    Ok(())
+}
+
 fn run(cmd: Cmd) -> Result<u8> {
     match cmd {
         Cmd::Info { file, ctx, json } => info(&file, ctx, json),
@@ -208,13 +276,14 @@ fn run(cmd: Cmd) -> Result<u8> {
             threads: t,
             kv,
             decode_check,
+            max_memory,
             json,
         } => selftest(
             &file,
             text.as_deref(),
             (ctx, max_windows),
             t,
-            kv.into(),
+            (kv.into(), max_memory),
             decode_check,
             json,
         ),
@@ -228,6 +297,7 @@ fn run(cmd: Cmd) -> Result<u8> {
             ctx,
             threads: t,
             kv,
+            max_memory,
             json,
         } => {
             let cfg = SamplerConfig {
@@ -235,7 +305,16 @@ fn run(cmd: Cmd) -> Result<u8> {
                 top_p,
                 seed,
             };
-            generate(&file, &prompt, n, cfg, ctx, t, kv.into(), json)
+            generate(
+                &file,
+                &prompt,
+                n,
+                cfg,
+                ctx,
+                t,
+                (kv.into(), max_memory),
+                json,
+            )
         }
     }
 }
@@ -333,11 +412,11 @@ fn selftest(
     text: Option<&Path>,
     (ctx, max_windows): (Option<usize>, Option<usize>),
     threads_arg: Option<usize>,
-    kv: KvDtype,
+    (kv, max_memory): (KvDtype, Option<u64>),
     decode_check_tokens: usize,
     json: bool,
 ) -> Result<u8> {
-    let th = threads(threads_arg);
+    let th = threads(threads_arg)?;
     let bytes = map(path)?;
     let file = open(path, &bytes)?;
     let model = load_model(path, &file)?;
@@ -347,8 +426,7 @@ fn selftest(
         .and_then(|c| c.perplexity.as_ref())
         .filter(|r| r.protocol == PerplexityProtocol::LlamaCpp);
     let body = match text {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("{}: cannot read the text (UTF-8 expected)", p.display()))?,
+        Some(p) => read_text(p)?,
         None => match comp.map(|c| c.self_test_text.as_str()) {
             Some(t) if !t.is_empty() => t.to_string(),
             _ => bail!(
@@ -357,10 +435,35 @@ fn selftest(
             ),
         },
     };
+    if let Some(r) = record
+        && !(r.value.is_finite() && r.value > 0.0)
+    {
+        bail!(
+            "{}: the stored self-test figure {} is not a perplexity (a finite number > 0); the file is unusable",
+            path.display(),
+            r.value
+        );
+    }
     let ctx = ctx.or(record.map(|r| r.ctx as usize)).unwrap_or(512);
     let max_windows = max_windows.or(record.map(|r| r.windows as usize));
     check_ctx(ctx, &model.config)?;
+    check_memory(&model.config, ctx, kv, max_memory)?;
     let tokens = tok.encode(&body, true);
+    // The stored figure's own settings must be met by its own text: otherwise fewer
+    // windows would be scored and the self-test would silently compare nothing.
+    if let Some(r) = record
+        && text.is_none()
+        && ctx == r.ctx as usize
+        && max_windows == Some(r.windows as usize)
+        && (r.windows == 0 || tokens.len() / ctx < r.windows as usize)
+    {
+        bail!(
+            "{}: the stored self-test figure was measured on {} windows of {ctx} tokens, but the stored text has {} tokens; the file is unusable",
+            path.display(),
+            r.windows,
+            tokens.len()
+        );
+    }
     let opts = PplOptions {
         ctx,
         protocol: Protocol::LlamaCpp,
@@ -485,6 +588,17 @@ fn decode_check(
     Ok(worst)
 }
 
+/// `logits` when every one is a number: sampling NaN logits picked token 0 forever.
+fn finite(logits: &[f32]) -> Result<&[f32]> {
+    if logits.iter().all(|x| x.is_finite()) {
+        Ok(logits)
+    } else {
+        bail!(
+            "the model's logits are not finite (NaN or infinite): a weight or setting of the file is broken"
+        )
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn generate(
     path: &Path,
@@ -493,7 +607,7 @@ fn generate(
     cfg: SamplerConfig,
     ctx: usize,
     threads_arg: Option<usize>,
-    kv: KvDtype,
+    (kv, max_memory): (KvDtype, Option<u64>),
     json: bool,
 ) -> Result<u8> {
     if !cfg.temperature.is_finite() || cfg.temperature < 0.0 {
@@ -502,7 +616,7 @@ fn generate(
     if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
     }
-    let th = threads(threads_arg);
+    let th = threads(threads_arg)?;
     let bytes = map(path)?;
     let file = open(path, &bytes)?;
     let model = load_model(path, &file)?;
@@ -519,6 +633,7 @@ fn generate(
     }
     let ctx = ctx.min(ids.len().saturating_add(n));
     check_ctx(ctx, &model.config)?;
+    check_memory(&model.config, ctx, kv, max_memory)?;
     let runner = Runner::new(&model, ctx, th);
     let mut cache = KvCache::new(&model.config, ctx, kv);
     let mut ws = Workspace::new();
@@ -528,11 +643,11 @@ fn generate(
     // allocates nothing per token.
     let (out, decoded, prefill_s, decode_s) = par::install(|| -> Result<_> {
         let t0 = Instant::now();
-        let mut next = sampler.sample(
+        let mut next = sampler.sample(finite(
             runner
                 .next_logits(&ids, &mut cache, &mut ws)
                 .context("prefill")?,
-        );
+        )?);
         let prefill_s = t0.elapsed().as_secs_f64();
         let mut out = Vec::new();
         let mut stdout = std::io::stdout().lock();
@@ -551,7 +666,7 @@ fn generate(
                 .next_logits(&[next], &mut cache, &mut ws)
                 .context("decode")?;
             decoded += 1;
-            next = sampler.sample(logits);
+            next = sampler.sample(finite(logits)?);
         }
         Ok((out, decoded, prefill_s, t1.elapsed().as_secs_f64()))
     })?;

@@ -27,7 +27,9 @@ pub struct CompressArgs {
     /// A GGUF file or a Hugging Face checkpoint directory.
     #[arg(long)]
     pub model: PathBuf,
-    /// The `.cap` file to write (written atomically: nothing appears on failure).
+    /// The `.cap` file to write (written atomically: nothing appears on failure). Only a
+    /// regular file: a directory, device or FIFO is refused before any work; a symbolic
+    /// link is written through, atomically, to the file it names (the link stays).
     #[arg(long, short = 'o')]
     pub out: PathBuf,
     /// A device profile (see `cap-host targets`): the file, the KV cache for --ctx ×
@@ -252,6 +254,14 @@ fn dtype_of(a: DTypeArg) -> DType {
 pub fn run(a: CompressArgs) -> Result<()> {
     let threads = threads_or_all(a.threads)?;
     cap_kernels::par::init_threads(threads);
+    if !a.dry_run {
+        cap_host::outputs::prepare(&a.out)?;
+    }
+    // NaN passes every `<`/`>` test silently (a NaN step size ran REINFORCE with no
+    // sampled items and exited 0), so the float flags are checked here, by name.
+    if !(a.lr.is_finite() && a.lr > 0.0) {
+        bail!("--lr must be a finite number > 0, got {}", a.lr);
+    }
     if a.min_tokens_per_s.is_some() && a.target.is_none() {
         bail!(
             "--min-tokens-per-s needs --target: the speed is predicted from a board's memory bandwidth"

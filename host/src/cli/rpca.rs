@@ -134,6 +134,10 @@ pub(crate) fn run_decompose(
     Ok(r?)
 }
 
+/// The largest matrix `bench-rpca` accepts, in elements: 2²⁶ (256 MiB in f32; the
+/// solver's state is a few times that). SmolLM2's largest matrix has 28.3M.
+const MAX_BENCH_ELEMENTS: usize = 1 << 26;
+
 /// `bench-rpca`: seconds of the first iteration (with the spectral norm) and of each
 /// later one, per shape and thread count, and the projected seconds per matrix at the
 /// default iteration count.
@@ -163,6 +167,12 @@ pub(crate) fn run_bench(
             .collect()
     };
     let threads = parse_list(threads, "--threads")?;
+    if let Some(t) = threads.iter().find(|&&t| t > cap_kernels::par::MAX_THREADS) {
+        anyhow::bail!(
+            "--threads {t} is more than the most cap runs, {}",
+            cap_kernels::par::MAX_THREADS
+        );
+    }
     let mut rows = Vec::new();
     for size in sizes.split(',') {
         let (m, n) = size
@@ -171,6 +181,16 @@ pub(crate) fn run_bench(
             .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
             .filter(|&(a, b)| a > 0 && b > 0)
             .with_context(|| format!("--sizes: {size:?} is not ROWSxCOLS"))?;
+        // The solver holds several m×n f32 matrices (W, L, S, the multiplier, SVD
+        // work): bounded before anything is allocated.
+        if m.checked_mul(n).is_none_or(|e| e > MAX_BENCH_ELEMENTS) {
+            anyhow::bail!(
+                "--sizes: {m}x{n} is more than the {MAX_BENCH_ELEMENTS} elements a benchmark matrix may have"
+            );
+        }
+        if low_rank.is_some_and(|r| r > m.min(n)) {
+            anyhow::bail!("--low-rank must be at most min(rows, cols) = {}", m.min(n));
+        }
         let mut rng = XorShift::new(42);
         // Weight-like scale (SmolLM2's weights have std ≈ 0.02-0.05).
         let w: Vec<f32> = match low_rank {

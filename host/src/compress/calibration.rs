@@ -16,6 +16,26 @@ pub fn prefix_for_tokens(text: &str, tokens: usize) -> &str {
     &text[..end]
 }
 
+/// The most calibration tokens (`--calib-samples × --calib-len`) `compress` takes:
+/// 2²⁰, four times the papers' 128 × 2048 (a 2-core CPU takes minutes for the default
+/// 32 × 256). Every token's activations are held per layer while pruning, so a count
+/// of 10⁸ × 256 used to grow until the allocator aborted.
+pub const MAX_CALIB_TOKENS: usize = 1 << 20;
+
+/// Refuses `samples × len` above [`MAX_CALIB_TOKENS`] (before anything is drawn or
+/// generated).
+pub fn check_calib_tokens(samples: usize, len: usize) -> Result<()> {
+    if samples
+        .checked_mul(len)
+        .is_none_or(|n| n > MAX_CALIB_TOKENS)
+    {
+        return Err(CompressError::Invalid(format!(
+            "--calib-samples × --calib-len = {samples} × {len} is more than {MAX_CALIB_TOKENS} calibration tokens"
+        )));
+    }
+    Ok(())
+}
+
 /// `samples` windows of `len` tokens at seeded random offsets of `tokens` (the
 /// SparseGPT/Wanda way of drawing calibration sequences).
 pub fn sample_windows(
@@ -35,6 +55,7 @@ pub fn sample_windows(
             tokens.len()
         )));
     }
+    check_calib_tokens(samples, len)?;
     let mut rng = cap_device::rng::XorShift64Star::new(seed ^ 0xCA1B);
     let span = (tokens.len() - len + 1) as u64;
     Ok((0..samples)

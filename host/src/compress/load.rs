@@ -94,6 +94,7 @@ fn data_free(
             "--calib-len must be at least 2".into(),
         ));
     }
+    super::calibration::check_calib_tokens(opts.calib_samples, opts.calib_len)?;
     let recipe = crate::selfcalib::Recipe::new(opts.calib_samples, opts.calib_len - 1, opts.seed);
     let dir = opts
         .selfcalib_dir

@@ -121,6 +121,7 @@ pub fn restamp(src: &Path, out: &Path, mut manifest: Manifest) -> Result<PathBuf
     let opts = WriterOptions {
         alignment: file.header().alignment,
     };
+    let _cleanup = crate::tempfiles::register_writer(out);
     let mut w =
         CapWriter::create(out, opts).step(|| format!("{}: cannot create", out.display()))?;
     for i in 0..file.len() {

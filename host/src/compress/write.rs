@@ -18,6 +18,7 @@ use super::qvalues::{extend_runs, rtn_rows, rtn_sparse_rows, spec_of};
 use super::run::LayerRow;
 use super::select::Selection;
 use crate::pack::write_model;
+use crate::tempfiles::Registration;
 
 /// A kept sparse value in `dtype`, never zero: a value that rounds to ±0 (or is 0)
 /// becomes the smallest magnitude of the type with its sign, so the stored pattern,
@@ -248,8 +249,9 @@ pub fn encode_linear(
     Ok((desc, parts, bytes))
 }
 
-/// Deletes a file when dropped (the unmeasured intermediate).
-pub struct RemoveOnDrop(PathBuf);
+/// Deletes a file when dropped (the unmeasured intermediate), and on SIGINT/SIGTERM
+/// while it lives (it is registered with [`crate::tempfiles`]).
+pub struct RemoveOnDrop(PathBuf, #[allow(dead_code)] Registration);
 
 impl RemoveOnDrop {
     /// The file.
@@ -268,7 +270,9 @@ impl Drop for RemoveOnDrop {
 pub fn unmeasured_path(out: &Path) -> RemoveOnDrop {
     let mut p = out.to_path_buf().into_os_string();
     p.push(format!(".unmeasured-{}", std::process::id()));
-    RemoveOnDrop(PathBuf::from(p))
+    let p = PathBuf::from(p);
+    let reg = crate::tempfiles::register(&p);
+    RemoveOnDrop(p, reg)
 }
 
 /// What [`write`] wrote.

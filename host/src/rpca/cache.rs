@@ -176,6 +176,7 @@ pub fn write(path: &Path, key: &CacheKey, dec: &Decomposition) -> Result<()> {
         file_name.to_string_lossy(),
         std::process::id()
     ));
+    let _cleanup = crate::tempfiles::register(&tmp);
     let result = (|| -> Result<()> {
         let mut f = File::create(&tmp).map_err(io(&tmp, "cannot create"))?;
         f.write_all(&header)

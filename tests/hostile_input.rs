@@ -1,0 +1,904 @@
+//! Hostile and careless input, round two: special output paths, interrupted writes,
+//! files with valid checksums but impossible contents, absurd flags. Every case must
+//! end with a non-zero exit, one clear line on stderr, no panic or abort, bounded
+//! memory (each run is limited with `prlimit --as`), and nothing left behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use cap_format::manifest::{Manifest, RopeScaling};
+use cap_format::{CapFile, CapWriter, TensorDesc, WriterOptions};
+use common::{Kv, cap_device, root, set_kv, tiny, tiny_llama_gguf_with};
+
+/// The address-space limit every run here gets (`prlimit --as`): far below the
+/// allocations the hostile inputs used to ask for (5 TB for 4·10⁹ layers, 96 GB for a
+/// context of 4·10⁹), yet above what a tiny model's run reserves. It is address space,
+/// not memory used: faer's GEMM (the host's SVD) reserves about 1 GiB per thread that
+/// it never touches, so a 2-thread `compress` of a tiny model needs 3–4 GiB of it.
+const AS_LIMIT: u64 = 8 << 30;
+
+/// A command limited to [`AS_LIMIT`] bytes of address space when `prlimit` exists.
+fn limited(bin: &Path) -> Command {
+    if Path::new("/usr/bin/prlimit").exists() {
+        let mut c = Command::new("/usr/bin/prlimit");
+        c.arg(format!("--as={AS_LIMIT}")).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
+fn host_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cap-host"))
+}
+
+/// Runs `bin args` under the memory limit with `envs`; (exit code, stdout, stderr).
+fn run(bin: &Path, args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = limited(bin)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Asserts that `bin args` exits with `code`, prints exactly one non-empty line on
+/// stderr containing every needle, and neither panicked nor aborted.
+fn refused(bin: &Path, args: &[&str], code: i32, needles: &[&str]) -> String {
+    let (c, _, err) = run(bin, args, &[]);
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    assert!(
+        !err.contains("memory allocation"),
+        "allocation failure for {args:?}: {err}"
+    );
+    assert_eq!(c, code, "exit code for {args:?}, stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line for {args:?}, got: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr for {args:?} lacks {n:?}: {err}");
+    }
+    err
+}
+
+/// `cap-host args` must fail with exit 1 and one line holding every needle.
+fn host_refuses(args: &[&str], needles: &[&str]) -> String {
+    refused(&host_bin(), args, 1, needles)
+}
+
+/// `cap-device args` must fail with exit 2 (unusable file or wrong argument) and one line.
+fn device_refuses(args: &[&str], needles: &[&str]) -> String {
+    refused(&cap_device(), args, 2, needles)
+}
+
+/// The names in `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn mkfifo(p: &Path) {
+    let st = Command::new("mkfifo").arg(p).status().expect("mkfifo");
+    assert!(st.success());
+}
+
+// --- 1. Outputs -------------------------------------------------------------------
+
+#[test]
+fn outputs_that_are_not_regular_files_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let model = tiny("llama-tied");
+    let fifo = d.path().join("fifo.cap");
+    mkfifo(&fifo);
+    let dir = d.path().join("dir.cap");
+    std::fs::create_dir(&dir).unwrap();
+    let (a, b) = (d.path().join("a.cap"), d.path().join("b.cap"));
+    std::os::unix::fs::symlink(&b, &a).unwrap();
+    std::os::unix::fs::symlink(&a, &b).unwrap();
+    let calib = common::calib_text(d.path());
+    let before = entries(d.path());
+    for (out, what) in [
+        ("/dev/full", "a character device"),
+        ("/dev/null", "a character device"),
+        (s(&fifo), "a FIFO"),
+        (s(&dir), "a directory"),
+        (s(&a), "symbolic links"),
+    ] {
+        host_refuses(&["pack", "--model", &model, "-o", out], &[what]);
+        host_refuses(
+            &[
+                "compress", "--model", &model, "-o", out, "--ratio", "0.5", "--calib", &calib,
+            ],
+            &[what],
+        );
+    }
+    assert_eq!(std::fs::metadata("/dev/full").unwrap().len(), 0);
+    assert!(!std::fs::metadata("/dev/full").unwrap().is_file());
+    assert_eq!(
+        entries(d.path()),
+        before,
+        "nothing written, nothing replaced"
+    );
+}
+
+#[test]
+fn a_symbolic_link_output_is_written_through_to_its_target() {
+    let d = tempfile::tempdir().unwrap();
+    let model = tiny("llama-tied");
+    let real_dir = d.path().join("real");
+    std::fs::create_dir(&real_dir).unwrap();
+    let target = real_dir.join("model.cap");
+    std::fs::write(&target, b"old").unwrap();
+    let link = d.path().join("link.cap");
+    std::os::unix::fs::symlink("real/model.cap", &link).unwrap();
+    let (c, _, err) = run(
+        &host_bin(),
+        &["pack", "--model", &model, "-o", s(&link)],
+        &[],
+    );
+    assert_eq!(c, 0, "{err}");
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        Path::new("real/model.cap")
+    );
+    let bytes = std::fs::read(&target).unwrap();
+    assert_eq!(&bytes[..8], &cap_format::MAGIC);
+    assert_eq!(entries(&real_dir), vec!["model.cap"]);
+    // A dangling link: its target is created.
+    std::fs::remove_file(&target).unwrap();
+    let (c, _, err) = run(
+        &host_bin(),
+        &["pack", "--model", &model, "-o", s(&link)],
+        &[],
+    );
+    assert_eq!(c, 0, "{err}");
+    assert!(target.is_file());
+    assert_eq!(entries(d.path()), vec!["link.cap", "real"]);
+}
+
+/// Starts `cap-host args` with every tensor write slowed down, waits until a file whose
+/// name contains `marker` appears in `dir`, then sends `signal`; returns the exit status.
+fn interrupt(args: &[&str], dir: &Path, marker: &str, signal: &str) -> std::process::ExitStatus {
+    let mut child = Command::new(host_bin())
+        .args(args)
+        .env("CAP_TEST_WRITE_DELAY_MS", "200")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !entries(dir).iter().any(|n| n.contains(marker)) {
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "no {marker} file appeared in {:?}",
+            entries(dir)
+        );
+        assert!(child.try_wait().unwrap().is_none(), "finished too early");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let st = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    child.wait().unwrap()
+}
+
+#[test]
+fn an_interrupted_pack_or_compress_leaves_nothing_behind() {
+    use std::os::unix::process::ExitStatusExt;
+    let d = tempfile::tempdir().unwrap();
+    let model = tiny("llama-tied");
+    let out = d.path().join("x.cap");
+    for sig in ["-INT", "-TERM"] {
+        let st = interrupt(
+            &["pack", "--model", &model, "-o", s(&out)],
+            d.path(),
+            ".tmp-",
+            sig,
+        );
+        assert!(!st.success());
+        assert!(st.signal().is_some() || st.code() != Some(0), "{st:?}");
+        assert_eq!(entries(d.path()), Vec::<String>::new(), "after {sig}");
+    }
+    let work = tempfile::tempdir().unwrap();
+    let calib = common::calib_text(work.path());
+    let cache = work.path().join("cache");
+    let mut args = vec![
+        "compress",
+        "--model",
+        &model,
+        "-o",
+        s(&out),
+        "--ratio",
+        "0.5",
+    ];
+    let small = common::small_args(&calib, s(&cache));
+    args.extend(small.iter().map(String::as_str));
+    let st = interrupt(&args, d.path(), ".unmeasured-", "-INT");
+    assert!(!st.success());
+    assert_eq!(entries(d.path()), Vec::<String>::new());
+}
+
+#[test]
+fn stale_temporary_files_of_a_killed_run_are_removed() {
+    let d = tempfile::tempdir().unwrap();
+    let model = tiny("llama-tied");
+    // PIDs above the kernel's maximum (4194304) belong to no process.
+    let stale = [
+        "x.cap.tmp-4194399",
+        "x.cap.unmeasured-4194398",
+        "x.cap.unmeasured-4194398.tmp-4194398",
+    ];
+    for n in stale {
+        std::fs::write(d.path().join(n), b"debris").unwrap();
+    }
+    // A live process's file (PID 1) and other names are not touched.
+    for n in ["x.cap.tmp-1", "x.cap.bak", "y.cap.tmp-4194399"] {
+        std::fs::write(d.path().join(n), b"keep").unwrap();
+    }
+    let out = d.path().join("x.cap");
+    let (c, _, err) = run(
+        &host_bin(),
+        &["pack", "--model", &model, "-o", s(&out)],
+        &[],
+    );
+    assert_eq!(c, 0, "{err}");
+    assert_eq!(
+        entries(d.path()),
+        vec!["x.cap", "x.cap.bak", "x.cap.tmp-1", "y.cap.tmp-4194399"]
+    );
+}
+
+#[test]
+fn an_os_error_is_printed_once() {
+    let err = host_refuses(
+        &[
+            "pack",
+            "--model",
+            &tiny("llama-tied"),
+            "-o",
+            "/no/such/dir/x.cap",
+        ],
+        &["/no/such/dir/x.cap", "No such file or directory"],
+    );
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+}
+
+// --- 3. Non-finite and impossible numbers ------------------------------------------
+
+/// A text of `n` bytes (one token per byte under the tiny models' byte vocabulary).
+fn text_file(dir: &Path, n: usize) -> String {
+    let body: String = "the model runs on a small board. "
+        .chars()
+        .cycle()
+        .take(n)
+        .collect();
+    let p = dir.join("text.txt");
+    std::fs::write(&p, body).unwrap();
+    s(&p).to_string()
+}
+
+/// Writes the tiny GGUF after `edit` into `dir/name` and returns its path.
+#[allow(clippy::type_complexity)]
+fn gguf_with(
+    dir: &Path,
+    name: &str,
+    edit: &mut dyn FnMut(
+        &mut Vec<(&'static str, Kv)>,
+        &mut Vec<(&'static str, Vec<u64>, u32, Vec<u8>)>,
+    ),
+) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, tiny_llama_gguf_with("llama", 0, 8 * 256 * 4, edit)).unwrap();
+    s(&p).to_string()
+}
+
+#[test]
+fn non_finite_or_impossible_gguf_settings_are_refused_at_import() {
+    let d = tempfile::tempdir().unwrap();
+    let text = text_file(d.path(), 200);
+    let cases: [(&str, &'static str, Kv, &str); 7] = [
+        (
+            "eps-nan",
+            "llama.attention.layer_norm_rms_epsilon",
+            Kv::F32(f32::NAN),
+            "rms_norm_eps",
+        ),
+        (
+            "eps-neg",
+            "llama.attention.layer_norm_rms_epsilon",
+            Kv::F32(-1.0),
+            "rms_norm_eps",
+        ),
+        (
+            "eps-inf",
+            "llama.attention.layer_norm_rms_epsilon",
+            Kv::F32(f32::INFINITY),
+            "rms_norm_eps",
+        ),
+        (
+            "theta-nan",
+            "llama.rope.freq_base",
+            Kv::F32(f32::NAN),
+            "rope_theta",
+        ),
+        (
+            "theta-0",
+            "llama.rope.freq_base",
+            Kv::F32(0.0),
+            "rope_theta",
+        ),
+        (
+            "theta-neg",
+            "llama.rope.freq_base",
+            Kv::F32(-10000.0),
+            "rope_theta",
+        ),
+        ("ctx-0", "llama.context_length", Kv::U32(0), "max_position"),
+    ];
+    for (name, key, value, field) in cases {
+        let mut value = Some(value);
+        let m = gguf_with(d.path(), &format!("{name}.gguf"), &mut |kv, _| {
+            set_kv(kv, key, value.take().unwrap())
+        });
+        host_refuses(
+            &["eval", "--model", &m, "--text", &text, "--ctx", "16"],
+            &[&m, field],
+        );
+        let out = d.path().join("out.cap");
+        host_refuses(&["pack", "--model", &m, "-o", s(&out)], &[&m, field]);
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn a_perplexity_that_is_not_finite_is_an_error() {
+    let d = tempfile::tempdir().unwrap();
+    let text = text_file(d.path(), 200);
+    // One infinite embedding value: every logit becomes NaN.
+    let m = gguf_with(d.path(), "inf.gguf", &mut |_, t| {
+        let e = t.iter_mut().find(|x| x.0 == "token_embd.weight").unwrap();
+        for v in e.3.chunks_exact_mut(4) {
+            v.copy_from_slice(&f32::INFINITY.to_le_bytes());
+        }
+    });
+    host_refuses(
+        &["eval", "--model", &m, "--text", &text, "--ctx", "16"],
+        &["not finite"],
+    );
+}
+
+/// A copy of tiny HF fixture `name` in `dir` with its config.json edited by `edit`.
+fn hf_with(dir: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let src = root().join("tests/fixtures/tiny").join(name);
+    let dst = dir.join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dst.join("config.json"), cfg.to_string()).unwrap();
+    s(&dst).to_string()
+}
+
+#[test]
+fn impossible_hugging_face_settings_are_refused_at_pack() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o.cap");
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 6] = [
+        ("eps", |c| c["rms_norm_eps"] = (-1.0).into(), "rms_norm_eps"),
+        ("theta", |c| c["rope_theta"] = 0.0.into(), "rope_theta"),
+        (
+            "factor",
+            |c| c["rope_parameters"]["factor"] = 0.0.into(),
+            "rope_scaling.factor",
+        ),
+        (
+            "lowhigh",
+            |c| c["rope_parameters"]["low_freq_factor"] = 4.0.into(),
+            "must differ",
+        ),
+        (
+            "maxpos",
+            |c| c["max_position_embeddings"] = 0.into(),
+            "max_position",
+        ),
+        (
+            "orig",
+            |c| c["rope_parameters"]["original_max_position_embeddings"] = 0.into(),
+            "original_max_position",
+        ),
+    ];
+    for (tag, edit, field) in cases {
+        let m = hf_with(&d.path().join(tag), "llama3-scaled", edit);
+        host_refuses(&["pack", "--model", &m, "-o", s(&out)], &[field]);
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn non_finite_flags_are_refused_by_name() {
+    let d = tempfile::tempdir().unwrap();
+    let model = tiny("llama-tied");
+    let out = d.path().join("o.cap");
+    let calib = common::calib_text(d.path());
+    let base = [
+        "compress",
+        "--model",
+        &model,
+        "-o",
+        s(&out),
+        "--calib",
+        &calib,
+    ];
+    for (extra, name) in [
+        (&["--ratio", "0.5", "--lr", "nan"][..], "--lr"),
+        (&["--ratio", "0.5", "--lr=-1"], "--lr"),
+        (&["--ratio", "0.5", "--lr", "inf"], "--lr"),
+        (&["--ratio", "nan"], "--ratio"),
+        (
+            &["--ratio", "0.5", "--lowrank-share", "nan"],
+            "--lowrank-share",
+        ),
+        (&["--ratio", "0.5", "--lambda-scale", "nan"], "lambda scale"),
+        (&["--ratio", "0.5", "--tol", "nan"], "tolerance"),
+        (
+            &["--target", "host", "--min-tokens-per-s", "nan"],
+            "--min-tokens-per-s",
+        ),
+    ] {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        host_refuses(&args, &[name]);
+    }
+    assert_eq!(entries(d.path()), vec!["calib.txt"]);
+    let cap = packed(d.path());
+    for (extra, name) in [
+        (&["--temp", "nan"][..], "--temp"),
+        (&["--temp=-1"], "--temp"),
+        (&["--top-p", "nan"], "--top-p"),
+        (&["--top-p", "0"], "--top-p"),
+    ] {
+        let mut args = vec!["generate", &cap, "--prompt", "the"];
+        args.extend(extra);
+        device_refuses(&args, &[name]);
+    }
+}
+
+/// The tiny tied llama packed into `dir/tiny.cap`.
+fn packed(dir: &Path) -> String {
+    let out = dir.join("tiny.cap");
+    let (c, _, err) = run(
+        &host_bin(),
+        &["pack", "--model", &tiny("llama-tied"), "-o", s(&out)],
+        &[],
+    );
+    assert_eq!(c, 0, "{err}");
+    s(&out).to_string()
+}
+
+/// Rewrites the `.cap` file `src` into `dst` with its manifest changed by `edit`: the
+/// checksums are all valid, only the contents are impossible.
+fn restamped(src: &str, dst: &Path, edit: impl FnOnce(&mut Manifest)) -> String {
+    let bytes = std::fs::read(src).unwrap();
+    let file = CapFile::parse(&bytes).unwrap();
+    let mut m = file.manifest().clone();
+    edit(&mut m);
+    m.tensors.clear();
+    let opts = WriterOptions {
+        alignment: file.header().alignment,
+    };
+    let mut w = CapWriter::create(dst, opts).unwrap();
+    for i in 0..file.len() {
+        let t = file.tensor(i).unwrap();
+        let parts: Vec<&[u8]> = t
+            .layout
+            .parts()
+            .iter()
+            .map(|p| t.part(p.kind).unwrap_or(&[]))
+            .collect();
+        let desc = TensorDesc {
+            rows: t.rows,
+            cols: t.cols,
+            encoding: t.encoding,
+        };
+        w.add_tensor(&file.manifest().tensors[i].name, &desc, &parts)
+            .unwrap();
+    }
+    w.finish(m).unwrap();
+    s(dst).to_string()
+}
+
+#[test]
+fn cap_files_with_valid_checksums_and_impossible_numbers_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let cap = packed(d.path());
+    let text = text_file(d.path(), 400);
+    type Edit = fn(&mut Manifest);
+    let cases: [(&str, Edit, &str); 7] = [
+        ("layers", |m| m.model.num_layers = 4_000_000_000, "layers"),
+        ("eps", |m| m.model.rms_norm_eps = f32::NAN, "rms_norm_eps"),
+        ("theta", |m| m.model.rope_theta = -1.0, "rope_theta"),
+        ("maxpos", |m| m.model.max_position = 0, "max_position"),
+        ("heads", |m| m.model.num_heads = 4_000_000_000, "heads"),
+        ("vocab", |m| m.model.vocab_size = 4_000_000_000, "vocab"),
+        (
+            "factor",
+            |m| {
+                m.model.rope_scaling = RopeScaling::Llama3 {
+                    factor: 0.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position: 64,
+                }
+            },
+            "rope_scaling.factor",
+        ),
+    ];
+    for (tag, edit, what) in cases {
+        let f = restamped(&cap, &d.path().join(format!("{tag}.cap")), edit);
+        host_refuses(
+            &["eval", "--model", &f, "--text", &text, "--ctx", "16"],
+            &[what],
+        );
+        for cmd in [
+            vec!["info", &f],
+            vec!["generate", &f, "--prompt", "the", "-n", "4"],
+            vec!["selftest", &f, "--text", &text, "--ctx", "16"],
+        ] {
+            device_refuses(&cmd, &[what]);
+        }
+    }
+}
+
+// --- 4. The self-test fails closed ---------------------------------------------------
+
+/// The tiny tied llama compressed (ratio 0.5, small settings) into `dir/c.cap`: a file
+/// with a stored self-test figure and text.
+fn compressed(dir: &Path) -> String {
+    let calib = common::calib_text(dir);
+    let cache = dir.join("cache");
+    let out = dir.join("c.cap");
+    let model = tiny_model();
+    let mut args = vec![
+        "compress",
+        "--model",
+        &model,
+        "-o",
+        s(&out),
+        "--ratio",
+        "0.5",
+    ];
+    let small = common::small_args(&calib, s(&cache));
+    args.extend(small.iter().map(String::as_str));
+    let (c, _, err) = run(&host_bin(), &args, &[]);
+    assert_eq!(c, 0, "{err}");
+    s(&out).to_string()
+}
+
+fn tiny_model() -> String {
+    tiny("llama-tied")
+}
+
+/// Sets the stored perplexity record's value, context and windows.
+fn with_record(m: &mut Manifest, value: f64, ctx: Option<u32>, windows: Option<u32>) {
+    let r = m
+        .compression
+        .as_mut()
+        .and_then(|c| c.perplexity.as_mut())
+        .expect("a stored figure");
+    r.value = value;
+    if let Some(c) = ctx {
+        r.ctx = c;
+    }
+    if let Some(w) = windows {
+        r.windows = w;
+    }
+}
+
+#[test]
+fn the_self_test_fails_closed_on_impossible_stored_figures() {
+    let d = tempfile::tempdir().unwrap();
+    let cap = compressed(d.path());
+    let (c, _, err) = run(&cap_device(), &["selftest", &cap], &[]);
+    assert_eq!(c, 0, "the untouched file passes: {err}");
+    let stored = {
+        let bytes = std::fs::read(&cap).unwrap();
+        let f = CapFile::parse(&bytes).unwrap();
+        f.manifest()
+            .compression
+            .as_ref()
+            .unwrap()
+            .perplexity
+            .clone()
+            .unwrap()
+    };
+    for (tag, value, ctx, windows, needle) in [
+        ("neg", -5.0, None, None, "not a perplexity"),
+        ("zero", 0.0, None, None, "not a perplexity"),
+        ("nan", f64::NAN, None, None, "not a perplexity"),
+        ("inf", f64::INFINITY, None, None, "not a perplexity"),
+        ("many", stored.value, None, Some(4_000_000_000), "windows"),
+        ("none", stored.value, None, Some(0), "windows"),
+        ("long", stored.value, Some(4_000_000_000), None, "exceeds"),
+        ("short", stored.value, Some(1), None, "at least 2"),
+    ] {
+        let f = restamped(&cap, &d.path().join(format!("{tag}.cap")), |m| {
+            with_record(m, value, ctx, windows)
+        });
+        device_refuses(&["selftest", &f], &[needle]);
+    }
+}
+
+// --- 2. Sizes from files and flags ---------------------------------------------------
+
+#[test]
+fn contexts_are_bounded_by_the_model_and_by_memory() {
+    let d = tempfile::tempdir().unwrap();
+    let cap = packed(d.path());
+    let text = text_file(d.path(), 400);
+    // 256 positions: host and board refuse 300 alike.
+    host_refuses(
+        &["eval", "--model", &cap, "--text", &text, "--ctx", "300"],
+        &["exceeds the model's 256"],
+    );
+    host_refuses(
+        &[
+            "eval",
+            "--model",
+            &tiny_model(),
+            "--text",
+            &text,
+            "--ctx",
+            "300",
+        ],
+        &["exceeds the model's 256"],
+    );
+    device_refuses(
+        &["selftest", &cap, "--text", &text, "--ctx", "300"],
+        &["exceeds the model's 256"],
+    );
+    // A record claiming 4·10⁹ positions: the KV cache is checked before it is allocated.
+    let big = restamped(&cap, &d.path().join("big.cap"), |m| {
+        m.model.max_position = 4_000_000_000
+    });
+    device_refuses(
+        &[
+            "generate",
+            &big,
+            "--prompt",
+            "the",
+            "--ctx",
+            "4000000000",
+            "-n",
+            "4000000000",
+        ],
+        &["bytes of KV cache"],
+    );
+    device_refuses(
+        &[
+            "generate",
+            &big,
+            "--prompt",
+            "the",
+            "-n",
+            "100",
+            "--max-memory",
+            "1000",
+        ],
+        &["--max-memory"],
+    );
+    device_refuses(
+        &[
+            "selftest",
+            &big,
+            "--text",
+            &text,
+            "--ctx",
+            "64",
+            "--max-memory",
+            "1000",
+        ],
+        &["--max-memory"],
+    );
+    // The KV size `info` prints saturates instead of wrapping around.
+    let (c, out, err) = run(
+        &cap_device(),
+        &["info", &cap, "--ctx", "400319966877378", "--json"],
+        &[],
+    );
+    assert_eq!(c, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["kv_cache_bytes_f32"].as_u64().unwrap() > 1 << 40, "{v}");
+}
+
+// --- 5. Messages ---------------------------------------------------------------------
+
+#[test]
+fn messages_say_what_is_wrong() {
+    let d = tempfile::tempdir().unwrap();
+    let cap = packed(d.path());
+    let text = text_file(d.path(), 400);
+    host_refuses(
+        &[
+            "eval",
+            "--model",
+            &cap,
+            "--text",
+            &text,
+            "--ctx",
+            "16",
+            "--max-windows",
+            "0",
+        ],
+        &["at least 1"],
+    );
+    device_refuses(
+        &[
+            "selftest",
+            &cap,
+            "--text",
+            &text,
+            "--ctx",
+            "16",
+            "--max-windows",
+            "0",
+        ],
+        &["at least 1"],
+    );
+    // tokenize reads a .cap file's tokenizer (it said "not a GGUF file").
+    let (c, out, err) = run(
+        &host_bin(),
+        &["tokenize", "--model", &cap, "--text", &text],
+        &[],
+    );
+    assert_eq!(c, 0, "{err}");
+    let (c2, out2, _) = run(
+        &host_bin(),
+        &["tokenize", "--model", &tiny_model(), "--text", &text],
+        &[],
+    );
+    assert_eq!(c2, 0);
+    assert_eq!(out, out2);
+}
+
+#[test]
+fn absurd_flags_are_refused_before_anything_is_allocated() {
+    let d = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let out = d.path().join("o.cap");
+    let calib = common::calib_text(d.path());
+    let text = text_file(d.path(), 400);
+    let compress = [
+        "compress",
+        "--model",
+        &model,
+        "-o",
+        s(&out),
+        "--calib",
+        &calib,
+        "--ratio",
+        "0.5",
+    ];
+    for (extra, needle) in [
+        (&["--calib-samples", "100000000"][..], "calibration tokens"),
+        (&["--threads", "5000"], "--threads 5000"),
+        (&["--threads", "100000"], "--threads 100000"),
+    ] {
+        let args: Vec<&str> = compress.iter().chain(extra).copied().collect();
+        host_refuses(&args, &[needle]);
+    }
+    assert!(!out.exists());
+    host_refuses(
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--text",
+            &text,
+            "--ctx",
+            "16",
+            "--threads",
+            "5000",
+        ],
+        &["--threads 5000"],
+    );
+    host_refuses(
+        &["bench-rpca", "--sizes", "100000x100000"],
+        &["100000x100000", "elements"],
+    );
+    host_refuses(
+        &["bench-rpca", "--sizes", "64x64", "--threads", "5000"],
+        &["--threads 5000"],
+    );
+    host_refuses(
+        &["bench-rpca", "--sizes", "64x64", "--low-rank", "100"],
+        &["--low-rank"],
+    );
+    let cap = packed(d.path());
+    device_refuses(
+        &[
+            "selftest",
+            &cap,
+            "--text",
+            &text,
+            "--ctx",
+            "16",
+            "--threads",
+            "5000",
+        ],
+        &["--threads 5000"],
+    );
+    device_refuses(
+        &["generate", &cap, "--prompt", "the", "--threads", "100000"],
+        &["--threads 100000"],
+    );
+}
+
+#[test]
+fn texts_are_read_with_a_size_limit_and_special_files_are_not_opened() {
+    let d = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    host_refuses(
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--text",
+            "/dev/zero",
+            "--ctx",
+            "16",
+        ],
+        &["/dev/zero", "longer than 1073741824 bytes"],
+    );
+    let cap = packed(d.path());
+    device_refuses(
+        &["selftest", &cap, "--text", "/dev/zero", "--ctx", "16"],
+        &["/dev/zero", "longer than 1073741824 bytes"],
+    );
+    // A FIFO named as the model: refused, not waited on.
+    let fifo = d.path().join("m.cap");
+    mkfifo(&fifo);
+    device_refuses(&["info", s(&fifo)], &["not a regular file"]);
+    host_refuses(&["inspect", s(&fifo)], &[s(&fifo)]);
+}
+
+#[test]
+fn a_tokenizer_larger_than_the_embedding_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let cap = packed(d.path());
+    // The record says 128 rows; the embedding and tokenizer have 256.
+    let f = restamped(&cap, &d.path().join("v.cap"), |m| m.model.vocab_size = 128);
+    device_refuses(&["generate", &f, "--prompt", "the"], &["v.cap"]);
+    // A GGUF whose tokenizer has more tokens than the embedding has rows.
+    let m = gguf_with(d.path(), "tok.gguf", &mut |kv, _| {
+        let mut toks: Vec<String> = (0..=255u8)
+            .map(|b| common::gpt2_byte_char(b).to_string())
+            .collect();
+        toks.push("extra".into());
+        set_kv(kv, "tokenizer.ggml.tokens", Kv::Strs(toks));
+    });
+    host_refuses(
+        &["pack", "--model", &m, "-o", s(&d.path().join("t.cap"))],
+        &["257 tokens", "256 rows"],
+    );
+}
