@@ -299,21 +299,23 @@ pub fn tiny_llama_gguf_with(
     let (h, inter, vocab) = (8u64, 256u64, 256u64);
     let f32s = |n: u64| vec![0u8; n as usize * 4];
     // The hyper-parameters under the architecture's own prefix, as llama.cpp writes them.
-    let keys: Vec<(String, Kv)> = [
-        ("block_count", Kv::U32(1)),
-        ("context_length", Kv::U32(64)),
-        ("embedding_length", Kv::U32(h as u32)),
-        ("feed_forward_length", Kv::U32(inter as u32)),
-        ("attention.head_count", Kv::U32(2)),
-        ("attention.head_count_kv", Kv::U32(2)),
-        ("attention.layer_norm_rms_epsilon", Kv::F32(1e-5)),
-        ("rope.freq_base", Kv::F32(10000.0)),
-    ]
-    .into_iter()
-    .map(|(k, v)| (format!("{arch}.{k}"), v))
-    .collect();
-    let mut kv: Vec<(&str, Kv)> = vec![("general.architecture", Kv::Str(arch))];
-    kv.extend(keys.iter().map(|(k, v)| (k.as_str(), v.clone())));
+    // The keys are leaked to `'static` (a few bytes per test file) so `edit` can match
+    // and replace them like the fixed ones.
+    let mut kv: Vec<(&'static str, Kv)> = vec![("general.architecture", Kv::Str(arch))];
+    kv.extend(
+        [
+            ("block_count", Kv::U32(1)),
+            ("context_length", Kv::U32(64)),
+            ("embedding_length", Kv::U32(h as u32)),
+            ("feed_forward_length", Kv::U32(inter as u32)),
+            ("attention.head_count", Kv::U32(2)),
+            ("attention.head_count_kv", Kv::U32(2)),
+            ("attention.layer_norm_rms_epsilon", Kv::F32(1e-5)),
+            ("rope.freq_base", Kv::F32(10000.0)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (&*Box::leak(format!("{arch}.{k}").into_boxed_str()), v)),
+    );
     kv.extend([
         ("tokenizer.ggml.model", Kv::Str("gpt2")),
         ("tokenizer.ggml.pre", Kv::Str("default")),
