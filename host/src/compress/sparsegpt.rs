@@ -347,15 +347,22 @@ mod tests {
     use std::collections::BTreeMap;
 
     /// The inputs block-by-block pruning records are the ones the forward pass feeds
-    /// each linear: with a pruner that keeps everything, the diagonal of every recorded
+    /// each linear (Gemma-3, and Qwen2 with its q/k/v biases): with a pruner that keeps everything, the diagonal of every recorded
     /// `Σ x·xᵀ` is `tokens · rms²` of the inputs `calib::input_rms_windows` records by
     /// running the whole model (an independent path: the Runner's own embedding, every
     /// norm, Gemma-3's √d embedding scale and local layers). Tolerance 1e-4 relative:
     /// f32 sums over 3 × 24 tokens in two orders.
     #[test]
-    fn block_inputs_are_the_forward_pass_inputs_on_gemma3() {
+    fn block_inputs_are_the_forward_pass_inputs_on_gemma3_and_qwen2() {
+        for fixture in ["gemma3/gemma3.gguf", "qwen2"] {
+            check_block_inputs(fixture);
+        }
+    }
+
+    fn check_block_inputs(fixture: &str) {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/tiny/gemma3/gemma3.gguf");
+            .join("../tests/fixtures/tiny")
+            .join(fixture);
         let model = crate::import::Checkpoint::open(&path)
             .unwrap()
             .load_model()
@@ -378,7 +385,7 @@ mod tests {
             for (j, (&h, &r)) in d.iter().zip(&rms[name]).enumerate() {
                 let want = f64::from(r).powi(2) * tokens.len() as f64;
                 let rel = (f64::from(h) - want).abs() / want.max(1e-12);
-                assert!(rel < 1e-4, "{name} column {j}: Σx² {h} vs {want}");
+                assert!(rel < 1e-4, "{fixture} {name} column {j}: Σx² {h} vs {want}");
             }
         }
     }
