@@ -624,21 +624,10 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
             let (i, head) = (j / c.n_heads, j % c.n_heads);
             let kv = &kvs[i];
             let keys = kv.len + 1;
-            let first = first_visible(keys, window);
             let (o, s) = chunk.split_at_mut(hd);
-            let base = kv.head_start(layer, head / group);
             let qh = &q[i * qd + head * hd..i * qd + (head + 1) * hd];
-            let seen = base + first * hd..base + keys * hd;
-            decode_head(
-                kern,
-                kv.k.values(seen.clone()),
-                kv.v.values(seen),
-                hd,
-                qh,
-                scale,
-                &mut s[..keys - first],
-                o,
-            );
+            let at = (layer, head / group, keys);
+            decode_cached(kern, kv, at, window, qh, scale, s, o);
         });
         for (j, chunk) in hs.chunks_exact(per).enumerate() {
             let (i, head) = (j / c.n_heads, j % c.n_heads);
@@ -787,16 +776,14 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
             let vvals = kv.v.values(base..base + keys * hd);
             if t == 1 {
                 let qh = &q[head * hd..(head + 1) * hd];
-                let first = first_visible(keys, window);
-                let seen = base + first * hd..base + keys * hd;
-                decode_head(
+                decode_cached(
                     kern,
-                    kv.k.values(seen.clone()),
-                    kv.v.values(seen),
-                    hd,
+                    kv,
+                    (layer, head / group, keys),
+                    window,
                     qh,
                     scale,
-                    &mut s[first..],
+                    s,
                     o,
                 );
                 return;
@@ -903,6 +890,37 @@ impl<'m, L: Linear, E: Embedding> Runner<'m, L, E> {
 /// cache: 0, or the start of its window in a local layer.
 fn first_visible(keys: usize, window: Option<usize>) -> usize {
     window.map_or(0, |w| keys.saturating_sub(w))
+}
+
+/// Decode attention of one query head `qh` at position `keys - 1` over what it sees
+/// of KV head `g` of `layer` in `kv` (`at = (layer, g, keys)`): every cached position,
+/// or only its window in a local layer. `scores` holds at least `keys` floats.
+#[allow(clippy::too_many_arguments)]
+fn decode_cached(
+    kern: &cpu::Kernels,
+    kv: &KvCache,
+    at: (usize, usize, usize),
+    window: Option<usize>,
+    qh: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let (layer, g, keys) = at;
+    let hd = qh.len();
+    let base = kv.head_start(layer, g);
+    let first = first_visible(keys, window);
+    let seen = base + first * hd..base + keys * hd;
+    decode_head(
+        kern,
+        kv.k.values(seen.clone()),
+        kv.v.values(seen),
+        hd,
+        qh,
+        scale,
+        &mut scores[..keys - first],
+        out,
+    );
 }
 
 /// Decode attention of one query head `qh` over `keys = scores.len()` cached
