@@ -9,6 +9,8 @@
 #
 # CAP_MODEL=PATH compresses another model (e.g. one `scripts/fetch-model.sh NAME`
 # fetched); METHODS="wanda sparsegpt cap" limits the methods (default: all seven).
+# CAP_BIN=PATH runs that cap-host binary instead of building target/release (so a long
+# run is not disturbed by rebuilds of the checkout).
 #
 # The paper's variant reuses stage 1's cache (~/.cache/cap/rpca/...); its first run
 # computes it. The whole table takes about an hour on two cores.
@@ -22,8 +24,12 @@ OUT=${OUT:-/tmp/cap-bench-compress}
 WIKI=data/wikitext-2-raw/wiki.valid.raw
 C4=data/c4/c4_sample.json
 mkdir -p "$OUT"
-cargo build --release -q -p cap-host
-BIN=target/release/cap-host
+if [ -n "${CAP_BIN:-}" ]; then
+  BIN=$CAP_BIN
+else
+  cargo build --release -q -p cap-host
+  BIN=target/release/cap-host
+fi
 : > "$OUT/results.jsonl"
 dense=$($BIN eval --model "$MODEL" --text "$WIKI" --ctx "$CTX" --max-windows "$WINDOWS" --json)
 echo "{\"method\":\"dense\",\"ratio\":1,\"ppl\":$(echo "$dense" | python3 -c 'import json,sys;print(json.load(sys.stdin)["ppl"])'),\"file_bytes\":null,\"seconds\":null}" >> "$OUT/results.jsonl"
