@@ -397,6 +397,9 @@ fn bad_input_fails_cleanly_and_writes_nothing() {
         &calib,
         "--cache-dir",
         &cache,
+        // Within the tiny model's 256 positions (the default 512 is refused first).
+        "--eval-ctx",
+        "32",
     ];
     let with = |extra: &[&str]| -> Vec<String> {
         base.iter().chain(extra).map(|s| s.to_string()).collect()
@@ -411,8 +414,11 @@ fn bad_input_fails_cleanly_and_writes_nothing() {
             ],
         ),
         (
-            with(&["--ratio", "0.5", "--calib-len", "100000"]),
-            vec!["fewer than one sample", "100000"],
+            with(&["--ratio", "0.5", "--calib-len", "1000"]),
+            vec![
+                "a context of 1000 tokens exceeds the model's 256 positions",
+                "--calib-len",
+            ],
         ),
         (
             with(&["--budget", "1000"]),
@@ -467,6 +473,8 @@ fn data_free_calibration_without_calib() {
             &o,
             "--ratio",
             "0.5",
+            "--eval-ctx",
+            "32",
         ],
     );
     assert_eq!(code, 1, "{err}");

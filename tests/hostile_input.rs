@@ -902,3 +902,184 @@ fn a_tokenizer_larger_than_the_embedding_is_refused() {
         &["257 tokens", "256 rows"],
     );
 }
+
+// --- 2. Sizes from flags, bounded by the text, the model and the target ------------
+
+/// `compress --model M -o OUT LIMIT --calib CALIB` with the small evaluation and search
+/// settings, `extra`'s `--flag value` pairs replacing theirs (clap takes a flag once).
+fn compress_args(
+    model: &str,
+    out: &Path,
+    calib: &str,
+    limit: &[&str],
+    extra: &[&str],
+) -> Vec<String> {
+    let cache = out.with_extension("cache");
+    let mut v: Vec<String> = ["compress", "--model", model, "-o", s(out)]
+        .iter()
+        .chain(limit)
+        .map(|x| x.to_string())
+        .collect();
+    v.extend(common::small_args(calib, s(&cache)));
+    for pair in extra.chunks(2) {
+        match v.iter().position(|a| a == pair[0]) {
+            Some(i) => v[i + 1] = pair[1].to_string(),
+            None => v.extend(pair.iter().map(|x| x.to_string())),
+        }
+    }
+    v
+}
+
+/// [`compress_args`] with `--ratio 0.5`.
+fn small_compress_args(model: &str, out: &Path, calib: &str, extra: &[&str]) -> Vec<String> {
+    compress_args(model, out, calib, &["--ratio", "0.5"], extra)
+}
+
+fn refuses_compress(args: &[String], needles: &[&str]) -> String {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    host_refuses(&a, needles)
+}
+
+#[test]
+fn calibration_is_bounded_by_the_texts_tokens() {
+    let d = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let out = d.path().join("o.cap");
+    // 200 tokens (one a byte; the tiny tokenizer adds no BOS).
+    let calib = text_file(d.path(), 200);
+    let before = entries(d.path());
+    // The windows may overlap, but more tokens than the text has are not asked for:
+    // 10 × 24 = 240 > 200 (the old code drew them, counting tokens several times).
+    refuses_compress(
+        &small_compress_args(&model, &out, &calib, &["--calib-samples", "10"]),
+        &[
+            &calib,
+            "has 200 tokens",
+            "--calib-samples × --calib-len = 10 × 24 = 240",
+        ],
+    );
+    // Not even one sequence.
+    refuses_compress(
+        &small_compress_args(
+            &model,
+            &out,
+            &calib,
+            &["--calib-samples", "1", "--calib-len", "201"],
+        ),
+        &[
+            &calib,
+            "200 tokens",
+            "fewer than one sample of --calib-len 201",
+        ],
+    );
+    assert_eq!(entries(d.path()), before, "nothing written");
+}
+
+#[test]
+fn compress_contexts_are_bounded_by_the_models_positions() {
+    let d = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let out = d.path().join("o.cap");
+    let calib = common::calib_text(d.path());
+    let before = entries(d.path());
+    // The tiny model has 256 positions; `eval --ctx 300` is refused the same way.
+    for (flag, value) in [("--eval-ctx", "300"), ("--calib-len", "257")] {
+        refuses_compress(
+            &small_compress_args(&model, &out, &calib, &[flag, value]),
+            &[&format!(
+                "a context of {value} tokens exceeds the model's 256 positions (lower {flag})"
+            )],
+        );
+    }
+    // The default --eval-ctx (512) too.
+    let args: Vec<String> = [
+        "compress",
+        "--model",
+        &model,
+        "-o",
+        s(&out),
+        "--ratio",
+        "0.5",
+        "--calib",
+        &calib,
+    ]
+    .map(String::from)
+    .to_vec();
+    refuses_compress(
+        &args,
+        &["512 tokens exceeds the model's 256 positions (lower --eval-ctx)"],
+    );
+    // Data-free calibration (the model would write the sequences) is checked first too.
+    let args: Vec<String> = [
+        "compress",
+        "--model",
+        &model,
+        "-o",
+        s(&out),
+        "--ratio",
+        "0.5",
+        "--eval-ctx",
+        "32",
+        "--calib-len",
+        "300",
+    ]
+    .map(String::from)
+    .to_vec();
+    refuses_compress(
+        &args,
+        &["300 tokens exceeds the model's 256 positions (lower --calib-len)"],
+    );
+    assert_eq!(entries(d.path()), before, "nothing written");
+}
+
+#[test]
+fn a_kv_cache_beyond_the_target_is_refused_before_compressing() {
+    let d = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let out = d.path().join("o.cap");
+    let calib = common::calib_text(d.path());
+    let targets = d.path().join("targets");
+    std::fs::create_dir(&targets).unwrap();
+    // 1 MiB usable: the tiny model's f32 KV cache at ctx 256 is 2 layers × 2 × 64 × 4
+    // bytes a position (see the message), 256 KiB; four sequences fill it.
+    // 1 MiB usable; the tiny model's f32 KV cache takes 2 layers × 2 × 32 KV dims × 4
+    // bytes = 512 bytes a position: 128 KiB at ctx 256, so 16 sequences need 2 MiB.
+    common::write_profile(&targets, "small-board", 2 << 20, 1 << 20);
+    let before = entries(d.path());
+    let target = |name: &str, ctx: &str, batch: &str| {
+        let limit = [
+            "--target",
+            name,
+            "--targets-dir",
+            s(&targets),
+            "--ctx",
+            ctx,
+            "--batch",
+            batch,
+        ];
+        compress_args(&model, &out, &calib, &limit, &[])
+    };
+    refuses_compress(
+        &target("small-board", "256", "16"),
+        &[
+            "target small-board: the KV cache for --ctx 256 × --batch 16 (f32, 2 layers × 32 KV dims) \
+             takes 2097152 bytes, more than the 1048576 usable bytes (2097152 total − 1048576 reserved); \
+             lower --ctx or --batch",
+        ],
+    );
+    // A product past the machine's integers is refused, not wrapped around (or, in a
+    // debug build, a panic).
+    refuses_compress(
+        &target("small-board", &usize::MAX.to_string(), "2"),
+        &["takes more than 2^64 bytes"],
+    );
+    // The built-in profile, with its own figures.
+    refuses_compress(
+        &target("host", "100000000000", "1"),
+        &[
+            "target host: the KV cache for --ctx 100000000000 × --batch 1",
+            "takes 51200000000000 bytes",
+        ],
+    );
+    assert_eq!(entries(d.path()), before, "nothing written");
+}

@@ -22,13 +22,13 @@ pub enum EvalError {
         #[source]
         source: std::io::Error,
     },
-    /// The text file is not UTF-8.
     /// The text is longer than [`MAX_TEXT_BYTES`].
     #[error("{}: longer than {MAX_TEXT_BYTES} bytes, the most a text may have", path.display())]
     TooLarge {
         /// The file.
         path: PathBuf,
     },
+    /// The text file is not UTF-8.
     #[error("{}: not valid UTF-8 (first bad byte at {offset})", path.display())]
     NotUtf8 {
         /// The file.
@@ -45,13 +45,44 @@ pub enum EvalError {
         #[source]
         source: PplError,
     },
+    /// A window (or calibration sequence) is longer than the model's positions.
+    #[error(
+        "a context of {ctx} tokens exceeds the model's {max_position} positions (lower {flag})"
+    )]
+    ContextTooLong {
+        /// The tokens asked for.
+        ctx: usize,
+        /// The model's positions (`max_position`).
+        max_position: usize,
+        /// The flag that asked for them (`--ctx`, `--eval-ctx`, `--calib-len`).
+        flag: &'static str,
+    },
 }
 
-/// How to evaluate.
+/// Refuses a context longer than the model was trained for, as the board does
+/// (`cap-device`): positions past it are extrapolated, and it would size the KV cache.
+/// `flag` names the option that set `ctx` in the message. `eval --ctx` and `compress
+/// --eval-ctx`/`--calib-len` share it.
+pub fn check_ctx(
+    ctx: usize,
+    config: &cap_device::config::Config,
+    flag: &'static str,
+) -> Result<(), EvalError> {
+    if ctx > config.max_position {
+        return Err(EvalError::ContextTooLong {
+            ctx,
+            max_position: config.max_position,
+            flag,
+        });
+    }
+    Ok(())
+}
+
 /// The longest text [`read_text`] reads: 1 GiB (WikiText-103's training split is 0.5 GB;
 /// tokenizing a text costs 4 bytes per token on top of it).
 pub const MAX_TEXT_BYTES: u64 = 1 << 30;
 
+/// How to evaluate.
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
     /// Window length in tokens.

@@ -431,16 +431,10 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a context longer than the model was trained for, as the board does
-/// (`cap-device`): positions past it are extrapolated, and it would size the KV cache.
+/// Refuses `eval --ctx` beyond the model's positions ([`cap_host::eval::check_ctx`],
+/// shared with `compress --eval-ctx` and `--calib-len`).
 fn check_ctx(ctx: usize, c: &cap_device::config::Config) -> Result<()> {
-    if ctx > c.max_position {
-        anyhow::bail!(
-            "a context of {ctx} tokens exceeds the model's {} positions (lower --ctx)",
-            c.max_position
-        );
-    }
-    Ok(())
+    Ok(cap_host::eval::check_ctx(ctx, c, "--ctx")?)
 }
 
 /// `--threads` or every core, at least 1 and at most [`cap_kernels::par::MAX_THREADS`].

@@ -34,7 +34,7 @@ pub struct CompressArgs {
     pub out: PathBuf,
     /// A device profile (see `cap-host targets`): the file, the KV cache for --ctx ×
     /// --batch tokens, the forward pass's scratch and the runtime must fit its usable
-    /// memory.
+    /// memory (a KV cache that alone does not fit is refused before any work).
     #[arg(long, value_name = "NAME")]
     pub target: Option<String>,
     /// A folder of extra `NAME.toml` device profiles.
@@ -122,10 +122,14 @@ pub struct CompressArgs {
     /// ~/.cache/cap/selfcalib per model and recipe).
     #[arg(long, value_name = "FILE")]
     pub calib: Option<PathBuf>,
-    /// Calibration sequences (the papers use 128; 32 keeps a 2-core CPU within minutes).
+    /// Calibration sequences (the papers use 128; 32 keeps a 2-core CPU within minutes),
+    /// drawn from --calib's text at seeded random offsets, so they may overlap; but
+    /// --calib-samples × --calib-len may not exceed the text's tokens (nor 2^20).
     #[arg(long, default_value_t = 32)]
     pub calib_samples: usize,
-    /// Tokens per calibration sequence (the papers use 2048).
+    /// Tokens per calibration sequence (the papers use 2048): at least 2, at most the
+    /// model's positions (each sequence runs from position 0) and the calibration
+    /// text's tokens.
     #[arg(long, default_value_t = 256)]
     pub calib_len: usize,
     /// Seed of the calibration sample and of the masks.
@@ -139,7 +143,8 @@ pub struct CompressArgs {
     /// Build --eval-text as the papers do from the HF `wikitext` dataset.
     #[arg(long)]
     pub wikitext: bool,
-    /// Window of the held-out perplexity (stored in the file for the board's self-test).
+    /// Window of the held-out perplexity (stored in the file for the board's self-test);
+    /// at most the model's positions, as for `eval --ctx`.
     #[arg(long, default_value_t = 512)]
     pub eval_ctx: usize,
     /// Windows of the held-out perplexity.
@@ -261,6 +266,11 @@ pub fn run(a: CompressArgs) -> Result<()> {
     // sampled items and exited 0), so the float flags are checked here, by name.
     if !(a.lr.is_finite() && a.lr > 0.0) {
         bail!("--lr must be a finite number > 0, got {}", a.lr);
+    }
+    if let Some(t) = a.min_tokens_per_s
+        && !(t.is_finite() && t > 0.0)
+    {
+        bail!("--min-tokens-per-s must be a positive number, got {t}");
     }
     if a.min_tokens_per_s.is_some() && a.target.is_none() {
         bail!(

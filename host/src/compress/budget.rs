@@ -231,6 +231,45 @@ pub struct SpeedBound {
     pub cost: DecodeCost,
 }
 
+/// Bytes of the f32 KV cache a board must hold to serve `batch` sequences of `ctx`
+/// tokens of a model with `config` (checked arithmetic); an error in one line when
+/// the KV cache alone is more than `profile`'s usable memory, before anything else is
+/// counted (`compress` checks this before loading the weights).
+pub fn target_kv_bytes(
+    profile: &Profile,
+    config: &Config,
+    ctx: usize,
+    batch: usize,
+) -> Result<u64> {
+    if ctx == 0 || batch == 0 {
+        return Err(CompressError::Invalid(
+            "--ctx and --batch must be at least 1".into(),
+        ));
+    }
+    let usable = profile.usable_bytes();
+    // `bytes_for` saturates at u64::MAX, which no profile's memory reaches.
+    let kv = ctx.checked_mul(batch).map_or(u64::MAX, |tokens| {
+        KvCache::bytes_for(config, tokens, KvDtype::F32)
+    });
+    if kv > usable {
+        let kv = if kv == u64::MAX {
+            "more than 2^64".to_string()
+        } else {
+            kv.to_string()
+        };
+        return Err(CompressError::Invalid(format!(
+            "target {}: the KV cache for --ctx {ctx} × --batch {batch} (f32, {} layers × {} KV dims) takes {kv} bytes, \
+             more than the {usable} usable bytes ({} total − {} reserved); lower --ctx or --batch",
+            profile.name,
+            config.n_layers,
+            config.kv_dim(),
+            profile.total_memory_bytes,
+            profile.reserved_bytes,
+        )));
+    }
+    Ok(kv)
+}
+
 /// Turns `spec` into a limit for the compressed linears of a model with `config` and
 /// fixed costs `fixed`; an infeasible budget is an error that says what is missing.
 pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result<Budget> {
@@ -284,13 +323,10 @@ pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result
             batch,
             min_tokens_per_s,
         } => {
-            if *ctx == 0 || *batch == 0 {
-                return Err(CompressError::Invalid(
-                    "--ctx and --batch must be at least 1".into(),
-                ));
-            }
             let usable = profile.usable_bytes();
-            let kv = KvCache::bytes_for(config, ctx * batch, KvDtype::F32);
+            // Refused here when the KV cache alone does not fit, so `ctx × batch` is
+            // bounded by the usable bytes for the terms below.
+            let kv = target_kv_bytes(profile, config, *ctx, *batch)?;
             let scratch = scratch_bytes(
                 config,
                 ctx * batch,
@@ -308,8 +344,11 @@ pub fn resolve(spec: &BudgetSpec, config: &Config, fixed: &FixedCosts) -> Result
                     fixed.file_overhead_bytes,
                 ),
             ];
-            let taken: u64 = breakdown.iter().map(|(_, b)| b).sum();
-            let need = taken + fixed.linear_min_bytes;
+            // Saturating: a sum past u64 is "more than any board has", refused below.
+            let taken = breakdown
+                .iter()
+                .fold(0u64, |t, (_, b)| t.saturating_add(*b));
+            let need = taken.saturating_add(fixed.linear_min_bytes);
             if usable < need {
                 let parts: Vec<String> =
                     breakdown.iter().map(|(n, b)| format!("{n} {b}")).collect();

@@ -1,13 +1,15 @@
 //! Stage "load": the source model, its tokenizer, the calibration windows and the
 //! held-out text.
 
+use cap_device::config::Config;
 use cap_device::model::{DenseLinear, Model};
 use cap_device::tokenizer::Tokenizer;
 
-use super::calibration::{prefix_for_tokens, sample_windows};
+use super::budget::{BudgetSpec, target_kv_bytes};
+use super::calibration::{check_calib_tokens, prefix_for_tokens, sample_windows};
 use super::error::{CompressError, Result, StepContext, step_error};
 use super::run::{CompressOptions, Event};
-use crate::eval::read_text;
+use crate::eval::{check_ctx, read_text};
 use crate::import::Checkpoint;
 use crate::pack::source_sha256;
 
@@ -30,14 +32,15 @@ pub struct Loaded {
     pub source_sha256: String,
 }
 
-/// Loads the model and the texts, and samples the calibration windows.
+/// Loads the model and the texts, and samples the calibration windows. Everything
+/// the flags and the model's hyper-parameters can refuse is refused first
+/// ([`preflight`]), and a calibration text too short for the request before the
+/// weights are loaded.
 pub fn load(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -> Result<Loaded> {
     let ck = Checkpoint::open(&opts.model).map_err(step_error)?;
-    let model = ck
-        .load_model()
-        .step(|| format!("{}: loading the model", opts.model.display()))?;
+    let config = ck.config().map_err(step_error)?;
+    preflight(opts, &config)?;
     let tokenizer = ck.tokenizer().map_err(step_error)?;
-    let source_sha = source_sha256(&opts.model).map_err(step_error)?;
     // Calibration: a text file, or (data-free) text the model writes itself.
     let calib_text = match &opts.calib {
         Some(p) => Some(crate::calib::read_calib_text(p).map_err(step_error)?),
@@ -53,21 +56,29 @@ pub fn load(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -> Re
             (text, name.to_string())
         }
     };
-    if opts.eval_ctx < 2 || opts.eval_windows == 0 {
-        return Err(CompressError::Invalid(
-            "--eval-ctx must be at least 2 and --eval-windows at least 1".into(),
-        ));
-    }
-    let self_test_text =
-        prefix_for_tokens(&held_out, opts.eval_ctx * opts.eval_windows + 1).to_string();
-    let (windows, calibration) = match (&calib_text, &opts.calib) {
+    let self_test_text = prefix_for_tokens(
+        &held_out,
+        opts.eval_ctx
+            .saturating_mul(opts.eval_windows)
+            .saturating_add(1),
+    )
+    .to_string();
+    let from_text = match (&calib_text, &opts.calib) {
         (Some(text), Some(p)) => {
             let calib_tokens = tokenizer.encode(text, true);
             let w = sample_windows(&calib_tokens, opts.calib_samples, opts.calib_len, opts.seed)
                 .step(|| format!("{}", p.display()))?;
-            (w, p.display().to_string())
+            Some((w, p.display().to_string()))
         }
-        _ => data_free(opts, &model, &tokenizer, &source_sha, on_event)?,
+        _ => None,
+    };
+    let model = ck
+        .load_model()
+        .step(|| format!("{}: loading the model", opts.model.display()))?;
+    let source_sha = source_sha256(&opts.model).map_err(step_error)?;
+    let (windows, calibration) = match from_text {
+        Some(w) => w,
+        None => data_free(opts, &model, &tokenizer, &source_sha, on_event)?,
     };
     Ok(Loaded {
         model,
@@ -80,6 +91,39 @@ pub fn load(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -> Re
     })
 }
 
+/// What the flags and the model's hyper-parameters alone can refuse, checked before
+/// any text is read or weight loaded: the evaluation and calibration settings, both
+/// contexts against the model's positions (as `eval --ctx` is), the calibration tokens
+/// against [`super::calibration::MAX_CALIB_TOKENS`], and under `--target` the KV
+/// cache against the profile's usable memory.
+pub fn preflight(opts: &CompressOptions, config: &Config) -> Result<()> {
+    if opts.eval_ctx < 2 || opts.eval_windows == 0 {
+        return Err(CompressError::Invalid(
+            "--eval-ctx must be at least 2 and --eval-windows at least 1".into(),
+        ));
+    }
+    if opts.calib_samples == 0 || opts.calib_len < 2 {
+        return Err(CompressError::Invalid(
+            "--calib-samples must be at least 1 and --calib-len at least 2".into(),
+        ));
+    }
+    check_calib_tokens(opts.calib_samples, opts.calib_len)?;
+    // Then the flags against the model: a calibration sequence runs from position 0,
+    // as an evaluation window does.
+    check_ctx(opts.eval_ctx, config, "--eval-ctx").map_err(step_error)?;
+    check_ctx(opts.calib_len, config, "--calib-len").map_err(step_error)?;
+    if let BudgetSpec::Target {
+        profile,
+        ctx,
+        batch,
+        ..
+    } = &opts.budget
+    {
+        target_kv_bytes(profile, config, *ctx, *batch)?;
+    }
+    Ok(())
+}
+
 /// Data-free calibration windows: `--calib-samples` sequences the model writes itself
 /// (cached per model and recipe), and how the report names them.
 fn data_free(
@@ -89,12 +133,6 @@ fn data_free(
     source_sha: &str,
     on_event: &(dyn Fn(Event<'_>) + Sync),
 ) -> Result<(Vec<Vec<u32>>, String)> {
-    if opts.calib_len < 2 {
-        return Err(CompressError::Invalid(
-            "--calib-len must be at least 2".into(),
-        ));
-    }
-    super::calibration::check_calib_tokens(opts.calib_samples, opts.calib_len)?;
     let recipe = crate::selfcalib::Recipe::new(opts.calib_samples, opts.calib_len - 1, opts.seed);
     let dir = opts
         .selfcalib_dir
