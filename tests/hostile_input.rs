@@ -901,6 +901,59 @@ fn a_tokenizer_larger_than_the_embedding_is_refused() {
         &["pack", "--model", &m, "-o", s(&d.path().join("t.cap"))],
         &["257 tokens", "256 rows"],
     );
+    // compress and eval refuse it too (they used to write a file the board refuses, and
+    // to evaluate as if the extra token had a row).
+    let out = d.path().join("c.cap");
+    let calib = common::calib_text(d.path());
+    let mut args = vec!["compress", "--model", &m, "-o", s(&out), "--ratio", "0.5"];
+    let small = common::small_args(&calib, s(&d.path().join("cache")));
+    args.extend(small.iter().map(String::as_str));
+    host_refuses(&args, &[&m, "257 tokens", "256 rows"]);
+    assert!(!out.exists());
+    let text = text_file(d.path(), 100);
+    host_refuses(
+        &["eval", "--model", &m, "--text", &text, "--ctx", "16"],
+        &[&m, "257 tokens", "256 rows"],
+    );
+}
+
+/// A tokenizer with fewer tokens than the embedding has rows is accepted on purpose:
+/// real models pad their embedding (Qwen2.5: 151,936 rows, 151,665 tokens in its
+/// Hugging Face tokenizer). The padded rows are scored by the head like the others.
+#[test]
+fn a_tokenizer_smaller_than_the_embedding_is_accepted() {
+    let d = tempfile::tempdir().unwrap();
+    // 256 byte tokens, 300 embedding rows (all zeros: every row scores alike).
+    let m = gguf_with(d.path(), "padded.gguf", &mut |_, tensors| {
+        let e = tensors
+            .iter_mut()
+            .find(|t| t.0 == "token_embd.weight")
+            .expect("an embedding");
+        e.1 = vec![8, 300];
+        e.3 = vec![0u8; 8 * 300 * 4];
+    });
+    let text = text_file(d.path(), 100);
+    let eval = |model: &str| {
+        let (c, out, err) = run(
+            &host_bin(),
+            &["eval", "--model", model, "--text", &text, "--ctx", "16"],
+            &[],
+        );
+        assert_eq!(c, 0, "{model}: {err}");
+        out
+    };
+    // Uniform over the 300 rows, not the 256 tokens.
+    assert!(eval(&m).starts_with("PPL 300.0000"), "{}", eval(&m));
+    let cap = d.path().join("padded.cap");
+    let (c, _, err) = run(&host_bin(), &["pack", "--model", &m, "-o", s(&cap)], &[]);
+    assert_eq!(c, 0, "{err}");
+    assert!(eval(s(&cap)).starts_with("PPL 300.0000"));
+    let (c, _, err) = run(
+        &cap_device(),
+        &["generate", s(&cap), "--prompt", "the", "-n", "2"],
+        &[],
+    );
+    assert_eq!(c, 0, "{err}");
 }
 
 // --- 2. Sizes from flags, bounded by the text, the model and the target ------------

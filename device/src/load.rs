@@ -111,7 +111,10 @@ pub fn tokenizer(m: &Manifest) -> Result<Tokenizer, LoadError> {
     let r = m.tokenizer.as_ref().ok_or(LoadError::NoTokenizer)?;
     let spec = TokenizerSpec::from_record(r).map_err(LoadError::TokenizerRecord)?;
     let tok = Tokenizer::new(spec).map_err(LoadError::Tokenizer)?;
-    // Token ids index the embedding's rows (the record's vocabulary size).
+    // Token ids index the embedding's rows (the record's vocabulary size): a larger
+    // tokenizer is refused. A smaller one is accepted on purpose: real models pad their
+    // embedding past the tokenizer (Qwen2.5: 151,936 rows, 151,665 tokens in its
+    // Hugging Face tokenizer), as the host's import accepts.
     if tok.vocab_size() > m.model.vocab_size as usize {
         return Err(LoadError::TokenizerVocab {
             tokens: tok.vocab_size(),

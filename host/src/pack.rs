@@ -41,16 +41,6 @@ pub enum PackError {
     /// The tokenizer could not be imported.
     #[error(transparent)]
     Tokenizer(ImportError),
-    /// The tokenizer has more tokens than the embedding has rows.
-    #[error("{}: the tokenizer has {tokens} tokens, more than the {rows} rows of the token embedding", .path.display())]
-    TokenizerVocab {
-        /// The checkpoint.
-        path: PathBuf,
-        /// Tokens of the tokenizer.
-        tokens: usize,
-        /// Rows of the embedding (the configuration's vocabulary size).
-        rows: usize,
-    },
     /// A digest could not be computed or parsed.
     #[error(transparent)]
     Digest(#[from] DigestError),
@@ -308,17 +298,8 @@ pub fn pack(
         }
         _ => Some(ck.tokenizer().map_err(PackError::Tokenizer)?),
     };
-    // A token id past the embedding's rows has no row: refused now, not at the first
-    // text that uses it. Fewer tokens than rows is normal (Qwen2 pads its embedding).
-    if let Some(t) = &tok
-        && t.vocab_size() > model.config.vocab_size
-    {
-        return Err(PackError::TokenizerVocab {
-            path: src.clone(),
-            tokens: t.vocab_size(),
-            rows: model.config.vocab_size,
-        });
-    }
+    // `Checkpoint::tokenizer` refused a tokenizer larger than the embedding and
+    // accepted a smaller one (real models pad their embedding; see there).
     let model_cfg = model_config(&model.config)?;
     let created_unix = creation_time()?;
     let manifest = Manifest {

@@ -63,6 +63,16 @@ pub enum ImportError {
         /// What is wrong.
         msg: String,
     },
+    /// The tokenizer has more tokens than the embedding has rows.
+    #[error("{}: the tokenizer has {tokens} tokens, more than the {rows} rows of the token embedding", .path.display())]
+    TokenizerVocab {
+        /// The checkpoint.
+        path: PathBuf,
+        /// Tokens of the tokenizer.
+        tokens: usize,
+        /// Rows of the embedding (the configuration's vocabulary size).
+        rows: usize,
+    },
     /// A required tensor is absent.
     #[error("{path}: tensor '{name}' is missing")]
     MissingTensor {

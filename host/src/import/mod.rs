@@ -70,7 +70,8 @@ impl Checkpoint {
 
 impl Checkpoint {
     /// The model's tokenizer: from GGUF metadata, or from `tokenizer.json` beside a
-    /// Hugging Face checkpoint.
+    /// Hugging Face checkpoint. A tokenizer with more tokens than the embedding has
+    /// rows is refused ([`ImportError::TokenizerVocab`]); one with fewer is accepted.
     pub fn tokenizer(&self) -> Result<cap_device::tokenizer::Tokenizer, ImportError> {
         let spec = match self {
             Checkpoint::Gguf(f) => tokenizer::from_gguf(f)?,
@@ -78,9 +79,28 @@ impl Checkpoint {
                 tokenizer::from_tokenizer_json(&h.dir().join("tokenizer.json"))?
             }
         };
-        cap_device::tokenizer::Tokenizer::new(spec).map_err(|e| ImportError::Tokenizer {
-            path: self.path(),
-            msg: e.to_string(),
-        })
+        let tok =
+            cap_device::tokenizer::Tokenizer::new(spec).map_err(|e| ImportError::Tokenizer {
+                path: self.path(),
+                msg: e.to_string(),
+            })?;
+        // Token ids index the embedding's rows, so a token past them has no row: refused
+        // now (pack, compress, eval, tokenize), not at the first text that uses it, and
+        // the board refuses such a file too (`cap_device::load::tokenizer`).
+        //
+        // Fewer tokens than rows is accepted, deliberately: real models pad their
+        // embedding past the tokenizer (Qwen2.5's has 151,936 rows, rounded up for GPU
+        // kernels, while its Hugging Face tokenizer has 151,665 tokens; its GGUF pads
+        // the tokenizer instead, with [PAD151665].. tokens). The extra rows are never
+        // looked up by a token, and the head's scores for them are the model's own.
+        let rows = self.config()?.vocab_size;
+        if tok.vocab_size() > rows {
+            return Err(ImportError::TokenizerVocab {
+                path: self.path(),
+                tokens: tok.vocab_size(),
+                rows,
+            });
+        }
+        Ok(tok)
     }
 }
