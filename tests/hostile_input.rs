@@ -1136,3 +1136,47 @@ fn a_kv_cache_beyond_the_target_is_refused_before_compressing() {
     );
     assert_eq!(entries(d.path()), before, "nothing written");
 }
+
+/// `inspect` and `verify` map the file (as the board does) instead of reading it into
+/// memory: under a data limit far below the file's size they still answer.
+#[test]
+fn inspect_and_verify_map_the_file_instead_of_reading_it() {
+    let d = tempfile::tempdir().unwrap();
+    let cap = packed(d.path());
+    // The same file, grown to 1 GiB by a hole after its end.
+    let big = d.path().join("big.cap");
+    std::fs::copy(&cap, &big).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&big)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    // RLIMIT_DATA counts heap and anonymous maps, not a read-only file map: the old
+    // `std::fs::read` of 1 GiB aborted with "memory allocation of 1073741824 bytes
+    // failed".
+    let limited = |args: &[&str]| {
+        let out = Command::new("/usr/bin/prlimit")
+            .arg(format!("--data={}", 256u64 << 20))
+            .arg(host_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for cmd in ["inspect", "verify"] {
+        let (c, _, err) = limited(&[cmd, &cap]);
+        assert_eq!(c, 0, "{cmd} of the packed file: {err}");
+        let (c, _, err) = limited(&[cmd, s(&big)]);
+        assert!(!err.contains("memory allocation"), "{cmd}: {err}");
+        assert!(!err.contains("panicked"), "{cmd}: {err}");
+        assert_eq!(c, 1, "{cmd}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{cmd}: {err}");
+        assert!(err.contains(s(&big)), "{cmd}: {err}");
+    }
+}

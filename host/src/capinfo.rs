@@ -384,11 +384,22 @@ pub fn verify_cap(bytes: &[u8]) -> Result<VerifyReport, String> {
     })
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, CapInfoError> {
-    std::fs::read(path).map_err(|source| CapInfoError::Read {
+/// Maps the file read-only, as the board does ([`cap_device::load::map_file`]), so
+/// that inspecting or verifying a multi-gigabyte file does not first copy it into
+/// memory. Only a regular file is mapped: a FIFO would block the open until a writer
+/// came, and a device has no size to map.
+fn map(path: &Path) -> Result<memmap2::Mmap, CapInfoError> {
+    let err = |source| CapInfoError::Read {
         path: path.to_owned(),
         source,
-    })
+    };
+    if !std::fs::metadata(path).map_err(err)?.is_file() {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    cap_device::load::map_file(path).map_err(err)
 }
 
 fn invalid(path: &Path) -> impl FnOnce(String) -> CapInfoError + '_ {
@@ -398,14 +409,16 @@ fn invalid(path: &Path) -> impl FnOnce(String) -> CapInfoError + '_ {
     }
 }
 
-/// [`inspect_cap`] on a file; errors name the file.
+/// [`inspect_cap`] on a file, memory-mapped (never read whole; like the board, it must
+/// not be truncated meanwhile, see [`cap_device::open::map`]); errors name the file.
 pub fn inspect_cap_file(path: &Path) -> Result<CapReport, CapInfoError> {
-    let bytes = read(path)?;
+    let bytes = map(path)?;
     inspect_cap(&bytes).map_err(invalid(path))
 }
 
-/// [`verify_cap`] on a file; errors name the file.
+/// [`verify_cap`] on a file, memory-mapped as in [`inspect_cap_file`]; errors name the
+/// file.
 pub fn verify_cap_file(path: &Path) -> Result<VerifyReport, CapInfoError> {
-    let bytes = read(path)?;
+    let bytes = map(path)?;
     verify_cap(&bytes).map_err(invalid(path))
 }
