@@ -466,6 +466,30 @@ fn a_byte_flipped_on_the_board_is_caught_and_nothing_switches() {
     assert_eq!(code, 0, "{err}");
     assert_installed(&board, &bb);
     assert_eq!(board.link("previous").as_deref(), Some(va.as_str()));
+
+    // A finished file damaged later (same size) is caught by the check before the
+    // switch, removed, and copied again by the next run.
+    let model = board
+        .install()
+        .join("versions")
+        .join(bundle_sha(&bb))
+        .join("model.cap");
+    let mut bytes = std::fs::read(&model).unwrap();
+    bytes[200] ^= 0x01;
+    std::fs::write(&model, bytes).unwrap();
+    let line = one_line_failure(board.flash(&bb, &[]));
+    assert!(
+        line.contains("checksum mismatch") && line.contains("damaged: model.cap"),
+        "{line}"
+    );
+    assert!(!model.exists());
+    let (code, out, err) = board.flash(&bb, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        json(&out)["boards"][0]["copied_bytes"],
+        std::fs::metadata(bb.join("model.cap")).unwrap().len()
+    );
+    assert_installed(&board, &bb);
 }
 
 /// Rewrites the `.cap` file `src` into `dst` with its manifest changed by `edit` (all

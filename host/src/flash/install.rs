@@ -164,13 +164,19 @@ done
                     continue;
                 };
                 let size = size.parse::<u64>().unwrap_or(0);
+                let done = state == "done" && size == f.bytes;
                 p.files.push(FilePlan {
                     name: f.name.clone(),
                     bytes: f.bytes,
-                    // A partial file longer than the real one is not a prefix of it:
-                    // it is started over.
-                    present_bytes: if size <= f.bytes { size } else { 0 },
-                    done: state == "done" && size == f.bytes,
+                    // A partial file longer than the real one is not a prefix of it,
+                    // and a finished file of the wrong size is not this one: both are
+                    // started over.
+                    present_bytes: match state {
+                        "partial" if size <= f.bytes => size,
+                        _ if done => size,
+                        _ => 0,
+                    },
+                    done,
                 });
             }
             _ => {}
@@ -338,20 +344,31 @@ else rm -f "$V/$f.partial"; echo "bad $s"; fi
 
     // Every file once more, finished ones from earlier runs included, then switch.
     pb.set_message(format!("{}: verifying {short}", board.raw));
+    // A file that fails here (damaged on the board after an earlier run finished it)
+    // is removed, so the next run copies it again instead of failing forever.
     let sums: Vec<String> = bundle
         .files()
         .iter()
-        .map(|f| format!("{}  {}", f.sha256, f.name))
+        .map(|f| format!("{} {}", f.sha256, f.name))
         .collect();
     let o = ssh.script(&format!(
-        "{v}cd \"$V\" || exit 3\nsha256sum -c --quiet <<'EOF'\n{}\nEOF\n",
+        r#"{v}cd "$V" || exit 3
+bad=""
+while read -r sum name; do
+  s=$(sha256sum "$name" 2>/dev/null | cut -d' ' -f1)
+  if [ "$s" != "$sum" ]; then rm -f "$name"; bad="$bad $name"; fi
+done <<'EOF'
+{}
+EOF
+if [ -n "$bad" ]; then echo "damaged:$bad"; exit 4; fi
+"#,
         sums.join("\n")
     ))?;
     if o.code != 0 {
         return Err(board_err(
             board,
             format!(
-                "checksum mismatch on the board in versions/{sha}: {}; nothing switched",
+                "checksum mismatch on the board in versions/{sha} ({}): removed; nothing switched, run flash again",
                 o.last_line()
             ),
         ));
