@@ -815,9 +815,28 @@ fn bundle_contents_and_bad_input() {
     ]));
     assert!(line.contains("no stored self-test figure"), "{line}");
     // A missing cross linker or cargo is named (PATH without them; nothing is built).
+    // (`CARGO` is the toolchain's own cargo, in a folder without rustup or gcc; a fake
+    // rustup lists only the x86-64 standard library.)
     let cargo_dir = PathBuf::from(env!("CARGO")).parent().unwrap().to_path_buf();
+    let fake = w.join("fake-rustup");
+    std::fs::create_dir(&fake).unwrap();
+    std::fs::write(
+        fake.join("rustup"),
+        "#!/bin/sh\necho x86_64-unknown-linux-gnu\n",
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(fake.join("rustup"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+    }
+    let with_fake = std::env::join_paths([&fake, &cargo_dir]).unwrap();
     for (path, needle) in [
         (cargo_dir.clone(), "the cross linker aarch64-linux-gnu-gcc"),
+        (
+            PathBuf::from(with_fake),
+            "the Rust target aarch64-unknown-linux-gnu is not installed: rustup target add aarch64-unknown-linux-gnu",
+        ),
         (w.join("empty"), "cargo is not installed"),
     ] {
         let line = one_line_failure(common::cap_host_with(
@@ -836,6 +855,27 @@ fn bundle_contents_and_bad_input() {
         ));
         assert!(line.contains(needle), "{line}");
     }
+    // One board twice (two threads would race on its install path); a bad --to.
+    let line = one_line_failure(common::cap_host(&[
+        "flash",
+        &s(&out),
+        "--to",
+        "board:/x",
+        "--to",
+        "board:/x",
+        "--dry-run",
+    ]));
+    assert!(line.contains("--to board:/x is given twice"), "{line}");
+    let line = one_line_failure(common::cap_host(&[
+        "flash",
+        &s(&out),
+        "--to",
+        "board:relative",
+    ]));
+    assert!(
+        line.contains("the install path must start with / or ~"),
+        "{line}"
+    );
     // Not a bundle.
     let line = one_line_failure(common::cap_host(&[
         "flash",
@@ -856,4 +896,64 @@ fn bundle_contents_and_bad_input() {
     ]));
     assert!(line.contains("the bundle is damaged"), "{line}");
     let _ = root();
+}
+
+/// The aarch64 bundle, checked the way CI checks the other aarch64 code: when the
+/// board binary is built (`.ci/run` builds it before the tests), `bundle` for a Jetson
+/// runs cargo itself (no `--device-bin`: the real build path, up to date by then) and
+/// the bundled binary passes the file's self-test under qemu-aarch64. Without the
+/// binary or qemu this skips, unless `CAP_REQUIRE_QEMU=1` (CI).
+#[test]
+fn aarch64_bundle_passes_its_self_test_under_qemu() {
+    let host = PathBuf::from(env!("CARGO_BIN_EXE_cap-host"));
+    let target_dir = host
+        .parent()
+        .and_then(Path::parent)
+        .map_or_else(|| root().join("target"), Path::to_path_buf);
+    let built = target_dir.join("aarch64-unknown-linux-gnu/release/cap-device");
+    let qemu = Command::new("qemu-aarch64")
+        .arg("--version")
+        .output()
+        .is_ok();
+    let required = std::env::var_os("CAP_REQUIRE_QEMU").is_some_and(|v| v == "1");
+    if !built.exists() || !qemu {
+        assert!(
+            !required,
+            "CAP_REQUIRE_QEMU=1 but {} is not built or qemu-aarch64 is missing",
+            built.display()
+        );
+        eprintln!(
+            "SKIPPED: aarch64 bundle: {} not built (cargo build --release -p cap-device --target aarch64-unknown-linux-gnu) or no qemu-aarch64",
+            built.display()
+        );
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let a = compressed(work.path(), "a", "0.5");
+    let out = work.path().join("bundle-jetson");
+    let (code, stdout, err) = common::cap_host(&[
+        "bundle",
+        &a.display().to_string(),
+        "--target",
+        "jetson-orin-nano-8gb",
+        "-o",
+        &out.display().to_string(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v = json(&stdout);
+    assert_eq!(v["rust_target"], "aarch64-unknown-linux-gnu");
+    assert_eq!(sha256(&out.join("cap-device")), sha256(&built));
+    let run = Command::new("qemu-aarch64")
+        .args(["-L", "/usr/aarch64-linux-gnu"])
+        .arg(out.join("cap-device"))
+        .args(["selftest", "--json"])
+        .arg(out.join("model.cap"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    let r = json(&String::from_utf8_lossy(&run.stdout));
+    assert_eq!(r["pass"], true, "{r}");
+    assert_eq!(r["kernels"], "neon");
 }

@@ -77,14 +77,22 @@ fn parse_boards(a: &BoardArgs) -> Result<Vec<Ssh>> {
     {
         bail!("--ssh-config {}: not a readable file", f.display());
     }
-    a.to.iter()
-        .map(|t| {
-            Ok(Ssh {
-                board: BoardSpec::parse(t)?,
-                config: a.ssh_config.clone(),
+    let boards: Vec<Ssh> =
+        a.to.iter()
+            .map(|t| {
+                Ok(Ssh {
+                    board: BoardSpec::parse(t)?,
+                    config: a.ssh_config.clone(),
+                })
             })
-        })
-        .collect()
+            .collect::<Result<_>>()?;
+    // Two threads flashing one install path would race on its files and links.
+    for (i, x) in boards.iter().enumerate() {
+        if boards[..i].iter().any(|y| y.board.raw == x.board.raw) {
+            bail!("--to {} is given twice", x.board.raw);
+        }
+    }
+    Ok(boards)
 }
 
 /// `cap-host bundle`.
@@ -167,9 +175,11 @@ fn bars(n: usize) -> (MultiProgress, Vec<ProgressBar>) {
     (mp, pbs)
 }
 
+/// The first 12 characters of a version name (a link target read from the board,
+/// so cut on a character boundary).
 fn short(v: &str) -> &str {
     let v = v.trim_start_matches("versions/");
-    &v[..v.len().min(12)]
+    &v[..v.floor_char_boundary(12)]
 }
 
 fn print_report(r: &FlashReport, b: &LoadedBundle) {
