@@ -722,7 +722,28 @@ fn bundle_contents_and_bad_input() {
         .output()
         .unwrap();
     assert!(st.status.success());
-    // Nothing but the bundle beside it (no temporary folder left).
+    // A temporary folder a SIGKILLed run left (its PID is gone) is removed by the next
+    // run writing the same bundle; nothing but the bundle is left beside it.
+    let stale = w.join("bundle.tmp-4294967");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("model.cap"), "half").unwrap();
+    let (code, _, err) = common::cap_host(&[
+        "bundle",
+        &a.display().to_string(),
+        "--target",
+        "host",
+        "-o",
+        &out.display().to_string(),
+        "--device-bin",
+        &dev.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!stale.exists());
+    assert_eq!(
+        bundle_sha(&out),
+        v["sha256"],
+        "the same inputs, the same bundle"
+    );
     let names: Vec<_> = std::fs::read_dir(w)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -283,6 +283,17 @@ pub fn flash(a: FlashArgs) -> Result<()> {
     finish(results, a.boards.json, |r| print_report(r, &b))
 }
 
+/// `e` with its causes, as `main` prints an error (`{:#}`), in one line.
+fn message(e: &FlashError) -> String {
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
+}
+
 /// Prints the reports (text or one JSON object) and turns failures into the error
 /// `main` prints: the one board's message, or how many failed (each named on stderr).
 fn finish<R: serde::Serialize>(
@@ -311,7 +322,7 @@ fn finish<R: serde::Serialize>(
                         }
                         _ => serde_json::json!({}),
                     };
-                    v["error"] = e.to_string().into();
+                    v["error"] = message(&e).into();
                     rows.push(v);
                 }
                 errors.push(e);
@@ -329,7 +340,7 @@ fn finish<R: serde::Serialize>(
         1 if total == 1 => Err(errors.remove(0).into()),
         n => {
             for e in &errors {
-                eprintln!("error: {e}");
+                eprintln!("error: {}", message(e));
             }
             bail!("{n} of {total} boards failed")
         }

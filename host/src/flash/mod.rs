@@ -25,7 +25,7 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum FlashError {
     /// A local file or folder could not be read or written.
-    #[error("{}: {what}: {source}", .path.display())]
+    #[error("{}: {what}", .path.display())]
     Io {
         /// The file or folder.
         path: PathBuf,
