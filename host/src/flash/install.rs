@@ -400,13 +400,14 @@ echo "rc $rc"
 cat "$V/selftest.log"
 "#
     ))?;
-    let mut lines = o.stdout.lines();
-    let code = lines
-        .next()
-        .and_then(|l| l.strip_prefix("rc "))
-        .and_then(|c| c.trim().parse::<i32>().ok())
+    // Found by its prefix, not position: a chatty shell startup file on the board may
+    // print lines of its own first.
+    let all: Vec<&str> = o.stdout.lines().collect();
+    let at = all.iter().position(|l| l.starts_with("rc "));
+    let code = at
+        .and_then(|i| all[i]["rc ".len()..].trim().parse::<i32>().ok())
         .unwrap_or(-1);
-    let log: Vec<&str> = lines.collect();
+    let log: Vec<&str> = at.map_or(vec![], |i| all[i + 1..].to_vec());
     let json = log
         .iter()
         .find(|l| l.starts_with('{'))
