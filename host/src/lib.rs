@@ -6,6 +6,7 @@ pub mod capmodel;
 pub mod compress;
 pub mod digest;
 pub mod eval;
+pub mod flash;
 pub mod import;
 pub mod inspect;
 pub mod outputs;

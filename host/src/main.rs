@@ -124,6 +124,14 @@ enum Command {
     /// ratio) and writes a `.cap` file measured on held-out text: CAP (RPCA + learned
     /// allocation) or a one-shot baseline (magnitude, wanda, svd).
     Compress(Box<cli::compress::CompressArgs>),
+    /// Puts a board's `cap-device`, a `.cap` file, a manifest (`bundle.json`) and
+    /// `run.sh` into one folder, after checking the file fits the board's memory.
+    Bundle(cli::flash::BundleArgs),
+    /// Copies a bundle onto boards over ssh (resumably), verifies sha256 there,
+    /// switches to it atomically, runs its self-test and rolls back when that fails.
+    Flash(cli::flash::FlashArgs),
+    /// What each board has installed: version, cap version, last self-test verdict.
+    Boards(cli::flash::BoardArgs),
     /// Seconds per matrix of the RPCA solve on random matrices of given shapes.
     BenchRpca(cli::rpca::BenchRpcaArgs),
     /// The device profiles a budget can target (`targets/*.toml`, plus a folder of your
@@ -377,6 +385,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::RpcaEval(a) => cli::rpca::rpca_eval(a)?,
         Command::Compress(a) => cli::compress::run(*a)?,
         Command::BenchRpca(a) => cli::rpca::bench_rpca(a)?,
+        Command::Bundle(a) => cli::flash::bundle(a)?,
+        Command::Flash(a) => cli::flash::flash(a)?,
+        Command::Boards(a) => cli::flash::boards(a)?,
         Command::Targets { targets_dir, json } => {
             let all = cap_host::targets::load_all(targets_dir.as_deref())?;
             if json {

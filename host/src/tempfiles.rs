@@ -1,4 +1,4 @@
-//! Temporary files that must not outlive the process: removed on SIGINT/SIGTERM, and
+//! Temporary files (and folders) that must not outlive the process: removed on SIGINT/SIGTERM, and
 //! stale ones from a killed run removed on the next run.
 //!
 //! The writers already remove their temporary files when they fail or are dropped, but
@@ -66,7 +66,7 @@ pub fn install_signal_cleanup() -> std::io::Result<()> {
                 // Keep the lock: no writer may register (or rename) anything after this.
                 let r = registry();
                 for p in r.iter() {
-                    let _ = std::fs::remove_file(p);
+                    remove_path(p);
                 }
                 // The default action (terminate with the signal) after our cleanup; if
                 // that fails, the shell convention 128 + signal number.
@@ -75,6 +75,16 @@ pub fn install_signal_cleanup() -> std::io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// Removes a registered file, or a folder with its contents (`bundle` assembles its
+/// output in a temporary folder). A symbolic link is removed, never followed.
+fn remove_path(p: &Path) -> bool {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).is_ok(),
+        Ok(_) => std::fs::remove_file(p).is_ok(),
+        Err(_) => false,
+    }
 }
 
 /// Whether process `pid` exists. Only Linux can tell cheaply (`/proc/PID`); elsewhere
@@ -127,8 +137,9 @@ pub fn remove_stale(output: &Path) -> Vec<PathBuf> {
         let Some(pid) = name.to_str().and_then(|n| temp_pid(base, n)) else {
             continue;
         };
-        let is_file = e.file_type().is_ok_and(|t| t.is_file());
-        if pid != me && is_file && !alive(pid) && std::fs::remove_file(e.path()).is_ok() {
+        // Folders too: `bundle` writes `DIR.tmp-PID/` beside its output folder.
+        let is_file = e.file_type().is_ok_and(|t| t.is_file() || t.is_dir());
+        if pid != me && is_file && !alive(pid) && remove_path(&e.path()) {
             removed.push(e.path());
         }
     }
