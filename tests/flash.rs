@@ -978,3 +978,53 @@ fn aarch64_bundle_passes_its_self_test_under_qemu() {
     assert_eq!(r["pass"], true, "{r}");
     assert_eq!(r["kernels"], "neon");
 }
+
+/// `bundle --cross` names what it lacks in one line, in the order cross needs it:
+/// `cross` itself, then a container engine, then one that answers (`docker info`);
+/// nothing is written. PATH holds only the test's stand-ins (shell scripts), so the
+/// machine's own tools cannot mask a case.
+#[test]
+fn bundle_with_cross_names_the_missing_piece() {
+    use std::os::unix::fs::PermissionsExt;
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let a = compressed(w, "a", "0.5");
+    let bin = w.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let script = |name: &str, body: &str| {
+        let p = bin.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    let out = w.join("bundle");
+    let run = || {
+        let args = [
+            "bundle",
+            &a.display().to_string(),
+            "--target",
+            "host",
+            "-o",
+            &out.display().to_string(),
+            "--cross",
+        ]
+        .map(String::from);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        one_line_failure(common::cap_host_with(
+            &[
+                ("PATH", bin.as_os_str()),
+                ("CROSS_CONTAINER_ENGINE", std::ffi::OsStr::new("")),
+            ],
+            &refs,
+        ))
+    };
+    // An empty CROSS_CONTAINER_ENGINE is treated as unset, as cross does.
+    let line = run();
+    assert!(line.contains("cross is not installed"), "{line}");
+    script("cross", "exit 0");
+    let line = run();
+    assert!(line.contains("neither docker nor podman"), "{line}");
+    script("docker", "exit 1");
+    let line = run();
+    assert!(line.contains("`docker info` fails"), "{line}");
+    assert!(!out.exists());
+}

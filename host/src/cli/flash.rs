@@ -27,6 +27,10 @@ pub struct BundleArgs {
     /// A prebuilt `cap-device` for the target, instead of building one with cargo.
     #[arg(long, value_name = "PATH")]
     pub device_bin: Option<PathBuf>,
+    /// Build cap-device with `cross` (cross-rs: the toolchain in a Docker or Podman
+    /// container, configured by Cross.toml) instead of cargo and a cross linker.
+    #[arg(long, conflicts_with = "device_bin")]
+    pub cross: bool,
     /// A folder of extra `NAME.toml` profiles.
     #[arg(long, value_name = "DIR")]
     pub targets_dir: Option<PathBuf>,
@@ -108,6 +112,11 @@ pub fn bundle(a: BundleArgs) -> Result<()> {
         profile,
         out: a.output.clone(),
         device_bin: a.device_bin.clone(),
+        builder: if a.cross {
+            bundle::Builder::Cross
+        } else {
+            bundle::Builder::Cargo
+        },
         ctx: a.ctx,
     };
     let (b, fit) = bundle::write(&opts)?;

@@ -290,11 +290,69 @@ pub fn check_toolchain(workspace: &Path, triple: &str) -> Result<PathBuf> {
     Ok(cargo)
 }
 
+/// How `bundle` builds `cap-device` when no prebuilt one is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Builder {
+    /// cargo with the linker `.cargo/config.toml` names (Debian's cross gcc).
+    Cargo,
+    /// `cross` (cross-rs: the toolchain in a Docker or Podman container, `Cross.toml`).
+    Cross,
+}
+
+/// Checks that `cross` and a container engine it can use (Docker or Podman, answering)
+/// are there, naming the missing piece in one line; returns `cross`'s path.
+pub fn check_cross(workspace: &Path) -> Result<PathBuf> {
+    let hint = "or build without --cross (cargo and a cross linker), or pass --device-bin";
+    if !workspace.join("Cargo.toml").is_file() {
+        return Err(FlashError::Missing(format!(
+            "the cap workspace this cap-host was built from ({}) is gone, so cap-device cannot be built; pass --device-bin with a prebuilt cap-device",
+            workspace.display()
+        )));
+    }
+    let Some(cross) = find_program("cross") else {
+        return Err(FlashError::Missing(format!(
+            "--cross: cross is not installed (cargo install cross --git https://github.com/cross-rs/cross), {hint}"
+        )));
+    };
+    // cross picks Docker, else Podman (CROSS_CONTAINER_ENGINE overrides); `info` fails
+    // when the engine is installed but its daemon is not running or not ours to use.
+    let engine = std::env::var("CROSS_CONTAINER_ENGINE")
+        .ok()
+        .filter(|e| !e.is_empty())
+        .or_else(|| {
+            ["docker", "podman"]
+                .into_iter()
+                .find(|e| find_program(e).is_some())
+                .map(String::from)
+        });
+    let Some(engine) = engine else {
+        return Err(FlashError::Missing(format!(
+            "--cross: neither docker nor podman is installed (cross runs the build in a container), {hint}"
+        )));
+    };
+    let answers = Command::new(&engine)
+        .arg("info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !answers {
+        return Err(FlashError::Missing(format!(
+            "--cross: `{engine} info` fails (is its daemon running, and may this user use it?), {hint}"
+        )));
+    }
+    Ok(cross)
+}
+
 /// Builds `cap-device` for `triple` (release) in the workspace this `cap-host` came
-/// from and returns the binary's path. cargo's own progress and errors go to stderr.
-pub fn build_device(triple: &str) -> Result<PathBuf> {
+/// from, with `builder`, and returns the binary's path. The builder's own progress and
+/// errors go to stderr.
+pub fn build_device(triple: &str, builder: Builder) -> Result<PathBuf> {
     let ws = workspace_dir();
-    let cargo = check_toolchain(&ws, triple)?;
+    let cargo = match builder {
+        Builder::Cargo => check_toolchain(&ws, triple)?,
+        Builder::Cross => check_cross(&ws)?,
+    };
     let mut child = Command::new(&cargo)
         .args([
             "build",
@@ -330,6 +388,12 @@ pub fn build_device(triple: &str) -> Result<PathBuf> {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "cap-device")
         .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        // cross reports the path inside its container (`/target/…`); the same file
+        // is in the workspace's target folder, which cross mounts there.
+        .map(|p| match (builder, p.strip_prefix("/target")) {
+            (Builder::Cross, Ok(rel)) => ws.join("target").join(rel),
+            _ => p,
+        })
         .ok_or_else(|| {
             FlashError::Build(format!(
                 "cargo built cap-device for {triple} but reported no executable"
@@ -346,8 +410,10 @@ pub struct BundleOptions {
     pub profile: Profile,
     /// The output folder.
     pub out: PathBuf,
-    /// A prebuilt `cap-device`; `None` builds one with cargo.
+    /// A prebuilt `cap-device`; `None` builds one with `builder`.
     pub device_bin: Option<PathBuf>,
+    /// How to build `cap-device` when `device_bin` is `None`.
+    pub builder: Builder,
     /// The context the memory check counts the KV cache for.
     pub ctx: usize,
 }
@@ -490,7 +556,7 @@ pub fn write(opts: &BundleOptions) -> Result<(LoadedBundle, MemoryFit)> {
     let want_arch = triple_arch(&p.rust_target);
     let device = match &opts.device_bin {
         Some(d) => d.clone(),
-        None => build_device(&p.rust_target)?,
+        None => build_device(&p.rust_target, opts.builder)?,
     };
     let arch = elf_arch(&device)?;
     if arch != want_arch {
