@@ -21,8 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cap_format::{CapFile, CapWriter, Manifest, TensorDesc, WriterOptions};
-use common::{cap_device, root};
+use common::{cap_device, restamped, root};
 
 const SSHD: &str = "/usr/sbin/sshd";
 
@@ -490,37 +489,6 @@ fn a_byte_flipped_on_the_board_is_caught_and_nothing_switches() {
         std::fs::metadata(bb.join("model.cap")).unwrap().len()
     );
     assert_installed(&board, &bb);
-}
-
-/// Rewrites the `.cap` file `src` into `dst` with its manifest changed by `edit` (all
-/// checksums valid).
-fn restamped(src: &Path, dst: &Path, edit: impl FnOnce(&mut Manifest)) {
-    let bytes = std::fs::read(src).unwrap();
-    let file = CapFile::parse(&bytes).unwrap();
-    let mut m = file.manifest().clone();
-    edit(&mut m);
-    m.tensors.clear();
-    let opts = WriterOptions {
-        alignment: file.header().alignment,
-    };
-    let mut w = CapWriter::create(dst, opts).unwrap();
-    for i in 0..file.len() {
-        let t = file.tensor(i).unwrap();
-        let parts: Vec<&[u8]> = t
-            .layout
-            .parts()
-            .iter()
-            .map(|p| t.part(p.kind).unwrap_or(&[]))
-            .collect();
-        let desc = TensorDesc {
-            rows: t.rows,
-            cols: t.cols,
-            encoding: t.encoding,
-        };
-        w.add_tensor(&file.manifest().tensors[i].name, &desc, &parts)
-            .unwrap();
-    }
-    w.finish(m).unwrap();
 }
 
 #[test]

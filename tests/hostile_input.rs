@@ -8,8 +8,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use cap_format::CapFile;
 use cap_format::manifest::{Manifest, RopeScaling};
-use cap_format::{CapFile, CapWriter, TensorDesc, WriterOptions};
 use common::{Kv, cap_device, root, set_kv, tiny, tiny_llama_gguf_with};
 
 /// The address-space limit every run here gets (`prlimit --as`): far below the
@@ -496,35 +496,10 @@ fn packed(dir: &Path) -> String {
     s(&out).to_string()
 }
 
-/// Rewrites the `.cap` file `src` into `dst` with its manifest changed by `edit`: the
-/// checksums are all valid, only the contents are impossible.
+/// [`common::restamped`] from a path string, returning `dst`'s: the checksums are all
+/// valid, only the contents are impossible.
 fn restamped(src: &str, dst: &Path, edit: impl FnOnce(&mut Manifest)) -> String {
-    let bytes = std::fs::read(src).unwrap();
-    let file = CapFile::parse(&bytes).unwrap();
-    let mut m = file.manifest().clone();
-    edit(&mut m);
-    m.tensors.clear();
-    let opts = WriterOptions {
-        alignment: file.header().alignment,
-    };
-    let mut w = CapWriter::create(dst, opts).unwrap();
-    for i in 0..file.len() {
-        let t = file.tensor(i).unwrap();
-        let parts: Vec<&[u8]> = t
-            .layout
-            .parts()
-            .iter()
-            .map(|p| t.part(p.kind).unwrap_or(&[]))
-            .collect();
-        let desc = TensorDesc {
-            rows: t.rows,
-            cols: t.cols,
-            encoding: t.encoding,
-        };
-        w.add_tensor(&file.manifest().tensors[i].name, &desc, &parts)
-            .unwrap();
-    }
-    w.finish(m).unwrap();
+    common::restamped(Path::new(src), dst, edit);
     s(dst).to_string()
 }
 

@@ -440,3 +440,16 @@ pub fn write_profile(dir: &Path, name: &str, total: u64, reserved: u64) {
     }
     std::fs::write(dir.join(format!("{name}.toml")), out).unwrap();
 }
+
+/// Rewrites the `.cap` file `src` into `dst` with its manifest changed by `edit`, through
+/// the host's own re-stamp (`compress`'s last step), so every checksum is valid and only
+/// the contents are what the test made them.
+pub fn restamped(src: &Path, dst: &Path, edit: impl FnOnce(&mut cap_format::Manifest)) {
+    let bytes = std::fs::read(src).unwrap();
+    let mut m = cap_format::CapFile::parse(&bytes)
+        .unwrap()
+        .manifest()
+        .clone();
+    edit(&mut m);
+    cap_host::compress::stamp::restamp(src, dst, m).unwrap();
+}

@@ -141,14 +141,9 @@ pub fn bundle(a: BundleArgs) -> Result<()> {
         b.sha256
     );
     println!(
-        "memory     fits {}: needs {} bytes (file {} + KV cache {} at ctx {} + scratch {} + runtime {}) of {} usable; {} bytes to spare",
+        "memory     fits {}: {} of {} usable; {} bytes to spare",
         m.profile,
-        fit.need_bytes,
-        fit.file_bytes,
-        fit.kv_cache_bytes,
-        fit.ctx,
-        fit.scratch_bytes,
-        fit.runtime_bytes,
+        fit.needs(),
         fit.usable_bytes,
         fit.spare_bytes()
     );
@@ -266,25 +261,8 @@ pub fn flash(a: FlashArgs) -> Result<()> {
         free_bytes_override: num("CAP_FLASH_TEST_FREE_BYTES")?,
     };
     let (_mp, pbs) = bars(boards.len());
-    // One thread per board: the time is in the network and on the boards.
-    let results: Vec<Result<FlashReport, FlashError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = boards
-            .iter()
-            .zip(&pbs)
-            .map(|(ssh, pb)| s.spawn(|| install::flash(ssh, &b, &opts, pb)))
-            .collect();
-        handles
-            .into_iter()
-            .zip(&boards)
-            .map(|(h, ssh)| {
-                h.join().unwrap_or_else(|_| {
-                    Err(FlashError::Board {
-                        board: ssh.board.raw.clone(),
-                        reason: "internal error (the flashing thread panicked)".into(),
-                    })
-                })
-            })
-            .collect()
+    let results = per_board(&boards, "flashing", |i, ssh| {
+        install::flash(ssh, &b, &opts, &pbs[i])
     });
     for pb in &pbs {
         pb.finish_and_clear();
@@ -388,23 +366,37 @@ fn print_status(s: &BoardStatus) {
 /// `cap-host boards` (and `flash --status`).
 pub fn boards(a: BoardArgs) -> Result<()> {
     let boards = parse_boards(&a)?;
-    let results: Vec<Result<BoardStatus, FlashError>> = std::thread::scope(|s| {
+    let results = per_board(&boards, "status", |_, ssh| status::status(ssh));
+    finish(results, a.json, print_status)
+}
+
+/// `f(i, board)` for every board at once, one thread each (the time is in the network
+/// and on the boards); a thread that panicked is that board's error, named by `what`.
+fn per_board<T: Send>(
+    boards: &[Ssh],
+    what: &str,
+    f: impl Fn(usize, &Ssh) -> Result<T, FlashError> + Sync,
+) -> Vec<Result<T, FlashError>> {
+    std::thread::scope(|s| {
         let handles: Vec<_> = boards
             .iter()
-            .map(|ssh| s.spawn(|| status::status(ssh)))
+            .enumerate()
+            .map(|(i, ssh)| {
+                let f = &f;
+                s.spawn(move || f(i, ssh))
+            })
             .collect();
         handles
             .into_iter()
-            .zip(&boards)
+            .zip(boards)
             .map(|(h, ssh)| {
                 h.join().unwrap_or_else(|_| {
                     Err(FlashError::Board {
                         board: ssh.board.raw.clone(),
-                        reason: "internal error (the status thread panicked)".into(),
+                        reason: format!("internal error (the {what} thread panicked)"),
                     })
                 })
             })
             .collect()
-    });
-    finish(results, a.json, print_status)
+    })
 }

@@ -93,6 +93,20 @@ impl MemoryFit {
     pub fn spare_bytes(&self) -> i128 {
         i128::from(self.usable_bytes) - i128::from(self.need_bytes)
     }
+
+    /// `needs N bytes (file … + KV cache … at ctx … + scratch … + runtime …)`: the
+    /// terms, as the bundle's refusal and its report both print them.
+    pub fn needs(&self) -> String {
+        format!(
+            "needs {} bytes (file {} + KV cache {} at ctx {} + scratch {} + runtime {})",
+            self.need_bytes,
+            self.file_bytes,
+            self.kv_cache_bytes,
+            self.ctx,
+            self.scratch_bytes,
+            self.runtime_bytes
+        )
+    }
 }
 
 /// The manifest of a bundle ([`MANIFEST_FILE`]).
@@ -540,15 +554,10 @@ pub fn write(opts: &BundleOptions) -> Result<(LoadedBundle, MemoryFit)> {
     let (fit, figure, model_cap_version) = examine(&opts.cap, p, opts.ctx)?;
     if fit.spare_bytes() < 0 {
         return Err(FlashError::DoesNotFit(format!(
-            "{} does not fit {}: it needs {} bytes (file {} + KV cache {} at ctx {} + scratch {} + runtime {}), {} usable; {} bytes short",
+            "{} does not fit {}: it {}, {} usable; {} bytes short",
             opts.cap.display(),
             p.name,
-            fit.need_bytes,
-            fit.file_bytes,
-            fit.kv_cache_bytes,
-            fit.ctx,
-            fit.scratch_bytes,
-            fit.runtime_bytes,
+            fit.needs(),
             fit.usable_bytes,
             -fit.spare_bytes()
         )));
