@@ -161,6 +161,11 @@ impl Board {
         self.dir.path().join("board/cap")
     }
 
+    /// The folder `bundle`'s version is installed in on the board.
+    fn version_dir(&self, bundle: &Path) -> PathBuf {
+        self.install().join("versions").join(bundle_sha(bundle))
+    }
+
     /// `--to` for the install path.
     fn to(&self) -> String {
         format!("board:{}", self.install().display())
@@ -202,6 +207,13 @@ fn one_line_failure((code, out, err): (i32, String, String)) -> String {
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one line: {err}");
     lines[0].to_string()
+}
+
+/// Damages the file at `path` on the "board": byte `at` XOR `mask`, same size.
+fn flip(path: &Path, at: usize, mask: u8) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= mask;
+    std::fs::write(path, bytes).unwrap();
 }
 
 fn sha256(path: &Path) -> String {
@@ -265,7 +277,7 @@ fn bundle(cap: &Path, target: &str, dir: &Path, name: &str, device: &Path) -> Pa
 /// Asserts that the board's `versions/<sha>` holds exactly the bundle's files, byte for
 /// byte (by sha256), plus the self-test's log and verdict.
 fn assert_installed(board: &Board, bundle: &Path) {
-    let v = board.install().join("versions").join(bundle_sha(bundle));
+    let v = board.version_dir(bundle);
     for f in ["model.cap", "cap-device", "run.sh", "bundle.json"] {
         assert_eq!(sha256(&v.join(f)), sha256(&bundle.join(f)), "{f}");
     }
@@ -408,7 +420,7 @@ fn interrupted_flash_resumes_to_identical_files() {
         line.contains("stopped after") && line.contains("model.cap"),
         "{line}"
     );
-    let v = board.install().join("versions").join(bundle_sha(&ba));
+    let v = board.version_dir(&ba);
     assert_eq!(
         std::fs::metadata(v.join("model.cap.partial"))
             .unwrap()
@@ -441,14 +453,8 @@ fn a_byte_flipped_on_the_board_is_caught_and_nothing_switches() {
     // B stops halfway through its model; the copied half is then damaged on the board.
     let half = (std::fs::metadata(bb.join("model.cap")).unwrap().len() / 2).to_string();
     one_line_failure(board.flash(&bb, &[("CAP_FLASH_TEST_STOP_AFTER_BYTES", &half)]));
-    let partial = board
-        .install()
-        .join("versions")
-        .join(bundle_sha(&bb))
-        .join("model.cap.partial");
-    let mut bytes = std::fs::read(&partial).unwrap();
-    bytes[100] ^= 0x40;
-    std::fs::write(&partial, bytes).unwrap();
+    let partial = board.version_dir(&bb).join("model.cap.partial");
+    flip(&partial, 100, 0x40);
 
     let line = one_line_failure(board.flash(&bb, &[]));
     assert!(
@@ -468,14 +474,8 @@ fn a_byte_flipped_on_the_board_is_caught_and_nothing_switches() {
 
     // A finished file damaged later (same size) is caught by the check before the
     // switch, removed, and copied again by the next run.
-    let model = board
-        .install()
-        .join("versions")
-        .join(bundle_sha(&bb))
-        .join("model.cap");
-    let mut bytes = std::fs::read(&model).unwrap();
-    bytes[200] ^= 0x01;
-    std::fs::write(&model, bytes).unwrap();
+    let model = board.version_dir(&bb).join("model.cap");
+    flip(&model, 200, 0x01);
     let line = one_line_failure(board.flash(&bb, &[]));
     assert!(
         line.contains("checksum mismatch") && line.contains("damaged: model.cap"),
@@ -526,11 +526,7 @@ fn a_failing_self_test_rolls_back() {
     assert!((stored / ppl - 1.5).abs() < 1e-3, "{r}");
     assert_eq!(board.link("current").as_deref(), Some(va.as_str()));
     assert_eq!(board.link("previous"), None);
-    let verdict = board
-        .install()
-        .join("versions")
-        .join(bundle_sha(&bc))
-        .join(".verdict");
+    let verdict = board.version_dir(&bc).join(".verdict");
     assert_eq!(
         std::fs::read_to_string(verdict).unwrap().trim(),
         "fail exit 1"
