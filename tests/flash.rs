@@ -992,3 +992,34 @@ fn bundle_with_cross_names_the_missing_piece() {
     assert!(line.contains("`docker info` fails"), "{line}");
     assert!(!out.exists());
 }
+
+/// Several `--to` in one run flash every board (two install paths behind the one sshd
+/// stand in for two boards), each reported, each with the bundle's files byte for byte
+/// and its own passing self-test.
+#[test]
+fn several_boards_in_one_run() {
+    let Some(board) = Board::start() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let (ba, _) = two_bundles(work.path());
+    let second = board.dir.path().join("board2/cap");
+    let to2 = format!("board:{}", second.display());
+    let b = ba.display().to_string();
+    let (code, out, err) = board.run(
+        "ssh_config",
+        &[],
+        &["flash", &b, "--to", &board.to(), "--to", &to2, "--json"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    let reports = v["boards"].as_array().unwrap();
+    assert_eq!(reports.len(), 2, "{v}");
+    for r in reports {
+        assert_eq!(r["self_test"]["pass"], true, "{r}");
+        assert_eq!(r["version"], bundle_sha(&ba));
+    }
+    assert_installed(&board, &ba);
+    let v2 = second.join("versions").join(bundle_sha(&ba));
+    for f in ["model.cap", "cap-device", "run.sh", "bundle.json"] {
+        assert_eq!(sha256(&v2.join(f)), sha256(&ba.join(f)), "{f}");
+    }
+}
