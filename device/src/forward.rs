@@ -193,6 +193,16 @@ impl KvCache {
     pub fn len(&self) -> usize {
         self.len
     }
+    /// Marks `n` more positions filled, for a driver that runs the blocks itself
+    /// ([`Runner::run_block`] writes a block's keys and values but leaves the length to
+    /// its caller): after running every block it drives on a chunk of `n` tokens.
+    ///
+    /// # Panics
+    /// If the cache would hold more than its capacity.
+    pub fn advance(&mut self, n: usize) {
+        assert!(self.len + n <= self.capacity, "KV cache overflow");
+        self.len += n;
+    }
     /// Whether no position is filled.
     pub fn is_empty(&self) -> bool {
         self.len == 0

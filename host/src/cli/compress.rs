@@ -175,6 +175,28 @@ pub struct CompressArgs {
     /// Print the budget (and what takes the memory) and stop; nothing is written.
     #[arg(long)]
     pub dry_run: bool,
+    /// Read the checkpoint one block at a time (memory: one block in f32, the
+    /// embedding and head, the calibration activations; not the model), keeping each
+    /// compressed block in a block cache on disk until the file is assembled. For
+    /// models larger than memory. Methods cap, sparsegpt and admm; needs --calib.
+    #[arg(long)]
+    pub stream: bool,
+    /// With --stream: compute only the I-th of N contiguous slices of the blocks into
+    /// the block cache and stop (1 <= I <= N), e.g. one per machine of a job array
+    /// sharing --block-cache; then one run without --shard assembles the file from the
+    /// cache without recomputing. Each shard starts from the source model's outputs at
+    /// its first block.
+    #[arg(long, value_name = "I/N", requires = "stream")]
+    pub shard: Option<String>,
+    /// With --stream: the block cache folder [default: ~/.cache/cap/blocks/<first 16
+    /// hex digits of the run's key>]. Blocks of another model or other settings in it
+    /// are refused.
+    #[arg(long, value_name = "DIR", requires = "stream")]
+    pub block_cache: Option<PathBuf>,
+    /// With --stream: keep the block cache after the file is written (it is deleted by
+    /// default).
+    #[arg(long, requires = "stream")]
+    pub keep_blocks: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -354,6 +376,14 @@ pub fn run(a: CompressArgs) -> Result<()> {
         threads,
         dry_run: a.dry_run,
         source_eval: !a.no_source_eval,
+        stream: a.stream,
+        shard: a
+            .shard
+            .as_deref()
+            .map(str::parse::<cap_host::rpca::model::Shard>)
+            .transpose()?,
+        block_cache: a.block_cache.clone(),
+        keep_blocks: a.keep_blocks,
     };
     let bar: Mutex<Option<ProgressBar>> = Mutex::new(None);
     let on_event = |ev: Event<'_>| {
@@ -396,6 +426,17 @@ pub fn run(a: CompressArgs) -> Result<()> {
         Outcome::Written(r) => print!("{}", render(&r)),
         Outcome::Planned(p) if a.json => println!("{}", serde_json::to_string(&p)?),
         Outcome::Planned(p) => print!("{}", render_plan(&p)),
+        Outcome::Shard(r) if a.json => println!("{}", serde_json::to_string(&r)?),
+        Outcome::Shard(r) => println!(
+            "shard {}/{}: blocks {}..{} in {} ({} computed now, {} cached before); run again without --shard to write the file",
+            r.shard,
+            r.shards,
+            r.blocks[0],
+            r.blocks[1],
+            r.cache_dir,
+            r.computed,
+            r.blocks[1] - r.blocks[0] - r.computed
+        ),
     }
     Ok(())
 }

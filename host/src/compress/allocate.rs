@@ -16,7 +16,7 @@
 //! fight, so a handful of them decide what millions of Bernoulli samples cannot.
 
 use super::error::Result;
-use cap_device::model::{DenseLinear, Model};
+use cap_device::model::{Block, DenseLinear, Model};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -217,66 +217,86 @@ pub fn wanda_pruned(
 ) -> Model<DenseLinear> {
     let mut m = model.clone();
     let mut ls: Vec<&mut DenseLinear> = m.blocks.iter_mut().flat_map(|b| b.linears_mut()).collect();
-    ls.par_iter_mut().enumerate().for_each(|(i, l)| {
-        let (rows, cols) = (l.out_features, l.in_features);
-        let prune = ((keep[i].sparsity * cols as f64).ceil() as usize).min(cols);
-        let norm = norms[i];
-        let orig = (keep[i].rank > 0).then(|| l.weight.clone());
-        let mut idx: Vec<usize> = Vec::with_capacity(cols);
-        for r in 0..rows {
-            let row = &mut l.weight[r * cols..(r + 1) * cols];
-            idx.clear();
-            idx.extend(0..cols);
-            let score = |j: usize| row[j].abs() * norm[j];
-            if prune > 0 && prune < cols {
-                idx.select_nth_unstable_by(prune, |&a, &b| {
-                    score(a).total_cmp(&score(b)).then(a.cmp(&b))
-                });
-            }
-            for &j in &idx[..prune] {
-                row[j] = 0.0;
-            }
+    ls.par_iter_mut()
+        .enumerate()
+        .for_each(|(i, l)| wanda_prune_linear(l, norms[i], &keep[i]));
+    m
+}
+
+/// Block `b` pruned as [`wanda_pruned`] prunes it, `norms` and `keep` its seven
+/// linears' (block order).
+pub fn wanda_pruned_block(
+    b: &Block<DenseLinear>,
+    norms: &[&[f32]],
+    keep: &[Keep],
+) -> Block<DenseLinear> {
+    let mut b = b.clone();
+    let mut ls = b.linears_mut();
+    ls.par_iter_mut()
+        .enumerate()
+        .for_each(|(i, l)| wanda_prune_linear(l, norms[i], &keep[i]));
+    b
+}
+
+/// One linear of [`wanda_pruned`]: each row's lowest `|W|·‖x‖` set to zero, the kept
+/// weights rounded for a quantized type, and a low-rank part fitted to what was
+/// removed when `keep` has one.
+fn wanda_prune_linear(l: &mut DenseLinear, norm: &[f32], keep: &Keep) {
+    let (rows, cols) = (l.out_features, l.in_features);
+    let prune = ((keep.sparsity * cols as f64).ceil() as usize).min(cols);
+    let orig = (keep.rank > 0).then(|| l.weight.clone());
+    let mut idx: Vec<usize> = Vec::with_capacity(cols);
+    for r in 0..rows {
+        let row = &mut l.weight[r * cols..(r + 1) * cols];
+        idx.clear();
+        idx.extend(0..cols);
+        let score = |j: usize| row[j].abs() * norm[j];
+        if prune > 0 && prune < cols {
+            idx.select_nth_unstable_by(prune, |&a, &b| {
+                score(a).total_cmp(&score(b)).then(a.cmp(&b))
+            });
         }
-        // Quantized values: the kept weights rounded to nearest (the proxy of the GPTQ
-        // the final pruning runs), so the loss sees what fewer bits cost.
-        if keep[i].values.is_quantized() {
-            let mask: Vec<bool> = l.weight.iter().map(|&x| x != 0.0).collect();
-            // Round to nearest cannot fail for a quantized type.
-            let _ = quantize_kept(
-                &mut l.weight,
-                Some(&mask),
-                rows,
-                cols,
-                &[],
-                keep[i].values,
-                Quantizer::Rtn,
-            );
+        for &j in &idx[..prune] {
+            row[j] = 0.0;
         }
-        if let Some(orig) = orig {
-            let d: Vec<f32> = norm.iter().map(|&x| x.max(1e-6)).collect();
-            let resid: Vec<f32> = (0..rows * cols)
-                .map(|x| (orig[x] - l.weight[x]) * d[x % cols])
-                .collect();
-            if let Some((u, sigma, v)) = super::lowrank::truncated(&resid, rows, cols, keep[i].rank)
-            {
-                let k = sigma.len();
-                if keep[i].values.is_quantized() {
-                    add_quantized_factors(&mut l.weight, &u, &sigma, &v, &d, keep[i].values);
-                } else {
-                    for r in 0..rows {
-                        for c in 0..cols {
-                            let mut acc = 0f32;
-                            for t in 0..k {
-                                acc += u[r * k + t] * sigma[t] * v[c * k + t];
-                            }
-                            l.weight[r * cols + c] += acc / d[c];
+    }
+    // Quantized values: the kept weights rounded to nearest (the proxy of the GPTQ
+    // the final pruning runs), so the loss sees what fewer bits cost.
+    if keep.values.is_quantized() {
+        let mask: Vec<bool> = l.weight.iter().map(|&x| x != 0.0).collect();
+        // Round to nearest cannot fail for a quantized type.
+        let _ = quantize_kept(
+            &mut l.weight,
+            Some(&mask),
+            rows,
+            cols,
+            &[],
+            keep.values,
+            Quantizer::Rtn,
+        );
+    }
+    if let Some(orig) = orig {
+        let d: Vec<f32> = norm.iter().map(|&x| x.max(1e-6)).collect();
+        let resid: Vec<f32> = (0..rows * cols)
+            .map(|x| (orig[x] - l.weight[x]) * d[x % cols])
+            .collect();
+        if let Some((u, sigma, v)) = super::lowrank::truncated(&resid, rows, cols, keep.rank) {
+            let k = sigma.len();
+            if keep.values.is_quantized() {
+                add_quantized_factors(&mut l.weight, &u, &sigma, &v, &d, keep.values);
+            } else {
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let mut acc = 0f32;
+                        for t in 0..k {
+                            acc += u[r * k + t] * sigma[t] * v[c * k + t];
                         }
+                        l.weight[r * cols + c] += acc / d[c];
                     }
                 }
             }
         }
-    });
-    m
+    }
 }
 
 /// Adds `U·Σ·Vᵀ` (unscaled by `d`) to the row-major `w` as the writer stores it with

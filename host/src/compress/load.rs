@@ -9,14 +9,16 @@ use super::budget::{BudgetSpec, target_kv_bytes};
 use super::calibration::{check_calib_tokens, prefix_for_tokens, sample_windows};
 use super::error::{CompressError, Result, StepContext, step_error};
 use super::run::{CompressOptions, Event};
+use super::source::{BlockSource, Source, Streamed};
 use crate::eval::{check_ctx, read_text};
 use crate::import::Checkpoint;
 use crate::pack::source_sha256;
 
 /// The inputs of `compress`.
 pub struct Loaded {
-    /// The source model.
-    pub model: Model<DenseLinear>,
+    /// The source model: in memory, or (`--stream`) its skeleton with the blocks read
+    /// from the checkpoint one at a time.
+    pub source: Source,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
     /// Calibration sequences (token ids).
@@ -30,6 +32,13 @@ pub struct Loaded {
     /// SHA-256 of the source (hex), hashed once: the provenance and the data-free
     /// cache key both use it.
     pub source_sha256: String,
+}
+
+impl Loaded {
+    /// The source model (its skeleton when streamed).
+    pub fn model(&self) -> &Model<DenseLinear> {
+        self.source.model()
+    }
 }
 
 /// Loads the model and the texts, and samples the calibration windows. Everything
@@ -72,16 +81,21 @@ pub fn load(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -> Re
         }
         _ => None,
     };
-    let model = ck
-        .load_model()
-        .step(|| format!("{}: loading the model", opts.model.display()))?;
+    let source = if opts.stream {
+        Source::Streamed(Streamed::new(ck)?)
+    } else {
+        Source::Memory(
+            ck.load_model()
+                .step(|| format!("{}: loading the model", opts.model.display()))?,
+        )
+    };
     let source_sha = source_sha256(&opts.model).map_err(step_error)?;
     let (windows, calibration) = match from_text {
         Some(w) => w,
-        None => data_free(opts, &model, &tokenizer, &source_sha, on_event)?,
+        None => data_free(opts, source.model(), &tokenizer, &source_sha, on_event)?,
     };
     Ok(Loaded {
-        model,
+        source,
         tokenizer,
         windows,
         self_test_text,

@@ -59,11 +59,12 @@ pub fn measure(
     drop(written);
     drop(file);
     drop(map);
-    let dense_eval = if opts.source_eval {
+    // Streamed, the source is never whole in memory: it is not evaluated.
+    let dense_eval = if opts.source_eval && !opts.stream {
         stage("eval (source model)");
         Some(
             evaluate(
-                &input.model,
+                input.model(),
                 tok,
                 text,
                 &input.eval_name,

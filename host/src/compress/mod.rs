@@ -11,6 +11,7 @@
 
 pub mod admm;
 pub mod allocate;
+pub mod blockcache;
 pub mod budget;
 pub mod calibration;
 pub mod candidate;
@@ -29,6 +30,7 @@ pub mod qvalues;
 pub mod reinforce;
 pub mod run;
 pub mod select;
+pub mod source;
 pub mod sparsegpt;
 pub mod speed;
 pub mod stamp;

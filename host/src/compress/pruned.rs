@@ -11,20 +11,21 @@
 //! factors are rounded to nearest when written.
 
 use super::admm::{AdmmOptions, prune as admm_prune};
-use super::allocate::{Allocation2, Keep, Trial, search, sparsities, wanda_pruned};
+use super::allocate::{Allocation2, Keep, Trial, search, sparsities, wanda_pruned_block};
 use super::budget::CostModel;
-use super::calibration::calibration_loss;
 use super::candidate::{Candidate, Factors};
-use super::error::{CompressError, Result, step_error};
+use super::error::{CompressError, Result};
 use super::methods::{Method, sparse_candidate};
 use super::qvalues::{Quantizer, quantize_factors, quantize_kept};
 use super::run::Event;
 use super::select::Selection;
+use super::source::{calibration_loss as block_loss, input_norms, skeleton_of};
 use super::sparsegpt::{
-    kept as sparsegpt_kept, masked_candidate, prune_pattern as sparsegpt_prune, prune_sequential,
+    Pruner, kept as sparsegpt_kept, masked_candidate, prune_blocks,
+    prune_pattern as sparsegpt_prune,
 };
 use super::strategy::{Context, Notes, Strategy, keep_all};
-use cap_device::model::{DenseLinear, Head, Model};
+use cap_device::model::{Block, DenseLinear, Head, Model};
 use cap_format::DType;
 
 /// `sparsegpt`, `admm` or cap's method (`Method::Cap`).
@@ -60,12 +61,10 @@ impl Strategy for Pruned {
                 // Nothing pruned, but the values quantized with each layer's Hessian.
                 (cx.on_event)(Event::Stage {
                     name: "gptq",
-                    total: cx.model.blocks.len() as u64,
+                    total: cx.blocks.iter().map(|r| r.len() as u64).sum(),
                 });
-                return prune_sequential(
-                    cx.model,
-                    cx.windows,
-                    threads,
+                return run_blocks(
+                    cx,
                     &|_, w, r, c, h| {
                         let q = quantize_kept(w, None, r, c, h, values, quantizer)?;
                         let mut d = sparse_candidate(w, r, c);
@@ -73,7 +72,6 @@ impl Strategy for Pruned {
                         Ok(d)
                     },
                     false,
-                    |b| (cx.on_event)(Event::Progress(b as u64)),
                 );
             }
             return Ok(cx
@@ -109,21 +107,18 @@ impl Strategy for Pruned {
         };
         (cx.on_event)(Event::Stage {
             name: self.method.name(),
-            total: cx.model.blocks.len() as u64,
+            total: cx.blocks.iter().map(|r| r.len() as u64).sum(),
         });
-        let progress = |b: usize| (cx.on_event)(Event::Progress(b as u64));
         if self.method == Method::Sparsegpt {
-            if keeps.len() != cx.model.blocks.len() * 7 {
+            if keeps.len() != cx.source.n_blocks() * 7 {
                 return Err(CompressError::Internal(
                     "one sparsity per block linear expected".into(),
                 ));
             }
             // SparseGPT, then (quantized values) GPTQ of the kept weights with the same
             // Hessian: [`super::sparsegpt::sparsegpt_model`] plus the quantization.
-            return prune_sequential(
-                cx.model,
-                cx.windows,
-                threads,
+            return run_blocks(
+                cx,
                 &|i, w, r, c, h| {
                     let mask = sparsegpt_prune(w, r, c, h, keeps[i].sparsity, pattern)?;
                     let q = quantize_kept(w, Some(&mask), r, c, h, values, quantizer)?;
@@ -132,7 +127,6 @@ impl Strategy for Pruned {
                     Ok(d)
                 },
                 false,
-                progress,
             );
         }
         let ao = AdmmOptions {
@@ -140,10 +134,8 @@ impl Strategy for Pruned {
             pattern,
             ..AdmmOptions::default()
         };
-        prune_sequential(
-            cx.model,
-            cx.windows,
-            threads,
+        run_blocks(
+            cx,
             &|i, w, r, c, h| {
                 let orig = w.to_vec();
                 // Nothing to prune: the weights stay the source's (ADMM would spend
@@ -169,7 +161,6 @@ impl Strategy for Pruned {
             // Measured: true-sequential inputs gave 30.37 against 29.85 (ratio
             // 0.5, WikiText-2 ctx 2048, 8 windows), so the dense block's inputs.
             false,
-            progress,
         )
     }
 
@@ -182,6 +173,38 @@ impl Strategy for Pruned {
         // The pruning chose already: its candidates are what fits.
         Ok(keep_all(cands))
     }
+}
+
+/// Compresses the blocks `cx.blocks` of `cx.source` with `pruner` ([`prune_blocks`]),
+/// reporting each block done; their candidates returned, or (streamed) handed to
+/// `cx.sink` block by block and none returned.
+fn run_blocks(
+    cx: &Context<'_>,
+    pruner: &Pruner<'_>,
+    true_sequential: bool,
+) -> Result<Vec<Candidate>> {
+    let mut out = Vec::new();
+    let mut done = 0u64;
+    for range in cx.blocks {
+        prune_blocks(
+            cx.source,
+            range.clone(),
+            cx.windows,
+            cx.opts.threads,
+            pruner,
+            true_sequential,
+            &mut |b, cands| {
+                match cx.sink {
+                    Some(sink) => sink(b, cands)?,
+                    None => out.extend(cands),
+                }
+                done += 1;
+                (cx.on_event)(Event::Progress(done));
+                Ok(())
+            },
+        )?;
+    }
+    Ok(out)
 }
 
 /// The uniform sparsity SparseGPT runs at: the smallest whose exact cost fits `limit`.
@@ -222,25 +245,16 @@ fn learned_sparsities(
     Vec<Trial>,
     Option<(usize, Vec<f64>)>,
 )> {
-    let (model, windows, threads) = (cx.model, cx.windows, cx.opts.threads);
+    let (windows, threads) = (cx.windows, cx.opts.threads);
+    let n_blocks = cx.source.n_blocks();
     (cx.on_event)(Event::Stage {
         name: "input norms",
-        total: windows.len() as u64,
+        total: n_blocks as u64,
     });
-    let norms = crate::calib::input_rms_windows(model, windows, threads, |d, _| {
-        (cx.on_event)(Event::Progress(d as u64))
-    })
-    .map_err(step_error)?;
-    let norm_refs: Vec<&[f32]> = cx
-        .linears
-        .iter()
-        .map(|(n, _)| {
-            norms
-                .get(n)
-                .map(|v| v.as_slice())
-                .ok_or_else(|| CompressError::Internal(format!("{n}: no input norms")))
-        })
-        .collect::<Result<_>>()?;
+    let norms = input_norms(cx.source, windows, threads, |b| {
+        (cx.on_event)(Event::Progress(b as u64))
+    })?;
+    let norm_refs: Vec<&[f32]> = norms.iter().map(|v| v.as_slice()).collect();
     let shapes: Vec<(usize, usize)> = cx
         .linears
         .iter()
@@ -253,23 +267,27 @@ fn learned_sparsities(
         total: per_search * cx.embeds.len() as u64,
     });
     let done = std::cell::Cell::new(0u64);
-    let n_blocks = model.blocks.len();
     // One search per embedding type, each under the limit that type leaves the
     // linears and scored with the embedding (and an untied head) rounded as the file
     // will store it (float types as they are); the lowest calibration loss wins.
     let mut results = Vec::with_capacity(cx.embeds.len());
     for &(dtype, limit) in cx.embeds {
         let rounded;
-        let scored = if dtype.is_quantized() {
-            rounded = with_dense_rounded(model, dtype)?;
+        let outer = if dtype.is_quantized() {
+            rounded = with_dense_rounded(&skeleton_of(cx.source.model()), dtype)?;
             &rounded
         } else {
-            model
+            cx.source.model()
         };
         let (best, trials) = search(cx.opts.lowrank_share, cx.opts.auto_values, |a| {
             let sp = sparsities(&shapes, n_blocks, a, cx.cost, limit);
-            let pruned = wanda_pruned(scored, &norm_refs, &sp);
-            let l = calibration_loss(&pruned, scoring, threads);
+            // One block at a time: each read, pruned by Wanda's rule and run, then
+            // dropped (a streamed run reads the checkpoint again for every trial).
+            let prune = |bi: usize, b: &Block<DenseLinear>| {
+                let at = bi * 7..bi * 7 + 7;
+                wanda_pruned_block(b, &norm_refs[at.clone()], &sp[at])
+            };
+            let l = block_loss(cx.source, outer, scoring, threads, &prune);
             done.set(done.get() + 1);
             (cx.on_event)(Event::Progress(done.get()));
             tracing::info!(

@@ -7,7 +7,9 @@ use cap_format::DType;
 use serde::Serialize;
 
 use super::allocate::{Allocation2, Trial};
+use super::blockcache::BlockCache;
 use super::budget::{Budget, BudgetSpec, FixedCosts};
+use super::candidate::Candidate;
 use super::error::{CompressError, Result, StepContext, step_error};
 use super::load::load;
 use super::measure::measure;
@@ -15,16 +17,23 @@ use super::methods::{Allocation, Method, Variant};
 use super::plan::plan;
 use super::qvalues::{Quantizer, check_values};
 use super::reinforce::{ReinforceOptions, StepLog};
+use super::select::Selection;
+use super::source::{BlockSource, Source};
 use super::speed::{DECODE_BANDWIDTH_EFFICIENCY, DecodeCost, SpeedEstimate};
+use super::stamp::record_layer_rows;
 use super::stamp::{
     base_manifest, record_budget, record_layers, record_perplexity, restamp, unmeasured,
 };
+use super::strategy::BlockSink;
 use super::strategy::{Context, Notes, strategy};
 use super::tensors::block_linears;
 use super::write::write;
+use super::write::{EncodedLinear, encoded_linear, write_encoded};
 use crate::eval::EvalReport;
 use crate::pack::source_sha256;
 use crate::rpca::RpcaSettings;
+use crate::rpca::model::Shard;
+use cap_device::model::DenseLinear;
 
 /// Everything `compress` needs.
 #[derive(Clone, Debug)]
@@ -99,6 +108,16 @@ pub struct CompressOptions {
     pub dry_run: bool,
     /// Also evaluate the source model on the held-out windows (for the report).
     pub source_eval: bool,
+    /// Read the checkpoint one block at a time and keep each block's result on disk
+    /// ([`super::blockcache`]), so memory holds one block, not the model.
+    pub stream: bool,
+    /// Streamed: compute only shard `I` of `N` (from 1) of the blocks into the block
+    /// cache and stop; a run without a shard assembles the file.
+    pub shard: Option<Shard>,
+    /// Streamed: the block cache folder; `None`: one per run under the user's cache.
+    pub block_cache: Option<PathBuf>,
+    /// Streamed: keep the block cache after the file is written.
+    pub keep_blocks: bool,
 }
 
 /// The budget of a model, as `--dry-run` reports it.
@@ -110,10 +129,29 @@ pub struct Plan {
     pub fixed: FixedCosts,
 }
 
+/// What a `--shard I/N` run did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShardReport {
+    /// `I` (from 1).
+    pub shard: usize,
+    /// `N`.
+    pub shards: usize,
+    /// The shard's blocks (first, last + 1).
+    pub blocks: [usize; 2],
+    /// Blocks this run computed (the others were cached already).
+    pub computed: usize,
+    /// The block cache folder.
+    pub cache_dir: String,
+    /// Seconds per stage, in order.
+    pub seconds: Vec<(String, f64)>,
+}
+
 /// What [`compress`] produced.
 pub enum Outcome {
     /// `--dry-run`: the budget only.
     Planned(Plan),
+    /// `--shard I/N`: the shard's blocks are in the block cache.
+    Shard(ShardReport),
     /// The file was written and measured.
     Written(Box<CompressReport>),
 }
@@ -134,7 +172,7 @@ pub enum Event<'a> {
 }
 
 /// One compressed linear in the report.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct LayerRow {
     /// Tensor name.
     pub name: String,
@@ -252,10 +290,15 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
                 .into(),
         ));
     }
+    check_stream(opts)?;
     let mut notes = Notes::start();
-    let input = load(opts, on_event)?;
+    let mut input = load(opts, on_event)?;
     let windows: Vec<&[u32]> = input.windows.iter().map(|w| w.as_slice()).collect();
-    let linears = block_linears(&input.model)?;
+    let hollow = hollow_linears(&input.model().config);
+    let linears: Vec<(String, &DenseLinear)> = match &input.source {
+        Source::Memory(m) => block_linears(m)?,
+        Source::Streamed(_) => hollow.iter().map(|(n, l)| (n.clone(), l)).collect(),
+    };
     let names: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
     notes.lap("load");
 
@@ -265,7 +308,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
             &opts.budget,
             dtype,
             opts.values,
-            &input.model,
+            input.model(),
             &linears,
             &manifest,
         )
@@ -299,18 +342,62 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
 
     let mut method = strategy(opts);
     let embeds: Vec<(DType, u64)> = plans.iter().map(|(e, p)| (*e, p.budget.limit)).collect();
+    let n_blocks = input.source.n_blocks();
+    // Streamed: the blocks this run computes (those of its shard the cache lacks) and
+    // where each goes as soon as it is made.
+    let cache = match opts.stream {
+        true => Some(open_block_cache(opts, &input, &windows)?),
+        false => None,
+    };
+    let (todo, shard_blocks) = match &cache {
+        Some(c) => {
+            let range = shard_range(opts.shard.as_ref(), n_blocks);
+            (missing_runs(c, range.clone()), range)
+        }
+        None => (std::iter::once(0..n_blocks).collect(), 0..n_blocks),
+    };
+    let sink = |b: usize, cands: Vec<Candidate>| -> Result<()> {
+        let c = cache
+            .as_ref()
+            .ok_or_else(|| CompressError::Internal("a block sink without a cache".into()))?;
+        let enc = cands
+            .iter()
+            .enumerate()
+            .map(|(k, cand)| encoded_linear(&names[b * 7 + k], cand, &Selection::all(cand), &cost))
+            .collect::<Result<Vec<_>>>()?;
+        c.put(b, &enc)
+    };
     let cx = Context {
-        model: &input.model,
+        model: input.model(),
         linears: &linears,
         windows: &windows,
         cost: &cost,
         limit: first_limit,
         embeds: &embeds,
+        source: &input.source,
+        blocks: &todo,
+        sink: cache.as_ref().map(|_| &sink as &BlockSink<'_>),
         opts,
         on_event,
     };
-    let cands = method.candidates(&cx, &mut notes)?;
+    let computed: usize = todo.iter().map(|r| r.len()).sum();
+    // A streamed run whose blocks are all cached only assembles the file.
+    let cands = if computed == 0 && cache.is_some() {
+        vec![]
+    } else {
+        method.candidates(&cx, &mut notes)?
+    };
     notes.lap("candidates");
+    if let (Some(c), Some(sh)) = (&cache, &opts.shard) {
+        return Ok(Outcome::Shard(ShardReport {
+            shard: sh.index,
+            shards: sh.count,
+            blocks: [shard_blocks.start, shard_blocks.end],
+            computed,
+            cache_dir: c.dir().display().to_string(),
+            seconds: notes.seconds,
+        }));
+    }
     // The allocation may have chosen another embedding type, and with it another limit.
     let chosen = notes.embed_choice.as_ref().map_or(0, |(i, _)| *i);
     let (embed_dtype, planned) = plans.swap_remove(chosen);
@@ -320,26 +407,63 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         limit: budget.limit,
         ..cx
     };
-    let sels = method.select(&cx, &cands, &mut notes)?;
+    let sels = match &cache {
+        Some(_) => vec![],
+        None => method.select(&cx, &cands, &mut notes)?,
+    };
     notes.lap("allocation");
 
     on_event(Event::Stage {
         name: "write",
         total: 0,
     });
-    record_layers(&mut manifest, &names, &sels);
-    let first = unmeasured(&manifest);
-    let written = write(
-        &input.model,
-        &opts.out,
-        first,
-        &names,
-        &cands,
-        &sels,
-        cx.cost,
-        embed_dtype,
-    )?;
-    drop((cands, sels));
+    let written = match (&cache, &mut input.source) {
+        (Some(c), Source::Streamed(s)) => {
+            // Streamed: the manifest's layer table from the blocks' metadata, then the
+            // file around the cached linears, one block's bytes in memory at a time.
+            let mut rows = Vec::with_capacity(names.len());
+            for b in 0..n_blocks {
+                rows.extend(c.rows(b)?);
+            }
+            record_layer_rows(&mut manifest, &rows);
+            let first = unmeasured(&manifest);
+            let model = s.hollow_model()?;
+            let mut current: (usize, std::vec::IntoIter<EncodedLinear>) =
+                (usize::MAX, vec![].into_iter());
+            write_encoded(model, &opts.out, first, embed_dtype, &mut |name| {
+                let i = names.iter().position(|n| n == name).ok_or_else(|| {
+                    CompressError::Internal(format!("{name}: not a block linear"))
+                })?;
+                if current.0 != i / 7 {
+                    current = (i / 7, c.get(i / 7)?.into_iter());
+                }
+                match current.1.next() {
+                    Some(e) if e.row.name == name => Ok(e),
+                    _ => Err(CompressError::Invalid(format!(
+                        "{}: block {} does not hold {name} where expected: delete it to compute the block again",
+                        c.dir().display(),
+                        i / 7
+                    ))),
+                }
+            })?
+        }
+        _ => {
+            record_layers(&mut manifest, &names, &sels);
+            let first = unmeasured(&manifest);
+            let written = write(
+                input.model(),
+                &opts.out,
+                first,
+                &names,
+                &cands,
+                &sels,
+                &cost,
+                embed_dtype,
+            )?;
+            drop((cands, sels));
+            written
+        }
+    };
     notes.lap("write");
     let m = measure(opts, &input, written.file.path(), on_event)?;
     notes.lap("eval");
@@ -347,6 +471,11 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     record_perplexity(&mut manifest, ppl, opts.eval_ctx, n);
     let path = restamp(written.file.path(), &opts.out, manifest)?;
     notes.lap("re-stamp");
+    if let Some(c) = &cache
+        && !opts.keep_blocks
+    {
+        c.remove();
+    }
 
     let rows = written.rows;
     let file_bytes = std::fs::metadata(&path)
@@ -366,7 +495,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     }
     let speed = speed_estimate(
         &opts.budget,
-        &input.model.config,
+        &input.model().config,
         &budget,
         &fixed,
         linear_bytes,
@@ -527,4 +656,125 @@ pub fn default_cache_dir(model: &Path) -> Result<PathBuf> {
         })?;
     let sha = source_sha256(model).map_err(step_error)?;
     Ok(base.join("cap").join("rpca").join(&sha[..16]))
+}
+
+/// What `--stream` and `--shard` can run, refused before anything is loaded.
+fn check_stream(opts: &CompressOptions) -> Result<()> {
+    if !opts.stream {
+        if opts.shard.is_some() || opts.block_cache.is_some() || opts.keep_blocks {
+            return Err(CompressError::Invalid(
+                "--shard, --block-cache and --keep-blocks belong to --stream".into(),
+            ));
+        }
+        return Ok(());
+    }
+    let streams = matches!(
+        (opts.method, opts.variant),
+        (Method::Cap, Variant::Cap) | (Method::Sparsegpt | Method::Admm, _)
+    );
+    if !streams {
+        return Err(CompressError::Invalid(
+            "--stream: the block-by-block methods stream (cap, sparsegpt, admm); magnitude, wanda, svd and --variant paper hold the whole model".into(),
+        ));
+    }
+    if opts.calib.is_none() {
+        return Err(CompressError::Invalid(
+            "--stream needs --calib FILE: data-free calibration generates text with the whole model".into(),
+        ));
+    }
+    if opts.auto_embed {
+        return Err(CompressError::Invalid(
+            "--stream: --embed-values auto is not streamed; give the embedding's type with --dtype"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The block linears of a model with configuration `c`, their shapes set and no
+/// weights: what the budget and a streamed run's methods see of them.
+fn hollow_linears(c: &cap_device::config::Config) -> Vec<(String, DenseLinear)> {
+    cap_device::tensors::compressible(c)
+        .into_iter()
+        .map(|t| {
+            let l = DenseLinear {
+                weight: vec![],
+                out_features: t.rows,
+                in_features: t.cols,
+            };
+            (t.name, l)
+        })
+        .collect()
+}
+
+/// The blocks of shard `I` of `N` (contiguous, sizes differing by at most one), or all.
+pub fn shard_range(shard: Option<&Shard>, n_blocks: usize) -> std::ops::Range<usize> {
+    match shard {
+        Some(s) => ((s.index - 1) * n_blocks / s.count)..(s.index * n_blocks / s.count),
+        None => 0..n_blocks,
+    }
+}
+
+/// The runs of consecutive blocks of `range` the cache lacks.
+fn missing_runs(cache: &BlockCache, range: std::ops::Range<usize>) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for b in range.filter(|&b| !cache.has(b)) {
+        match out.last_mut() {
+            Some(r) if r.end == b => r.end = b + 1,
+            _ => out.push(b..b + 1),
+        }
+    }
+    out
+}
+
+/// The block cache of this run: `--block-cache`, or a folder per run key under the
+/// user's cache. The key digests everything a block's result depends on: the source,
+/// the calibration tokens, the method and its settings, the budget and cap's version.
+fn open_block_cache(
+    opts: &CompressOptions,
+    input: &super::load::Loaded,
+    windows: &[&[u32]],
+) -> Result<BlockCache> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"cap block cache 1\0");
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(input.source_sha256.as_bytes());
+    let settings = format!(
+        "{:?}",
+        (
+            opts.method,
+            opts.variant,
+            opts.values,
+            opts.dtype,
+            opts.auto_values,
+            opts.quantizer,
+            opts.pattern.map(|p| p.to_string()),
+            opts.lowrank_share,
+            &opts.budget,
+        )
+    );
+    h.update(settings.as_bytes());
+    for w in windows {
+        h.update((w.len() as u64).to_le_bytes());
+        for t in *w {
+            h.update(t.to_le_bytes());
+        }
+    }
+    let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let dir = match &opts.block_cache {
+        Some(d) => d.clone(),
+        None => {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .ok_or_else(|| {
+                    CompressError::Invalid(
+                        "neither XDG_CACHE_HOME nor HOME is set; pass --block-cache".into(),
+                    )
+                })?;
+            base.join("cap").join("blocks").join(&key[..16])
+        }
+    };
+    BlockCache::open(&dir, &key)
 }

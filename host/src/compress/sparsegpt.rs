@@ -25,6 +25,7 @@ use faer::linalg::solvers::DenseSolveCore;
 
 use super::candidate::{Candidate, Csr};
 use super::pattern::Pattern;
+use super::source::BlockSource;
 
 /// Columns per OBS block (the paper's and reference code's 128).
 pub const BLOCK: usize = 128;
@@ -275,6 +276,38 @@ pub fn prune_sequential(
     true_sequential: bool,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Candidate>> {
+    let mut out = Vec::with_capacity(model.blocks.len() * 7);
+    let blocks = 0..model.blocks.len();
+    prune_blocks(
+        model,
+        blocks,
+        windows,
+        threads,
+        pruner,
+        true_sequential,
+        &mut |bi, cands| {
+            out.extend(cands);
+            progress(bi + 1);
+            Ok(())
+        },
+    )?;
+    Ok(out)
+}
+
+/// [`prune_sequential`] over blocks `range` of `src`, one block in memory at a time:
+/// each block's seven candidates go to `done(block, candidates)` as soon as it is
+/// compressed. The windows reach `range.start` through the source's own blocks before
+/// it (uncompressed: a shard of the blocks starts from the source model's outputs).
+pub fn prune_blocks(
+    src: &dyn BlockSource,
+    range: std::ops::Range<usize>,
+    windows: &[&[u32]],
+    threads: usize,
+    pruner: &Pruner<'_>,
+    true_sequential: bool,
+    done: &mut dyn FnMut(usize, Vec<Candidate>) -> Result<()>,
+) -> Result<()> {
+    let model = src.model();
     let h = model.config.hidden_size;
     let ctx = windows.iter().map(|w| w.len()).max().unwrap_or(0);
     let runner = Runner::new(model, ctx, threads);
@@ -286,11 +319,19 @@ pub fn prune_sequential(
             x
         })
         .collect();
-    let mut out = Vec::with_capacity(model.blocks.len() * 7);
+    for bi in 0..range.start {
+        let b = src.block(bi)?;
+        for x in &mut xs {
+            let mut kv = runner.new_cache();
+            runner.run_block(bi, &*b, x, &mut kv);
+        }
+    }
     // Groups of linears that share an input (q/k/v, o, gate/up, down), by index in
     // `Block::linears` order: the first of each is recorded.
     const GROUPS: [&[usize]; 4] = [&[0, 1, 2], &[3], &[4, 5], &[6]];
-    for (bi, b) in model.blocks.iter().enumerate() {
+    for bi in range {
+        let b = src.block(bi)?;
+        let b = &*b;
         let mut pruned = b.clone();
         let mut cands: Vec<Option<Candidate>> = vec![None; 7];
         // With `true_sequential`, each group's inputs come from the block with the
@@ -331,14 +372,14 @@ pub fn prune_sequential(
                 }
             }
         }
-        out.extend(cands.into_iter().flatten());
         for x in &mut xs {
             let mut kv = runner.new_cache();
             runner.run_block(bi, &pruned, x, &mut kv);
         }
-        progress(bi + 1);
+        drop(pruned);
+        done(bi, cands.into_iter().flatten().collect())?;
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

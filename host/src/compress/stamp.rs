@@ -23,7 +23,7 @@ use crate::pack::{model_config, model_extensions, parse_sha256};
 pub fn base_manifest(opts: &CompressOptions, input: &Loaded) -> Result<Manifest> {
     let sha = &input.source_sha256;
     Ok(Manifest {
-        model: model_config(&input.model.config).map_err(step_error)?,
+        model: model_config(&input.model().config).map_err(step_error)?,
         tokenizer: Some(input.tokenizer.spec().to_record()),
         compression: Some(Compression {
             method: method_name(opts),
@@ -56,7 +56,7 @@ pub fn base_manifest(opts: &CompressOptions, input: &Loaded) -> Result<Manifest>
             created_unix: crate::pack::creation_time().map_err(step_error)?,
         },
         tensors: vec![],
-        extensions: model_extensions(&input.model.config).map_err(step_error)?,
+        extensions: model_extensions(&input.model().config).map_err(step_error)?,
     })
 }
 
@@ -89,6 +89,18 @@ pub fn record_layers(m: &mut Manifest, names: &[String], sels: &[Selection]) {
             tensor: n.clone(),
             rank: s.rank() as u32,
             nnz: s.nnz(),
+        })
+        .collect();
+}
+
+/// [`record_layers`] from the rows of a written (or cached) selection.
+pub fn record_layer_rows(m: &mut Manifest, rows: &[super::run::LayerRow]) {
+    compression(m).layers = rows
+        .iter()
+        .map(|r| LayerCompression {
+            tensor: r.name.clone(),
+            rank: r.rank[0] as u32,
+            nnz: r.nnz[0],
         })
         .collect();
 }

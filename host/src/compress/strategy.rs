@@ -21,14 +21,26 @@ use super::pruned::Pruned;
 use super::reinforce::StepLog;
 use super::run::{CompressOptions, Event};
 use super::select::{Selection, selection_cost, uniform};
+use super::source::BlockSource;
 
 /// What a method sees: the model, its block linears, the calibration windows and the
 /// budget.
 pub struct Context<'a> {
     /// The source model.
     pub model: &'a Model<DenseLinear>,
-    /// Its block linears with their file names, in file order.
+    /// Its block linears with their file names, in file order. Streamed
+    /// (`--stream`), `model` is the skeleton and these linears have their shapes but
+    /// no weights: the methods that stream read blocks from `source`.
     pub linears: &'a [(String, &'a DenseLinear)],
+    /// The blocks, one at a time: `model` itself, or the checkpoint read block by
+    /// block.
+    pub source: &'a dyn BlockSource,
+    /// The runs of blocks to compress (all of them; streamed, those of the shard the
+    /// block cache lacks). Each run starts from the source model's outputs before it.
+    pub blocks: &'a [std::ops::Range<usize>],
+    /// Where a streamed run sends each block's candidates as soon as they are made
+    /// (`None`: [`Strategy::candidates`] returns them all).
+    pub sink: Option<&'a BlockSink<'a>>,
     /// Calibration sequences.
     pub windows: &'a [&'a [u32]],
     /// The cost of a linear's kept items.
@@ -44,6 +56,9 @@ pub struct Context<'a> {
     /// Progress.
     pub on_event: &'a (dyn Fn(Event<'_>) + Sync),
 }
+
+/// Takes block `b`'s seven candidates (block order) in a streamed run.
+pub type BlockSink<'a> = dyn Fn(usize, Vec<Candidate>) -> Result<()> + Sync + 'a;
 
 /// What the stages record for the report besides their results.
 pub struct Notes {

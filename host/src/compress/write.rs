@@ -283,6 +283,41 @@ pub struct Written {
     pub rows: Vec<LayerRow>,
 }
 
+/// One compressed linear as the file stores it.
+pub struct EncodedLinear {
+    /// Its row of the report.
+    pub row: LayerRow,
+    /// Shape and encoding.
+    pub desc: TensorDesc,
+    /// The section's parts, in order.
+    pub parts: Vec<Vec<u8>>,
+}
+
+/// The kept items `sel` of `c` (the linear `name`) encoded with values in `cost.dtype`.
+pub fn encoded_linear(
+    name: &str,
+    c: &Candidate,
+    sel: &Selection,
+    cost: &CostModel,
+) -> Result<EncodedLinear> {
+    let (desc, parts, bytes) = encode_linear(c, sel, cost)?;
+    let row = LayerRow {
+        name: name.to_string(),
+        shape: [c.rows, c.cols],
+        rank: [sel.rank(), c.rank()],
+        nnz: [sel.nnz(), c.entries() as u64],
+        encoding: desc.encoding.name().into(),
+        values: desc.encoding.dtypes().1.to_string(),
+        bytes,
+        // Exact: the bytes written, or the paper's parameters.
+        cost: match cost.accounting {
+            Accounting::Bytes => bytes,
+            Accounting::Params => cost.cost(c.rows, c.cols, sel.rank(), sel.nnz()),
+        },
+    };
+    Ok(EncodedLinear { row, desc, parts })
+}
+
 /// Writes `model` to a file next to `out` with `manifest`: the dense tensors in
 /// `dense_dtype`, the linear named `names[i]` as the kept items `sels[i]` of
 /// `cands[i]` with values in `cost.dtype`.
@@ -302,35 +337,44 @@ pub fn write(
         .enumerate()
         .map(|(i, n)| (n.as_str(), i))
         .collect();
+    write_encoded(model, out, manifest, dense_dtype, &mut |name| {
+        let i = *by_name
+            .get(name)
+            .ok_or_else(|| CompressError::Internal(format!("{name}: not a block linear")))?;
+        encoded_linear(name, &cands[i], &sels[i], cost)
+    })
+}
+
+/// Writes `model` to a file next to `out` with `manifest`: the dense tensors in
+/// `dense_dtype`, each block linear as `linear(name)` encodes it (the model's own
+/// linears are not read: a streamed run passes them without weights).
+pub fn write_encoded(
+    model: &Model<DenseLinear>,
+    out: &Path,
+    manifest: Manifest,
+    dense_dtype: DType,
+    linear: &mut dyn FnMut(&str) -> Result<EncodedLinear>,
+) -> Result<Written> {
     let file = unmeasured_path(out);
-    let mut rows = Vec::with_capacity(cands.len());
+    let mut rows = Vec::new();
     write_model(
         model,
         file.path(),
         dense_dtype,
         manifest,
-        &mut |sink, name, _| {
-            let i = *by_name
-                .get(name)
-                .ok_or_else(|| CompressError::Internal(format!("{name}: not a block linear")))?;
-            let (c, s) = (&cands[i], &sels[i]);
-            let (desc, parts, bytes) = encode_linear(c, s, cost)?;
-            let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
-            sink.add_parts(name, &desc, &refs, (c.rows * c.cols) as u64)?;
-            rows.push(LayerRow {
-                name: name.to_string(),
-                shape: [c.rows, c.cols],
-                rank: [s.rank(), c.rank()],
-                nnz: [s.nnz(), c.entries() as u64],
-                encoding: desc.encoding.name().into(),
-                values: desc.encoding.dtypes().1.to_string(),
-                bytes,
-                // Exact: the bytes written, or the paper's parameters.
-                cost: match cost.accounting {
-                    Accounting::Bytes => bytes,
-                    Accounting::Params => cost.cost(c.rows, c.cols, s.rank(), s.nnz()),
-                },
-            });
+        &mut |sink, name, l| {
+            let e = linear(name)?;
+            if e.desc.rows as usize != l.out_features || e.desc.cols as usize != l.in_features {
+                return Err(CompressError::Internal(format!(
+                    "{name}: encoded as {}×{}, the model has {}×{}",
+                    e.desc.rows, e.desc.cols, l.out_features, l.in_features
+                ))
+                .into());
+            }
+            let refs: Vec<&[u8]> = e.parts.iter().map(|p| p.as_slice()).collect();
+            let params = u64::from(e.desc.rows) * u64::from(e.desc.cols);
+            sink.add_parts(name, &e.desc, &refs, params)?;
+            rows.push(e.row);
             Ok(())
         },
     )

@@ -180,95 +180,132 @@ pub fn build_model(
     naming: Naming,
     gguf_qk_order: bool,
 ) -> Result<Model<DenseLinear>, ImportError> {
-    let path = src.path();
+    let mut model = build_skeleton(config, src, naming)?;
+    let blocks = (0..model.config.n_layers)
+        .into_par_iter()
+        .map(|i| build_block(&model.config, src, naming, gguf_qk_order, i, true))
+        .collect::<Result<Vec<_>, ImportError>>()?;
+    model.blocks = blocks;
+    model.validate().map_err(|e| ImportError::Config {
+        path: src.path(),
+        msg: e.to_string(),
+    })?;
+    Ok(model)
+}
+
+/// The model without its blocks (`blocks` is empty): the configuration, the token
+/// embedding, the final norm and an untied head. What a block-by-block driver keeps
+/// for the whole run while it loads one block at a time ([`build_block`]).
+pub fn build_skeleton(
+    config: Config,
+    src: &dyn TensorSource,
+    naming: Naming,
+) -> Result<Model<DenseLinear>, ImportError> {
     config.validate().map_err(|m| ImportError::Config {
-        path: path.clone(),
+        path: src.path(),
         msg: m.into(),
     })?;
-    let c = &config;
+    let ld = Loader {
+        src,
+        naming,
+        config: &config,
+    };
+    let embed = ld.load(Role::Embed, 0)?;
+    let norm = ld.load(Role::FinalNorm, 0)?;
+    let head = if config.tie_embeddings {
+        Head::Tied
+    } else {
+        Head::Separate(ld.linear(Role::Head, 0)?)
+    };
+    Ok(Model {
+        config,
+        embed,
+        blocks: vec![],
+        norm,
+        head,
+    })
+}
+
+/// Block `i` of the model in `src`. With `linears` false its seven projections are
+/// left empty (their shapes set, `weight` empty): the norms and biases alone, which a
+/// writer needs beside linears it already encoded.
+pub fn build_block(
+    c: &Config,
+    src: &dyn TensorSource,
+    naming: Naming,
+    gguf_qk_order: bool,
+    i: usize,
+    linears: bool,
+) -> Result<Block<DenseLinear>, ImportError> {
+    let path = src.path();
     let ld = Loader {
         src,
         naming,
         config: c,
     };
     let (qd, kvd) = (c.q_dim(), c.kv_dim());
-    let embed = ld.load(Role::Embed, 0)?;
-    let norm = ld.load(Role::FinalNorm, 0)?;
-    let head = if c.tie_embeddings {
-        Head::Tied
-    } else {
-        Head::Separate(ld.linear(Role::Head, 0)?)
-    };
-    let fix_qk = |mut l: DenseLinear, heads: usize| {
-        if gguf_qk_order {
-            l.weight = unpermute_qk(&l.weight, l.out_features, l.in_features, heads);
+    let linear = |role: Role, heads: Option<usize>| -> Result<DenseLinear, ImportError> {
+        if !linears {
+            let t = TensorInfo::new(c, role, i);
+            return Ok(DenseLinear {
+                weight: vec![],
+                out_features: t.rows,
+                in_features: t.cols,
+            });
         }
-        l
+        let mut l = ld.linear(role, i)?;
+        if let (true, Some(h)) = (gguf_qk_order, heads) {
+            l.weight = unpermute_qk(&l.weight, l.out_features, l.in_features, h);
+        }
+        Ok(l)
     };
-    let blocks = (0..c.n_layers)
-        .into_par_iter()
-        .map(|i| {
-            let qkv_bias = if c.qkv_bias {
-                let mut bq = ld.load(Role::QBias, i)?;
-                let mut bk = ld.load(Role::KBias, i)?;
-                if gguf_qk_order {
-                    bq = unpermute_qk(&bq, qd, 1, c.n_heads);
-                    bk = unpermute_qk(&bk, kvd, 1, c.n_kv_heads);
-                }
-                Some([bq, bk, ld.load(Role::VBias, i)?])
-            } else {
-                for role in [Role::QBias, Role::KBias, Role::VBias] {
-                    if ld.has(role, i) {
-                        return Err(ImportError::Config {
-                            path: path.clone(),
-                            msg: format!(
-                                "tensor '{}' is present but the architecture has no q/k/v biases",
-                                ld.name(role, i)
-                            ),
-                        });
-                    }
-                }
-                None
-            };
-            let qk_norm = if c.arch.qk_norm() {
-                Some([ld.load(Role::QNorm, i)?, ld.load(Role::KNorm, i)?])
-            } else {
-                None
-            };
-            let post_norms = if c.arch.post_norms() {
-                Some([
-                    ld.load(Role::PostAttnNorm, i)?,
-                    ld.load(Role::PostMlpNorm, i)?,
-                ])
-            } else {
-                None
-            };
-            Ok(Block {
-                attn_norm: ld.load(Role::AttnNorm, i)?,
-                qk_norm,
-                post_norms,
-                q: fix_qk(ld.linear(Role::Q, i)?, c.n_heads),
-                k: fix_qk(ld.linear(Role::K, i)?, c.n_kv_heads),
-                v: ld.linear(Role::V, i)?,
-                o: ld.linear(Role::O, i)?,
-                qkv_bias,
-                mlp_norm: ld.load(Role::MlpNorm, i)?,
-                gate: ld.linear(Role::Gate, i)?,
-                up: ld.linear(Role::Up, i)?,
-                down: ld.linear(Role::Down, i)?,
-            })
-        })
-        .collect::<Result<Vec<_>, ImportError>>()?;
-    let model = Model {
-        config,
-        embed,
-        blocks,
-        norm,
-        head,
+    let qkv_bias = if c.qkv_bias {
+        let mut bq = ld.load(Role::QBias, i)?;
+        let mut bk = ld.load(Role::KBias, i)?;
+        if gguf_qk_order {
+            bq = unpermute_qk(&bq, qd, 1, c.n_heads);
+            bk = unpermute_qk(&bk, kvd, 1, c.n_kv_heads);
+        }
+        Some([bq, bk, ld.load(Role::VBias, i)?])
+    } else {
+        for role in [Role::QBias, Role::KBias, Role::VBias] {
+            if ld.has(role, i) {
+                return Err(ImportError::Config {
+                    path: path.clone(),
+                    msg: format!(
+                        "tensor '{}' is present but the architecture has no q/k/v biases",
+                        ld.name(role, i)
+                    ),
+                });
+            }
+        }
+        None
     };
-    model.validate().map_err(|e| ImportError::Config {
-        path,
-        msg: e.to_string(),
-    })?;
-    Ok(model)
+    let qk_norm = if c.arch.qk_norm() {
+        Some([ld.load(Role::QNorm, i)?, ld.load(Role::KNorm, i)?])
+    } else {
+        None
+    };
+    let post_norms = if c.arch.post_norms() {
+        Some([
+            ld.load(Role::PostAttnNorm, i)?,
+            ld.load(Role::PostMlpNorm, i)?,
+        ])
+    } else {
+        None
+    };
+    Ok(Block {
+        attn_norm: ld.load(Role::AttnNorm, i)?,
+        qk_norm,
+        post_norms,
+        q: linear(Role::Q, Some(c.n_heads))?,
+        k: linear(Role::K, Some(c.n_kv_heads))?,
+        v: linear(Role::V, None)?,
+        o: linear(Role::O, None)?,
+        qkv_bias,
+        mlp_norm: ld.load(Role::MlpNorm, i)?,
+        gate: linear(Role::Gate, None)?,
+        up: linear(Role::Up, None)?,
+        down: linear(Role::Down, None)?,
+    })
 }

@@ -449,6 +449,11 @@ impl GgufFile {
         Ok(())
     }
 
+    /// Hands the mapped file's resident pages back to the kernel.
+    pub fn release_pages(&self) {
+        super::release(&self.map);
+    }
+
     /// The file this was read from.
     pub fn path(&self) -> &Path {
         &self.path

@@ -135,6 +135,13 @@ impl HfCheckpoint {
         &self.shards[e.shard].1[e.start..e.end]
     }
 
+    /// Hands the mapped shards' resident pages back to the kernel.
+    pub fn release_pages(&self) {
+        for (_, m) in &self.shards {
+            super::release(m);
+        }
+    }
+
     /// Total size of the shards in bytes.
     pub fn file_size(&self) -> u64 {
         self.shards.iter().map(|(_, m)| m.len() as u64).sum()

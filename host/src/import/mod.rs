@@ -15,6 +15,16 @@ use cap_device::model::{DenseLinear, Model};
 
 pub use build::{ImportError, TensorSource};
 
+/// Drops the resident pages of a read-only file map from this process: a block-by-block
+/// pass reads each block once, and without this every page it read would stay counted
+/// in its resident memory until the end. Advice only: a failure changes nothing.
+fn release(map: &memmap2::Mmap) {
+    // SAFETY: MADV_DONTNEED on a read-only file mapping never changes what the mapping
+    // reads (the pages come back from the file, which cap never writes, at the next
+    // touch), so slices borrowed from it stay valid and keep their contents.
+    let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+}
+
 /// The storage a model was imported from.
 pub enum Checkpoint {
     /// A GGUF file.
@@ -69,6 +79,51 @@ impl Checkpoint {
 }
 
 impl Checkpoint {
+    /// How tensors are named and whether q/k rows need reordering.
+    fn layout(
+        &self,
+        config: &cap_device::config::Config,
+    ) -> (&dyn TensorSource, arch::Naming, bool) {
+        match self {
+            Checkpoint::Gguf(f) => (f, arch::Naming::Gguf, arch::gguf_permutes_qk(config.arch)),
+            Checkpoint::HuggingFace(h) => (h, arch::Naming::HuggingFace, false),
+        }
+    }
+
+    /// The model without its blocks ([`build::build_skeleton`]): what a block-by-block
+    /// driver holds for the whole run.
+    pub fn skeleton(&self) -> Result<Model<DenseLinear>, ImportError> {
+        let config = self.config()?;
+        let (src, naming, _) = self.layout(&config);
+        build::build_skeleton(config, src, naming)
+    }
+
+    /// Block `i` of a model with configuration `config` (from [`Checkpoint::config`]),
+    /// read from the mapped file now; with `linears` false, its norms and biases only
+    /// ([`build::build_block`]). The pages read are handed back to the kernel
+    /// afterwards, so a pass over every block leaves no more of the file resident than
+    /// one block's.
+    pub fn block(
+        &self,
+        config: &cap_device::config::Config,
+        i: usize,
+        linears: bool,
+    ) -> Result<cap_device::model::Block<DenseLinear>, ImportError> {
+        let (src, naming, permuted) = self.layout(config);
+        let b = build::build_block(config, src, naming, permuted, i, linears)?;
+        self.release_pages();
+        Ok(b)
+    }
+
+    /// Drops the mapped file's resident pages from this process (they are read again
+    /// from the file when touched again; nothing is lost: the maps are read-only).
+    fn release_pages(&self) {
+        match self {
+            Checkpoint::Gguf(f) => f.release_pages(),
+            Checkpoint::HuggingFace(h) => h.release_pages(),
+        }
+    }
+
     /// The model's tokenizer: from GGUF metadata, or from `tokenizer.json` beside a
     /// Hugging Face checkpoint. A tokenizer with more tokens than the embedding has
     /// rows is refused ([`ImportError::TokenizerVocab`]); one with fewer is accepted.
