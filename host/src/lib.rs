@@ -11,6 +11,7 @@ pub mod import;
 pub mod inspect;
 pub mod outputs;
 pub mod pack;
+pub mod randmodel;
 pub mod rpca;
 pub mod selfcalib;
 pub mod targets;

@@ -134,6 +134,15 @@ enum Command {
     Boards(cli::flash::BoardArgs),
     /// Seconds per matrix of the RPCA solve on random matrices of given shapes.
     BenchRpca(cli::rpca::BenchRpcaArgs),
+    /// Writes a random LLaMA checkpoint (Hugging Face folder: config.json, bf16
+    /// safetensors shards, index, tokenizer) of a chosen size, for testing memory and
+    /// speed at scale.
+    ///
+    /// The weights are noise (std 0.02, deterministic from --seed): the model's
+    /// perplexity is meaningless; its shapes, tensor names and bytes are a real
+    /// checkpoint's. Written streaming (a few MB of memory whatever the size) and
+    /// atomically (into DIR.tmp-PID, then renamed).
+    RandomModel(cli::randmodel::RandomModelArgs),
     /// The device profiles a budget can target (`targets/*.toml`, plus a folder of your
     /// own): memory, memory reserved for the OS and runtime, bandwidth, CPU, GPU, Rust
     /// target and preferred storage dtype.
@@ -385,6 +394,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::RpcaEval(a) => cli::rpca::rpca_eval(a)?,
         Command::Compress(a) => cli::compress::run(*a)?,
         Command::BenchRpca(a) => cli::rpca::bench_rpca(a)?,
+        Command::RandomModel(a) => cli::randmodel::run(a)?,
         Command::Bundle(a) => cli::flash::bundle(a)?,
         Command::Flash(a) => cli::flash::flash(a)?,
         Command::Boards(a) => cli::flash::boards(a)?,

@@ -46,6 +46,18 @@ pub fn register(path: impl Into<PathBuf>) -> Registration {
     Registration(path)
 }
 
+/// Runs `f` while no signal cleanup can run, for creating (or renaming) an entry of a
+/// registered temporary *folder*. A folder's writer keeps running while the cleanup
+/// thread removes the folder, so a file it created during that removal would make the
+/// removal fail and leave the folder behind; created through `exclusive`, a file is
+/// either there before the removal starts or never created (the cleanup keeps the lock
+/// until the process ends, so `f` then never runs). `f` must be short and must not call
+/// [`register`] (the lock is not reentrant).
+pub fn exclusive<T>(f: impl FnOnce() -> T) -> T {
+    let _guard = registry();
+    f()
+}
+
 /// Registers the temporary file a [`cap_format::CapWriter`] for `output` will write
 /// (beside the output's final target). `None` when the output cannot be written at all:
 /// the writer then fails before creating anything.

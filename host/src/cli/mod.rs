@@ -2,4 +2,5 @@
 
 pub mod compress;
 pub mod flash;
+pub mod randmodel;
 pub mod rpca;
