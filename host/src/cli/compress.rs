@@ -30,8 +30,9 @@ pub struct CompressArgs {
     /// The `.cap` file to write (written atomically: nothing appears on failure). Only a
     /// regular file: a directory, device or FIFO is refused before any work; a symbolic
     /// link is written through, atomically, to the file it names (the link stays).
-    #[arg(long, short = 'o')]
-    pub out: PathBuf,
+    /// Not needed with --shard, which writes no file.
+    #[arg(long, short = 'o', required_unless_present = "shard")]
+    pub out: Option<PathBuf>,
     /// A device profile (see `cap-host targets`): the file, the KV cache for --ctx ×
     /// --batch tokens, the forward pass's scratch and the runtime must fit its usable
     /// memory (a KV cache that alone does not fit is refused before any work).
@@ -282,7 +283,9 @@ pub fn run(a: CompressArgs) -> Result<()> {
     let threads = threads_or_all(a.threads)?;
     cap_kernels::par::init_threads(threads);
     if !a.dry_run {
-        cap_host::outputs::prepare(&a.out)?;
+        if let Some(out) = &a.out {
+            cap_host::outputs::prepare(out)?;
+        }
     }
     // NaN passes every `<`/`>` test silently (a NaN step size ran REINFORCE with no
     // sampled items and exited 0), so the float flags are checked here, by name.
@@ -336,7 +339,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
     };
     let opts = CompressOptions {
         model: a.model,
-        out: a.out,
+        out: a.out.clone().unwrap_or_default(),
         method: a.method,
         variant: a.variant,
         lowrank_share: match a.lowrank_share {
