@@ -283,6 +283,21 @@ fn bad_caches_and_checkpoints_fail_cleanly() {
     let at = no_calib.iter().position(|a| a == "--calib").unwrap();
     no_calib.drain(at..at + 2);
     assert_clean_failure(&no_calib, &["--stream needs --calib"]);
+    // A model whose blocks do not fit the stated memory: refused before loading, with
+    // what takes the memory; held in memory, the refusal names --stream and what a
+    // streamed run would need.
+    let mut small = args(&tied, &out_s, &calib, &["--method", "cap", "--stream"]);
+    small.extend(["--max-memory", "1M"].map(String::from));
+    assert_clean_failure(
+        &small,
+        &[
+            "a streamed run of this model needs about",
+            "--max-memory (1 MiB)",
+        ],
+    );
+    let mut whole = args(&tied, &out_s, &calib, &["--method", "cap"]);
+    whole.extend(["--max-memory", "100K"].map(String::from));
+    assert_clean_failure(&whole, &["in memory", "add --stream"]);
     assert!(!out.exists());
 }
 
@@ -302,4 +317,98 @@ fn block_major_loss_equals_the_forward_pass_over_several_chunks() {
         let got = calibration_loss(src, src.model(), &windows, 2, &same).unwrap();
         assert_eq!(got.to_bits(), want.to_bits(), "{got} vs {want}");
     }
+}
+
+/// A random LLaMA checkpoint (sharded bf16 safetensors) with `layers` blocks of
+/// hidden 512 / intermediate 1408, written into `dir`.
+fn random_llama(dir: &Path, layers: usize) -> cap_host::randmodel::RandomSpec {
+    let spec = cap_host::randmodel::RandomSpec {
+        hidden: 512,
+        intermediate: 1408,
+        layers,
+        heads: 8,
+        kv_heads: 2,
+        vocab: 4096,
+        max_positions: 2048,
+        shard_bytes: 100_000_000,
+        seed: 7,
+        tie_embeddings: true,
+    };
+    cap_host::randmodel::write_random_llama(dir, &spec).unwrap();
+    spec
+}
+
+/// A model several times larger than one block compresses streamed with its resident
+/// memory under the working set computed from one block (not the model), which the
+/// model held in memory would exceed by itself. The file it writes self-tests.
+#[test]
+fn streamed_memory_is_bounded_by_one_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let spec = random_llama(&model, 40);
+    let calib = common::calib_text(dir.path());
+    let out = dir.path().join("big.cap");
+    let (samples, len) = (16usize, 128usize);
+    let config = Checkpoint::open(&model).unwrap().config().unwrap();
+    let bound = cap_host::compress::memory::WorkingSet::of(&config, samples, len, true);
+    let model_f32 = 4 * spec.params();
+    assert!(
+        model_f32 > bound.total(),
+        "the test model ({model_f32} B in f32) must not fit the streamed bound ({})",
+        bound.total()
+    );
+    let a = [
+        "compress",
+        "--model",
+        &model.display().to_string(),
+        "-o",
+        &out.display().to_string(),
+        "--method",
+        "sparsegpt",
+        "--ratio",
+        "0.5",
+        "--calib",
+        &calib,
+        "--calib-samples",
+        &samples.to_string(),
+        "--calib-len",
+        &len.to_string(),
+        "--eval-text",
+        &calib,
+        "--eval-ctx",
+        "128",
+        "--eval-windows",
+        "2",
+        "--threads",
+        "2",
+        "--stream",
+        "--json",
+    ];
+    let home = dir.path().join("home");
+    let p = common::cap_host_peak_memory(&[("XDG_CACHE_HOME", home.as_os_str())], &a);
+    assert_eq!(p.code, 0, "{}", p.stderr);
+    eprintln!(
+        "streamed compress of a {}-parameter model: peak anonymous memory {} B, peak resident {} B; bound {} B ({:?}); model in f32 {} B",
+        spec.params(),
+        p.anon,
+        p.rss,
+        bound.total(),
+        bound,
+        model_f32
+    );
+    assert!(
+        p.anon <= bound.total(),
+        "peak anonymous memory {} over the bound {}",
+        p.anon,
+        bound.total()
+    );
+    let st = std::process::Command::new(common::cap_device())
+        .args(["selftest", &out.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
 }

@@ -453,3 +453,67 @@ pub fn restamped(src: &Path, dst: &Path, edit: impl FnOnce(&mut cap_format::Mani
     edit(&mut m);
     cap_host::compress::stamp::restamp(src, dst, m).unwrap();
 }
+
+/// What [`cap_host_peak_memory`] saw of a run.
+pub struct PeakMemory {
+    /// Exit code.
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+    /// The largest anonymous resident memory (`RssAnon`) sampled: heap and anonymous
+    /// maps, what cannot be paged back to a file.
+    pub anon: u64,
+    /// The largest resident memory (`VmRSS`) sampled, file-backed pages included.
+    pub rss: u64,
+}
+
+/// Runs `cap-host` with `envs` and samples its `/proc/PID/status` every 5 ms until it
+/// exits. A sampled peak can miss an allocation that lives less than 5 ms; the large
+/// ones (a block, its Hessians, the calibration streams) live for seconds.
+pub fn cap_host_peak_memory(envs: &[(&str, &std::ffi::OsStr)], args: &[&str]) -> PeakMemory {
+    use std::io::Read;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cap-host"))
+        .envs(envs.iter().copied())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run cap-host");
+    let status_path = format!("/proc/{}/status", child.id());
+    let pipe = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = pipe(Box::new(child.stdout.take().expect("stdout")));
+    let err = pipe(Box::new(child.stderr.take().expect("stderr")));
+    let kib = |status: &str, key: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |k| k * 1024)
+    };
+    let (mut anon, mut rss) = (0, 0);
+    let code = loop {
+        if let Ok(s) = std::fs::read_to_string(&status_path) {
+            anon = anon.max(kib(&s, "RssAnon:"));
+            rss = rss.max(kib(&s, "VmRSS:"));
+        }
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st.code().unwrap_or(-1);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    PeakMemory {
+        code,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+        anon,
+        rss,
+    }
+}

@@ -198,6 +198,11 @@ pub struct CompressArgs {
     /// default).
     #[arg(long, requires = "stream")]
     pub keep_blocks: bool,
+    /// Refuse, before loading anything, a run whose working set (estimated from the
+    /// model's shapes and the calibration request: see the README) exceeds this
+    /// (bytes, or with K/M/G/T, powers of 1024) [default: the machine's memory].
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub max_memory: Option<u64>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -387,6 +392,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
             .transpose()?,
         block_cache: a.block_cache.clone(),
         keep_blocks: a.keep_blocks,
+        max_memory: a.max_memory,
     };
     let bar: Mutex<Option<ProgressBar>> = Mutex::new(None);
     let on_event = |ev: Event<'_>| {
@@ -635,4 +641,45 @@ fn summary(r: &CompressReport) -> String {
         r.path
     );
     s
+}
+
+/// A byte count: digits, optionally followed by K, M, G or T (powers of 1024; `KiB`,
+/// `GB` and the like read the same).
+fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(end);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (for example 20G or 512M)"))?;
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches(['B', 'I'])
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{s:?}: unknown unit (K, M, G or T)")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is more than 2^64 bytes"))
+}
+
+#[cfg(test)]
+mod byte_tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_counts_with_units() {
+        assert_eq!(parse_bytes("512"), Ok(512));
+        assert_eq!(parse_bytes("20G"), Ok(20 << 30));
+        assert_eq!(parse_bytes("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_bytes("3m"), Ok(3 << 20));
+        assert!(parse_bytes("1.5G").is_err());
+        assert!(parse_bytes("G").is_err());
+        assert!(parse_bytes("99999999999T").is_err());
+    }
 }

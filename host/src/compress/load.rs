@@ -8,6 +8,7 @@ use cap_device::tokenizer::Tokenizer;
 use super::budget::{BudgetSpec, target_kv_bytes};
 use super::calibration::{check_calib_tokens, prefix_for_tokens, sample_windows};
 use super::error::{CompressError, Result, StepContext, step_error};
+use super::memory::{WorkingSet, human, machine_bytes};
 use super::run::{CompressOptions, Event};
 use super::source::{BlockSource, Source, Streamed};
 use crate::eval::{check_ctx, read_text};
@@ -135,7 +136,48 @@ pub fn preflight(opts: &CompressOptions, config: &Config) -> Result<()> {
     {
         target_kv_bytes(profile, config, *ctx, *batch)?;
     }
-    Ok(())
+    check_memory(opts, config)
+}
+
+/// Refuses a run whose estimated working set exceeds `--max-memory` (by default the
+/// machine's memory), naming what takes it and, for a model held in memory, what a
+/// streamed run would need.
+fn check_memory(opts: &CompressOptions, config: &Config) -> Result<()> {
+    let Some(limit) = opts.max_memory.or_else(machine_bytes) else {
+        return Ok(());
+    };
+    let (samples, len) = (opts.calib_samples, opts.calib_len);
+    let need = WorkingSet::of(config, samples, len, opts.stream);
+    if need.total() <= limit {
+        return Ok(());
+    }
+    let what = if opts.max_memory.is_some() {
+        "--max-memory"
+    } else {
+        "this machine's memory"
+    };
+    let parts = format!(
+        "blocks {}, embedding and head {}, Hessians {}, calibration activations {}",
+        human(need.blocks),
+        human(need.skeleton),
+        human(need.hessians),
+        human(need.activations)
+    );
+    Err(CompressError::Invalid(if opts.stream {
+        format!(
+            "a streamed run of this model needs about {} ({parts}), more than {what} ({}): fewer --calib-samples or a larger machine",
+            human(need.total()),
+            human(limit)
+        )
+    } else {
+        let streamed = WorkingSet::of(config, samples, len, true).total();
+        format!(
+            "this model needs about {} in memory ({parts}), more than {what} ({}): add --stream (one block at a time: about {})",
+            human(need.total()),
+            human(limit),
+            human(streamed)
+        )
+    }))
 }
 
 /// Data-free calibration windows: `--calib-samples` sequences the model writes itself

@@ -19,6 +19,7 @@ pub mod error;
 pub mod load;
 pub mod lowrank;
 pub mod measure;
+pub mod memory;
 pub mod methods;
 pub mod oneshot;
 pub mod paper;

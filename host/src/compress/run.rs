@@ -118,6 +118,9 @@ pub struct CompressOptions {
     pub block_cache: Option<PathBuf>,
     /// Streamed: keep the block cache after the file is written.
     pub keep_blocks: bool,
+    /// Refuse a run whose estimated working set ([`super::memory::WorkingSet`]) is
+    /// larger; `None`: the machine's memory.
+    pub max_memory: Option<u64>,
 }
 
 /// The budget of a model, as `--dry-run` reports it.
