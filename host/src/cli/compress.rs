@@ -287,10 +287,10 @@ fn dtype_of(a: DTypeArg) -> DType {
 pub fn run(a: CompressArgs) -> Result<()> {
     let threads = threads_or_all(a.threads)?;
     cap_kernels::par::init_threads(threads);
-    if !a.dry_run {
-        if let Some(out) = &a.out {
-            cap_host::outputs::prepare(out)?;
-        }
+    if !a.dry_run
+        && let Some(out) = &a.out
+    {
+        cap_host::outputs::prepare(out)?;
     }
     // NaN passes every `<`/`>` test silently (a NaN step size ran REINFORCE with no
     // sampled items and exited 0), so the float flags are checked here, by name.
