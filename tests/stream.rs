@@ -412,3 +412,65 @@ fn streamed_memory_is_bounded_by_one_block() {
         String::from_utf8_lossy(&st.stderr)
     );
 }
+
+/// `decompose --stream` writes the same cache files as the model in memory, plain and
+/// activation-aware (whose scales come from block-major passes), on a model with an
+/// untied head (whose input norms are the final hidden states').
+#[test]
+fn streamed_decompose_equals_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = common::calib_text(dir.path());
+    let home = dir.path().join("home");
+    let m = fixture("llama3-scaled");
+    for aware in [false, true] {
+        let mut outs = vec![];
+        for stream in [false, true] {
+            let out = dir.path().join(format!("rpca-{aware}-{stream}"));
+            let mut a: Vec<String> = [
+                "decompose",
+                "--model",
+                &m,
+                "--out",
+                &out.display().to_string(),
+                "--iters",
+                "3",
+                "--threads",
+                "2",
+                "--json",
+            ]
+            .map(String::from)
+            .to_vec();
+            if aware {
+                a.extend(
+                    [
+                        "--calib",
+                        &calib,
+                        "--calib-ctx",
+                        "32",
+                        "--calib-windows",
+                        "4",
+                    ]
+                    .map(String::from),
+                );
+            }
+            if stream {
+                a.push("--stream".into());
+            }
+            let r = ok(&home, &a);
+            assert_eq!(r["computed"].as_u64(), r["selected"].as_u64());
+            outs.push(out);
+        }
+        let (a, b) = (files_under(&outs[0]), files_under(&outs[1]));
+        assert_eq!(a, b);
+        assert!(
+            a.iter().any(|f| f.contains("output")),
+            "the untied head is decomposed: {a:?}"
+        );
+        for f in &a {
+            assert!(
+                std::fs::read(outs[0].join(f)).unwrap() == std::fs::read(outs[1].join(f)).unwrap(),
+                "{f} differs (activation-aware: {aware})"
+            );
+        }
+    }
+}

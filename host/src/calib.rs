@@ -36,6 +36,20 @@ impl<'a> Recording<'a> {
         }
     }
 
+    /// Adds the rows of `x` (inputs of the wrapped layer) to the statistics without
+    /// running the layer: the output head, which the forward pass leaves to the
+    /// caller, is recorded from the final hidden states this way.
+    pub fn record(&self, x: &[f32]) {
+        let n = self.inner.in_features;
+        let mut acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
+        for row in x.chunks_exact(n) {
+            for (s, v) in acc.0.iter_mut().zip(row) {
+                *s += f64::from(*v) * f64::from(*v);
+            }
+        }
+        acc.1 += (x.len() / n) as u64;
+    }
+
     /// `sqrt(mean x²)` per input column over every token seen so far (zeros if none).
     pub fn rms(&self) -> Vec<f32> {
         let acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
@@ -52,15 +66,7 @@ impl Linear for Recording<'_> {
         self.inner.out_features
     }
     fn forward(&self, x: &[f32], y: &mut [f32], scratch: &mut Vec<f32>, threads: usize) {
-        let n = self.inner.in_features;
-        let mut acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
-        for row in x.chunks_exact(n) {
-            for (s, v) in acc.0.iter_mut().zip(row) {
-                *s += f64::from(*v) * f64::from(*v);
-            }
-        }
-        acc.1 += (x.len() / n) as u64;
-        drop(acc);
+        self.record(x);
         self.inner.forward(x, y, scratch, threads);
     }
 }
@@ -98,6 +104,9 @@ pub struct CalibOptions {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CalibError {
+    /// A block could not be read from the checkpoint (streamed runs).
+    #[error("{0}")]
+    Source(String),
     /// The calibration text could not be read.
     #[error(transparent)]
     Text(#[from] crate::eval::EvalError),
@@ -182,6 +191,19 @@ pub fn input_rms(
     opts: &CalibOptions,
     progress: impl FnMut(usize, usize),
 ) -> Result<BTreeMap<String, Vec<f32>>, CalibError> {
+    let tokens = calib_tokens(tokenizer, text, text_name, opts)?;
+    let windows: Vec<&[u32]> = tokens.chunks_exact(opts.ctx).take(opts.windows).collect();
+    input_rms_windows(model, &windows, opts.threads, progress)
+}
+
+/// The tokens of `text`, checked to hold at least one window of `opts.ctx` (a warning
+/// when fewer than `opts.windows`).
+fn calib_tokens(
+    tokenizer: &Tokenizer,
+    text: &str,
+    text_name: &str,
+    opts: &CalibOptions,
+) -> Result<Vec<u32>, CalibError> {
     if opts.ctx < 1 || opts.windows < 1 {
         return Err(CalibError::NoWindows);
     }
@@ -194,15 +216,34 @@ pub fn input_rms(
             ctx: opts.ctx,
         });
     }
-    let n = opts.windows.min(have);
-    if n < opts.windows {
+    if have < opts.windows {
         tracing::warn!(
-            "{text_name}: only {n} calibration windows of {} tokens",
+            "{text_name}: only {have} calibration windows of {} tokens",
             opts.ctx
         );
     }
-    let windows: Vec<&[u32]> = tokens.chunks_exact(opts.ctx).take(n).collect();
-    input_rms_windows(model, &windows, opts.threads, progress)
+    Ok(tokens)
+}
+
+/// [`input_rms`] of the model in `src` read one block at a time (block-major passes,
+/// [`crate::compress::source::input_norms`]): the same windows, the same figures.
+pub fn input_rms_source(
+    src: &dyn crate::compress::source::BlockSource,
+    tokenizer: &Tokenizer,
+    text: &str,
+    text_name: &str,
+    opts: &CalibOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<BTreeMap<String, Vec<f32>>, CalibError> {
+    let tokens = calib_tokens(tokenizer, text, text_name, opts)?;
+    let windows: Vec<&[u32]> = tokens.chunks_exact(opts.ctx).take(opts.windows).collect();
+    let n = src.n_blocks();
+    let stats =
+        crate::compress::source::input_norms(src, &windows, opts.threads, |b| progress(b, n))
+            .map_err(|e| CalibError::Source(e.to_string()))?;
+    let names = crate::compress::source::linear_names_with_head(&src.model().config);
+    debug_assert_eq!(names.len(), stats.len());
+    Ok(names.into_iter().zip(stats).collect())
 }
 
 /// Per-linear input RMS, as [`input_rms`], from running `model` on each token window
@@ -225,6 +266,10 @@ pub fn input_rms_windows(
         runner
             .forward(w, &mut kv, &mut hidden)
             .map_err(CalibError::Forward)?;
+        // The forward pass stops at the final norm: its output is the head's input.
+        if let Head::Separate(h) = &rec.head {
+            h.record(&hidden);
+        }
         progress(i + 1, windows.len());
     }
     // Names in the same order and spelling as decompose uses.

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use cap_device::ppl::Protocol;
+use cap_host::compress::source::{BlockSource, Source, Streamed};
 use cap_host::eval::{EvalOptions, evaluate, read_text};
 use cap_host::import::Checkpoint;
 use clap::ValueEnum;
@@ -63,6 +64,18 @@ impl CalibArgs {
         m: &cap_device::model::Model<cap_device::model::DenseLinear>,
         threads: usize,
     ) -> Result<Option<std::collections::BTreeMap<String, Vec<f32>>>> {
+        self.scales_of(text, ck, m, threads)
+    }
+
+    /// [`CalibArgs::scales`] of the model in `src`, read one block at a time when
+    /// streamed (the same figures).
+    fn scales_of(
+        &self,
+        text: Option<&str>,
+        ck: &Checkpoint,
+        src: &dyn BlockSource,
+        threads: usize,
+    ) -> Result<Option<std::collections::BTreeMap<String, Vec<f32>>>> {
         let (Some(text), Some(path)) = (text, &self.calib) else {
             return Ok(None);
         };
@@ -73,8 +86,8 @@ impl CalibArgs {
             threads,
         };
         let pb = progress_bar(0, "calibration");
-        let r = cap_host::calib::input_rms(
-            m,
+        let r = cap_host::calib::input_rms_source(
+            src,
             &tokenizer,
             text,
             &path.display().to_string(),
@@ -91,7 +104,7 @@ impl CalibArgs {
 
 /// `decompose` with an overall progress bar and one bar per matrix being computed.
 pub(crate) fn run_decompose(
-    m: &cap_device::model::Model<cap_device::model::DenseLinear>,
+    m: &dyn BlockSource,
     out: &std::path::Path,
     opts: &cap_host::rpca::model::DecomposeOptions,
 ) -> Result<cap_host::rpca::model::DecomposeReport> {
@@ -333,6 +346,11 @@ pub struct DecomposeArgs {
     /// Process only matrices whose tensor name contains this text.
     #[arg(long, value_name = "TEXT")]
     pub only: Option<String>,
+    /// Read the checkpoint one block at a time (only the blocks holding selected
+    /// matrices), never the whole model: memory is one block in f32, the embedding and
+    /// head, and `threads` decompositions. The results are the same.
+    #[arg(long)]
+    pub stream: bool,
     #[command(flatten)]
     pub calib: CalibArgs,
     /// Print one JSON object instead of text.
@@ -349,6 +367,7 @@ pub fn decompose(a: DecomposeArgs) -> Result<()> {
         threads,
         shard,
         only,
+        stream,
         calib,
         json,
     } = a;
@@ -367,11 +386,17 @@ pub fn decompose(a: DecomposeArgs) -> Result<()> {
     };
     let calib_text = calib.text()?;
     let ck = Checkpoint::open(&model)?;
-    let m = ck
-        .load_model()
-        .with_context(|| format!("loading {}", model.display()))?;
+    let tok_ck = Checkpoint::open(&model)?;
+    let m: Source = if stream {
+        Source::Streamed(Streamed::new(ck)?)
+    } else {
+        Source::Memory(
+            ck.load_model()
+                .with_context(|| format!("loading {}", model.display()))?,
+        )
+    };
     cap_kernels::par::init_threads(threads);
-    let scales = calib.scales(calib_text.as_deref(), &ck, &m, threads)?;
+    let scales = calib.scales_of(calib_text.as_deref(), &tok_ck, &m, threads)?;
     let opts = cap_host::rpca::model::DecomposeOptions {
         settings,
         threads,

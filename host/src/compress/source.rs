@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use cap_device::config::Config;
 use cap_device::forward::{KvCache, KvDtype, PREFILL_CHUNK, Runner};
-use cap_device::model::{Block, DenseLinear, Linear, Model};
+use cap_device::model::{Block, DenseLinear, Head, Linear, Model};
 use cap_device::ppl::NllStats;
 
 use super::error::{CompressError, Result, step_error};
@@ -163,9 +163,10 @@ pub fn run_window<L: Linear>(
     }
 }
 
-/// Per block linear (file order), `sqrt(mean x²)` of its input columns over every
-/// token of `windows` on the source model: what [`crate::calib::input_rms_windows`]
-/// measures, one block at a time. `progress(blocks done)`.
+/// Per block linear (file order), then an untied head, `sqrt(mean x²)` of its input
+/// columns over every token of `windows` on the source model: what
+/// [`crate::calib::input_rms_windows`] measures, one block at a time. `progress(blocks
+/// done)`.
 pub fn input_norms(
     src: &dyn BlockSource,
     windows: &[&[u32]],
@@ -185,6 +186,17 @@ pub fn input_norms(
         }
         out.extend(rec.linears().iter().map(|(_, l)| l.rms()));
         progress(bi + 1);
+    }
+    // An untied head's inputs: the final norm of the last residual streams.
+    if let Head::Separate(h) = &src.model().head {
+        let rec = Recording::new(h);
+        let mut hidden = Vec::new();
+        for x in &xs {
+            hidden.resize(x.len(), 0.0);
+            cap_kernels::ops::rms_norm(&mut hidden, x, &src.model().norm, config.rms_eps);
+            rec.record(&hidden);
+        }
+        out.push(rec.rms());
     }
     Ok(out)
 }
@@ -245,9 +257,17 @@ pub fn linear_names(c: &Config) -> Vec<String> {
         .collect()
 }
 
+/// [`linear_names`], then an untied head's: the order of [`input_norms`].
+pub fn linear_names_with_head(c: &Config) -> Vec<String> {
+    cap_device::tensors::linears(c)
+        .into_iter()
+        .map(|t| t.name)
+        .collect()
+}
+
 /// `input_norms` as a map by linear name.
 pub fn norms_by_name(c: &Config, norms: Vec<Vec<f32>>) -> BTreeMap<String, Vec<f32>> {
-    linear_names(c).into_iter().zip(norms).collect()
+    linear_names_with_head(c).into_iter().zip(norms).collect()
 }
 
 #[cfg(test)]
@@ -267,7 +287,12 @@ mod tests {
     /// several chunks are compared on SmolLM2 in `tests/stream.rs`.
     #[test]
     fn block_major_passes_equal_the_forward_pass() {
-        for fixture in ["llama-tied-bf16-sharded", "qwen2", "gemma3/gemma3.gguf"] {
+        for fixture in [
+            "llama-tied-bf16-sharded",
+            "qwen2",
+            "gemma3/gemma3.gguf",
+            "llama3-scaled",
+        ] {
             let ck = Checkpoint::open(&tiny(fixture)).unwrap();
             let model = ck.load_model().unwrap();
             let streamed = Streamed::new(Checkpoint::open(&tiny(fixture)).unwrap()).unwrap();
@@ -293,8 +318,13 @@ mod tests {
                 &model.config,
                 input_norms(&streamed, &windows, 2, |_| {}).unwrap(),
             );
+            assert_eq!(rms.len(), got.len(), "{fixture}");
             for (name, v) in &got {
                 assert_eq!(&rms[name], v, "{fixture} {name}");
+                assert!(
+                    v.iter().any(|&x| x > 0.0),
+                    "{fixture} {name}: no input seen"
+                );
             }
         }
     }

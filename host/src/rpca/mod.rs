@@ -68,6 +68,9 @@ pub const ALGORITHM_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RpcaError {
+    /// A block could not be read from the checkpoint (streamed runs).
+    #[error("{0}")]
+    Source(String),
     /// The weight holds NaN or infinity, or the iteration diverged.
     #[error("weight or iterate is not finite")]
     NonFinite,

@@ -12,7 +12,9 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use cap_device::model::{DenseLinear, Model};
+use cap_device::model::{DenseLinear, Head, Model};
+
+use crate::compress::source::BlockSource;
 use cap_device::tensors;
 use faer::Par;
 use rayon::prelude::*;
@@ -182,7 +184,7 @@ pub enum Event<'a> {
 /// Decomposes the selected linear weights of `model` into the cache under `out_dir`,
 /// skipping those already cached with the same weight and settings.
 pub fn decompose_model(
-    model: &Model<DenseLinear>,
+    src: &dyn BlockSource,
     out_dir: &Path,
     opts: &DecomposeOptions,
     on_event: &(dyn Fn(Event<'_>) + Sync),
@@ -197,9 +199,11 @@ pub fn decompose_model(
         what: "cannot create the output directory",
         source: Some(source),
     })?;
-    let mut jobs = linear_matrices(model);
+    // The selection from the names alone: a streamed source reads only the blocks
+    // that hold a selected matrix.
+    let mut jobs = tensors::linears(&src.model().config);
     if let Some(only) = &opts.only {
-        jobs.retain(|(n, _)| n.contains(only.as_str()));
+        jobs.retain(|t| t.name.contains(only.as_str()));
         if jobs.is_empty() {
             return Err(RpcaError::NoMatch(only.clone()));
         }
@@ -227,7 +231,82 @@ pub fn decompose_model(
         .map_err(RpcaError::Pool)?;
     let computed = AtomicUsize::new(0);
     let started = AtomicUsize::new(0);
-    let results: Vec<Option<MatrixReport>> = pool.install(|| {
+    // One group of jobs per block (then the head), each block read once, its matrices
+    // shared out to the workers, and dropped before the next.
+    let mut results: Vec<Option<MatrixReport>> = Vec::with_capacity(jobs.len());
+    let mut groups: Vec<(Option<usize>, Vec<&tensors::TensorInfo>)> = Vec::new();
+    for t in &jobs {
+        let layer = (t.role != tensors::Role::Head).then(|| t.layer.unwrap_or(0));
+        match groups.last_mut() {
+            Some((l, g)) if *l == layer => g.push(t),
+            _ => groups.push((layer, vec![t])),
+        }
+    }
+    for (layer, group) in groups {
+        let block = match layer {
+            Some(i) => Some(src.block(i).map_err(|e| RpcaError::Source(e.to_string()))?),
+            None => None,
+        };
+        let named: Vec<(String, &DenseLinear)> = group
+            .iter()
+            .filter_map(|t| {
+                let l = match (&block, &src.model().head) {
+                    (Some(b), _) => tensors::block_linear(b, t.role),
+                    (None, Head::Separate(h)) => Some(h),
+                    (None, Head::Tied) => None,
+                };
+                l.map(|l| (t.name.clone(), l))
+            })
+            .collect();
+        let done = decompose_jobs(
+            &named, out_dir, opts, par, &pool, &computed, &started, on_event,
+        )?;
+        results.extend(done);
+    }
+
+    let selected = results.len();
+    let matrices: Vec<MatrixReport> = results.into_iter().flatten().collect();
+    let computed = computed.load(Ordering::SeqCst);
+    let skipped = matrices.iter().filter(|r| r.cached).count();
+    let count = matrices.len().max(1) as f64;
+    let mean = |f: &dyn Fn(&MatrixReport) -> f64| matrices.iter().map(f).sum::<f64>() / count;
+    Ok(DecomposeReport {
+        selected,
+        computed,
+        skipped,
+        not_run: selected - matrices.len(),
+        seconds: t0.elapsed().as_secs_f64(),
+        compute_seconds: matrices.iter().map(|r| r.seconds).sum(),
+        rank_fraction_mean: mean(&|r| r.rank as f64 / r.rows.min(r.cols) as f64),
+        density_mean: mean(&|r| r.density_s),
+        energy_l_mean: mean(&|r| r.energy_l),
+        settings: opts.settings,
+        mode: if opts.scales.is_some() {
+            "activation-aware"
+        } else {
+            "plain"
+        },
+        threads: opts.threads,
+        shard: opts.shard,
+        out: out_dir.display().to_string(),
+        matrices,
+    })
+}
+
+/// Decomposes `jobs` (named matrices of one block, or the head) on `pool`, one per
+/// worker (`par` inside each), each cached result reused.
+#[allow(clippy::too_many_arguments)]
+fn decompose_jobs(
+    jobs: &[(String, &DenseLinear)],
+    out_dir: &Path,
+    opts: &DecomposeOptions,
+    par: Par,
+    pool: &rayon::ThreadPool,
+    computed: &AtomicUsize,
+    started: &AtomicUsize,
+    on_event: &(dyn Fn(Event<'_>) + Sync),
+) -> Result<Vec<Option<MatrixReport>>> {
+    pool.install(|| {
         jobs.par_iter()
             .map(|(name, lin)| -> Result<Option<MatrixReport>> {
                 let (m, n) = (lin.out_features, lin.in_features);
@@ -285,33 +364,6 @@ pub fn decompose_model(
                 Ok(Some(report(&d, secs, false)))
             })
             .collect::<Result<Vec<_>>>()
-    })?;
-    let selected = results.len();
-    let matrices: Vec<MatrixReport> = results.into_iter().flatten().collect();
-    let computed = computed.load(Ordering::SeqCst);
-    let skipped = matrices.iter().filter(|r| r.cached).count();
-    let count = matrices.len().max(1) as f64;
-    let mean = |f: &dyn Fn(&MatrixReport) -> f64| matrices.iter().map(f).sum::<f64>() / count;
-    Ok(DecomposeReport {
-        selected,
-        computed,
-        skipped,
-        not_run: selected - matrices.len(),
-        seconds: t0.elapsed().as_secs_f64(),
-        compute_seconds: matrices.iter().map(|r| r.seconds).sum(),
-        rank_fraction_mean: mean(&|r| r.rank as f64 / r.rows.min(r.cols) as f64),
-        density_mean: mean(&|r| r.density_s),
-        energy_l_mean: mean(&|r| r.energy_l),
-        settings: opts.settings,
-        mode: if opts.scales.is_some() {
-            "activation-aware"
-        } else {
-            "plain"
-        },
-        threads: opts.threads,
-        shard: opts.shard,
-        out: out_dir.display().to_string(),
-        matrices,
     })
 }
 
