@@ -630,6 +630,19 @@ fn summary(r: &CompressReport) -> String {
             e.bandwidth_gbps
         );
     }
+    if let Some(peak) = r.peak_rss_bytes {
+        let how = if r.streamed {
+            "streamed, one block at a time"
+        } else {
+            "the model in memory"
+        };
+        let _ = writeln!(
+            s,
+            "  memory   peak {} resident ({how}; estimated working set {})",
+            cap_host::compress::memory::human(peak),
+            cap_host::compress::memory::human(r.working_set.total())
+        );
+    }
     let _ = writeln!(
         s,
         "  next     cargo run --release -p cap-device -- selftest {}   (recomputes the stored {:.3}; exit 0 when it matches)",

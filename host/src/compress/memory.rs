@@ -103,6 +103,15 @@ pub fn machine_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Peak resident memory of this process (Linux `VmHWM`), `None` where it cannot be
+/// read.
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// `n` bytes for messages (`1.23 GiB`).
 pub fn human(n: u64) -> String {
     let g = n as f64 / f64::from(1u32 << 30);

@@ -13,6 +13,7 @@ use super::candidate::Candidate;
 use super::error::{CompressError, Result, StepContext, step_error};
 use super::load::load;
 use super::measure::measure;
+use super::memory::WorkingSet;
 use super::methods::{Allocation, Method, Variant};
 use super::plan::plan;
 use super::qvalues::{Quantizer, check_values};
@@ -254,6 +255,13 @@ pub struct CompressReport {
     pub embed_search: Vec<EmbedTrial>,
     /// Seconds per stage, in order.
     pub seconds: Vec<(String, f64)>,
+    /// Whether the checkpoint was read one block at a time (`--stream`).
+    pub streamed: bool,
+    /// The working set `--max-memory` was checked against ([`super::memory`]).
+    pub working_set: WorkingSet,
+    /// Peak resident memory of this process so far (Linux `VmHWM`; file pages of the
+    /// mapped files included), `None` where it cannot be read.
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// One embedding type the allocation searched with (`--embed-values auto`).
@@ -504,6 +512,8 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         linear_bytes,
     );
     let source_bytes = source_bytes(&opts.model);
+    let (samples, len) = (opts.calib_samples, opts.calib_len);
+    let working_set = WorkingSet::of(&input.model().config, samples, len, opts.stream);
     Ok(Outcome::Written(Box::new(CompressReport {
         path: path.display().to_string(),
         method: opts.method,
@@ -546,6 +556,9 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
             None => vec![],
         },
         seconds: notes.seconds,
+        streamed: opts.stream,
+        working_set,
+        peak_rss_bytes: super::memory::peak_rss(),
     })))
 }
 
