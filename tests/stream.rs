@@ -159,26 +159,15 @@ fn shards_fill_one_cache_and_the_last_run_assembles_it() {
     let again = ok(&home, &shard("2/2"));
     assert_eq!(again["computed"].as_u64(), Some(0));
     let blocks = ["block-00000.bin", "block-00001.bin"];
-    let before: Vec<_> = blocks
-        .iter()
-        .map(|b| {
-            std::fs::metadata(cache.join(b))
-                .unwrap()
-                .modified()
-                .unwrap()
-        })
-        .collect();
+    let mtimes = || -> Vec<_> {
+        blocks
+            .iter()
+            .map(|b| cache.join(b).metadata().unwrap().modified().unwrap())
+            .collect()
+    };
+    let before = mtimes();
     let r = ok(&home, &args(&m, &out, &calib, &stream));
-    let after: Vec<_> = blocks
-        .iter()
-        .map(|b| {
-            std::fs::metadata(cache.join(b))
-                .unwrap()
-                .modified()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(before, after, "assembling recomputed a block");
+    assert_eq!(before, mtimes(), "assembling recomputed a block");
     assert!(r["eval"]["ppl"].as_f64().unwrap().is_finite());
     let device = common::cap_device();
     let st = std::process::Command::new(&device)

@@ -662,16 +662,23 @@ fn source_bytes(path: &Path) -> u64 {
 /// Default cache of stage 1 for a source file: `$XDG_CACHE_HOME/cap/rpca/<sha16>` (or
 /// `~/.cache/...`), one directory per source so tensor names never collide.
 pub fn default_cache_dir(model: &Path) -> Result<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
+    let base = user_cache("--cache-dir")?;
+    let sha = source_sha256(model).map_err(step_error)?;
+    Ok(base.join("rpca").join(&sha[..16]))
+}
+
+/// cap's folder in the user's cache (`$XDG_CACHE_HOME/cap`, or `~/.cache/cap`); when
+/// neither variable is set, the error names `flag`, which gives a folder instead.
+fn user_cache(flag: &str) -> Result<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|base| base.join("cap"))
         .ok_or_else(|| {
-            CompressError::Invalid(
-                "neither XDG_CACHE_HOME nor HOME is set; pass --cache-dir".into(),
-            )
-        })?;
-    let sha = source_sha256(model).map_err(step_error)?;
-    Ok(base.join("cap").join("rpca").join(&sha[..16]))
+            CompressError::Invalid(format!(
+                "neither XDG_CACHE_HOME nor HOME is set; pass {flag}"
+            ))
+        })
 }
 
 /// What `--stream` and `--shard` can run, refused before anything is loaded.
@@ -780,17 +787,7 @@ fn open_block_cache(
     let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     let dir = match &opts.block_cache {
         Some(d) => d.clone(),
-        None => {
-            let base = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .ok_or_else(|| {
-                    CompressError::Invalid(
-                        "neither XDG_CACHE_HOME nor HOME is set; pass --block-cache".into(),
-                    )
-                })?;
-            base.join("cap").join("blocks").join(&key[..16])
-        }
+        None => user_cache("--block-cache")?.join("blocks").join(&key[..16]),
     };
     BlockCache::open(&dir, &key)
 }
