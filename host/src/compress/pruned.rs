@@ -274,7 +274,7 @@ fn learned_sparsities(
     for &(dtype, limit) in cx.embeds {
         let rounded;
         let outer = if dtype.is_quantized() {
-            rounded = with_dense_rounded(&skeleton_of(cx.source.model()), dtype)?;
+            rounded = with_dense_rounded(skeleton_of(cx.source.model()), dtype)?;
             &rounded
         } else {
             cx.source.model()
@@ -313,9 +313,9 @@ fn learned_sparsities(
     ))
 }
 
-/// `model` with its embedding (and an untied head) rounded to nearest in `dtype`, as
+/// `m` (a skeleton) with its embedding (and an untied head) rounded to nearest in `dtype`, as
 /// the writer stores them: what the allocation search scores an embedding type by.
-fn with_dense_rounded(model: &Model<DenseLinear>, dtype: DType) -> Result<Model<DenseLinear>> {
+fn with_dense_rounded(mut m: Model<DenseLinear>, dtype: DType) -> Result<Model<DenseLinear>> {
     let round = |w: &mut Vec<f32>, rows: usize, cols: usize| -> Result<()> {
         let mut bytes = Vec::new();
         cap_format::extend_rows(&mut bytes, w, cols, dtype);
@@ -323,7 +323,6 @@ fn with_dense_rounded(model: &Model<DenseLinear>, dtype: DType) -> Result<Model<
             .map_err(|e| CompressError::Internal(format!("embedding round trip: {e}")))?;
         Ok(())
     };
-    let mut m = model.clone();
     let (vocab, hidden) = (m.config.vocab_size, m.config.hidden_size);
     round(&mut m.embed, vocab, hidden)?;
     if let Head::Separate(h) = &mut m.head {
