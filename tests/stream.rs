@@ -88,14 +88,18 @@ fn files_under(dir: &Path) -> Vec<String> {
 /// The same file, byte for byte, from the model in memory and from the checkpoint
 /// streamed block by block: for SparseGPT, ADMM and cap (whose allocation search
 /// re-reads every block for every setting it scores), on three architectures, with
-/// float and GPTQ-quantized values. The block cache is gone afterwards.
+/// float and GPTQ-quantized values, and with block reconstruction. The block cache is gone afterwards.
 #[test]
 fn streamed_files_equal_in_memory_files() {
     let dir = tempfile::tempdir().unwrap();
     let calib = common::calib_text(dir.path());
     let home = dir.path().join("cache");
-    let cases: [(&str, &[&str]); 5] = [
+    let cases: [(&str, &[&str]); 6] = [
         ("llama-tied", &["--method", "sparsegpt"]),
+        (
+            "gemma3",
+            &["--method", "sparsegpt", "--reconstruct", "attn,mlp,block"],
+        ),
         ("llama-tied", &["--method", "cap", "--values", "q4"]),
         ("llama3-scaled", &["--method", "cap"]),
         ("llama3-scaled", &["--method", "admm"]),

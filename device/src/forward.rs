@@ -83,6 +83,14 @@ impl RopeTable {
         RopeTable { cos, sin, half }
     }
 
+    /// The cosines and sines of position `pos` (`head_dim / 2` each): what
+    /// [`ops::rope_rotate_half`] applies; the host's block reconstruction rotates back
+    /// with them.
+    pub fn cos_sin(&self, pos: usize) -> (&[f32], &[f32]) {
+        let r = pos * self.half..(pos + 1) * self.half;
+        (&self.cos[r.clone()], &self.sin[r])
+    }
+
     /// Rotates one head vector for position `pos`.
     fn apply(&self, x: &mut [f32], pos: usize) {
         let r = pos * self.half..(pos + 1) * self.half;

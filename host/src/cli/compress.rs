@@ -10,6 +10,7 @@ use cap_host::compress::budget::{Budget, BudgetSpec};
 use cap_host::compress::methods::{Allocation, Method, Variant};
 use cap_host::compress::pattern::Pattern;
 use cap_host::compress::qvalues::Quantizer;
+use cap_host::compress::reconstruct::{ReconOptions, Step};
 use cap_host::compress::reinforce::ReinforceOptions;
 use cap_host::compress::run::{
     CompressOptions, CompressReport, Event, Outcome, Plan, compress, default_cache_dir,
@@ -203,9 +204,49 @@ pub struct CompressArgs {
     /// (bytes, or with K/M/G/T, powers of 1024) [default: the machine's memory].
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
     pub max_memory: Option<u64>,
+    /// Block reconstruction after each block is pruned (cap, sparsegpt, admm; float
+    /// values): the kept weights refit by gradient descent, masks fixed, so the pruned
+    /// block reproduces the dense block's outputs. Steps, comma-separated, in order:
+    /// attn (q, k, v, o against the residual after attention), mlp (gate, up, down
+    /// against the block's output), block (all seven against the output); none to
+    /// turn it off. Each step holds out the last eighth of the calibration sequences
+    /// and keeps the epoch that did best on them (the starting weights included).
+    #[arg(long, value_name = "STEPS", default_value = "none", value_parser = parse_steps)]
+    pub reconstruct: Steps,
+    /// Passes over the calibration sequences per reconstruction step.
+    #[arg(long, value_name = "N", default_value_t = ReconOptions::default().epochs)]
+    pub reconstruct_epochs: usize,
+    /// Adam's step size in reconstruction, relative to each layer's kept-weight RMS.
+    #[arg(long, value_name = "LR", default_value_t = ReconOptions::default().lr)]
+    pub reconstruct_lr: f32,
+    /// What reconstruction matches: block (the dense block applied to the pruned
+    /// model's inputs) or model (the dense model's own outputs at that block).
+    #[arg(long, value_enum, default_value = "block")]
+    pub reconstruct_target: ReconTarget,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--reconstruct-target`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReconTarget {
+    /// The dense block on the pruned model's inputs.
+    Block,
+    /// The dense model's outputs at the block.
+    Model,
+}
+
+/// `--reconstruct`'s steps, in order.
+#[derive(Clone, Debug)]
+pub struct Steps(pub Vec<Step>);
+
+/// Parses `--reconstruct` (`none`: no reconstruction).
+fn parse_steps(s: &str) -> std::result::Result<Steps, String> {
+    if s.trim() == "none" {
+        return Ok(Steps(vec![]));
+    }
+    Step::parse_list(s).map(Steps)
 }
 
 /// Value types of `--values`.
@@ -393,6 +434,12 @@ pub fn run(a: CompressArgs) -> Result<()> {
         block_cache: a.block_cache.clone(),
         keep_blocks: a.keep_blocks,
         max_memory: a.max_memory,
+        reconstruct: ReconOptions {
+            steps: a.reconstruct.0.clone(),
+            epochs: a.reconstruct_epochs,
+            lr: a.reconstruct_lr,
+            global: a.reconstruct_target == ReconTarget::Model,
+        },
     };
     let bar: Mutex<Option<ProgressBar>> = Mutex::new(None);
     let on_event = |ev: Event<'_>| {

@@ -139,6 +139,19 @@ pub fn preflight(opts: &CompressOptions, config: &Config) -> Result<()> {
     check_memory(opts, config)
 }
 
+/// The working set of the run `opts` asks for on a model with configuration `config`,
+/// `streamed` or not.
+pub(crate) fn working_set(opts: &CompressOptions, config: &Config, streamed: bool) -> WorkingSet {
+    let (samples, len) = (opts.calib_samples, opts.calib_len);
+    let w = WorkingSet::of(config, samples, len, streamed);
+    let r = &opts.reconstruct;
+    if r.steps.is_empty() {
+        w
+    } else {
+        w.with_reconstruction(config, samples, len, r.global)
+    }
+}
+
 /// Refuses a run whose estimated working set exceeds `--max-memory` (by default the
 /// machine's memory), naming what takes it and, for a model held in memory, what a
 /// streamed run would need.
@@ -146,8 +159,7 @@ fn check_memory(opts: &CompressOptions, config: &Config) -> Result<()> {
     let Some(limit) = opts.max_memory.or_else(machine_bytes) else {
         return Ok(());
     };
-    let (samples, len) = (opts.calib_samples, opts.calib_len);
-    let need = WorkingSet::of(config, samples, len, opts.stream);
+    let need = working_set(opts, config, opts.stream);
     if need.total() <= limit {
         return Ok(());
     }
@@ -156,13 +168,16 @@ fn check_memory(opts: &CompressOptions, config: &Config) -> Result<()> {
     } else {
         "this machine's memory"
     };
-    let parts = format!(
+    let mut parts = format!(
         "blocks {}, embedding and head {}, Hessians {}, calibration activations {}",
         human(need.blocks),
         human(need.skeleton),
         human(need.hessians),
         human(need.activations)
     );
+    if need.reconstruction > 0 {
+        parts += &format!(", reconstruction {}", human(need.reconstruction));
+    }
     Err(CompressError::Invalid(if opts.stream {
         format!(
             "a streamed run of this model needs about {} ({parts}), more than {what} ({}): fewer --calib-samples or a larger machine",
@@ -170,7 +185,7 @@ fn check_memory(opts: &CompressOptions, config: &Config) -> Result<()> {
             human(limit)
         )
     } else {
-        let streamed = WorkingSet::of(config, samples, len, true).total();
+        let streamed = working_set(opts, config, true).total();
         format!(
             "this model needs about {} in memory ({parts}), more than {what} ({}): add --stream (one block at a time: about {})",
             human(need.total()),

@@ -29,6 +29,11 @@ pub struct WorkingSet {
     /// streams and one window's copy), one window's forward-pass buffers and its KV
     /// cache.
     pub activations: u64,
+    /// Block reconstruction (`--reconstruct`; 0 without): Adam's two moments, the
+    /// gradients and the best epoch's copy of one block's linears, their masks, the
+    /// dense block's targets for every window (and the dense model's stream with
+    /// `--reconstruct-target model`), one window's forward tape and backward buffers.
+    pub reconstruction: u64,
     /// The program, tokenizer, texts, thread stacks and allocator slack: a constant.
     pub runtime: u64,
 }
@@ -42,7 +47,43 @@ pub const RUNTIME_BYTES: u64 = 128 << 20;
 impl WorkingSet {
     /// The sum.
     pub fn total(&self) -> u64 {
-        self.skeleton + self.blocks + self.hessians + self.activations + self.runtime
+        self.skeleton
+            + self.blocks
+            + self.hessians
+            + self.activations
+            + self.reconstruction
+            + self.runtime
+    }
+
+    /// This working set with block reconstruction's term set for `c`, `samples ×
+    /// len` calibration tokens; `global`: also the dense model's own stream.
+    pub fn with_reconstruction(
+        mut self,
+        c: &Config,
+        samples: usize,
+        len: usize,
+        global: bool,
+    ) -> WorkingSet {
+        let f32b = 4u64;
+        let (h, q, kv, inter) = (
+            c.hidden_size as u64,
+            c.q_dim() as u64,
+            c.kv_dim() as u64,
+            c.intermediate_size as u64,
+        );
+        let block = block_params(c);
+        let (samples, len) = (samples as u64, len as u64);
+        let state = 4 * f32b * block + block;
+        let stream = f32b * samples * len * h;
+        let targets = 2 * stream + if global { stream } else { 0 };
+        // The tape: residuals and norms (6 × hidden), q/k before and after their
+        // norms and rotation, v, attention output (3 × q + 4 × kv), gate, up, act
+        // (3 × inter) and the probabilities (heads × len²); the backward pass's
+        // buffers are of the same sizes.
+        let tape =
+            f32b * len * (6 * h + 3 * q + 4 * kv + 3 * inter) + f32b * c.n_heads as u64 * len * len;
+        self.reconstruction = state + targets + 2 * tape;
+        self
     }
 
     /// A run of a model with configuration `c` on `samples` calibration sequences of
@@ -77,6 +118,7 @@ impl WorkingSet {
             blocks,
             hessians,
             activations: streams + window,
+            reconstruction: 0,
             runtime: RUNTIME_BYTES,
         }
     }

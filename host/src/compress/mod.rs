@@ -28,6 +28,7 @@ pub mod plan;
 pub mod pruned;
 pub mod quantize;
 pub mod qvalues;
+pub mod reconstruct;
 pub mod reinforce;
 pub mod run;
 pub mod select;

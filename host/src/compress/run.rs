@@ -105,6 +105,8 @@ pub struct CompressOptions {
     pub cache_dir: PathBuf,
     /// Worker threads.
     pub threads: usize,
+    /// Block reconstruction after each block is pruned (cap, sparsegpt, admm).
+    pub reconstruct: super::reconstruct::ReconOptions,
     /// Resolve the budget and stop: nothing is computed or written.
     pub dry_run: bool,
     /// Also evaluate the source model on the held-out windows (for the report).
@@ -253,6 +255,9 @@ pub struct CompressReport {
     /// Under `--embed-values auto`: each embedding type the allocation searched with,
     /// its best calibration loss, and whether it was chosen.
     pub embed_search: Vec<EmbedTrial>,
+    /// Block reconstruction (`--reconstruct`): each block's steps, with the relative
+    /// output error on held-out calibration sequences before and after.
+    pub reconstruction: Vec<super::reconstruct::StepLog>,
     /// Seconds per stage, in order.
     pub seconds: Vec<(String, f64)>,
     /// Whether the checkpoint was read one block at a time (`--stream`).
@@ -302,6 +307,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         ));
     }
     check_stream(opts)?;
+    check_reconstruct(opts)?;
     let mut notes = Notes::start();
     let mut input = load(opts, on_event)?;
     let windows: Vec<&[u32]> = input.windows.iter().map(|w| w.as_slice()).collect();
@@ -512,8 +518,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         linear_bytes,
     );
     let source_bytes = source_bytes(&opts.model);
-    let (samples, len) = (opts.calib_samples, opts.calib_len);
-    let working_set = WorkingSet::of(&input.model().config, samples, len, opts.stream);
+    let working_set = super::load::working_set(opts, &input.model().config, opts.stream);
     Ok(Outcome::Written(Box::new(CompressReport {
         path: path.display().to_string(),
         method: opts.method,
@@ -542,6 +547,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         speed,
         steps: notes.steps,
         allocation_search: notes.allocation_search,
+        reconstruction: notes.reconstruction,
         embed_search: match notes.embed_choice {
             Some((chosen, losses)) => losses
                 .iter()
@@ -714,6 +720,35 @@ fn check_stream(opts: &CompressOptions) -> Result<()> {
     Ok(())
 }
 
+/// What `--reconstruct` applies to, refused before anything is loaded.
+fn check_reconstruct(opts: &CompressOptions) -> Result<()> {
+    let r = &opts.reconstruct;
+    if r.steps.is_empty() {
+        return Ok(());
+    }
+    let prunes = matches!(
+        (opts.method, opts.variant),
+        (Method::Cap, Variant::Cap) | (Method::Sparsegpt | Method::Admm, _)
+    );
+    if !prunes {
+        return Err(CompressError::Invalid(
+            "--reconstruct refits the block-by-block methods' blocks (cap, sparsegpt, admm); magnitude, wanda, svd and --variant paper have none".into(),
+        ));
+    }
+    if opts.values.is_quantized() || opts.auto_values {
+        return Err(CompressError::Invalid(
+            "--reconstruct refits float values; quantized values are fixed by GPTQ when each layer is pruned (use --values f16|bf16|f32)".into(),
+        ));
+    }
+    if r.epochs == 0 || !(r.lr.is_finite() && r.lr > 0.0) {
+        return Err(CompressError::Invalid(format!(
+            "--reconstruct-epochs must be at least 1 and --reconstruct-lr finite and positive (got {} and {})",
+            r.epochs, r.lr
+        )));
+    }
+    Ok(())
+}
+
 /// The block linears of a model with configuration `c`, their shapes set and no
 /// weights: what the budget and a streamed run's methods see of them.
 fn hollow_linears(c: &cap_device::config::Config) -> Vec<(String, DenseLinear)> {
@@ -775,6 +810,7 @@ fn open_block_cache(
             opts.pattern.map(|p| p.to_string()),
             opts.lowrank_share,
             &opts.budget,
+            &opts.reconstruct,
         )
     );
     h.update(settings.as_bytes());

@@ -25,6 +25,7 @@ use faer::linalg::solvers::DenseSolveCore;
 
 use super::candidate::{Candidate, Csr};
 use super::pattern::Pattern;
+use super::reconstruct::{ReconOptions, StepLog, apply_refit, reconstruct, refit_mask, targets};
 use super::source::BlockSource;
 
 /// Columns per OBS block (the paper's and reference code's 128).
@@ -309,6 +310,7 @@ pub fn prune_sequential(
         threads,
         pruner,
         true_sequential,
+        None,
         &mut |bi, cands| {
             out.extend(cands);
             progress(bi + 1);
@@ -322,6 +324,10 @@ pub fn prune_sequential(
 /// each block's seven candidates go to `done(block, candidates)` as soon as it is
 /// compressed. The windows reach `range.start` through the source's own blocks before
 /// it (uncompressed: a shard of the blocks starts from the source model's outputs).
+/// With `recon`, each block is reconstructed after its linears are pruned
+/// ([`super::reconstruct`]): its candidates' kept values refit, masks unchanged, the
+/// steps logged; the next block's inputs come from the reconstructed block.
+#[allow(clippy::too_many_arguments)] // each is one independent setting of the pass
 pub fn prune_blocks(
     src: &dyn BlockSource,
     range: std::ops::Range<usize>,
@@ -329,6 +335,7 @@ pub fn prune_blocks(
     threads: usize,
     pruner: &Pruner<'_>,
     true_sequential: bool,
+    mut recon: Option<(&ReconOptions, &mut Vec<StepLog>)>,
     done: &mut dyn FnMut(usize, Vec<Candidate>) -> Result<()>,
 ) -> Result<()> {
     let model = src.model();
@@ -350,6 +357,12 @@ pub fn prune_blocks(
             runner.run_block(bi, &*b, x, &mut kv);
         }
     }
+    // The dense model's own stream, when reconstruction aims at it (a shard starts
+    // from the source's outputs, so it equals the inputs here).
+    let mut dense_xs = recon
+        .as_ref()
+        .is_some_and(|(o, _)| o.global)
+        .then(|| xs.clone());
     // Groups of linears that share an input (q/k/v, o, gate/up, down), by index in
     // `Block::linears` order: the first of each is recorded.
     const GROUPS: [&[usize]; 4] = [&[0, 1, 2], &[3], &[4, 5], &[6]];
@@ -394,6 +407,37 @@ pub fn prune_blocks(
                     let (rows, cols) = (l.out_features, l.in_features);
                     cands[k] = Some(pruner(bi * 7 + k, &mut l.weight, rows, cols, hm)?);
                 }
+            }
+        }
+        if let Some((ro, logs)) = recon.as_mut()
+            && !ro.steps.is_empty()
+        {
+            let c = &model.config;
+            let masks: [Option<Vec<bool>>; 7] =
+                std::array::from_fn(|k| cands[k].as_ref().and_then(refit_mask));
+            let tg = targets(c, bi, b, dense_xs.as_deref().unwrap_or(&xs), threads);
+            let old: Vec<Vec<f32>> = pruned
+                .linears()
+                .iter()
+                .map(|l| l.1.weight.clone())
+                .collect();
+            logs.extend(reconstruct(
+                c,
+                bi,
+                &mut pruned,
+                &masks,
+                &xs,
+                &tg,
+                ro,
+                threads,
+            )?);
+            for (k, (cand, old)) in cands.iter_mut().zip(&old).enumerate() {
+                if let (Some(cand), Some(_)) = (cand, &masks[k]) {
+                    apply_refit(cand, old, &pruned.linears()[k].1.weight);
+                }
+            }
+            if let Some(d) = &mut dense_xs {
+                *d = tg.into_iter().map(|t| t.out).collect();
             }
         }
         for x in &mut xs {

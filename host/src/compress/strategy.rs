@@ -73,6 +73,8 @@ pub struct Notes {
     /// Which of [`Context::embeds`] the allocation chose (`None`: the first), with
     /// each one's best calibration loss.
     pub embed_choice: Option<(usize, Vec<f64>)>,
+    /// Block reconstruction's steps, block by block (empty without `--reconstruct`).
+    pub reconstruction: Vec<super::reconstruct::StepLog>,
     clock: Instant,
 }
 
@@ -85,6 +87,7 @@ impl Notes {
             allocation_search: None,
             seconds: vec![],
             embed_choice: None,
+            reconstruction: vec![],
             clock: Instant::now(),
         }
     }
