@@ -151,6 +151,11 @@ impl Gpu {
             .stream
             .clone_dtoh(d)
             .map_err(driver("copying from the GPU"))?;
+        // The copy into pageable memory has completed when it returns; synchronising
+        // also reports a kernel that failed (a launch error surfaces here).
+        self.stream
+            .synchronize()
+            .map_err(driver("running a kernel"))?;
         out.copy_from_slice(&v[..out.len()]);
         Ok(())
     }
