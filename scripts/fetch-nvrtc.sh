@@ -7,9 +7,10 @@
 #
 #   export LD_LIBRARY_PATH="$(bash scripts/fetch-nvrtc.sh)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 #
-# CAP_NVRTC_VENV overrides the venv (default: ~/.cache/cap/nvrtc-venv). The version is
-# pinned to CUDA 12.9, the version cudarc is built against (feature cuda-12090); CUDA
-# 13's NVRTC no longer targets sm_72 (Jetson Xavier).
+# Needs python3 with venv (Debian: python3-venv). CAP_NVRTC_VENV overrides the venv
+# (default: ~/.cache/cap/nvrtc-venv). The version is pinned to CUDA 12.9, the version
+# cudarc is built against (feature cuda-12090); CUDA 13's NVRTC no longer targets sm_72
+# (Jetson Xavier).
 set -euo pipefail
 
 VERSION="12.9.86"
