@@ -9,7 +9,8 @@
 # (bit order, groups, padding, row starts), warp and block reductions, and that no
 # lane leaves a shuffle early. What it does not: anything about the GPU itself (memory
 # model, alignment faults, launch limits, the driver, performance), nor gpu.rs's
-# launch code. About 35 s on two busy cores. Needs g++ with C++20 (std::barrier).
+# launch code. About 40 s on two busy cores once built. Needs g++ with C++20
+# (std::barrier).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work="$(mktemp -d)"
