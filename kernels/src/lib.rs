@@ -8,6 +8,8 @@
 extern crate alloc;
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gemm;
 pub mod ops;
 pub mod par;

@@ -336,7 +336,8 @@ fn info(path: &Path, ctx: usize, json: bool) -> Result<u8> {
     let comp = m.compression.as_ref();
     let record = comp.and_then(|c| c.perplexity.as_ref());
     let k = cpu::kernels();
-    let v = json!({
+    let gpu = gpu_line();
+    let mut v = json!({
         "file": path.display().to_string(),
         "file_bytes": bytes.len(),
         "format": format!("{}.{}", file.header().major, file.header().minor),
@@ -359,6 +360,9 @@ fn info(path: &Path, ctx: usize, json: bool) -> Result<u8> {
         "kernels": k.isa.name(),
         "cpu_features": cpu::cpu_features(),
     });
+    if let Some(g) = &gpu {
+        v["gpu"] = json!(g);
+    }
     if json {
         println!("{v}");
         return Ok(0);
@@ -404,7 +408,23 @@ fn info(path: &Path, ctx: usize, json: bool) -> Result<u8> {
         k.isa.name(),
         cpu::cpu_features().join(", ")
     );
+    if let Some(g) = &gpu {
+        println!("gpu: {g}");
+    }
     Ok(0)
+}
+
+/// One line on the GPU when built with `cuda`: the GPU found, or why none is usable
+/// (no driver, no device, too old). The kernels do not run on it yet.
+#[cfg(feature = "cuda")]
+fn gpu_line() -> Option<String> {
+    Some(cap_kernels::cuda::describe())
+}
+
+/// Without the `cuda` feature there is no GPU line.
+#[cfg(not(feature = "cuda"))]
+fn gpu_line() -> Option<String> {
+    None
 }
 
 fn selftest(

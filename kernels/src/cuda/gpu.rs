@@ -1,0 +1,615 @@
+//! [`Gpu`]: runs each CUDA kernel on host slices, with the same arguments and the same
+//! accumulate-into-`y` contract as the CPU kernels (`cpu::Kernels`). Every call
+//! uploads its inputs, launches once and downloads the result: a test and reference
+//! harness, not the runtime's data path (which will keep weights on the GPU).
+//!
+//! Every size and index array is checked on the host before a launch, so inconsistent
+//! input gives [`CudaError::Shape`], never a read outside a device buffer.
+//!
+//! **Not yet run on a GPU**: this code compiles and its argument checks are exercised
+//! only by the type checker; the first session with a GPU runs `tests/cuda.rs`.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
+
+use super::{CudaError, GpuInfo, Ptx, compile, probe_ordinal};
+use crate::cpu::{BitmaskRef, CsrRef, DType, TwoFourRef, Values, bitmask_row_starts};
+
+/// Threads per block of the matrix-vector kernels: 4 warps, one row each.
+const MATVEC_THREADS: u32 = 128;
+/// Threads per block of the row-wise kernels (RMSNorm, softmax, attention).
+const ROW_THREADS: u32 = 256;
+
+/// A GPU with the kernels loaded.
+pub struct Gpu {
+    info: GpuInfo,
+    ptx: Ptx,
+    stream: Arc<CudaStream>,
+    module: Arc<CudaModule>,
+}
+
+fn driver(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError {
+    move |source| CudaError::Driver { what, source }
+}
+
+fn shape(msg: impl Into<String>) -> CudaError {
+    CudaError::Shape(msg.into())
+}
+
+fn to_u32(v: usize, what: &str) -> Result<u32, CudaError> {
+    u32::try_from(v).map_err(|_| shape(format!("{what} = {v} does not fit in 32 bits")))
+}
+
+/// The kernel-name suffix of a value type.
+fn suffix(dt: DType) -> &'static str {
+    match dt {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::Q8 { .. } => "q8",
+        DType::Q4 { .. } => "q4",
+    }
+}
+
+/// Launch shape of a matrix-vector kernel over `n` rows.
+fn matvec_cfg(n: u32) -> LaunchConfig {
+    let rows_per_block = MATVEC_THREADS / 32;
+    LaunchConfig {
+        grid_dim: (n.div_ceil(rows_per_block), 1, 1),
+        block_dim: (MATVEC_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block of `threads` per each of `blocks` rows.
+fn rows_cfg(blocks: u32, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Index of each row's first quantized block, `rows + 1` entries, from the rows'
+/// kept-value counts (`scalar::q_first_block` for every row at once).
+fn row_blocks(counts: impl Iterator<Item = usize>, group: usize) -> Result<Vec<u32>, CudaError> {
+    let mut v = vec![0u32];
+    let mut acc = 0usize;
+    for c in counts {
+        acc += c.div_ceil(group);
+        v.push(to_u32(acc, "quantized block count")?);
+    }
+    Ok(v)
+}
+
+/// Checks that `bytes` holds `need` bytes of values.
+fn check_len(what: &str, have: usize, need: u64) -> Result<(), CudaError> {
+    if (have as u64) < need {
+        return Err(shape(format!(
+            "{what}: {have} bytes, the indices need {need}"
+        )));
+    }
+    Ok(())
+}
+
+impl Gpu {
+    /// The first usable GPU with the kernels compiled for it by NVRTC.
+    pub fn new() -> Result<Gpu, CudaError> {
+        Gpu::with_ordinal(0)
+    }
+
+    /// GPU `ordinal` with the kernels compiled for its architecture.
+    pub fn with_ordinal(ordinal: usize) -> Result<Gpu, CudaError> {
+        let info = probe_ordinal(ordinal)?;
+        let ptx = compile(&info.arch())?;
+        let ctx = CudaContext::new(ordinal).map_err(driver("creating a context"))?;
+        let module = ctx
+            .load_module(ptx.to_cudarc())
+            .map_err(driver("loading the PTX module"))?;
+        let stream = ctx.default_stream();
+        Ok(Gpu {
+            info,
+            ptx,
+            stream,
+            module,
+        })
+    }
+
+    /// The GPU.
+    pub fn info(&self) -> &GpuInfo {
+        &self.info
+    }
+
+    /// The PTX loaded (with NVRTC's log).
+    pub fn ptx(&self) -> &Ptx {
+        &self.ptx
+    }
+
+    fn func(&self, name: &str) -> Result<CudaFunction, CudaError> {
+        self.module
+            .load_function(name)
+            .map_err(driver("looking up a kernel"))
+    }
+
+    /// A device copy of `data` (one default element when empty: the driver allocates
+    /// nothing for zero bytes, and kernels never read an empty array).
+    fn up<T: DeviceRepr + Copy + Default>(&self, data: &[T]) -> Result<CudaSlice<T>, CudaError> {
+        let one = [T::default()];
+        let src = if data.is_empty() { &one[..] } else { data };
+        self.stream
+            .clone_htod(src)
+            .map_err(driver("copying to the GPU"))
+    }
+
+    /// Copies `d` back into `out` (`out.len()` elements).
+    fn down(&self, d: &CudaSlice<f32>, out: &mut [f32]) -> Result<(), CudaError> {
+        let v = self
+            .stream
+            .clone_dtoh(d)
+            .map_err(driver("copying from the GPU"))?;
+        // The copy into pageable memory has completed when it returns; synchronising
+        // also reports a kernel that failed (a launch error surfaces here).
+        self.stream
+            .synchronize()
+            .map_err(driver("running a kernel"))?;
+        out.copy_from_slice(&v[..out.len()]);
+        Ok(())
+    }
+
+    /// Dense `W` (`cols` columns, any value type): `y[i] += W[r0 + i, :]·x`, as
+    /// `cpu::Kernels::dense_rows`.
+    pub fn dense_rows(
+        &self,
+        w: Values<'_>,
+        cols: usize,
+        r0: usize,
+        x: &[f32],
+        y: &mut [f32],
+    ) -> Result<(), CudaError> {
+        if x.len() != cols {
+            return Err(shape(format!("x has {} values, W {cols} columns", x.len())));
+        }
+        if cols == 0 || y.is_empty() {
+            return Ok(());
+        }
+        let rb = w.dtype.run_bytes(cols as u64);
+        check_len("dense values", w.bytes.len(), (r0 + y.len()) as u64 * rb)?;
+        let (cols32, r0_32, n) = (
+            to_u32(cols, "cols")?,
+            to_u32(r0, "r0")?,
+            to_u32(y.len(), "rows")?,
+        );
+        let group = to_u32(w.dtype.group(), "group")?;
+        let f = self.func(&format!("cap_dense_rows_{}", suffix(w.dtype)))?;
+        let (dw, dx) = (self.up(w.bytes)?, self.up(x)?);
+        let mut dy = self.up(y)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&dw)
+            .arg(&cols32)
+            .arg(&group)
+            .arg(&r0_32)
+            .arg(&n)
+            .arg(&dx)
+            .arg(&mut dy);
+        // SAFETY: the arguments match cap_dense_rows_* in matvec.cu in order and type
+        // (const u8*, u32 cols, u32 group, u32 r0, u32 n, const float* x, float* y);
+        // the rows r0..r0+n lie inside `dw` (checked above), x has cols values and y n.
+        unsafe { b.launch(matvec_cfg(n)) }.map_err(driver("launching cap_dense_rows"))?;
+        self.down(&dy, y)
+    }
+
+    /// Low-rank `W = B·A` (`A`: `rank × cols`, `B`: `rows × rank`, the format's
+    /// FactorA and FactorB): `t = A·x` on the GPU, then `y[i] += B[r0 + i, :]·t`, two
+    /// dense matrix-vector products as the CPU runs them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn low_rank_rows(
+        &self,
+        a: Values<'_>,
+        b: Values<'_>,
+        rank: usize,
+        cols: usize,
+        r0: usize,
+        x: &[f32],
+        y: &mut [f32],
+    ) -> Result<(), CudaError> {
+        let mut t = vec![0.0f32; rank];
+        self.dense_rows(a, cols, 0, x, &mut t)?;
+        self.dense_rows(b, rank, r0, &t, y)
+    }
+
+    /// Bitmask-encoded `W`, as `cpu::Kernels::bitmask_rows`.
+    pub fn bitmask_rows(
+        &self,
+        m: &BitmaskRef<'_>,
+        r0: usize,
+        x: &[f32],
+        y: &mut [f32],
+    ) -> Result<(), CudaError> {
+        let cols = m.cols;
+        if x.len() != cols {
+            return Err(shape(format!("x has {} values, W {cols} columns", x.len())));
+        }
+        let rows = m
+            .row_start
+            .len()
+            .checked_sub(1)
+            .ok_or_else(|| shape("row_start is empty"))?;
+        if r0 + y.len() > rows {
+            return Err(shape(format!("rows {r0}..{} of {rows}", r0 + y.len())));
+        }
+        if cols == 0 || y.is_empty() {
+            return Ok(());
+        }
+        // The kernel indexes values by row_start and the mask's bits: they must agree.
+        if rows
+            .checked_mul(cols)
+            .is_none_or(|n| n.div_ceil(8) > m.mask.len())
+            || bitmask_row_starts(m.mask, rows, cols) != m.row_start
+        {
+            return Err(shape("the mask and row_start disagree"));
+        }
+        let dt = m.values.dtype;
+        let row_block = if dt.is_quantized() {
+            let counts = m.row_start.windows(2).map(|w| (w[1] - w[0]) as usize);
+            let rb = row_blocks(counts, dt.group())?;
+            check_len(
+                "bitmask values",
+                m.values.bytes.len(),
+                u64::from(rb[rows]) * dt.size() as u64,
+            )?;
+            rb
+        } else {
+            check_len(
+                "bitmask values",
+                m.values.bytes.len(),
+                u64::from(m.row_start[rows]) * dt.size() as u64,
+            )?;
+            Vec::new()
+        };
+        let (cols32, r0_32, n) = (
+            to_u32(cols, "cols")?,
+            to_u32(r0, "r0")?,
+            to_u32(y.len(), "rows")?,
+        );
+        let group = to_u32(dt.group(), "group")?;
+        let mask_len = m.mask.len() as u64;
+        let f = self.func(&format!("cap_bitmask_rows_{}", suffix(dt)))?;
+        let (dmask, dstart, dblock) = (
+            self.up(m.mask)?,
+            self.up(m.row_start)?,
+            self.up(&row_block)?,
+        );
+        let (dvals, dx) = (self.up(m.values.bytes)?, self.up(x)?);
+        let mut dy = self.up(y)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&dmask)
+            .arg(&mask_len)
+            .arg(&cols32)
+            .arg(&dstart)
+            .arg(&dblock)
+            .arg(&dvals)
+            .arg(&group)
+            .arg(&r0_32)
+            .arg(&n)
+            .arg(&dx)
+            .arg(&mut dy);
+        // SAFETY: the arguments match cap_bitmask_rows_* in matvec.cu in order and type
+        // (const u8* mask, u64 mask_len, u32 cols, const u32* row_start, const u32*
+        // row_block, const u8* vals, u32 group, u32 r0, u32 n, const float* x, float*
+        // y). row_start equals the mask's own counts and the values cover its last
+        // entry (or every row's blocks), so no index leaves its buffer; row_block is
+        // read only by the quantized kernels, which get the full table.
+        unsafe { b.launch(matvec_cfg(n)) }.map_err(driver("launching cap_bitmask_rows"))?;
+        self.down(&dy, y)
+    }
+
+    /// Block-CSR `W`, as `cpu::Kernels::csr_rows`.
+    pub fn csr_rows(
+        &self,
+        m: &CsrRef<'_>,
+        r0: usize,
+        x: &[f32],
+        y: &mut [f32],
+    ) -> Result<(), CudaError> {
+        let cols = m.cols;
+        if x.len() != cols {
+            return Err(shape(format!("x has {} values, W {cols} columns", x.len())));
+        }
+        if cols == 0 || y.is_empty() {
+            return Ok(());
+        }
+        let nb = cols.div_ceil(256);
+        if !m.block_ptr.len().is_multiple_of(4) {
+            return Err(shape("block_ptr is not whole u32s"));
+        }
+        let ptr: Vec<u32> = m
+            .block_ptr
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let rows = (ptr.len().saturating_sub(1)) / nb;
+        if ptr.len() != rows * nb + 1 || r0 + y.len() > rows {
+            return Err(shape(format!(
+                "block_ptr has {} entries for rows {r0}..{} with {nb} blocks a row",
+                ptr.len(),
+                r0 + y.len()
+            )));
+        }
+        if ptr.windows(2).any(|w| w[0] > w[1]) || ptr[rows * nb] as usize > m.col_idx.len() {
+            return Err(shape("block_ptr decreases or points past col_idx"));
+        }
+        let dt = m.values.dtype;
+        let row_block = if dt.is_quantized() {
+            let counts = (0..rows).map(|r| (ptr[(r + 1) * nb] - ptr[r * nb]) as usize);
+            let rb = row_blocks(counts, dt.group())?;
+            check_len(
+                "block-CSR values",
+                m.values.bytes.len(),
+                u64::from(rb[rows]) * dt.size() as u64,
+            )?;
+            rb
+        } else {
+            check_len(
+                "block-CSR values",
+                m.values.bytes.len(),
+                u64::from(ptr[rows * nb]) * dt.size() as u64,
+            )?;
+            Vec::new()
+        };
+        let (cols32, r0_32, n) = (
+            to_u32(cols, "cols")?,
+            to_u32(r0, "r0")?,
+            to_u32(y.len(), "rows")?,
+        );
+        let group = to_u32(dt.group(), "group")?;
+        let f = self.func(&format!("cap_csr_rows_{}", suffix(dt)))?;
+        let (dptr, didx, dblock) = (self.up(&ptr)?, self.up(m.col_idx)?, self.up(&row_block)?);
+        let (dvals, dx) = (self.up(m.values.bytes)?, self.up(x)?);
+        let mut dy = self.up(y)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&cols32)
+            .arg(&dptr)
+            .arg(&didx)
+            .arg(&dblock)
+            .arg(&dvals)
+            .arg(&group)
+            .arg(&r0_32)
+            .arg(&n)
+            .arg(&dx)
+            .arg(&mut dy);
+        // SAFETY: the arguments match cap_csr_rows_* in matvec.cu in order and type
+        // (u32 cols, const u32* block_ptr, const u8* col_idx, const u32* row_block,
+        // const u8* vals, u32 group, u32 r0, u32 n, const float* x, float* y). The
+        // pointers are non-decreasing and end inside col_idx, the values cover them,
+        // and the kernel skips columns past cols.
+        unsafe { b.launch(matvec_cfg(n)) }.map_err(driver("launching cap_csr_rows"))?;
+        self.down(&dy, y)
+    }
+
+    /// 2:4 `W`, as `cpu::Kernels::two_four_rows`.
+    pub fn two_four_rows(
+        &self,
+        m: &TwoFourRef<'_>,
+        r0: usize,
+        x: &[f32],
+        y: &mut [f32],
+    ) -> Result<(), CudaError> {
+        let cols = m.cols;
+        if !cols.is_multiple_of(4) {
+            return Err(shape(format!("2:4 needs cols % 4 == 0, got {cols}")));
+        }
+        if x.len() != cols {
+            return Err(shape(format!("x has {} values, W {cols} columns", x.len())));
+        }
+        if cols == 0 || y.is_empty() {
+            return Ok(());
+        }
+        let rows = r0 + y.len();
+        let dt = m.values.dtype;
+        check_len(
+            "2:4 values",
+            m.values.bytes.len(),
+            rows as u64 * dt.run_bytes((cols / 2) as u64),
+        )?;
+        check_len(
+            "2:4 meta",
+            m.meta.len(),
+            (rows * cols / 4).div_ceil(2) as u64,
+        )?;
+        let (cols32, r0_32, n) = (
+            to_u32(cols, "cols")?,
+            to_u32(r0, "r0")?,
+            to_u32(y.len(), "rows")?,
+        );
+        let group = to_u32(dt.group(), "group")?;
+        let f = self.func(&format!("cap_two_four_rows_{}", suffix(dt)))?;
+        let (dvals, dmeta, dx) = (self.up(m.values.bytes)?, self.up(m.meta)?, self.up(x)?);
+        let mut dy = self.up(y)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&cols32)
+            .arg(&dvals)
+            .arg(&dmeta)
+            .arg(&group)
+            .arg(&r0_32)
+            .arg(&n)
+            .arg(&dx)
+            .arg(&mut dy);
+        // SAFETY: the arguments match cap_two_four_rows_* in matvec.cu in order and
+        // type (u32 cols, const u8* vals, const u8* meta, u32 group, u32 r0, u32 n,
+        // const float* x, float* y); values and meta cover rows 0..r0+n (checked above)
+        // and a nibble's indices stay inside its group of 4 columns.
+        unsafe { b.launch(matvec_cfg(n)) }.map_err(driver("launching cap_two_four_rows"))?;
+        self.down(&dy, y)
+    }
+
+    /// RMSNorm of each `weight.len()`-wide row of `x`, as `ops::rms_norm`.
+    pub fn rms_norm(
+        &self,
+        out: &mut [f32],
+        x: &[f32],
+        weight: &[f32],
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        let d = weight.len();
+        if d == 0 || x.len() != out.len() || !x.len().is_multiple_of(d) {
+            return Err(shape("rms_norm shape mismatch"));
+        }
+        let rows = to_u32(x.len() / d, "rows")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let d32 = to_u32(d, "d")?;
+        let f = self.func("cap_rms_norm")?;
+        let (dx, dw) = (self.up(x)?, self.up(weight)?);
+        let mut dout = self.up(out)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&mut dout).arg(&dx).arg(&dw).arg(&d32).arg(&eps);
+        // SAFETY: matches cap_rms_norm(float* out, const float* x, const float* w, u32
+        // d, float eps); one block per row of d values, `rows·d` values in x and out.
+        unsafe { b.launch(rows_cfg(rows, ROW_THREADS)) }
+            .map_err(driver("launching cap_rms_norm"))?;
+        self.down(&dout, out)
+    }
+
+    /// RoPE (rotate-half) of each `2·cos.len()`-wide head vector of `x`, as
+    /// `ops::rope_rotate_half` applied to every head.
+    pub fn rope_rotate_half(
+        &self,
+        x: &mut [f32],
+        cos: &[f32],
+        sin: &[f32],
+    ) -> Result<(), CudaError> {
+        let half = cos.len();
+        if half == 0 || sin.len() != half || !x.len().is_multiple_of(2 * half) {
+            return Err(shape("rope shape mismatch"));
+        }
+        let heads = to_u32(x.len() / (2 * half), "heads")?;
+        if heads == 0 {
+            return Ok(());
+        }
+        let half32 = to_u32(half, "half")?;
+        let f = self.func("cap_rope_rotate_half")?;
+        let (dc, ds) = (self.up(cos)?, self.up(sin)?);
+        let mut dx = self.up(x)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&mut dx).arg(&dc).arg(&ds).arg(&half32);
+        // SAFETY: matches cap_rope_rotate_half(float* x, const float* cos, const float*
+        // sin, u32 half); one block per head of 2·half values.
+        unsafe { b.launch(rows_cfg(heads, 128)) }
+            .map_err(driver("launching cap_rope_rotate_half"))?;
+        self.down(&dx, x)
+    }
+
+    /// In-place softmax of each `n`-wide row of `x`, as `ops::softmax`.
+    pub fn softmax(&self, x: &mut [f32], n: usize) -> Result<(), CudaError> {
+        if n == 0 || !x.len().is_multiple_of(n) {
+            return Err(shape("softmax shape mismatch"));
+        }
+        let rows = to_u32(x.len() / n, "rows")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let n32 = to_u32(n, "n")?;
+        let f = self.func("cap_softmax")?;
+        let mut dx = self.up(x)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&mut dx).arg(&n32);
+        // SAFETY: matches cap_softmax(float* x, u32 n); one block per row of n values.
+        unsafe { b.launch(rows_cfg(rows, ROW_THREADS)) }
+            .map_err(driver("launching cap_softmax"))?;
+        self.down(&dx, x)
+    }
+
+    /// `g = act(g)·u` by `kernel` (`cap_silu_mul` or `cap_gelu_tanh_mul`).
+    fn gated(&self, kernel: &str, g: &mut [f32], u: &[f32]) -> Result<(), CudaError> {
+        if g.len() != u.len() {
+            return Err(shape("gate and up differ in length"));
+        }
+        if g.is_empty() {
+            return Ok(());
+        }
+        let n = to_u32(g.len(), "n")?;
+        let f = self.func(kernel)?;
+        let du = self.up(u)?;
+        let mut dg = self.up(g)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&mut dg).arg(&du).arg(&n);
+        // SAFETY: matches cap_silu_mul / cap_gelu_tanh_mul(float* g, const float* u,
+        // u32 n); threads past n return.
+        unsafe { b.launch(LaunchConfig::for_num_elems(n)) }
+            .map_err(driver("launching a gated activation"))?;
+        self.down(&dg, g)
+    }
+
+    /// SiLU(g)·u into `g`, as `ops::silu_mul`.
+    pub fn silu_mul(&self, g: &mut [f32], u: &[f32]) -> Result<(), CudaError> {
+        self.gated("cap_silu_mul", g, u)
+    }
+
+    /// GELU-tanh(g)·u into `g`, as `ops::gelu_tanh_mul`.
+    pub fn gelu_tanh_mul(&self, g: &mut [f32], u: &[f32]) -> Result<(), CudaError> {
+        self.gated("cap_gelu_tanh_mul", g, u)
+    }
+
+    /// Decode attention of one token for one layer: `q` holds `n_heads` head vectors
+    /// of `hd`; `k`, `v` the layer's `f32` cache, `[n_kv_heads][capacity][hd]`;
+    /// positions `first..keys` are attended. Returns `n_heads·hd` values, as the CPU's
+    /// `decode_cached` for every head.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (n_heads, n_kv_heads, hd): (usize, usize, usize),
+        capacity: usize,
+        (first, keys): (usize, usize),
+        scale: f32,
+    ) -> Result<Vec<f32>, CudaError> {
+        let cache = n_kv_heads * capacity * hd;
+        if n_heads == 0
+            || n_kv_heads == 0
+            || hd == 0
+            || !n_heads.is_multiple_of(n_kv_heads)
+            || q.len() != n_heads * hd
+            || k.len() != cache
+            || v.len() != cache
+            || first >= keys
+            || keys > capacity
+        {
+            return Err(shape("attention shape mismatch"));
+        }
+        let group = to_u32(n_heads / n_kv_heads, "group")?;
+        let (hd32, cap32) = (to_u32(hd, "hd")?, to_u32(capacity, "capacity")?);
+        let (first32, keys32) = (to_u32(first, "first")?, to_u32(keys, "keys")?);
+        let f = self.func("cap_attention_decode")?;
+        let (dq, dk, dv) = (self.up(q)?, self.up(k)?, self.up(v)?);
+        let mut dout = self.up(&vec![0.0f32; n_heads * hd])?;
+        let mut dscores = self.up(&vec![0.0f32; n_heads * capacity])?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&dq)
+            .arg(&dk)
+            .arg(&dv)
+            .arg(&mut dout)
+            .arg(&mut dscores)
+            .arg(&group)
+            .arg(&hd32)
+            .arg(&cap32)
+            .arg(&first32)
+            .arg(&keys32)
+            .arg(&scale);
+        // SAFETY: matches cap_attention_decode(const float* q, const float* k, const
+        // float* v, float* out, float* scores, u32 group, u32 hd, u32 capacity, u32
+        // first, u32 keys, float scale); one block per query head; kv head h/group <
+        // n_kv_heads, positions < keys <= capacity, scores has capacity per head.
+        unsafe { b.launch(rows_cfg(to_u32(n_heads, "heads")?, ROW_THREADS)) }
+            .map_err(driver("launching cap_attention_decode"))?;
+        let mut out = vec![0.0f32; n_heads * hd];
+        self.down(&dout, &mut out)?;
+        Ok(out)
+    }
+}
