@@ -95,7 +95,7 @@ impl Default for ReconOptions {
     fn default() -> Self {
         ReconOptions {
             steps: vec![],
-            epochs: 2,
+            epochs: 4,
             lr: 1e-3,
             global: false,
         }
