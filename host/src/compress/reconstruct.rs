@@ -185,7 +185,7 @@ struct Tape {
 struct Ctx<'a> {
     c: &'a Config,
     dims: Dims,
-    rope: &'a RopeTable,
+    rope: RopeTable,
     window: Option<usize>,
     threads: usize,
 }
@@ -289,7 +289,24 @@ fn act(a: Activation, g: f32) -> (f32, f32) {
     }
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    /// What layer `layer` of a model with configuration `c` needs to run the windows
+    /// `xs` (a RoPE table for the longest).
+    fn for_windows(c: &'a Config, layer: usize, xs: &[Vec<f32>], threads: usize) -> Self {
+        let t = xs
+            .iter()
+            .map(|x| x.len() / c.hidden_size)
+            .max()
+            .unwrap_or(0);
+        Ctx {
+            c,
+            dims: Dims::of(c),
+            rope: rope_for(c, layer, t),
+            window: c.layer_window(layer),
+            threads,
+        }
+    }
+
     /// The block `b` on one window `x` (`t × hidden`, positions `0..t`).
     fn forward(&self, b: &Block<DenseLinear>, x: &[f32]) -> Tape {
         let (c, d, th) = (self.c, self.dims, self.threads);
@@ -641,19 +658,7 @@ pub fn targets(
     xs: &[Vec<f32>],
     threads: usize,
 ) -> Vec<Target> {
-    let t = xs
-        .iter()
-        .map(|x| x.len() / c.hidden_size)
-        .max()
-        .unwrap_or(0);
-    let rope = rope_for(c, layer, t);
-    let cx = Ctx {
-        c,
-        dims: Dims::of(c),
-        rope: &rope,
-        window: c.layer_window(layer),
-        threads,
-    };
+    let cx = Ctx::for_windows(c, layer, xs, threads);
     xs.iter()
         .map(|x| {
             let tp = cx.forward(b, x);
@@ -738,19 +743,7 @@ pub fn reconstruct(
             "one reconstruction target per window expected".into(),
         ));
     }
-    let t = xs
-        .iter()
-        .map(|x| x.len() / c.hidden_size)
-        .max()
-        .unwrap_or(0);
-    let rope = rope_for(c, layer, t);
-    let cx = Ctx {
-        c,
-        dims: Dims::of(c),
-        rope: &rope,
-        window: c.layer_window(layer),
-        threads,
-    };
+    let cx = Ctx::for_windows(c, layer, xs, threads);
     // The last eighth of the windows (at least one, when there are four or more) is
     // held out to choose the epoch; with fewer every window does both.
     let n = xs.len();
@@ -975,14 +968,7 @@ mod tests {
                     *w *= 1.0 + 0.3 * (rng.uniform_f32() - 0.5);
                 }
             }
-            let rope = rope_for(c, layer, t);
-            let cx = Ctx {
-                c,
-                dims: Dims::of(c),
-                rope: &rope,
-                window: c.layer_window(layer),
-                threads: 1,
-            };
+            let cx = Ctx::for_windows(c, layer, std::slice::from_ref(&x), 1);
             for step in [Step::Block, Step::Attn] {
                 let loss = |b: &Block<DenseLinear>| -> f64 {
                     let tp = cx.forward(b, &x);
