@@ -5,13 +5,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use cap_format::{CapFile, SparseView, TensorData};
 use common::{
-    assert_clean_failure, calib_text, cap_device, is_linear, run_json, small_compress, tiny,
+    assert_clean_failure, calib_text, is_linear, run_json, self_test, small_compress, tiny,
 };
-use serde_json::Value;
 
 /// Kept positions of a sparse tensor, row-major `rows × cols`.
 fn kept_positions(data: TensorData<'_>, rows: usize, cols: usize) -> Vec<bool> {
@@ -82,17 +80,6 @@ fn check_pattern(path: &Path, n: usize, m: usize) {
         seen += 1;
     }
     assert!(seen > 0);
-}
-
-fn self_test(path: &Path) {
-    let out = Command::new(cap_device())
-        .args(["selftest", &path.display().to_string(), "--json"])
-        .output()
-        .expect("run cap-device");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "selftest: {stdout}");
-    let v: Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(v["pass"], Value::Bool(true), "{v}");
 }
 
 #[test]

@@ -6,10 +6,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use cap_format::{CapFile, SparseView, TensorData};
-use common::{assert_clean_failure, calib_text, cap_device, is_linear, run_json, small_compress};
+use common::{assert_clean_failure, calib_text, is_linear, run_json, self_test, small_compress};
 use serde_json::Value;
 
 /// Each sparse linear of `path`: its name, bitmask and stored value bytes.
@@ -29,15 +28,6 @@ fn bitmasks(path: &Path) -> Vec<(String, Vec<u8>, Vec<u8>)> {
         }
     }
     out
-}
-
-fn self_test(path: &Path) {
-    let out = Command::new(cap_device())
-        .args(["selftest", &path.display().to_string(), "--json"])
-        .output()
-        .expect("run cap-device");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "selftest: {stdout}");
 }
 
 /// On a llama and on Gemma-3 (q/k norms, post-norms, GELU, local layers; the unit

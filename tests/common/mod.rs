@@ -380,6 +380,18 @@ pub fn tiny(name: &str) -> String {
         .to_string()
 }
 
+/// Asserts that `cap-device selftest FILE` passes: exit 0 and `"pass": true`.
+pub fn self_test(path: &Path) {
+    let out = Command::new(cap_device())
+        .args(["selftest", &path.display().to_string(), "--json"])
+        .output()
+        .expect("run cap-device");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "selftest: {stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["pass"], serde_json::Value::Bool(true), "{v}");
+}
+
 /// The x86-64 `cap-device`: beside `cap-host` when the workspace's tests were built
 /// (`cargo test --workspace`), else built here into a target directory of its own.
 pub fn cap_device() -> PathBuf {

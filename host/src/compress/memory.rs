@@ -65,12 +65,7 @@ impl WorkingSet {
         global: bool,
     ) -> WorkingSet {
         let f32b = 4u64;
-        let (h, q, kv, inter) = (
-            c.hidden_size as u64,
-            c.q_dim() as u64,
-            c.kv_dim() as u64,
-            c.intermediate_size as u64,
-        );
+        let (h, q, kv, inter) = widths(c);
         let block = block_params(c);
         let (samples, len) = (samples as u64, len as u64);
         let state = 4 * f32b * block + block;
@@ -90,12 +85,7 @@ impl WorkingSet {
     /// `len` tokens: `streamed`, or with the model in memory.
     pub fn of(c: &Config, samples: usize, len: usize, streamed: bool) -> WorkingSet {
         let f32b = 4u64;
-        let (h, q, kv, inter) = (
-            c.hidden_size as u64,
-            c.q_dim() as u64,
-            c.kv_dim() as u64,
-            c.intermediate_size as u64,
-        );
+        let (h, q, kv, inter) = widths(c);
         let heads = if c.tie_embeddings { 1 } else { 2 };
         let skeleton = f32b * (heads * c.vocab_size as u64 * h + h);
         let block = f32b * block_params(c);
@@ -124,14 +114,19 @@ impl WorkingSet {
     }
 }
 
-/// Parameters of one block: the seven projections, norms and biases.
-pub fn block_params(c: &Config) -> u64 {
-    let (h, q, kv, inter) = (
+/// The hidden, query, key/value and MLP widths of `c`.
+fn widths(c: &Config) -> (u64, u64, u64, u64) {
+    (
         c.hidden_size as u64,
         c.q_dim() as u64,
         c.kv_dim() as u64,
         c.intermediate_size as u64,
-    );
+    )
+}
+
+/// Parameters of one block: the seven projections, norms and biases.
+pub fn block_params(c: &Config) -> u64 {
+    let (h, q, kv, inter) = widths(c);
     let linears = h * q + 2 * h * kv + q * h + 3 * h * inter;
     let vectors = 4 * h + if c.qkv_bias { q + 2 * kv } else { 0 } + 2 * c.head_dim as u64;
     linears + vectors
