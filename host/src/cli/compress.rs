@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use anyhow::{Result, bail};
 use cap_format::DType;
 use cap_host::compress::budget::{Budget, BudgetSpec};
+use cap_host::compress::joint::LowrankFit;
 use cap_host::compress::methods::{Allocation, Method, Variant};
 use cap_host::compress::pattern::Pattern;
 use cap_host::compress::qvalues::Quantizer;
@@ -83,6 +84,21 @@ pub struct CompressArgs {
     /// 0, 0.1 and 0.2 and keeps what the calibration loss prefers].
     #[arg(long, value_name = "X")]
     pub lowrank_share: Option<f64>,
+    /// `--variant cap`: how a low-rank part is fit: `residual` (prune, then fit `L` to
+    /// what pruning removed, scaled by the inputs' norms) or `joint` (alternate ADMM's
+    /// sparse step on `W − L` and the exact rank step against the layer's full
+    /// reconstruction loss, --lowrank-rounds times).
+    #[arg(long, value_enum, default_value = "residual")]
+    pub lowrank_fit: LowrankFit,
+    /// `--lowrank-fit joint`: sparse/rank rounds per linear (each one ADMM run; the
+    /// lowest-loss pair is kept).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub lowrank_rounds: usize,
+    /// `--method cap` and `admm`: passes of exact 1-swaps on each linear's mask after
+    /// ADMM (prune one kept weight and restore one pruned one where that lowers the
+    /// layer's calibration loss), each followed by the refit.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub swap_passes: usize,
     /// How `--variant paper` allocates: learned (REINFORCE + global top-K) or the
     /// uniform threshold ablation.
     #[arg(long, value_enum, default_value = "reinforce")]
@@ -398,6 +414,11 @@ pub fn run(a: CompressArgs) -> Result<()> {
             }
             x => x,
         },
+        lowrank_fit: match a.lowrank_rounds {
+            0 => bail!("--lowrank-rounds must be at least 1"),
+            n => (a.lowrank_fit, n),
+        },
+        swap_passes: a.swap_passes,
         allocation: a.allocation,
         budget,
         dtype: embed,

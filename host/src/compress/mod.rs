@@ -16,6 +16,7 @@ pub mod budget;
 pub mod calibration;
 pub mod candidate;
 pub mod error;
+pub mod joint;
 pub mod load;
 pub mod lowrank;
 pub mod measure;
@@ -37,6 +38,7 @@ pub mod sparsegpt;
 pub mod speed;
 pub mod stamp;
 pub mod strategy;
+pub mod swap;
 pub mod tensors;
 pub mod write;
 

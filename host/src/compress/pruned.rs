@@ -15,6 +15,7 @@ use super::allocate::{Allocation2, Keep, Trial, search, sparsities, wanda_pruned
 use super::budget::CostModel;
 use super::candidate::{Candidate, Factors};
 use super::error::{CompressError, Result};
+use super::joint::{LowrankFit, Lr, Whitening, add_product, prune_joint, residual_fit, svd_failed};
 use super::methods::{Method, sparse_candidate};
 use super::qvalues::{Quantizer, quantize_factors, quantize_kept};
 use super::reconstruct::StepLog;
@@ -83,13 +84,25 @@ impl Strategy for Pruned {
                 .collect());
         }
         let keeps: Vec<Keep> = if let Some(p) = pattern {
-            // The pattern fixes every linear's sparsity: nothing to allocate.
+            // The pattern fixes every linear's sparsity: nothing to allocate. cap's
+            // method may add a low-rank part on top (`--lowrank-share X`: X of the
+            // pattern's kept parameters), which costs bytes beyond the pattern's.
+            let share = match self.method {
+                Method::Cap => cx.opts.lowrank_share.unwrap_or(0.0),
+                _ => 0.0,
+            };
             cx.linears
                 .iter()
-                .map(|(_, l)| Keep {
-                    sparsity: p.sparsity(l.in_features),
-                    rank: 0,
-                    values,
+                .map(|(_, l)| {
+                    let (m, n) = (l.out_features, l.in_features);
+                    let sparsity = p.sparsity(n);
+                    let kept = (1.0 - sparsity) * (m * n) as f64;
+                    let rank = ((share * kept) / (m + n) as f64).floor() as usize;
+                    Keep {
+                        sparsity,
+                        rank: rank.min(m.min(n)),
+                        values,
+                    }
                 })
                 .collect()
         } else if self.method == Method::Cap {
@@ -135,29 +148,50 @@ impl Strategy for Pruned {
         let ao = AdmmOptions {
             threads,
             pattern,
+            swap_passes: cx.opts.swap_passes,
             ..AdmmOptions::default()
         };
+        let (fit, rounds) = cx.opts.lowrank_fit;
         run_blocks(
             cx,
             &|i, w, r, c, h| {
                 let orig = w.to_vec();
+                let keep = keeps[i];
+                let joint = (keep.rank > 0 && fit == LowrankFit::Joint)
+                    .then(|| prune_joint(w, r, c, h, (keep.sparsity, keep.rank, rounds), &ao))
+                    .transpose()?;
                 // Nothing to prune: the weights stay the source's (ADMM would spend
                 // its iterations to refit them to themselves).
-                let mask = if sparsegpt_kept(r, c, keeps[i].sparsity) == (r * c) as u64 {
+                let mask = if let Some(j) = &joint {
+                    tracing::debug!(
+                        "linear {i}: joint fit losses {:?}, round {} kept",
+                        j.losses,
+                        j.kept_round
+                    );
+                    j.mask.clone()
+                } else if sparsegpt_kept(r, c, keep.sparsity) == (r * c) as u64 {
                     vec![true; r * c]
                 } else {
-                    admm_prune(w, r, c, h, keeps[i].sparsity, &ao)?
+                    admm_prune(w, r, c, h, keep.sparsity, &ao)?
                 };
                 // Quantized values: GPTQ of the kept (refit) weights with the same
                 // Hessian, before the low-rank part, which then also absorbs the
                 // quantization error.
-                let q = quantize_kept(w, Some(&mask), r, c, h, keeps[i].values, quantizer)?;
+                let q = quantize_kept(w, Some(&mask), r, c, h, keep.values, quantizer)?;
                 let mut d = masked_candidate(w, &mask, r, c);
                 d.quantized = q;
-                d.values = choose_bits.then_some(keeps[i].values);
-                if keeps[i].rank > 0 {
-                    let lr = (keeps[i].rank, keeps[i].values, quantizer);
-                    add_lowrank(&mut d, w, &orig, h, lr)?;
+                d.values = choose_bits.then_some(keep.values);
+                if keep.rank > 0 {
+                    let factors = match joint {
+                        // The joint fit's L is the best for this S already (its last
+                        // step); with quantized S it is refit to what S's codes leave.
+                        Some(j) if d.quantized.is_none() => j.factors,
+                        Some(_) => Whitening::new(h, c, ao.damp)?
+                            .best_rank(&residual(&orig, w), r, keep.rank, threads)
+                            .ok_or_else(svd_failed)?,
+                        None => residual_fit(w, &orig, h, r, c, keep.rank)?,
+                    };
+                    add_lowrank(&mut d, w, h, factors, (keep.values, quantizer))?;
                 }
                 Ok(d)
             },
@@ -339,30 +373,23 @@ fn with_dense_rounded(mut m: Model<DenseLinear>, dtype: DType) -> Result<Model<D
     Ok(m)
 }
 
-/// Adds to `c` (the sparse part, whose matrix is `w`) the rank-`rank` part that best
-/// fits what pruning removed from `orig`, in activation-scaled coordinates
-/// (`(orig − w)·D`, `D = diag(H)^½`), and sets `w` to `S + L`. With quantized
-/// `values` and GPTQ the stored factors are quantized by GPTQ too
-/// ([`quantize_factors`]) and `L` is what their codes decode to.
+/// `orig − w`.
+fn residual(orig: &[f32], w: &[f32]) -> Vec<f32> {
+    orig.iter().zip(w).map(|(&a, &b)| a - b).collect()
+}
+
+/// Adds the low-rank part `(u, σ, v)` to `c` (the sparse part, whose matrix is `w`)
+/// and sets `w` to `S + L`. With quantized `values` and GPTQ the stored factors are
+/// quantized by GPTQ too ([`quantize_factors`]) and `L` is what their codes decode to.
 fn add_lowrank(
     c: &mut Candidate,
     w: &mut [f32],
-    orig: &[f32],
     h: &[f32],
-    (rank, values, quantizer): (usize, DType, Quantizer),
+    (u, sigma, v): Lr,
+    (values, quantizer): (DType, Quantizer),
 ) -> Result<()> {
     let (rows, cols) = (c.rows, c.cols);
-    let scale: Vec<f32> = (0..cols)
-        .map(|j| h[j * cols + j].max(0.0).sqrt().max(1e-6))
-        .collect();
-    let resid: Vec<f32> = (0..rows * cols)
-        .map(|x| (orig[x] - w[x]) * scale[x % cols])
-        .collect();
-    let (u, sigma, v) = super::lowrank::truncated(&resid, rows, cols, rank)
-        .ok_or_else(|| CompressError::Numerical("low-rank fit: SVD did not converge".into()))?;
     let k = sigma.len();
-    // Unscale: V's rows divided by D (as the activation-aware RPCA stores them).
-    let v: Vec<f32> = (0..cols * k).map(|x| v[x] / scale[x / k]).collect();
     let mut f = Factors {
         u,
         sigma,
@@ -379,14 +406,7 @@ fn add_lowrank(
         f.u = b;
         f.codes = Some(Box::new((qa, qb)));
     }
-    for r in 0..rows {
-        for col in 0..cols {
-            let acc: f32 = (0..k)
-                .map(|t| f.u[r * k + t] * f.sigma[t] * f.v[col * k + t])
-                .sum();
-            w[r * cols + col] += acc;
-        }
-    }
+    add_product(w, rows, cols, (&f.u, &f.sigma, &f.v), 1.0);
     c.low_rank = Some(f);
     Ok(())
 }

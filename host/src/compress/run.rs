@@ -52,6 +52,10 @@ pub struct CompressOptions {
     /// cap: spend this share of every linear's kept parameters on a low-rank part
     /// instead of letting the allocation search decide.
     pub lowrank_share: Option<f64>,
+    /// cap: how the low-rank part is fit, and (joint) how many sparse/rank rounds.
+    pub lowrank_fit: (super::joint::LowrankFit, usize),
+    /// cap and `admm`: passes of exact 1-swaps on each mask after ADMM ([`super::swap`]).
+    pub swap_passes: usize,
     /// The budget.
     pub budget: BudgetSpec,
     /// Storage type of the tensors kept dense (the token embedding and an untied
@@ -809,6 +813,8 @@ fn open_block_cache(
             opts.quantizer,
             opts.pattern.map(|p| p.to_string()),
             opts.lowrank_share,
+            opts.lowrank_fit,
+            opts.swap_passes,
             &opts.budget,
             &opts.reconstruct,
         )
