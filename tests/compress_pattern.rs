@@ -45,8 +45,10 @@ fn kept_positions(data: TensorData<'_>, rows: usize, cols: usize) -> Vec<bool> {
 
 /// The linears of `path` follow `n:m`: at most `n` kept in every `m` columns of a row,
 /// and (the pruned weights being non-zero but for exact zeros the encoders drop) at
-/// least 99% of `n/m` of every linear kept; 2:4 is stored in the 2:4 encoding.
-fn check_pattern(path: &Path, n: usize, m: usize) {
+/// least 99% of `n/m` of every linear kept; 2:4 is stored in the 2:4 encoding. With
+/// `low_rank`, every linear is low-rank + sparse (rank at least 1) and its sparse part
+/// follows the pattern (stored as a bitmask: the format's composite has no 2:4 part).
+fn check_pattern(path: &Path, n: usize, m: usize, low_rank: bool) {
     let bytes = std::fs::read(path).unwrap();
     let file = CapFile::parse(&bytes).unwrap();
     let mut seen = 0;
@@ -56,10 +58,21 @@ fn check_pattern(path: &Path, n: usize, m: usize) {
         }
         let (rows, cols) = (t.rows as usize, t.cols as usize);
         assert_eq!(cols % m, 0, "the tiny model's rows are whole groups");
-        let data = file.tensor(i).unwrap().data().unwrap();
-        // 2:4 masks are written in the 2:4 encoding (every kept weight non-zero here).
-        let two_four = matches!(data, TensorData::Sparse(SparseView::TwoFour { .. }));
-        assert_eq!(two_four, (n, m) == (2, 4), "{}: {}", path.display(), t.name);
+        let mut data = file.tensor(i).unwrap().data().unwrap();
+        if low_rank {
+            let cap_format::Encoding::Composite { rank, .. } = t.encoding else {
+                panic!("{}: not low-rank + sparse", t.name);
+            };
+            let TensorData::Composite { sparse, .. } = data else {
+                panic!("{}: not low-rank + sparse data", t.name);
+            };
+            assert!(rank >= 1, "{}: rank {rank}", t.name);
+            data = TensorData::Sparse(sparse);
+        } else {
+            // 2:4 masks are written in the 2:4 encoding (every kept weight non-zero).
+            let two_four = matches!(data, TensorData::Sparse(SparseView::TwoFour { .. }));
+            assert_eq!(two_four, (n, m) == (2, 4), "{}: {}", path.display(), t.name);
+        }
         let kept = kept_positions(data, rows, cols);
         for r in 0..rows {
             for g in (0..cols).step_by(m) {
@@ -95,7 +108,7 @@ fn every_pruning_method_follows_the_pattern() {
             let out_s = out.display().to_string();
             let args = ["--pattern", pattern, "--method", method];
             let r = run_json(&small_compress(&model, &out_s, &calib, &cache, &args));
-            check_pattern(&out, n, m);
+            check_pattern(&out, n, m, false);
             let bytes = std::fs::read(&out).unwrap();
             let file = CapFile::parse(&bytes).unwrap();
             let c = file.manifest().compression.as_ref().unwrap();
@@ -164,7 +177,37 @@ fn every_pruning_method_follows_the_pattern() {
     let args = ["--pattern", "2:4", "--values", "q4", "--group", "16"];
     let r = run_json(&small_compress(&model, &out_s, &calib, &cache, &args));
     assert_eq!(r["values"], "q4/g16");
-    check_pattern(&out, 2, 4);
+    check_pattern(&out, 2, 4, false);
+    self_test(&out);
+
+    // cap's low-rank part on top of the pattern, fit jointly with it, and swap passes:
+    // the sparse parts still follow the pattern, the ranks are what the share buys
+    // (a 64×64 linear keeps 2048 at 2:4; 0.2 of that is ⌊409.6 / 128⌋ = 3 directions),
+    // and the parameters are the pattern's plus at most the share.
+    let out = dir.path().join("lr.cap");
+    let out_s = out.display().to_string();
+    let args = [
+        "--pattern",
+        "2:4",
+        "--lowrank-share",
+        "0.2",
+        "--lowrank-fit",
+        "joint",
+        "--swap-passes",
+        "1",
+    ];
+    let r = run_json(&small_compress(&model, &out_s, &calib, &cache, &args));
+    check_pattern(&out, 2, 4, true);
+    let q = r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "blk.0.attn_q.weight")
+        .unwrap();
+    assert_eq!(q["shape"], serde_json::json!([64, 64]));
+    assert_eq!(q["rank"][0], 3, "{q}");
+    let ratio = r["param_ratio"].as_f64().unwrap();
+    assert!(ratio > 0.5 && ratio <= 0.6, "{ratio}");
     self_test(&out);
 
     let bad = |extra: &[&str], needles: &[&str]| {
@@ -205,6 +248,10 @@ fn every_pruning_method_follows_the_pattern() {
     bad(
         &["--pattern", "2:4", "--variant", "paper"],
         &["--pattern", "paper"],
+    );
+    bad(
+        &["--pattern", "7:8", "--lowrank-share", "0.2"],
+        &["--pattern 7:8", "--lowrank-share", "dense"],
     );
     bad(
         &["--pattern", "2:4", "--values", "auto"],

@@ -368,8 +368,21 @@ pub fn run(a: CompressArgs) -> Result<()> {
             "--min-tokens-per-s needs --target: the speed is predicted from a board's memory bandwidth"
         );
     }
-    // The pattern's parameter ratio is its budget (clap allows only one of them).
-    let ratio = a.pattern.map(|p| p.n as f64 / p.m as f64).or(a.ratio);
+    // The pattern's parameter ratio is its budget (clap allows only one of them); cap's
+    // low-rank part on top of a pattern adds its share of the kept parameters.
+    let on_top = match (a.method, a.variant, a.lowrank_share) {
+        (Method::Cap, Variant::Cap, Some(x)) => x,
+        _ => 0.0,
+    };
+    let ratio = a.pattern.map(|p| p.n as f64 / p.m as f64 * (1.0 + on_top));
+    if let (Some(p), Some(r)) = (a.pattern, ratio)
+        && r > 1.0
+    {
+        bail!(
+            "--pattern {p} with --lowrank-share {on_top} keeps more parameters than the dense layers ({r:.2} of them)"
+        );
+    }
+    let ratio = ratio.or(a.ratio);
     let (budget, preferred) = match (&a.target, a.budget, ratio) {
         (Some(t), None, None) => {
             let profile = cap_host::targets::find(t, a.targets_dir.as_deref())?;
