@@ -15,7 +15,10 @@ use super::allocate::{Allocation2, Keep, Trial, search, sparsities, wanda_pruned
 use super::budget::CostModel;
 use super::candidate::{Candidate, Factors};
 use super::error::{CompressError, Result};
-use super::joint::{LowrankFit, Lr, Whitening, add_product, prune_joint, residual_fit, svd_failed};
+use super::joint::{
+    LowrankChoice, LowrankFit, Lr, Whitening, add_product, prune_joint, prune_or_joint,
+    residual_fit, svd_failed,
+};
 use super::methods::{Method, sparse_candidate};
 use super::qvalues::{Quantizer, quantize_factors, quantize_kept};
 use super::reconstruct::StepLog;
@@ -152,23 +155,58 @@ impl Strategy for Pruned {
             ..AdmmOptions::default()
         };
         let (fit, rounds) = cx.opts.lowrank_fit;
-        run_blocks(
+        let choices = std::sync::Mutex::new(Vec::new());
+        let out = run_blocks(
             cx,
             &|i, w, r, c, h| {
                 let orig = w.to_vec();
-                let keep = keeps[i];
+                let mut keep = keeps[i];
                 let joint = (keep.rank > 0 && fit == LowrankFit::Joint)
-                    .then(|| prune_joint(w, r, c, h, (keep.sparsity, keep.rank, rounds), &ao))
+                    .then(|| {
+                        let kr = (keep.sparsity, keep.rank, rounds);
+                        if pattern.is_some() {
+                            // On top of the pattern: no sparse entries to trade for L.
+                            let j = prune_joint(w, r, c, h, kr, &ao)?;
+                            return Ok((j.mask, Some(j.factors)));
+                        }
+                        // L's parameters spent on the sparse part instead.
+                        let lr = (keep.rank * (r + c)) as f64 / (r * c) as f64;
+                        let s_alone = (keep.sparsity - lr).max(0.0);
+                        let ch = prune_or_joint(w, r, c, h, kr, s_alone, &ao)?;
+                        let name = cx.linears.get(i).map(|l| l.0.clone()).unwrap_or_default();
+                        tracing::info!(
+                            "{name}: loss {:.4} pruned alone, {:.4} with rank {}: {}",
+                            ch.losses.0,
+                            ch.losses.1,
+                            keep.rank,
+                            if ch.factors.is_some() {
+                                "L kept"
+                            } else {
+                                "S alone"
+                            }
+                        );
+                        if let Ok(mut v) = choices.lock() {
+                            v.push((
+                                i,
+                                LowrankChoice {
+                                    linear: name,
+                                    rank: keep.rank,
+                                    loss_alone: ch.losses.0,
+                                    loss_joint: ch.losses.1,
+                                    kept: ch.factors.is_some(),
+                                },
+                            ));
+                        }
+                        Ok::<_, CompressError>((ch.mask, ch.factors))
+                    })
                     .transpose()?;
                 // Nothing to prune: the weights stay the source's (ADMM would spend
                 // its iterations to refit them to themselves).
-                let mask = if let Some(j) = &joint {
-                    tracing::debug!(
-                        "linear {i}: joint fit losses {:?}, round {} kept",
-                        j.losses,
-                        j.kept_round
-                    );
-                    j.mask.clone()
+                let mask = if let Some((m, f)) = &joint {
+                    if f.is_none() {
+                        keep.rank = 0;
+                    }
+                    m.clone()
                 } else if sparsegpt_kept(r, c, keep.sparsity) == (r * c) as u64 {
                     vec![true; r * c]
                 } else {
@@ -185,7 +223,7 @@ impl Strategy for Pruned {
                     let factors = match joint {
                         // The joint fit's L is the best for this S already (its last
                         // step); with quantized S it is refit to what S's codes leave.
-                        Some(j) if d.quantized.is_none() => j.factors,
+                        Some((_, Some(f))) if d.quantized.is_none() => f,
                         Some(_) => Whitening::new(h, c, ao.damp)?
                             .best_rank(&residual(&orig, w), r, keep.rank, threads)
                             .ok_or_else(svd_failed)?,
@@ -199,7 +237,11 @@ impl Strategy for Pruned {
             // 0.5, WikiText-2 ctx 2048, 8 windows), so the dense block's inputs.
             false,
             Some(&mut notes.reconstruction),
-        )
+        )?;
+        let mut choices = choices.into_inner().unwrap_or_default();
+        choices.sort_by_key(|c| c.0);
+        notes.lowrank = choices.into_iter().map(|c| c.1).collect();
+        Ok(out)
     }
 
     fn select_within(

@@ -262,6 +262,9 @@ pub struct CompressReport {
     /// Block reconstruction (`--reconstruct`): each block's steps, with the relative
     /// output error on held-out calibration sequences before and after.
     pub reconstruction: Vec<super::reconstruct::StepLog>,
+    /// `--lowrank-fit joint` without a pattern: per linear, the loss of `S` alone and of
+    /// `S + L` at the same parameters, and which was kept.
+    pub lowrank_choices: Vec<super::joint::LowrankChoice>,
     /// Seconds per stage, in order.
     pub seconds: Vec<(String, f64)>,
     /// Whether the checkpoint was read one block at a time (`--stream`).
@@ -552,6 +555,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         steps: notes.steps,
         allocation_search: notes.allocation_search,
         reconstruction: notes.reconstruction,
+        lowrank_choices: notes.lowrank,
         embed_search: match notes.embed_choice {
             Some((chosen, losses)) => losses
                 .iter()

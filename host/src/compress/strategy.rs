@@ -75,6 +75,8 @@ pub struct Notes {
     pub embed_choice: Option<(usize, Vec<f64>)>,
     /// Block reconstruction's steps, block by block (empty without `--reconstruct`).
     pub reconstruction: Vec<super::reconstruct::StepLog>,
+    /// `--lowrank-fit joint`: each linear's choice between `S` alone and `S + L`.
+    pub lowrank: Vec<super::joint::LowrankChoice>,
     clock: Instant,
 }
 
@@ -88,6 +90,7 @@ impl Notes {
             seconds: vec![],
             embed_choice: None,
             reconstruction: vec![],
+            lowrank: vec![],
             clock: Instant::now(),
         }
     }
