@@ -207,8 +207,9 @@ pub fn prune(
         mm(&mut vh, &v, &hs32, rows, n, n, o.threads);
         let mut grad: Vec<f32> = vh.iter().zip(&g).map(|(&a, &b)| a - b).collect();
         let max_swaps = n.div_ceil(8);
-        let (swaps, _) =
+        let (swaps, gain) =
             super::swap::refine(&mut v, &mut mask, &mut grad, &hs32, n, o.pattern, max_swaps);
+        tracing::debug!("{rows}×{n}: {swaps} swaps, predicted loss change {gain:.4e}");
         if swaps == 0 {
             break;
         }
