@@ -35,4 +35,8 @@ if [ -z "$dir" ]; then
   echo "fetch-nvrtc: libnvrtc.so.12 not found under $VENV after installing nvidia-cuda-nvrtc-cu12==$VERSION" >&2
   exit 1
 fi
+# cudarc asks the loader for libnvrtc.so before libnvrtc.so.12; the link makes this
+# folder answer first, so a machine that also has CUDA 13 (whose NVRTC refuses sm_72)
+# still gets CUDA 12's.
+[ -e "$dir/libnvrtc.so" ] || ln -s libnvrtc.so.12 "$dir/libnvrtc.so"
 echo "$dir"

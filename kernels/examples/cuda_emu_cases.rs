@@ -105,6 +105,10 @@ fn main() {
         DType::Q8 { group: 64 },
         DType::Q4 { group: 32 },
         DType::Q4 { group: 256 },
+        // Not a power of two: the kernels' value-at-a-time path (powers of two read
+        // whole units of codes).
+        DType::Q8 { group: 48 },
+        DType::Q4 { group: 80 },
     ];
     let rows_l = [1usize, 5, 37];
     let cols_l = [1usize, 3, 31, 32, 33, 255, 256, 257, 1031];

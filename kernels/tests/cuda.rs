@@ -202,11 +202,15 @@ fn gpu_or_skip(test: &str) -> Option<Gpu> {
 }
 
 const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
-const QUANTS: [DType; 4] = [
+const QUANTS: [DType; 6] = [
     DType::Q8 { group: 16 },
     DType::Q8 { group: 64 },
     DType::Q4 { group: 32 },
     DType::Q4 { group: 256 },
+    // Not a power of two: the kernels' value-at-a-time path (powers of two read
+    // whole units of codes).
+    DType::Q8 { group: 48 },
+    DType::Q4 { group: 80 },
 ];
 const ROWS: [usize; 3] = [1, 5, 37];
 const COLS: [usize; 9] = [1, 3, 31, 32, 33, 255, 256, 257, 1031];
@@ -331,6 +335,43 @@ fn gpu_dense_rows_match_the_scalar_kernel() {
                     &format!("dense {dt} {rows}x{cols}"),
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn gpu_f16_specials_decode_exactly_as_on_the_cpu() {
+    let Some(gpu) = gpu_or_skip("gpu_f16_specials") else {
+        return;
+    };
+    // One value a row and x = 1, so y is the decoded value itself: no sum to reorder.
+    // Subnormals (2^-24, the largest, a negative one), signed zeros, the largest
+    // finite, the smallest normal, ±Inf and two NaNs with different payloads.
+    let bits: [u16; 12] = [
+        0x0001, 0x03ff, 0x8200, 0x0000, 0x8000, 0x7bff, 0xfbff, 0x0400, 0x7c00, 0xfc00, 0x7e01,
+        0xfd55,
+    ];
+    let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+    let v = Values {
+        dtype: DType::F16,
+        bytes: &bytes,
+    };
+    let scalar = cpu::scalar();
+    let mut want = vec![0.0f32; bits.len()];
+    (scalar.dense_rows)(v, 1, 0, &[1.0], &mut want);
+    let mut got = vec![0.0f32; bits.len()];
+    gpu.dense_rows(v, 1, 0, &[1.0], &mut got)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for ((&b, &g), &w) in bits.iter().zip(&got).zip(&want) {
+        if w.is_nan() {
+            // A NaN's payload does not survive the multiply-add on either side.
+            assert!(g.is_nan(), "f16 {b:#06x}: GPU {g}, CPU NaN");
+        } else {
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "f16 {b:#06x}: GPU {g:e}, CPU {w:e}"
+            );
         }
     }
 }

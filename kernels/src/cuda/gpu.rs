@@ -9,7 +9,9 @@
 //! **Not yet run on a GPU**: this code compiles and its argument checks are exercised
 //! only by the type checker; the first session with a GPU runs `tests/cuda.rs`.
 
+use std::cell::Cell;
 use std::sync::Arc;
+use std::time::Instant;
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
@@ -30,6 +32,11 @@ pub struct Gpu {
     ptx: Ptx,
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
+    /// How many times each matrix-vector launch runs back to back: 1, except inside
+    /// [`Gpu::time_matvec`].
+    repeat: Cell<u32>,
+    /// Mean seconds per launch of the last repeated matrix-vector launch.
+    last_seconds: Cell<f64>,
 }
 
 fn driver(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError {
@@ -116,6 +123,8 @@ impl Gpu {
             ptx,
             stream,
             module,
+            repeat: Cell::new(1),
+            last_seconds: Cell::new(0.0),
         })
     }
 
@@ -133,6 +142,62 @@ impl Gpu {
         self.module
             .load_function(name)
             .map_err(driver("looking up a kernel"))
+    }
+
+    /// Launches a matrix-vector kernel: once, or [`Gpu::time_matvec`]'s `reps` times
+    /// back to back, timing them with the inputs already on the GPU.
+    ///
+    /// # Safety
+    /// The arguments on `b` match the kernel's parameters in order and type, and every
+    /// index the kernel forms from them stays inside its buffers (each caller checks
+    /// its own before calling).
+    unsafe fn launch_matvec(
+        &self,
+        b: &mut cudarc::driver::LaunchArgs<'_>,
+        n: u32,
+        what: &'static str,
+    ) -> Result<(), CudaError> {
+        let reps = self.repeat.get();
+        if reps <= 1 {
+            // SAFETY: the caller's contract.
+            return unsafe { b.launch(matvec_cfg(n)) }
+                .map(|_| ())
+                .map_err(driver(what));
+        }
+        // Wait for the uploads first, so the clock sees the launches alone; the
+        // launches queue on one stream and the final synchronize waits for the last.
+        self.stream.synchronize().map_err(driver("uploading"))?;
+        let t = Instant::now();
+        for _ in 0..reps {
+            // SAFETY: the caller's contract; repeating only accumulates into y again.
+            unsafe { b.launch(matvec_cfg(n)) }.map_err(driver(what))?;
+        }
+        self.stream.synchronize().map_err(driver(what))?;
+        self.last_seconds
+            .set(t.elapsed().as_secs_f64() / f64::from(reps));
+        Ok(())
+    }
+
+    /// Runs `f`, a call of one matrix-vector method (`dense_rows`, `bitmask_rows`,
+    /// `csr_rows`, `two_four_rows`), with its kernel launched `reps` times back to back
+    /// on inputs uploaded once, and returns the mean seconds per launch: the kernel's
+    /// own time as a decode step would see it with the weights resident. `y` then
+    /// holds `reps` accumulations of `W·x`.
+    pub fn time_matvec(
+        &self,
+        reps: u32,
+        f: impl FnOnce(&Gpu) -> Result<(), CudaError>,
+    ) -> Result<f64, CudaError> {
+        self.repeat.set(reps.max(1));
+        self.last_seconds.set(f64::NAN);
+        let r = f(self);
+        self.repeat.set(1);
+        r?;
+        let s = self.last_seconds.get();
+        if s.is_nan() {
+            return Err(shape("time_matvec: f launched no matrix-vector kernel"));
+        }
+        Ok(s)
     }
 
     /// A device copy of `data` (one default element when empty: the driver allocates
@@ -198,7 +263,7 @@ impl Gpu {
         // SAFETY: the arguments match cap_dense_rows_* in matvec.cu in order and type
         // (const u8*, u32 cols, u32 group, u32 r0, u32 n, const float* x, float* y);
         // the rows r0..r0+n lie inside `dw` (checked above), x has cols values and y n.
-        unsafe { b.launch(matvec_cfg(n)) }.map_err(driver("launching cap_dense_rows"))?;
+        unsafe { self.launch_matvec(&mut b, n, "launching cap_dense_rows") }?;
         self.down(&dy, y)
     }
 
@@ -303,7 +368,7 @@ impl Gpu {
         // y). row_start equals the mask's own counts and the values cover its last
         // entry (or every row's blocks), so no index leaves its buffer; row_block is
         // read only by the quantized kernels, which get the full table.
-        unsafe { b.launch(matvec_cfg(n)) }.map_err(driver("launching cap_bitmask_rows"))?;
+        unsafe { self.launch_matvec(&mut b, n, "launching cap_bitmask_rows") }?;
         self.down(&dy, y)
     }
 
@@ -386,7 +451,7 @@ impl Gpu {
         // const u8* vals, u32 group, u32 r0, u32 n, const float* x, float* y). The
         // pointers are non-decreasing and end inside col_idx, the values cover them,
         // and the kernel skips columns past cols.
-        unsafe { b.launch(matvec_cfg(n)) }.map_err(driver("launching cap_csr_rows"))?;
+        unsafe { self.launch_matvec(&mut b, n, "launching cap_csr_rows") }?;
         self.down(&dy, y)
     }
 
@@ -442,7 +507,7 @@ impl Gpu {
         // type (u32 cols, const u8* vals, const u8* meta, u32 group, u32 r0, u32 n,
         // const float* x, float* y); values and meta cover rows 0..r0+n (checked above)
         // and a nibble's indices stay inside its group of 4 columns.
-        unsafe { b.launch(matvec_cfg(n)) }.map_err(driver("launching cap_two_four_rows"))?;
+        unsafe { self.launch_matvec(&mut b, n, "launching cap_two_four_rows") }?;
         self.down(&dy, y)
     }
 

@@ -237,6 +237,17 @@ pub fn compile_source(src: &str, arch: &str) -> Result<Ptx, CudaError> {
         .map(|raw| c_chars_to_string(&raw))
         .unwrap_or_default();
     if let Err(e) = compiled {
+        let mut log = log;
+        // Seen on a CUDA 13 machine: the loader found its libnvrtc.so before CUDA 12's
+        // libnvrtc.so.12, and CUDA 13's NVRTC refuses sm_72 with only "invalid value
+        // for --gpu-architecture". Say which NVRTC answered and what to do.
+        if log.contains("--gpu-architecture")
+            && let Ok((major, minor)) = nvrtc_version()
+        {
+            log.push_str(&format!(
+                "\n(the NVRTC loaded is {major}.{minor}; {arch} needs one that targets it: CUDA 13's NVRTC dropped sm_72, so put CUDA 12's libnvrtc.so.12 first on LD_LIBRARY_PATH, e.g. the folder `bash scripts/fetch-nvrtc.sh` prints, which holds a libnvrtc.so link to it)"
+            ));
+        }
         return Err(CudaError::Compile {
             arch: arch.to_string(),
             code: code(e),

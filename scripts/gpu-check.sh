@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The CUDA checks that need a GPU, as one prepared run: every GPU test of
+# kernels/tests/cuda.rs (each kernel against the scalar CPU kernel on awkward sizes),
+# the same tests under compute-sanitizer's memcheck where it is installed, the
+# matrix-vector benchmark with weights resident (examples/cuda_bench.rs: µs and GB/s
+# per shape, encoding and value type, each result checked against the CPU first), and
+# `cap-device info` reporting the GPU. Writes one JSON summary.
+#
+#   bash scripts/gpu-check.sh                 # build and run here (needs cargo and a GPU)
+#   bash scripts/gpu-check.sh prepare DIR     # build here, put everything a GPU machine
+#                                             # needs into DIR (no cargo needed there)
+#   bash scripts/gpu-check.sh run DIR [OUT]   # on the GPU machine: run what DIR holds,
+#                                             # write OUT/gpu-check.json and the logs
+#
+# `prepare` packs the test binary, the benchmark, cap-device (all built with `cuda`),
+# NVRTC 12.9 from scripts/fetch-nvrtc.sh (xz-packed, about 30 MB: cudarc dlopens
+# libnvrtc.so.12, and a GPU machine with only CUDA 13's NVRTC would not serve sm_72)
+# and a tiny `.cap` for `info`. Nothing here needs a CUDA toolkit at build time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+prepare() {
+  local dir=$1
+  mkdir -p "$dir"
+  local test_bin
+  test_bin=$(cargo test --release -p cap-kernels --features cuda --test cuda --no-run \
+    --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
+        print(m["executable"])')
+  cargo build --release -q -p cap-kernels --features cuda --example cuda_bench
+  cargo build --release -q -p cap-device --features cuda --bin cap-device
+  cargo build --release -q -p cap-host --bin cap-host
+  cp "$test_bin" "$dir/cuda-tests"
+  cp target/release/examples/cuda_bench "$dir/cuda_bench"
+  cp target/release/cap-device "$dir/cap-device"
+  strip "$dir/cuda-tests" "$dir/cuda_bench" "$dir/cap-device"
+  target/release/cap-host pack --model tests/fixtures/tiny/llama-tied -o "$dir/tiny.cap" >/dev/null
+  local lib
+  lib=$(bash scripts/fetch-nvrtc.sh)
+  if [ ! -f "$dir/nvrtc.tar.xz" ]; then
+    tar -C "$lib" -cf - libnvrtc.so.12 libnvrtc-builtins.so.12.9 | xz -6 -T0 >"$dir/nvrtc.tar.xz"
+  fi
+  du -sh "$dir"
+}
+
+run() {
+  local dir=$1 out=${2:-$1}
+  mkdir -p "$out"
+  local lib=/tmp/cap-nvrtc
+  mkdir -p "$lib"
+  if [ -f "$dir/nvrtc.tar.xz" ]; then
+    tar -C "$lib" -xJf "$dir/nvrtc.tar.xz"
+    # cudarc asks the loader for libnvrtc.so before libnvrtc.so.12: without this link a
+    # machine with CUDA 13 answers with its own NVRTC, which refuses sm_72 (seen on the
+    # H200 machine, first run).
+    ln -sf libnvrtc.so.12 "$lib/libnvrtc.so"
+    export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader \
+    >"$out/nvidia-smi.txt" 2>&1 || true
+  local t0 rc_tests rc_bench rc_info rc_san=skipped
+  t0=$(date +%s)
+  # The GPU tests must run, not skip, and NVRTC must be there.
+  set +e
+  CAP_REQUIRE_GPU=1 CAP_REQUIRE_NVRTC=1 "$dir/cuda-tests" --test-threads=1 >"$out/tests.log" 2>&1
+  rc_tests=$?
+  "$dir/cuda_bench" "${CAP_BENCH_REPS:-200}" >"$out/bench.jsonl" 2>"$out/bench.err"
+  rc_bench=$?
+  "$dir/cap-device" info "$dir/tiny.cap" >"$out/info.txt" 2>&1
+  rc_info=$?
+  if command -v compute-sanitizer >/dev/null; then
+    # memcheck: any out-of-bounds or misaligned access in a kernel is an error.
+    timeout "${CAP_SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 3 \
+      "$dir/cuda-tests" --test-threads=1 gpu_ >"$out/memcheck.log" 2>&1
+    rc_san=$?
+  fi
+  set -e
+  python3 - "$out" "$rc_tests" "$rc_bench" "$rc_info" "$rc_san" "$(($(date +%s) - t0))" <<'EOF'
+import json, re, sys
+out, rc_tests, rc_bench, rc_info, rc_san, secs = sys.argv[1:]
+read = lambda f: open(f"{out}/{f}", errors="replace").read()
+tests = read("tests.log")
+m = re.findall(r"test result: (\w+)\. (\d+) passed; (\d+) failed", tests)
+summary = {
+    "gpu": read("nvidia-smi.txt").strip(),
+    "tests": {"rc": int(rc_tests), "result": m[-1] if m else None,
+              "skipped": tests.count("SKIPPED"),
+              "failures": re.findall(r"^---- (\S+) stdout ----", tests, re.M)},
+    "bench": {"rc": int(rc_bench),
+              "cases": [json.loads(l) for l in read("bench.jsonl").splitlines() if l.startswith("{")]},
+    "info_gpu_line": [l for l in read("info.txt").splitlines() if l.startswith("gpu:")],
+    "info_rc": int(rc_info),
+    "memcheck": rc_san if rc_san == "skipped" else {"rc": int(rc_san)},
+    "seconds": int(secs),
+}
+json.dump(summary, open(f"{out}/gpu-check.json", "w"), indent=1)
+print(json.dumps({k: v for k, v in summary.items() if k != "bench"}, indent=1))
+for c in summary["bench"]["cases"]:
+    print(f'{c["rows"]:>6}x{c["cols"]:<5} {c["encoding"]:<10} {c["dtype"]:<8} {c["us"]:>9.2f} us {c["gb_per_s"]:>8.1f} GB/s')
+EOF
+  [ "$rc_tests" = 0 ] && [ "$rc_bench" = 0 ]
+}
+
+case "${1:-all}" in
+  prepare) prepare "${2:?usage: gpu-check.sh prepare DIR}" ;;
+  run) run "${2:?usage: gpu-check.sh run DIR [OUT]}" "${3:-}" ;;
+  all)
+    d=$(mktemp -d)
+    prepare "$d"
+    run "$d" "${OUT:-$d}"
+    ;;
+  *)
+    echo "usage: gpu-check.sh [prepare DIR | run DIR [OUT]]" >&2
+    exit 2
+    ;;
+esac
