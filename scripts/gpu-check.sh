@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The CUDA checks that need a GPU, as one prepared run: every GPU test of
-# kernels/tests/cuda.rs (each kernel against the scalar CPU kernel on awkward sizes),
-# the same tests under compute-sanitizer's memcheck where it is installed, the
-# matrix-vector benchmark with weights resident (examples/cuda_bench.rs: µs and GB/s
-# per shape, encoding and value type, each result checked against the CPU first), and
-# `cap-device info` reporting the GPU. Writes one JSON summary.
+# kernels/tests/cuda.rs (each kernel against the scalar CPU kernel on awkward sizes)
+# and of device/tests/gpu_model.rs (whole models, every encoding, float and Q8/Q4
+# values, with their linears on the GPU against the CPU's logits), the kernel tests
+# under compute-sanitizer's memcheck where it is installed, the matrix-vector
+# benchmark with weights resident (examples/cuda_bench.rs: µs and GB/s per shape,
+# encoding and value type, each result checked against the CPU first), `cap-device
+# selftest --device cuda` on small compressed files (50% float, 50% Q4, 2:4, Gemma-3)
+# against the perplexity the host stored in them, and `cap-device info` reporting the
+# GPU. Writes one JSON summary.
 #
 #   bash scripts/gpu-check.sh                 # build and run here (needs cargo and a GPU)
 #   bash scripts/gpu-check.sh prepare DIR     # build here, put everything a GPU machine
@@ -30,14 +34,33 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
         print(m["executable"])')
+  local model_bin
+  model_bin=$(cargo test --release -p cap-device --features cuda --test gpu_model --no-run \
+    --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu_model":
+        print(m["executable"])')
   cargo build --release -q -p cap-kernels --features cuda --example cuda_bench
   cargo build --release -q -p cap-device --features cuda --bin cap-device
   cargo build --release -q -p cap-host --bin cap-host
   cp "$test_bin" "$dir/cuda-tests"
+  cp "$model_bin" "$dir/gpu-model-tests"
   cp target/release/examples/cuda_bench "$dir/cuda_bench"
   cp target/release/cap-device "$dir/cap-device"
-  strip "$dir/cuda-tests" "$dir/cuda_bench" "$dir/cap-device"
+  strip "$dir/cuda-tests" "$dir/gpu-model-tests" "$dir/cuda_bench" "$dir/cap-device"
   target/release/cap-host pack --model tests/fixtures/tiny/llama-tied -o "$dir/tiny.cap" >/dev/null
+  # Small compressed files with a stored figure for `selftest --device cuda` (the test
+  # models are too large to carry to a machine that cannot download).
+  local h=target/release/cap-host c4=data/c4/c4_sample.json
+  local common=(--calib "$c4" --eval-ctx 64 --eval-windows 4 --no-source-eval)
+  local llama=tests/fixtures/tiny/llama-tied/llama-tied.gguf
+  $h compress --model $llama -o "$dir/st-50.cap" --ratio 0.5 "${common[@]}" >/dev/null 2>&1
+  $h compress --model $llama -o "$dir/st-50q4.cap" --ratio 0.5 --values q4 "${common[@]}" >/dev/null 2>&1
+  $h compress --model $llama -o "$dir/st-24.cap" --pattern 2:4 "${common[@]}" >/dev/null 2>&1
+  $h compress --model tests/fixtures/tiny/gemma3/gemma3.gguf -o "$dir/st-gemma50.cap" --ratio 0.5 \
+    "${common[@]}" >/dev/null 2>&1
   local lib
   lib=$(bash scripts/fetch-nvrtc.sh)
   if [ ! -f "$dir/nvrtc.tar.xz" ]; then
@@ -60,33 +83,52 @@ run() {
     export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   fi
   nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader \
-    >"$out/nvidia-smi.txt" 2>&1 || true
+    >"$out/info.txt" 2>&1 || true
   local t0 rc_tests rc_bench rc_info rc_san=skipped
   t0=$(date +%s)
   # The GPU tests must run, not skip, and NVRTC must be there.
   set +e
   CAP_REQUIRE_GPU=1 CAP_REQUIRE_NVRTC=1 "$dir/cuda-tests" --test-threads=1 >"$out/tests.log" 2>&1
   rc_tests=$?
+  CAP_REQUIRE_GPU=1 "$dir/gpu-model-tests" --test-threads=1 --nocapture >>"$out/tests.log" 2>&1
+  rc_tests=$((rc_tests | $?))
+  : >"$out/selftest.jsonl"
+  local rc_st=0
+  for f in "$dir"/st-*.cap; do
+    "$dir/cap-device" selftest "$f" --device cuda --json >>"$out/selftest.jsonl" 2>&1
+    rc_st=$((rc_st | $?))
+  done
   "$dir/cuda_bench" "${CAP_BENCH_REPS:-200}" >"$out/bench.jsonl" 2>"$out/bench.err"
   rc_bench=$?
-  "$dir/cap-device" info "$dir/tiny.cap" >"$out/info.txt" 2>&1
+  "$dir/cap-device" info "$dir/tiny.cap" >>"$out/info.txt" 2>&1
   rc_info=$?
   if command -v compute-sanitizer >/dev/null; then
     # memcheck: any out-of-bounds or misaligned access in a kernel is an error.
     timeout "${CAP_SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 3 \
       "$dir/cuda-tests" --test-threads=1 gpu_ >"$out/memcheck.log" 2>&1
     rc_san=$?
+    timeout "${CAP_SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 3 \
+      "$dir/gpu-model-tests" --test-threads=1 >>"$out/memcheck.log" 2>&1
+    rc_san=$((rc_san | $?))
   fi
   set -e
-  python3 - "$out" "$rc_tests" "$rc_bench" "$rc_info" "$rc_san" "$(($(date +%s) - t0))" <<'EOF'
+  python3 - "$out" "$rc_tests" "$rc_bench" "$rc_info" "$rc_san" "$(($(date +%s) - t0))" "$rc_st" <<'EOF'
 import json, re, sys
-out, rc_tests, rc_bench, rc_info, rc_san, secs = sys.argv[1:]
+out, rc_tests, rc_bench, rc_info, rc_san, secs, rc_st = sys.argv[1:]
 read = lambda f: open(f"{out}/{f}", errors="replace").read()
 tests = read("tests.log")
 m = re.findall(r"test result: (\w+)\. (\d+) passed; (\d+) failed", tests)
+st = []
+for l in read("selftest.jsonl").splitlines():
+    try:
+        r = json.loads(l)
+        st.append({k: r.get(k) for k in ("file", "ppl", "stored_ppl", "relative_difference", "pass", "decode_check_max_nll_diff", "decode_check_pass", "gpu")})
+    except ValueError:
+        st.append({"error": l})
 summary = {
-    "gpu": read("nvidia-smi.txt").strip(),
-    "tests": {"rc": int(rc_tests), "result": m[-1] if m else None,
+    "gpu": read("info.txt").splitlines()[0].strip(),
+    "selftest_cuda": {"rc": int(rc_st), "files": st},
+    "tests": {"rc": int(rc_tests), "results": m,
               "skipped": tests.count("SKIPPED"),
               "failures": re.findall(r"^---- (\S+) stdout ----", tests, re.M)},
     "bench": {"rc": int(rc_bench),
@@ -101,7 +143,7 @@ print(json.dumps({k: v for k, v in summary.items() if k != "bench"}, indent=1))
 for c in summary["bench"]["cases"]:
     print(f'{c["rows"]:>6}x{c["cols"]:<5} {c["encoding"]:<10} {c["dtype"]:<8} {c["us"]:>9.2f} us {c["gb_per_s"]:>8.1f} GB/s')
 EOF
-  [ "$rc_tests" = 0 ] && [ "$rc_bench" = 0 ]
+  [ "$rc_tests" = 0 ] && [ "$rc_bench" = 0 ] && [ "$rc_st" = 0 ]
 }
 
 case "${1:-all}" in

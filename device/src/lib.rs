@@ -9,6 +9,8 @@ pub mod caplinear;
 pub mod config;
 pub mod factored;
 pub mod forward;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod load;
 pub mod model;
 #[cfg(feature = "std")]

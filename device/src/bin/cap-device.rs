@@ -10,8 +10,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use cap_device::forward::{KvCache, KvDtype, Runner, Workspace};
 use cap_device::load;
+use cap_device::model::{Embedding, Linear, Model};
 use cap_device::open::{map, model as load_model, parse_verified as open, tokenizer};
-use cap_device::ppl::{PplOptions, Protocol, perplexity};
+use cap_device::ppl::{PplOptions, PplReport, Protocol, perplexity};
 use cap_device::sample::{Sampler, SamplerConfig};
 use cap_format::manifest::PerplexityProtocol;
 use cap_kernels::{cpu, par};
@@ -76,6 +77,17 @@ impl From<KvArg> for KvDtype {
     }
 }
 
+/// Where the linear layers run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    /// This machine's CPU (NEON, AVX2 or scalar kernels).
+    Cpu,
+    /// The first CUDA GPU: every linear layer uploaded once in its stored encoding,
+    /// the matrix-vector kernels there; norms, RoPE, attention and the KV cache on the
+    /// CPU. Needs a cap-device built with the `cuda` feature.
+    Cuda,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Describe a file: model, compression, memory needs, kernels; verifies checksums.
@@ -122,6 +134,10 @@ enum Cmd {
         /// the batched path (0 skips the check).
         #[arg(long, default_value_t = DECODE_CHECK_TOKENS)]
         decode_check: usize,
+        /// Where the linear layers run. `cuda` without a usable GPU is an error (one
+        /// line saying why), never a silent fall-back to the CPU.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
         /// Memory the KV cache and RoPE tables may take, in bytes [default: the
         /// memory the OS reports available (Linux MemAvailable); unbounded elsewhere].
         #[arg(long, value_name = "BYTES")]
@@ -276,6 +292,7 @@ fn run(cmd: Cmd) -> Result<u8> {
             threads: t,
             kv,
             decode_check,
+            device,
             max_memory,
             json,
         } => selftest(
@@ -284,7 +301,7 @@ fn run(cmd: Cmd) -> Result<u8> {
             (ctx, max_windows),
             t,
             (kv.into(), max_memory),
-            decode_check,
+            (decode_check, device),
             json,
         ),
         Cmd::Generate {
@@ -433,7 +450,7 @@ fn selftest(
     (ctx, max_windows): (Option<usize>, Option<usize>),
     threads_arg: Option<usize>,
     (kv, max_memory): (KvDtype, Option<u64>),
-    decode_check_tokens: usize,
+    (decode_check_tokens, device): (usize, DeviceArg),
     json: bool,
 ) -> Result<u8> {
     let th = threads(threads_arg)?;
@@ -491,25 +508,27 @@ fn selftest(
         bos: tok.bos_id().filter(|_| tok.adds_bos()),
         kv,
     };
-    let start = Instant::now();
-    let report = par::install(|| {
-        perplexity(&model, th, &tokens, &opts, |_, _| {
-            if !json {
-                eprint!(".");
-            }
-        })
-    })?;
+    // The decode check's tokens: the first of the first window. A text shorter than
+    // one window is refused by `perplexity` (which runs first) with its own message.
+    let n_check = decode_check_tokens.min(ctx.min(tokens.len()).saturating_sub(1));
+    let window = &tokens[..(n_check + 1).min(tokens.len())];
+    let progress = |_: usize, _: usize| {
+        if !json {
+            eprint!(".");
+        }
+    };
+    let (report, secs, decode_diff, gpu) = match device {
+        DeviceArg::Cpu => {
+            let m = measure(&model, th, &tokens, &opts, window, progress)?;
+            (m.0, m.1, m.2, None)
+        }
+        DeviceArg::Cuda => selftest_cuda(&model, th, &tokens, &opts, window, progress)?,
+    };
     if !json {
         eprintln!();
     }
-    let secs = start.elapsed().as_secs_f64();
     let total = report.total;
     let n_windows = report.window_nll_mean.len();
-    let runner = Runner::new(&model, ctx, th);
-    let first = &tokens[..ctx];
-    let n_check = decode_check_tokens.min(first.len() - 1);
-    let decode_diff =
-        par::install(|| decode_check(&runner, &first[..=n_check], kv)).context("decode check")?;
     let decode_ok = decode_diff <= DECODE_CHECK_TOL;
     let ppl = total.ppl();
     let comparable = record.filter(|r| {
@@ -539,6 +558,8 @@ fn selftest(
         "kv": match kv { KvDtype::F32 => "f32", KvDtype::F16 => "f16" },
         "threads": th,
         "kernels": cpu::kernels().isa.name(),
+        "device": match device { DeviceArg::Cpu => "cpu", DeviceArg::Cuda => "cuda" },
+        "gpu": gpu,
         "tokens_per_s": (n_windows * ctx) as f64 / secs,
         "seconds": secs,
         "file_bytes": bytes.len(),
@@ -557,7 +578,10 @@ fn selftest(
             n_windows,
             total.count,
             (n_windows * ctx) as f64 / secs,
-            cpu::kernels().isa.name()
+            match &gpu {
+                Some(g) => format!("linears on {g}, the rest on {}", cpu::kernels().isa.name()),
+                None => cpu::kernels().isa.name().to_string(),
+            }
         );
         match (comparable, rel, pass) {
             (Some(r), Some(d), Some(ok)) => println!(
@@ -580,14 +604,70 @@ fn selftest(
     })
 }
 
+/// The self-test's two measurements on `model`: the perplexity of `tokens` under
+/// `opts` (with the seconds it took) and the decode check over `window`.
+fn measure<L: Linear, E: Embedding>(
+    model: &Model<L, E>,
+    th: usize,
+    tokens: &[u32],
+    opts: &PplOptions,
+    window: &[u32],
+    progress: impl FnMut(usize, usize) + Send,
+) -> Result<(PplReport, f64, f64)> {
+    let start = Instant::now();
+    let report = par::install(|| perplexity(model, th, tokens, opts, progress))?;
+    let secs = start.elapsed().as_secs_f64();
+    let runner = Runner::new(model, opts.ctx, th);
+    let diff = par::install(|| decode_check(&runner, window, opts.kv)).context("decode check")?;
+    Ok((report, secs, diff))
+}
+
+/// [`measure`] with the linear layers on the first CUDA GPU; also returns the GPU's
+/// description. One line and exit status 2 when there is no usable GPU or a layer
+/// fails there.
+#[cfg(feature = "cuda")]
+fn selftest_cuda(
+    model: &cap_device::load::CapModel<'_>,
+    th: usize,
+    tokens: &[u32],
+    opts: &PplOptions,
+    window: &[u32],
+    progress: impl FnMut(usize, usize) + Send,
+) -> Result<(PplReport, f64, f64, Option<String>)> {
+    use cap_kernels::cuda::{Gpu, probe};
+    let info = probe().map_err(|u| anyhow::anyhow!("--device cuda: {u}"))?;
+    let gpu = std::sync::Arc::new(Gpu::new().context("--device cuda")?);
+    let g = cap_device::gpu::upload(&gpu, model).context("--device cuda: uploading the weights")?;
+    let (report, secs, diff) = measure(&g.model, th, tokens, opts, window, progress)?;
+    if let Some(e) = g.error() {
+        bail!("--device cuda: a layer failed on the GPU: {e}");
+    }
+    Ok((report, secs, diff, Some(info.to_string())))
+}
+
+/// Without the `cuda` feature, `--device cuda` is an error.
+#[cfg(not(feature = "cuda"))]
+fn selftest_cuda(
+    _: &cap_device::load::CapModel<'_>,
+    _: usize,
+    _: &[u32],
+    _: &PplOptions,
+    _: &[u32],
+    _: impl FnMut(usize, usize) + Send,
+) -> Result<(PplReport, f64, f64, Option<String>)> {
+    bail!(
+        "--device cuda: this cap-device was built without the `cuda` feature (cargo build --features cuda)"
+    )
+}
+
 /// Largest |NLL difference| over the tokens of `window` (but its last) between the batched
 /// forward pass and decoding one token at a time with a fresh cache.
-fn decode_check(
-    runner: &Runner<'_, cap_device::caplinear::CapLinear<'_>, cap_device::caplinear::CapLinear<'_>>,
+fn decode_check<L: Linear, E: Embedding>(
+    runner: &Runner<'_, L, E>,
     window: &[u32],
     kv: KvDtype,
 ) -> Result<f64, cap_device::forward::ForwardError> {
-    let n = window.len() - 1;
+    let n = window.len().saturating_sub(1);
     if n == 0 {
         return Ok(0.0);
     }

@@ -1,25 +1,27 @@
-//! [`Gpu`]: runs each CUDA kernel on host slices, with the same arguments and the same
-//! accumulate-into-`y` contract as the CPU kernels (`cpu::Kernels`). Every call
-//! uploads its inputs, launches once and downloads the result: a test and reference
-//! harness, not the runtime's data path (which will keep weights on the GPU).
+//! [`Gpu`]: runs each CUDA kernel, with the same arguments and the same
+//! accumulate-into-`y` contract as the CPU kernels (`cpu::Kernels`).
 //!
-//! Every size and index array is checked on the host before a launch, so inconsistent
-//! input gives [`CudaError::Shape`], never a read outside a device buffer.
+//! A weight matrix is uploaded once as a [`Resident`] (every size and index array
+//! checked on the host first, so inconsistent input gives [`CudaError::Shape`], never
+//! a read outside a device buffer) and multiplied by [`Gpu::resident_rows`] (host
+//! vectors) or [`Gpu::resident_rows_dev`] (vectors already on the GPU). The
+//! host-slice methods (`dense_rows`, `bitmask_rows`, …) upload, launch once and
+//! download: the tests' harness.
 //!
-//! **Not yet run on a GPU**: this code compiles and its argument checks are exercised
-//! only by the type checker; the first session with a GPU runs `tests/cuda.rs`.
+//! Run on an H200 (scripts/gpu-check.sh): every test of `tests/cuda.rs` passes, and
+//! compute-sanitizer's memcheck finds no error.
 
-use std::cell::Cell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchArgs,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 
 use super::{CudaError, GpuInfo, Ptx, compile, probe_ordinal};
-use crate::cpu::{BitmaskRef, CsrRef, DType, TwoFourRef, Values, bitmask_row_starts};
+use crate::cpu::{BitmaskRef, CsrRef, DType, SparseRef, TwoFourRef, Values, bitmask_row_starts};
 
 /// Threads per block of the matrix-vector kernels: 4 warps, one row each.
 const MATVEC_THREADS: u32 = 128;
@@ -34,9 +36,60 @@ pub struct Gpu {
     module: Arc<CudaModule>,
     /// How many times each matrix-vector launch runs back to back: 1, except inside
     /// [`Gpu::time_matvec`].
-    repeat: Cell<u32>,
-    /// Mean seconds per launch of the last repeated matrix-vector launch.
-    last_seconds: Cell<f64>,
+    repeat: AtomicU32,
+    /// Mean seconds per launch of the last repeated matrix-vector launch (f64 bits).
+    last_seconds: AtomicU64,
+}
+
+/// A weight matrix on the GPU in its stored encoding and value type, uploaded once by
+/// [`Gpu::upload_dense`], [`Gpu::upload_sparse`] and the like, which check every size
+/// and index array first.
+pub struct Resident {
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    data: ResidentData,
+}
+
+/// The device buffers of a [`Resident`], by encoding (the kernels' arguments).
+enum ResidentData {
+    Dense {
+        w: CudaSlice<u8>,
+    },
+    Bitmask {
+        mask: CudaSlice<u8>,
+        mask_len: u64,
+        row_start: CudaSlice<u32>,
+        row_block: CudaSlice<u32>,
+        vals: CudaSlice<u8>,
+    },
+    Csr {
+        ptr: CudaSlice<u32>,
+        idx: CudaSlice<u8>,
+        row_block: CudaSlice<u32>,
+        vals: CudaSlice<u8>,
+    },
+    TwoFour {
+        vals: CudaSlice<u8>,
+        meta: CudaSlice<u8>,
+    },
+}
+
+impl Resident {
+    /// Output rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The value type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
 }
 
 fn driver(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError {
@@ -123,8 +176,8 @@ impl Gpu {
             ptx,
             stream,
             module,
-            repeat: Cell::new(1),
-            last_seconds: Cell::new(0.0),
+            repeat: AtomicU32::new(1),
+            last_seconds: AtomicU64::new(0),
         })
     }
 
@@ -153,11 +206,11 @@ impl Gpu {
     /// its own before calling).
     unsafe fn launch_matvec(
         &self,
-        b: &mut cudarc::driver::LaunchArgs<'_>,
+        b: &mut LaunchArgs<'_>,
         n: u32,
         what: &'static str,
     ) -> Result<(), CudaError> {
-        let reps = self.repeat.get();
+        let reps = self.repeat.load(Ordering::Relaxed);
         if reps <= 1 {
             // SAFETY: the caller's contract.
             return unsafe { b.launch(matvec_cfg(n)) }
@@ -173,8 +226,8 @@ impl Gpu {
             unsafe { b.launch(matvec_cfg(n)) }.map_err(driver(what))?;
         }
         self.stream.synchronize().map_err(driver(what))?;
-        self.last_seconds
-            .set(t.elapsed().as_secs_f64() / f64::from(reps));
+        let mean = t.elapsed().as_secs_f64() / f64::from(reps);
+        self.last_seconds.store(mean.to_bits(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -188,12 +241,13 @@ impl Gpu {
         reps: u32,
         f: impl FnOnce(&Gpu) -> Result<(), CudaError>,
     ) -> Result<f64, CudaError> {
-        self.repeat.set(reps.max(1));
-        self.last_seconds.set(f64::NAN);
+        self.repeat.store(reps.max(1), Ordering::Relaxed);
+        self.last_seconds
+            .store(f64::NAN.to_bits(), Ordering::Relaxed);
         let r = f(self);
-        self.repeat.set(1);
+        self.repeat.store(1, Ordering::Relaxed);
         r?;
-        let s = self.last_seconds.get();
+        let s = f64::from_bits(self.last_seconds.load(Ordering::Relaxed));
         if s.is_nan() {
             return Err(shape("time_matvec: f launched no matrix-vector kernel"));
         }
@@ -225,6 +279,378 @@ impl Gpu {
         Ok(())
     }
 
+    /// A device copy of `data` (see [`Gpu::up`]), for vectors the caller keeps on the
+    /// GPU between launches ([`Gpu::resident_rows_dev`]).
+    pub fn upload_f32(&self, data: &[f32]) -> Result<CudaSlice<f32>, CudaError> {
+        self.up(data)
+    }
+
+    /// `n` zeros on the GPU (at least one element, as [`Gpu::up`]).
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<CudaSlice<T>, CudaError> {
+        self.stream
+            .alloc_zeros(n.max(1))
+            .map_err(driver("allocating on the GPU"))
+    }
+
+    /// Overwrites the start of `d` with `data`.
+    pub fn write_f32(&self, data: &[f32], d: &mut CudaSlice<f32>) -> Result<(), CudaError> {
+        if data.len() > d.len() {
+            return Err(shape(format!(
+                "{} values into a device buffer of {}",
+                data.len(),
+                d.len()
+            )));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut view = d.slice_mut(..data.len());
+        self.stream
+            .memcpy_htod(data, &mut view)
+            .map_err(driver("copying to the GPU"))
+    }
+
+    /// Zeros all of `d`.
+    pub fn clear_f32(&self, d: &mut CudaSlice<f32>) -> Result<(), CudaError> {
+        self.stream
+            .memset_zeros(d)
+            .map_err(driver("clearing a device buffer"))
+    }
+
+    /// Copies the first `out.len()` values of `d` into `out` (and reports any failed
+    /// kernel queued before).
+    pub fn read_f32(&self, d: &CudaSlice<f32>, out: &mut [f32]) -> Result<(), CudaError> {
+        if out.len() > d.len() {
+            return Err(shape(format!(
+                "{} values out of a device buffer of {}",
+                out.len(),
+                d.len()
+            )));
+        }
+        self.down(d, out)
+    }
+
+    /// Dense `rows × cols` `W` of any value type, uploaded once.
+    pub fn upload_dense(
+        &self,
+        w: Values<'_>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Resident, CudaError> {
+        let rb = w.dtype.run_bytes(cols as u64);
+        check_len("dense values", w.bytes.len(), rows as u64 * rb)?;
+        Ok(Resident {
+            rows,
+            cols,
+            dtype: w.dtype,
+            data: ResidentData::Dense {
+                w: self.up(w.bytes)?,
+            },
+        })
+    }
+
+    /// Bitmask-encoded `W` (rows from `row_start`), uploaded once.
+    pub fn upload_bitmask(&self, m: &BitmaskRef<'_>) -> Result<Resident, CudaError> {
+        let cols = m.cols;
+        let rows = m
+            .row_start
+            .len()
+            .checked_sub(1)
+            .ok_or_else(|| shape("row_start is empty"))?;
+        // The kernel indexes values by row_start and the mask's bits: they must agree.
+        if rows
+            .checked_mul(cols)
+            .is_none_or(|n| n.div_ceil(8) > m.mask.len())
+            || bitmask_row_starts(m.mask, rows, cols) != m.row_start
+        {
+            return Err(shape("the mask and row_start disagree"));
+        }
+        let dt = m.values.dtype;
+        let row_block = if dt.is_quantized() {
+            let counts = m.row_start.windows(2).map(|w| (w[1] - w[0]) as usize);
+            let rb = row_blocks(counts, dt.group())?;
+            check_len(
+                "bitmask values",
+                m.values.bytes.len(),
+                u64::from(rb[rows]) * dt.size() as u64,
+            )?;
+            rb
+        } else {
+            check_len(
+                "bitmask values",
+                m.values.bytes.len(),
+                u64::from(m.row_start[rows]) * dt.size() as u64,
+            )?;
+            Vec::new()
+        };
+        Ok(Resident {
+            rows,
+            cols,
+            dtype: dt,
+            data: ResidentData::Bitmask {
+                mask: self.up(m.mask)?,
+                mask_len: m.mask.len() as u64,
+                row_start: self.up(m.row_start)?,
+                row_block: self.up(&row_block)?,
+                vals: self.up(m.values.bytes)?,
+            },
+        })
+    }
+
+    /// Block-CSR `W` (rows from `block_ptr`), uploaded once.
+    pub fn upload_csr(&self, m: &CsrRef<'_>) -> Result<Resident, CudaError> {
+        let cols = m.cols;
+        if cols == 0 {
+            return Err(shape("a block-CSR matrix needs at least one column"));
+        }
+        let nb = cols.div_ceil(256);
+        if !m.block_ptr.len().is_multiple_of(4) {
+            return Err(shape("block_ptr is not whole u32s"));
+        }
+        let ptr: Vec<u32> = m
+            .block_ptr
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let rows = (ptr.len().saturating_sub(1)) / nb;
+        if ptr.len() != rows * nb + 1 {
+            return Err(shape(format!(
+                "block_ptr has {} entries, not rows·{nb} + 1",
+                ptr.len()
+            )));
+        }
+        if ptr.windows(2).any(|w| w[0] > w[1]) || ptr[rows * nb] as usize > m.col_idx.len() {
+            return Err(shape("block_ptr decreases or points past col_idx"));
+        }
+        let dt = m.values.dtype;
+        let row_block = if dt.is_quantized() {
+            let counts = (0..rows).map(|r| (ptr[(r + 1) * nb] - ptr[r * nb]) as usize);
+            let rb = row_blocks(counts, dt.group())?;
+            check_len(
+                "block-CSR values",
+                m.values.bytes.len(),
+                u64::from(rb[rows]) * dt.size() as u64,
+            )?;
+            rb
+        } else {
+            check_len(
+                "block-CSR values",
+                m.values.bytes.len(),
+                u64::from(ptr[rows * nb]) * dt.size() as u64,
+            )?;
+            Vec::new()
+        };
+        Ok(Resident {
+            rows,
+            cols,
+            dtype: dt,
+            data: ResidentData::Csr {
+                ptr: self.up(&ptr)?,
+                idx: self.up(m.col_idx)?,
+                row_block: self.up(&row_block)?,
+                vals: self.up(m.values.bytes)?,
+            },
+        })
+    }
+
+    /// 2:4 `W` of `rows` rows, uploaded once.
+    pub fn upload_two_four(&self, m: &TwoFourRef<'_>, rows: usize) -> Result<Resident, CudaError> {
+        let cols = m.cols;
+        if !cols.is_multiple_of(4) {
+            return Err(shape(format!("2:4 needs cols % 4 == 0, got {cols}")));
+        }
+        let dt = m.values.dtype;
+        check_len(
+            "2:4 values",
+            m.values.bytes.len(),
+            rows as u64 * dt.run_bytes((cols / 2) as u64),
+        )?;
+        check_len(
+            "2:4 meta",
+            m.meta.len(),
+            (rows * cols / 4).div_ceil(2) as u64,
+        )?;
+        Ok(Resident {
+            rows,
+            cols,
+            dtype: dt,
+            data: ResidentData::TwoFour {
+                vals: self.up(m.values.bytes)?,
+                meta: self.up(m.meta)?,
+            },
+        })
+    }
+
+    /// Any sparse part of `rows` rows, uploaded once.
+    pub fn upload_sparse(&self, m: &SparseRef<'_>, rows: usize) -> Result<Resident, CudaError> {
+        let r = match m {
+            SparseRef::Bitmask(b) => self.upload_bitmask(b)?,
+            SparseRef::Csr(c) => self.upload_csr(c)?,
+            SparseRef::TwoFour(t) => self.upload_two_four(t, rows)?,
+        };
+        if r.rows != rows {
+            return Err(shape(format!(
+                "the sparse part has {} rows, the layer {rows}",
+                r.rows
+            )));
+        }
+        Ok(r)
+    }
+
+    /// `y[i] += W[r0 + i, :]·x` for `i < n` with `x` and `y` on the GPU (`x` holds at
+    /// least `cols` values, `y` at least `n`), as the CPU kernels' `*_rows`. Queued on
+    /// the GPU's stream; a failure of the kernel itself surfaces at the next read.
+    pub fn resident_rows_dev(
+        &self,
+        m: &Resident,
+        r0: usize,
+        n: usize,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        if m.cols == 0 || n == 0 {
+            return Ok(());
+        }
+        if r0 + n > m.rows {
+            return Err(shape(format!("rows {r0}..{} of {}", r0 + n, m.rows)));
+        }
+        if x.len() < m.cols || y.len() < n {
+            return Err(shape(format!(
+                "x has {} values for {} columns, y {} for {n} rows",
+                x.len(),
+                m.cols,
+                y.len()
+            )));
+        }
+        let (cols32, r0_32, n32) = (
+            to_u32(m.cols, "cols")?,
+            to_u32(r0, "r0")?,
+            to_u32(n, "rows")?,
+        );
+        let group = to_u32(m.dtype.group(), "group")?;
+        let sfx = suffix(m.dtype);
+        match &m.data {
+            ResidentData::Dense { w } => {
+                let f = self.func(&format!("cap_dense_rows_{sfx}"))?;
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(w)
+                    .arg(&cols32)
+                    .arg(&group)
+                    .arg(&r0_32)
+                    .arg(&n32)
+                    .arg(x)
+                    .arg(y);
+                // SAFETY: the arguments match cap_dense_rows_* in matvec.cu in order
+                // and type (const u8*, u32 cols, u32 group, u32 r0, u32 n, const
+                // float* x, float* y); rows r0..r0+n lie inside `w` (upload_dense
+                // checked all `rows`), x has cols values and y n (checked above).
+                unsafe { self.launch_matvec(&mut b, n32, "launching cap_dense_rows") }
+            }
+            ResidentData::Bitmask {
+                mask,
+                mask_len,
+                row_start,
+                row_block,
+                vals,
+            } => {
+                let f = self.func(&format!("cap_bitmask_rows_{sfx}"))?;
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(mask)
+                    .arg(mask_len)
+                    .arg(&cols32)
+                    .arg(row_start)
+                    .arg(row_block)
+                    .arg(vals)
+                    .arg(&group)
+                    .arg(&r0_32)
+                    .arg(&n32)
+                    .arg(x)
+                    .arg(y);
+                // SAFETY: the arguments match cap_bitmask_rows_* in matvec.cu in order
+                // and type (const u8* mask, u64 mask_len, u32 cols, const u32*
+                // row_start, const u32* row_block, const u8* vals, u32 group, u32 r0,
+                // u32 n, const float* x, float* y). upload_bitmask checked that
+                // row_start equals the mask's own counts and that the values cover its
+                // last entry (or every row's blocks), so no index leaves its buffer;
+                // row_block is read only by the quantized kernels, which get the full
+                // table.
+                unsafe { self.launch_matvec(&mut b, n32, "launching cap_bitmask_rows") }
+            }
+            ResidentData::Csr {
+                ptr,
+                idx,
+                row_block,
+                vals,
+            } => {
+                let f = self.func(&format!("cap_csr_rows_{sfx}"))?;
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&cols32)
+                    .arg(ptr)
+                    .arg(idx)
+                    .arg(row_block)
+                    .arg(vals)
+                    .arg(&group)
+                    .arg(&r0_32)
+                    .arg(&n32)
+                    .arg(x)
+                    .arg(y);
+                // SAFETY: the arguments match cap_csr_rows_* in matvec.cu in order and
+                // type (u32 cols, const u32* block_ptr, const u8* col_idx, const u32*
+                // row_block, const u8* vals, u32 group, u32 r0, u32 n, const float* x,
+                // float* y). upload_csr checked that the pointers are non-decreasing
+                // and end inside col_idx and that the values cover them; the kernel
+                // skips columns past cols.
+                unsafe { self.launch_matvec(&mut b, n32, "launching cap_csr_rows") }
+            }
+            ResidentData::TwoFour { vals, meta } => {
+                let f = self.func(&format!("cap_two_four_rows_{sfx}"))?;
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&cols32)
+                    .arg(vals)
+                    .arg(meta)
+                    .arg(&group)
+                    .arg(&r0_32)
+                    .arg(&n32)
+                    .arg(x)
+                    .arg(y);
+                // SAFETY: the arguments match cap_two_four_rows_* in matvec.cu in
+                // order and type (u32 cols, const u8* vals, const u8* meta, u32 group,
+                // u32 r0, u32 n, const float* x, float* y); upload_two_four checked
+                // that values and meta cover every row, and a nibble's indices stay
+                // inside its group of 4 columns.
+                unsafe { self.launch_matvec(&mut b, n32, "launching cap_two_four_rows") }
+            }
+        }
+    }
+
+    /// `y[i] += W[r0 + i, :]·x` for `i < y.len()` with host vectors: uploads `x` and
+    /// `y`, launches once, downloads `y`.
+    pub fn resident_rows(
+        &self,
+        m: &Resident,
+        r0: usize,
+        x: &[f32],
+        y: &mut [f32],
+    ) -> Result<(), CudaError> {
+        if x.len() != m.cols {
+            return Err(shape(format!(
+                "x has {} values, W {} columns",
+                x.len(),
+                m.cols
+            )));
+        }
+        if m.cols == 0 || y.is_empty() {
+            return Ok(());
+        }
+        let dx = self.up(x)?;
+        let mut dy = self.up(y)?;
+        self.resident_rows_dev(m, r0, y.len(), &dx, &mut dy)?;
+        self.down(&dy, y)
+    }
+
     /// Dense `W` (`cols` columns, any value type): `y[i] += W[r0 + i, :]·x`, as
     /// `cpu::Kernels::dense_rows`.
     pub fn dense_rows(
@@ -241,30 +667,8 @@ impl Gpu {
         if cols == 0 || y.is_empty() {
             return Ok(());
         }
-        let rb = w.dtype.run_bytes(cols as u64);
-        check_len("dense values", w.bytes.len(), (r0 + y.len()) as u64 * rb)?;
-        let (cols32, r0_32, n) = (
-            to_u32(cols, "cols")?,
-            to_u32(r0, "r0")?,
-            to_u32(y.len(), "rows")?,
-        );
-        let group = to_u32(w.dtype.group(), "group")?;
-        let f = self.func(&format!("cap_dense_rows_{}", suffix(w.dtype)))?;
-        let (dw, dx) = (self.up(w.bytes)?, self.up(x)?);
-        let mut dy = self.up(y)?;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&dw)
-            .arg(&cols32)
-            .arg(&group)
-            .arg(&r0_32)
-            .arg(&n)
-            .arg(&dx)
-            .arg(&mut dy);
-        // SAFETY: the arguments match cap_dense_rows_* in matvec.cu in order and type
-        // (const u8*, u32 cols, u32 group, u32 r0, u32 n, const float* x, float* y);
-        // the rows r0..r0+n lie inside `dw` (checked above), x has cols values and y n.
-        unsafe { self.launch_matvec(&mut b, n, "launching cap_dense_rows") }?;
-        self.down(&dy, y)
+        let m = self.upload_dense(w, r0 + y.len(), cols)?;
+        self.resident_rows(&m, r0, x, y)
     }
 
     /// Low-rank `W = B·A` (`A`: `rank × cols`, `B`: `rows × rank`, the format's
@@ -294,82 +698,18 @@ impl Gpu {
         x: &[f32],
         y: &mut [f32],
     ) -> Result<(), CudaError> {
-        let cols = m.cols;
-        if x.len() != cols {
-            return Err(shape(format!("x has {} values, W {cols} columns", x.len())));
+        if x.len() != m.cols {
+            return Err(shape(format!(
+                "x has {} values, W {} columns",
+                x.len(),
+                m.cols
+            )));
         }
-        let rows = m
-            .row_start
-            .len()
-            .checked_sub(1)
-            .ok_or_else(|| shape("row_start is empty"))?;
-        if r0 + y.len() > rows {
-            return Err(shape(format!("rows {r0}..{} of {rows}", r0 + y.len())));
-        }
-        if cols == 0 || y.is_empty() {
+        if m.cols == 0 || y.is_empty() {
             return Ok(());
         }
-        // The kernel indexes values by row_start and the mask's bits: they must agree.
-        if rows
-            .checked_mul(cols)
-            .is_none_or(|n| n.div_ceil(8) > m.mask.len())
-            || bitmask_row_starts(m.mask, rows, cols) != m.row_start
-        {
-            return Err(shape("the mask and row_start disagree"));
-        }
-        let dt = m.values.dtype;
-        let row_block = if dt.is_quantized() {
-            let counts = m.row_start.windows(2).map(|w| (w[1] - w[0]) as usize);
-            let rb = row_blocks(counts, dt.group())?;
-            check_len(
-                "bitmask values",
-                m.values.bytes.len(),
-                u64::from(rb[rows]) * dt.size() as u64,
-            )?;
-            rb
-        } else {
-            check_len(
-                "bitmask values",
-                m.values.bytes.len(),
-                u64::from(m.row_start[rows]) * dt.size() as u64,
-            )?;
-            Vec::new()
-        };
-        let (cols32, r0_32, n) = (
-            to_u32(cols, "cols")?,
-            to_u32(r0, "r0")?,
-            to_u32(y.len(), "rows")?,
-        );
-        let group = to_u32(dt.group(), "group")?;
-        let mask_len = m.mask.len() as u64;
-        let f = self.func(&format!("cap_bitmask_rows_{}", suffix(dt)))?;
-        let (dmask, dstart, dblock) = (
-            self.up(m.mask)?,
-            self.up(m.row_start)?,
-            self.up(&row_block)?,
-        );
-        let (dvals, dx) = (self.up(m.values.bytes)?, self.up(x)?);
-        let mut dy = self.up(y)?;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&dmask)
-            .arg(&mask_len)
-            .arg(&cols32)
-            .arg(&dstart)
-            .arg(&dblock)
-            .arg(&dvals)
-            .arg(&group)
-            .arg(&r0_32)
-            .arg(&n)
-            .arg(&dx)
-            .arg(&mut dy);
-        // SAFETY: the arguments match cap_bitmask_rows_* in matvec.cu in order and type
-        // (const u8* mask, u64 mask_len, u32 cols, const u32* row_start, const u32*
-        // row_block, const u8* vals, u32 group, u32 r0, u32 n, const float* x, float*
-        // y). row_start equals the mask's own counts and the values cover its last
-        // entry (or every row's blocks), so no index leaves its buffer; row_block is
-        // read only by the quantized kernels, which get the full table.
-        unsafe { self.launch_matvec(&mut b, n, "launching cap_bitmask_rows") }?;
-        self.down(&dy, y)
+        let m = self.upload_bitmask(m)?;
+        self.resident_rows(&m, r0, x, y)
     }
 
     /// Block-CSR `W`, as `cpu::Kernels::csr_rows`.
@@ -380,79 +720,18 @@ impl Gpu {
         x: &[f32],
         y: &mut [f32],
     ) -> Result<(), CudaError> {
-        let cols = m.cols;
-        if x.len() != cols {
-            return Err(shape(format!("x has {} values, W {cols} columns", x.len())));
-        }
-        if cols == 0 || y.is_empty() {
-            return Ok(());
-        }
-        let nb = cols.div_ceil(256);
-        if !m.block_ptr.len().is_multiple_of(4) {
-            return Err(shape("block_ptr is not whole u32s"));
-        }
-        let ptr: Vec<u32> = m
-            .block_ptr
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        let rows = (ptr.len().saturating_sub(1)) / nb;
-        if ptr.len() != rows * nb + 1 || r0 + y.len() > rows {
+        if x.len() != m.cols {
             return Err(shape(format!(
-                "block_ptr has {} entries for rows {r0}..{} with {nb} blocks a row",
-                ptr.len(),
-                r0 + y.len()
+                "x has {} values, W {} columns",
+                x.len(),
+                m.cols
             )));
         }
-        if ptr.windows(2).any(|w| w[0] > w[1]) || ptr[rows * nb] as usize > m.col_idx.len() {
-            return Err(shape("block_ptr decreases or points past col_idx"));
+        if m.cols == 0 || y.is_empty() {
+            return Ok(());
         }
-        let dt = m.values.dtype;
-        let row_block = if dt.is_quantized() {
-            let counts = (0..rows).map(|r| (ptr[(r + 1) * nb] - ptr[r * nb]) as usize);
-            let rb = row_blocks(counts, dt.group())?;
-            check_len(
-                "block-CSR values",
-                m.values.bytes.len(),
-                u64::from(rb[rows]) * dt.size() as u64,
-            )?;
-            rb
-        } else {
-            check_len(
-                "block-CSR values",
-                m.values.bytes.len(),
-                u64::from(ptr[rows * nb]) * dt.size() as u64,
-            )?;
-            Vec::new()
-        };
-        let (cols32, r0_32, n) = (
-            to_u32(cols, "cols")?,
-            to_u32(r0, "r0")?,
-            to_u32(y.len(), "rows")?,
-        );
-        let group = to_u32(dt.group(), "group")?;
-        let f = self.func(&format!("cap_csr_rows_{}", suffix(dt)))?;
-        let (dptr, didx, dblock) = (self.up(&ptr)?, self.up(m.col_idx)?, self.up(&row_block)?);
-        let (dvals, dx) = (self.up(m.values.bytes)?, self.up(x)?);
-        let mut dy = self.up(y)?;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&cols32)
-            .arg(&dptr)
-            .arg(&didx)
-            .arg(&dblock)
-            .arg(&dvals)
-            .arg(&group)
-            .arg(&r0_32)
-            .arg(&n)
-            .arg(&dx)
-            .arg(&mut dy);
-        // SAFETY: the arguments match cap_csr_rows_* in matvec.cu in order and type
-        // (u32 cols, const u32* block_ptr, const u8* col_idx, const u32* row_block,
-        // const u8* vals, u32 group, u32 r0, u32 n, const float* x, float* y). The
-        // pointers are non-decreasing and end inside col_idx, the values cover them,
-        // and the kernel skips columns past cols.
-        unsafe { self.launch_matvec(&mut b, n, "launching cap_csr_rows") }?;
-        self.down(&dy, y)
+        let m = self.upload_csr(m)?;
+        self.resident_rows(&m, r0, x, y)
     }
 
     /// 2:4 `W`, as `cpu::Kernels::two_four_rows`.
@@ -463,52 +742,18 @@ impl Gpu {
         x: &[f32],
         y: &mut [f32],
     ) -> Result<(), CudaError> {
-        let cols = m.cols;
-        if !cols.is_multiple_of(4) {
-            return Err(shape(format!("2:4 needs cols % 4 == 0, got {cols}")));
+        if x.len() != m.cols {
+            return Err(shape(format!(
+                "x has {} values, W {} columns",
+                x.len(),
+                m.cols
+            )));
         }
-        if x.len() != cols {
-            return Err(shape(format!("x has {} values, W {cols} columns", x.len())));
-        }
-        if cols == 0 || y.is_empty() {
+        if m.cols == 0 || y.is_empty() {
             return Ok(());
         }
-        let rows = r0 + y.len();
-        let dt = m.values.dtype;
-        check_len(
-            "2:4 values",
-            m.values.bytes.len(),
-            rows as u64 * dt.run_bytes((cols / 2) as u64),
-        )?;
-        check_len(
-            "2:4 meta",
-            m.meta.len(),
-            (rows * cols / 4).div_ceil(2) as u64,
-        )?;
-        let (cols32, r0_32, n) = (
-            to_u32(cols, "cols")?,
-            to_u32(r0, "r0")?,
-            to_u32(y.len(), "rows")?,
-        );
-        let group = to_u32(dt.group(), "group")?;
-        let f = self.func(&format!("cap_two_four_rows_{}", suffix(dt)))?;
-        let (dvals, dmeta, dx) = (self.up(m.values.bytes)?, self.up(m.meta)?, self.up(x)?);
-        let mut dy = self.up(y)?;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&cols32)
-            .arg(&dvals)
-            .arg(&dmeta)
-            .arg(&group)
-            .arg(&r0_32)
-            .arg(&n)
-            .arg(&dx)
-            .arg(&mut dy);
-        // SAFETY: the arguments match cap_two_four_rows_* in matvec.cu in order and
-        // type (u32 cols, const u8* vals, const u8* meta, u32 group, u32 r0, u32 n,
-        // const float* x, float* y); values and meta cover rows 0..r0+n (checked above)
-        // and a nibble's indices stay inside its group of 4 columns.
-        unsafe { self.launch_matvec(&mut b, n, "launching cap_two_four_rows") }?;
-        self.down(&dy, y)
+        let m = self.upload_two_four(m, r0 + y.len())?;
+        self.resident_rows(&m, r0, x, y)
     }
 
     /// RMSNorm of each `weight.len()`-wide row of `x`, as `ops::rms_norm`.

@@ -19,7 +19,7 @@ use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 
 mod gpu;
 
-pub use gpu::Gpu;
+pub use gpu::{Gpu, Resident};
 
 /// Helpers every kernel file uses (f16/bf16 decoding, dequantization, reductions).
 pub const COMMON_CUH: &str = include_str!("common.cuh");
