@@ -49,7 +49,10 @@ for l in sys.stdin:
   cp "$model_bin" "$dir/gpu-model-tests"
   cp target/release/examples/cuda_bench "$dir/cuda_bench"
   cp target/release/cap-device "$dir/cap-device"
-  strip "$dir/cuda-tests" "$dir/gpu-model-tests" "$dir/cuda_bench" "$dir/cap-device"
+  # cap-host makes the decode benchmark's model there (a random checkpoint, compressed
+  # and packed on that machine: too large to carry).
+  cp target/release/cap-host "$dir/cap-host"
+  strip "$dir/cuda-tests" "$dir/gpu-model-tests" "$dir/cuda_bench" "$dir/cap-device" "$dir/cap-host"
   target/release/cap-host pack --model tests/fixtures/tiny/llama-tied -o "$dir/tiny.cap" >/dev/null
   # Small compressed files with a stored figure for `selftest --device cuda` (the test
   # models are too large to carry to a machine that cannot download).
@@ -98,7 +101,30 @@ run() {
     "$dir/cap-device" selftest "$f" --device cuda --json >>"$out/selftest.jsonl" 2>&1
     rc_st=$((rc_st | $?))
   done
-  "$dir/cuda_bench" "${CAP_BENCH_REPS:-200}" >"$out/bench.jsonl" 2>"$out/bench.err"
+  # Greedy generation, CPU then GPU: the same tokens (their logits agree to ~1e-5).
+  : >"$out/generate.jsonl"
+  for d in cpu cuda; do
+    "$dir/cap-device" generate "$dir/st-50q4.cap" --prompt "The capital of France is" -n 48 \
+      --temp 0 --device $d --json >>"$out/generate.jsonl" 2>&1
+    rc_st=$((rc_st | $?))
+  done
+  # Decode speed, CPU (all cores) against GPU, on a random LLaMA of CAP_DECODE_PARAMS
+  # (default 200m) packed dense f16 and pruned to 50% (magnitude; bitmask, f16).
+  if [ -x "$dir/cap-host" ]; then
+    local m=/tmp/cap-decode-model p=${CAP_DECODE_PARAMS:-200m}
+    rm -rf "$m" "$m".*.cap
+    "$dir/cap-host" random-model --params "$p" -o "$m" >/dev/null 2>&1 &&
+      "$dir/cap-host" pack --model "$m" -o "$m.f16.cap" --dtype f16 >/dev/null 2>&1 &&
+      timeout 200 "$dir/cap-host" compress --model "$m" -o "$m.50.cap" --ratio 0.5 --method magnitude \
+        --eval-ctx 64 --eval-windows 1 --no-source-eval >/dev/null 2>&1
+    for f in "$m.f16.cap" "$m.50.cap"; do
+      for d in cpu cuda; do
+        [ -f "$f" ] && timeout 120 "$dir/cap-device" generate "$f" --prompt "The capital of France is" \
+          -n 64 --temp 0 --device $d --json >>"$out/decode.jsonl" 2>&1
+      done
+    done
+  fi
+  "$dir/cuda_bench" "${CAP_BENCH_REPS:-200}" >"$out/bench.jsonl" 2>>"$out/tests.log"
   rc_bench=$?
   "$dir/cap-device" info "$dir/tiny.cap" >>"$out/info.txt" 2>&1
   rc_info=$?
@@ -125,8 +151,29 @@ for l in read("selftest.jsonl").splitlines():
         st.append({k: r.get(k) for k in ("file", "ppl", "stored_ppl", "relative_difference", "pass", "decode_check_max_nll_diff", "decode_check_pass", "gpu")})
     except ValueError:
         st.append({"error": l})
+gen = []
+for l in read("generate.jsonl").splitlines():
+    try:
+        gen.append(json.loads(l))
+    except ValueError:
+        gen.append({"error": l})
+dec = []
+try:
+    for l in read("decode.jsonl").splitlines():
+        try:
+            g = json.loads(l)
+            dec.append({k: g.get(k) for k in ("file", "device", "file_bytes", "weight_bytes_per_token", "prefill_tokens_per_s", "decode_tokens_per_s", "threads")})
+        except ValueError:
+            dec.append({"error": l})
+except OSError:
+    pass
 summary = {
     "gpu": read("info.txt").splitlines()[0].strip(),
+    "decode": dec,
+    "generate": {
+        "same_tokens": len(gen) == 2 and gen[0].get("tokens") is not None and gen[0].get("tokens") == gen[1].get("tokens"),
+        "runs": [{k: g.get(k) for k in ("device", "generated_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "error")} for g in gen],
+    },
     "selftest_cuda": {"rc": int(rc_st), "files": st},
     "tests": {"rc": int(rc_tests), "results": m,
               "skipped": tests.count("SKIPPED"),
@@ -142,6 +189,8 @@ json.dump(summary, open(f"{out}/gpu-check.json", "w"), indent=1)
 print(json.dumps({k: v for k, v in summary.items() if k != "bench"}, indent=1))
 for c in summary["bench"]["cases"]:
     print(f'{c["rows"]:>6}x{c["cols"]:<5} {c["encoding"]:<10} {c["dtype"]:<8} {c["us"]:>9.2f} us {c["gb_per_s"]:>8.1f} GB/s')
+# Greedy tokens that differ between the CPU and the GPU fail the check.
+sys.exit(0 if summary["generate"]["same_tokens"] else 1)
 EOF
   [ "$rc_tests" = 0 ] && [ "$rc_bench" = 0 ] && [ "$rc_st" = 0 ]
 }

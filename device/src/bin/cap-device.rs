@@ -178,6 +178,9 @@ enum Cmd {
         /// memory the OS reports available (Linux MemAvailable); unbounded elsewhere].
         #[arg(long, value_name = "BYTES")]
         max_memory: Option<u64>,
+        /// Where the linear layers run (as for `selftest`).
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
         /// Print one JSON object at the end instead of streaming.
         #[arg(long)]
         json: bool,
@@ -315,6 +318,7 @@ fn run(cmd: Cmd) -> Result<u8> {
             threads: t,
             kv,
             max_memory,
+            device,
             json,
         } => {
             let cfg = SamplerConfig {
@@ -330,7 +334,7 @@ fn run(cmd: Cmd) -> Result<u8> {
                 ctx,
                 t,
                 (kv.into(), max_memory),
-                json,
+                (device, json),
             )
         }
     }
@@ -708,7 +712,7 @@ fn generate(
     ctx: usize,
     threads_arg: Option<usize>,
     (kv, max_memory): (KvDtype, Option<u64>),
-    json: bool,
+    (device, json): (DeviceArg, bool),
 ) -> Result<u8> {
     if !cfg.temperature.is_finite() || cfg.temperature < 0.0 {
         bail!("--temp must be a finite number ≥ 0 (0 = greedy)");
@@ -734,42 +738,27 @@ fn generate(
     let ctx = ctx.min(ids.len().saturating_add(n));
     check_ctx(ctx, &model.config)?;
     check_memory(&model.config, ctx, kv, max_memory)?;
-    let runner = Runner::new(&model, ctx, th);
-    let mut cache = KvCache::new(&model.config, ctx, kv);
-    let mut ws = Workspace::new();
-    let mut sampler = Sampler::new(cfg, model.config.vocab_size);
-    let eos = tok.eos_id();
-    // The loop runs on a worker thread of the pool, where the kernels' parallel work
-    // allocates nothing per token.
-    let (out, decoded, prefill_s, decode_s) = par::install(|| -> Result<_> {
-        let t0 = Instant::now();
-        let mut next = sampler.sample(finite(
-            runner
-                .next_logits(&ids, &mut cache, &mut ws)
-                .context("prefill")?,
-        )?);
-        let prefill_s = t0.elapsed().as_secs_f64();
-        let mut out = Vec::new();
-        let mut stdout = std::io::stdout().lock();
-        let t1 = Instant::now();
-        let mut decoded = 0usize;
-        while out.len() < n && Some(next) != eos {
-            out.push(next);
-            if !json {
-                stdout.write_all(tok.token_bytes(next))?;
-                stdout.flush()?;
-            }
-            if out.len() == n || cache.len() >= ctx {
-                break;
-            }
-            let logits = runner
-                .next_logits(&[next], &mut cache, &mut ws)
-                .context("decode")?;
-            decoded += 1;
-            next = sampler.sample(finite(logits)?);
-        }
-        Ok((out, decoded, prefill_s, t1.elapsed().as_secs_f64()))
-    })?;
+    let job = Sampling {
+        ids: &ids,
+        n,
+        ctx,
+        kv,
+        th,
+        cfg,
+        tok: &tok,
+        json,
+    };
+    let (r, gpu) = match device {
+        DeviceArg::Cpu => (job.run(&model)?, None),
+        DeviceArg::Cuda => generate_cuda(&model, &job)?,
+    };
+    let Generated {
+        out,
+        decoded,
+        prefill_s,
+        decode_s,
+        kv_bytes,
+    } = r;
     let text = tok.decode(&out);
     let prefill_tps = ids.len() as f64 / prefill_s;
     let decode_tps = if decoded > 0 {
@@ -793,7 +782,9 @@ fn generate(
             "kernels": cpu::kernels().isa.name(),
             "kv": match kv { KvDtype::F32 => "f32", KvDtype::F16 => "f16" },
             "file_bytes": bytes.len(),
-            "kv_cache_bytes": cache.bytes(),
+            "kv_cache_bytes": kv_bytes,
+            "device": match device { DeviceArg::Cpu => "cpu", DeviceArg::Cuda => "cuda" },
+            "gpu": gpu,
             "weight_bytes_per_token": load::weight_bytes_per_token(&model),
             "peak_rss_bytes": peak_rss(),
         });
@@ -801,11 +792,121 @@ fn generate(
     } else {
         println!();
         eprintln!(
-            "prompt {} tokens: {prefill_tps:.1} tokens/s prefill; {} generated: {decode_tps:.1} tokens/s decode ({th} threads, {} kernels)",
+            "prompt {} tokens: {prefill_tps:.1} tokens/s prefill; {} generated: {decode_tps:.1} tokens/s decode ({th} threads, {})",
             ids.len(),
             out.len(),
-            cpu::kernels().isa.name()
+            match &gpu {
+                Some(g) => format!(
+                    "linears on {g}, the rest on {} kernels",
+                    cpu::kernels().isa.name()
+                ),
+                None => format!("{} kernels", cpu::kernels().isa.name()),
+            }
         );
     }
     Ok(0)
+}
+
+/// What [`Sampling::run`] produced.
+struct Generated {
+    /// The sampled tokens.
+    out: Vec<u32>,
+    /// Tokens decoded one at a time after the prefill.
+    decoded: usize,
+    prefill_s: f64,
+    decode_s: f64,
+    kv_bytes: u64,
+}
+
+/// What `generate` samples: the prompt's ids and the sampling settings.
+struct Sampling<'a> {
+    ids: &'a [u32],
+    n: usize,
+    ctx: usize,
+    kv: KvDtype,
+    th: usize,
+    cfg: SamplerConfig,
+    tok: &'a cap_device::tokenizer::Tokenizer,
+    json: bool,
+}
+
+impl Sampling<'_> {
+    /// Prefills the prompt and samples up to `n` tokens on `model`, streaming them
+    /// unless `json`.
+    fn run<L: Linear, E: Embedding>(&self, model: &Model<L, E>) -> Result<Generated> {
+        let (ids, n, ctx, tok) = (self.ids, self.n, self.ctx, self.tok);
+        let runner = Runner::new(model, ctx, self.th);
+        let mut cache = KvCache::new(&model.config, ctx, self.kv);
+        let mut ws = Workspace::new();
+        let mut sampler = Sampler::new(self.cfg, model.config.vocab_size);
+        let eos = tok.eos_id();
+        let json = self.json;
+        // The loop runs on a worker thread of the pool, where the kernels' parallel work
+        // allocates nothing per token.
+        let (out, decoded, prefill_s, decode_s) = par::install(|| -> Result<_> {
+            let t0 = Instant::now();
+            let mut next = sampler.sample(finite(
+                runner
+                    .next_logits(ids, &mut cache, &mut ws)
+                    .context("prefill")?,
+            )?);
+            let prefill_s = t0.elapsed().as_secs_f64();
+            let mut out = Vec::new();
+            let mut stdout = std::io::stdout().lock();
+            let t1 = Instant::now();
+            let mut decoded = 0usize;
+            while out.len() < n && Some(next) != eos {
+                out.push(next);
+                if !json {
+                    stdout.write_all(tok.token_bytes(next))?;
+                    stdout.flush()?;
+                }
+                if out.len() == n || cache.len() >= ctx {
+                    break;
+                }
+                let logits = runner
+                    .next_logits(&[next], &mut cache, &mut ws)
+                    .context("decode")?;
+                decoded += 1;
+                next = sampler.sample(finite(logits)?);
+            }
+            Ok((out, decoded, prefill_s, t1.elapsed().as_secs_f64()))
+        })?;
+        Ok(Generated {
+            out,
+            decoded,
+            prefill_s,
+            decode_s,
+            kv_bytes: cache.bytes(),
+        })
+    }
+}
+
+/// `generate` with the linear layers on the first CUDA GPU ([`Sampling::run`] on the
+/// uploaded model), and the GPU's description.
+#[cfg(feature = "cuda")]
+fn generate_cuda(
+    model: &cap_device::load::CapModel<'_>,
+    job: &Sampling<'_>,
+) -> Result<(Generated, Option<String>)> {
+    use cap_kernels::cuda::{Gpu, probe};
+    let info = probe().map_err(|u| anyhow::anyhow!("--device cuda: {u}"))?;
+    let gpu = std::sync::Arc::new(Gpu::new().context("--device cuda")?);
+    let g = cap_device::gpu::upload(&gpu, model).context("--device cuda: uploading the weights")?;
+    let r = job.run(&g.model);
+    if let Some(e) = g.error() {
+        bail!("--device cuda: a layer failed on the GPU: {e}");
+    }
+    Ok((r?, Some(info.to_string())))
+}
+
+/// Without the `cuda` feature, `--device cuda` is an error.
+#[cfg(not(feature = "cuda"))]
+fn generate_cuda(
+    _: &cap_device::load::CapModel<'_>,
+    _: &Sampling<'_>,
+) -> Result<(Generated, Option<String>)> {
+    bail!(
+        "--device cuda: this cap-device was built without the `cuda` feature (cargo build --features cuda)"
+    )
 }
