@@ -169,9 +169,8 @@ impl Strategy for Pruned {
                             let j = prune_joint(w, r, c, h, kr, &ao)?;
                             return Ok((j.mask, Some(j.factors)));
                         }
-                        // L's parameters spent on the sparse part instead.
-                        let lr = (keep.rank * (r + c)) as f64 / (r * c) as f64;
-                        let s_alone = (keep.sparsity - lr).max(0.0);
+                        // L's bytes spent on the sparse part instead.
+                        let s_alone = sparsity_alone(cx.cost, (r, c), keep.sparsity, keep.rank);
                         let ch = prune_or_joint(w, r, c, h, kr, s_alone, &ao)?;
                         let name = cx.linears.get(i).map(|l| l.0.clone()).unwrap_or_default();
                         tracing::info!(
@@ -289,6 +288,30 @@ fn run_blocks(
         )?;
     }
     Ok(out)
+}
+
+/// The sparsity at which a `rows × cols` linear pruned alone costs at most what it
+/// costs with rank `rank` and the entries kept at sparsity `s`: the smallest such, by
+/// the exact kept counts (rounded per 128-column block, as ADMM and SparseGPT keep
+/// them). Subtracting L's share from `s` instead rounded up past the budget: a 0.5
+/// run's selection cost 4 parameters more than its limit, refused after 24 minutes.
+fn sparsity_alone(cost: &CostModel, (rows, cols): (usize, usize), s: f64, rank: usize) -> f64 {
+    let limit = cost.cost(rows, cols, rank, sparsegpt_kept(rows, cols, s));
+    let fits = |x: f64| cost.cost(rows, cols, 0, sparsegpt_kept(rows, cols, x)) <= limit;
+    if fits(0.0) {
+        return 0.0;
+    }
+    // `s` itself fits (the same entries without L's); 50 halvings: below one entry.
+    let (mut lo, mut hi) = (0.0f64, s);
+    for _ in 0..50 {
+        let mid = 0.5 * (lo + hi);
+        if fits(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    hi
 }
 
 /// The uniform sparsity SparseGPT runs at: the smallest whose exact cost fits `limit`.
@@ -451,4 +474,50 @@ fn add_lowrank(
     add_product(w, rows, cols, (&f.u, &f.sigma, &f.v), 1.0);
     c.low_rank = Some(f);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::budget::Accounting;
+
+    /// A linear that drops its low-rank part keeps entries costing at most what rank
+    /// plus the entries at `s` cost, and not less by more than the per-block rounding
+    /// (one entry per 128-column block); subtracting L's share from `s` overshoots on
+    /// some of these shapes (the 24-minute failure the function fixes).
+    #[test]
+    fn pruning_alone_never_costs_more_than_the_low_rank_share_it_replaces() {
+        let mut overshoots = 0;
+        for accounting in [Accounting::Params, Accounting::Bytes] {
+            let cost = CostModel {
+                accounting,
+                dtype: DType::F16,
+            };
+            for (rows, cols) in [(64, 64), (576, 1536), (1536, 576), (192, 576), (100, 129)] {
+                for s in [0.3, 0.5, 0.6, 0.7] {
+                    for rank in [1, 3, 17] {
+                        let limit = cost.cost(rows, cols, rank, sparsegpt_kept(rows, cols, s));
+                        let sa = sparsity_alone(&cost, (rows, cols), s, rank);
+                        let kept = sparsegpt_kept(rows, cols, sa);
+                        let what = format!("{accounting:?} {rows}x{cols} s {s} rank {rank}");
+                        assert!(cost.cost(rows, cols, 0, kept) <= limit, "{what}");
+                        if accounting == Accounting::Params {
+                            let want =
+                                sparsegpt_kept(rows, cols, s) + (rank * (rows + cols)) as u64;
+                            let blocks = cols.div_ceil(128) as u64;
+                            assert!(
+                                kept + blocks >= want.min((rows * cols) as u64),
+                                "{what}: {kept} of {want}"
+                            );
+                            let lr = (rank * (rows + cols)) as f64 / (rows * cols) as f64;
+                            let naive = sparsegpt_kept(rows, cols, (s - lr).max(0.0));
+                            overshoots += usize::from(cost.cost(rows, cols, 0, naive) > limit);
+                        }
+                    }
+                }
+            }
+        }
+        // The old rule did overshoot here: the test checks the case that failed.
+        assert!(overshoots > 0);
+    }
 }

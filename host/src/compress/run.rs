@@ -489,6 +489,15 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         }
     };
     notes.lap("write");
+    // Checked before the held-out measurement, which is most of a run's remaining
+    // minutes: a selection over its budget is a bug, not a file to measure.
+    let linear_cost: u64 = written.rows.iter().map(|r| r.cost).sum();
+    if linear_cost > budget.limit {
+        return Err(CompressError::Internal(format!(
+            "the selection costs {linear_cost}, over the budget {}",
+            budget.limit
+        )));
+    }
     let m = measure(opts, &input, written.file.path(), on_event)?;
     notes.lap("eval");
     let (ppl, n) = (m.self_test.ppl, m.self_test.windows);
@@ -505,18 +514,11 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     let file_bytes = std::fs::metadata(&path)
         .step(|| format!("{}: cannot stat", path.display()))?
         .len();
-    let linear_cost = rows.iter().map(|r| r.cost).sum();
     let linear_bytes = rows.iter().map(|r| r.bytes).sum();
     let kept_params: u64 = rows
         .iter()
         .map(|r| r.rank[0] as u64 * (r.shape[0] + r.shape[1]) as u64 + r.nnz[0])
         .sum();
-    if linear_cost > budget.limit {
-        return Err(CompressError::Internal(format!(
-            "the selection costs {linear_cost}, over the budget {}",
-            budget.limit
-        )));
-    }
     let speed = speed_estimate(
         &opts.budget,
         &input.model().config,
