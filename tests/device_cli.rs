@@ -94,6 +94,35 @@ fn tiny_model_self_test_generation_and_bad_input() {
     // Tokens decoded one at a time (the matrix-vector kernels) score as in a batch.
     assert_eq!(s["decode_check_pass"], true, "{s}");
     assert!(s["decode_check_max_nll_diff"].as_f64().unwrap() < 1e-3);
+    // The default device (`auto`): the CPU here (no GPU, or a binary built without
+    // `cuda`), the same figure as asking for the CPU; asking for the GPU is then one
+    // line and exit status 2, never a silent fall-back.
+    let cpu = json(
+        &bin,
+        &[
+            "selftest",
+            &o,
+            "--json",
+            "--threads",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert_eq!(cpu["device"], "cpu");
+    if s["device"] == "cpu" {
+        assert_eq!(cpu["ppl"], s["ppl"]);
+        fails(
+            &bin,
+            &["selftest", &o, "--device", "cuda"],
+            "--device cuda: ",
+        );
+        fails(
+            &bin,
+            &["generate", &o, "--prompt", "the", "--device", "cuda"],
+            "--device cuda: ",
+        );
+    }
     // Forcing the scalar reference kernels gives the same figure.
     let out_scalar = Command::new(&bin)
         .args(["selftest", &o, "--json"])

@@ -80,6 +80,9 @@ impl From<KvArg> for KvDtype {
 /// Where the linear layers run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum DeviceArg {
+    /// The GPU when this cap-device has `cuda` and a GPU is usable; else the CPU, with
+    /// one line on stderr saying why (built with `cuda`) or silently (built without).
+    Auto,
     /// This machine's CPU (NEON, AVX2 or scalar kernels).
     Cpu,
     /// The first CUDA GPU: every linear layer uploaded once in its stored encoding,
@@ -135,8 +138,8 @@ enum Cmd {
         #[arg(long, default_value_t = DECODE_CHECK_TOKENS)]
         decode_check: usize,
         /// Where the linear layers run. `cuda` without a usable GPU is an error (one
-        /// line saying why), never a silent fall-back to the CPU.
-        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        /// line saying why); `auto` falls back to the CPU.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
         /// Memory the KV cache and RoPE tables may take, in bytes [default: the
         /// memory the OS reports available (Linux MemAvailable); unbounded elsewhere].
@@ -179,7 +182,7 @@ enum Cmd {
         #[arg(long, value_name = "BYTES")]
         max_memory: Option<u64>,
         /// Where the linear layers run (as for `selftest`).
-        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
         /// Print one JSON object at the end instead of streaming.
         #[arg(long)]
@@ -458,6 +461,7 @@ fn selftest(
     json: bool,
 ) -> Result<u8> {
     let th = threads(threads_arg)?;
+    let device = resolve_device(device);
     let bytes = map(path)?;
     let file = open(path, &bytes)?;
     let model = load_model(path, &file)?;
@@ -522,7 +526,7 @@ fn selftest(
         }
     };
     let (report, secs, decode_diff, gpu) = match device {
-        DeviceArg::Cpu => {
+        DeviceArg::Cpu | DeviceArg::Auto => {
             let m = measure(&model, th, &tokens, &opts, window, progress)?;
             (m.0, m.1, m.2, None)
         }
@@ -562,7 +566,7 @@ fn selftest(
         "kv": match kv { KvDtype::F32 => "f32", KvDtype::F16 => "f16" },
         "threads": th,
         "kernels": cpu::kernels().isa.name(),
-        "device": match device { DeviceArg::Cpu => "cpu", DeviceArg::Cuda => "cuda" },
+        "device": if device == DeviceArg::Cuda { "cuda" } else { "cpu" },
         "gpu": gpu,
         "tokens_per_s": (n_windows * ctx) as f64 / secs,
         "seconds": secs,
@@ -606,6 +610,26 @@ fn selftest(
     } else {
         0
     })
+}
+
+/// `--device auto` made definite: the GPU when this binary has `cuda` and a GPU is
+/// usable, else the CPU (saying why on stderr when built with `cuda`).
+fn resolve_device(d: DeviceArg) -> DeviceArg {
+    if d != DeviceArg::Auto {
+        return d;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        match cap_kernels::cuda::probe() {
+            Ok(_) => DeviceArg::Cuda,
+            Err(u) => {
+                eprintln!("{u}; running on the CPU");
+                DeviceArg::Cpu
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    DeviceArg::Cpu
 }
 
 /// The self-test's two measurements on `model`: the perplexity of `tokens` under
@@ -721,6 +745,7 @@ fn generate(
         bail!("--top-p must be in (0, 1]");
     }
     let th = threads(threads_arg)?;
+    let device = resolve_device(device);
     let bytes = map(path)?;
     let file = open(path, &bytes)?;
     let model = load_model(path, &file)?;
@@ -749,7 +774,7 @@ fn generate(
         json,
     };
     let (r, gpu) = match device {
-        DeviceArg::Cpu => (job.run(&model)?, None),
+        DeviceArg::Cpu | DeviceArg::Auto => (job.run(&model)?, None),
         DeviceArg::Cuda => generate_cuda(&model, &job)?,
     };
     let Generated {
@@ -783,7 +808,7 @@ fn generate(
             "kv": match kv { KvDtype::F32 => "f32", KvDtype::F16 => "f16" },
             "file_bytes": bytes.len(),
             "kv_cache_bytes": kv_bytes,
-            "device": match device { DeviceArg::Cpu => "cpu", DeviceArg::Cuda => "cuda" },
+            "device": if device == DeviceArg::Cuda { "cuda" } else { "cpu" },
             "gpu": gpu,
             "weight_bytes_per_token": load::weight_bytes_per_token(&model),
             "peak_rss_bytes": peak_rss(),
