@@ -12,9 +12,7 @@ mod common;
 
 use std::sync::Arc;
 
-use cap_device::forward::{KvCache, KvDtype, Runner, Workspace};
 use cap_device::load;
-use cap_device::model::{Embedding, Linear, Model};
 use cap_format::CapFile;
 use cap_kernels::cuda::{self, Gpu};
 
@@ -41,26 +39,6 @@ fn gpu_or_skip(test: &str) -> Option<Arc<Gpu>> {
     }
 }
 
-/// Logits of a 20-token prompt, then of 10 tokens decoded one at a time.
-fn logits<L: Linear, E: Embedding>(model: &Model<L, E>) -> Vec<f32> {
-    let c = &model.config;
-    let tokens: Vec<u32> = (0..30u32)
-        .map(|i| (i * 37 + 5) % c.vocab_size as u32)
-        .collect();
-    let (prompt, rest) = tokens.split_at(20);
-    let runner = Runner::new(model, tokens.len(), 1);
-    let mut cache = KvCache::new(c, tokens.len(), KvDtype::F32);
-    let mut ws = Workspace::new();
-    let mut out = runner
-        .next_logits(prompt, &mut cache, &mut ws)
-        .unwrap()
-        .to_vec();
-    for &t in rest {
-        out.extend_from_slice(runner.next_logits(&[t], &mut cache, &mut ws).unwrap());
-    }
-    out
-}
-
 /// Largest logit difference between the CPU and the GPU on `bytes`.
 fn cpu_gpu_diff(gpu: &Arc<Gpu>, bytes: &[u8]) -> f32 {
     let file = CapFile::parse(bytes).unwrap();
@@ -79,7 +57,10 @@ fn cpu_gpu_diff(gpu: &Arc<Gpu>, bytes: &[u8]) -> f32 {
                 cap_device::model::Head::Separate(l) => l.weight_bytes() as u64,
             }
     );
-    let (a, b) = (logits(&model), logits(&on_gpu.model));
+    let (a, b) = (
+        common::prompt_and_decode_logits(&model, 1),
+        common::prompt_and_decode_logits(&on_gpu.model, 1),
+    );
     assert_eq!(on_gpu.error(), None);
     assert_eq!(a.len(), b.len());
     assert!(b.iter().all(|v| v.is_finite()));

@@ -30,22 +30,7 @@ fn max_logit_diff(quant: &[u8], dense: &[u8], threads: usize) -> f32 {
         let file = CapFile::parse(bytes).unwrap();
         file.verify_all().unwrap();
         let model = load::model(&file).unwrap();
-        let c = &model.config;
-        let tokens: Vec<u32> = (0..30u32)
-            .map(|i| (i * 37 + 5) % c.vocab_size as u32)
-            .collect();
-        let (prompt, rest) = tokens.split_at(20);
-        let runner = Runner::new(&model, tokens.len(), threads);
-        let mut cache = KvCache::new(c, tokens.len(), KvDtype::F32);
-        let mut ws = Workspace::new();
-        let mut out = runner
-            .next_logits(prompt, &mut cache, &mut ws)
-            .unwrap()
-            .to_vec();
-        for &t in rest {
-            out.extend_from_slice(runner.next_logits(&[t], &mut cache, &mut ws).unwrap());
-        }
-        out
+        common::prompt_and_decode_logits(&model, threads)
     };
     let (a, b) = (run(quant), run(dense));
     assert_eq!(a.len(), b.len());

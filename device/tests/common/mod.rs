@@ -8,7 +8,8 @@ use std::io::Cursor;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cap_device::config::{Arch, Config, RopeScaling};
-use cap_device::model::{Block, DenseLinear, Head, Model};
+use cap_device::forward::{KvCache, KvDtype, Runner, Workspace};
+use cap_device::model::{Block, DenseLinear, Embedding, Head, Linear, Model};
 use cap_format::manifest::{Manifest, ModelConfig, Provenance, RopeScaling as RecRope};
 use cap_format::sparse::{SparseKind, encode_sparse};
 use cap_format::{DType, Encoding, StreamWriter, TensorDesc, WriterOptions};
@@ -477,4 +478,29 @@ fn factor_product(b: &[f32], a: &[f32], rows: usize, cols: usize, k: usize) -> V
         }
     }
     w
+}
+
+/// Logits of a fixed 20-token prompt (the batched path), then of 10 tokens decoded one
+/// at a time (the matrix-vector path), on `threads` threads: what the model tests
+/// compare between two ways of running the same weights.
+pub fn prompt_and_decode_logits<L: Linear, E: Embedding>(
+    model: &Model<L, E>,
+    threads: usize,
+) -> Vec<f32> {
+    let c = &model.config;
+    let tokens: Vec<u32> = (0..30u32)
+        .map(|i| (i * 37 + 5) % c.vocab_size as u32)
+        .collect();
+    let (prompt, rest) = tokens.split_at(20);
+    let runner = Runner::new(model, tokens.len(), threads);
+    let mut cache = KvCache::new(c, tokens.len(), KvDtype::F32);
+    let mut ws = Workspace::new();
+    let mut out = runner
+        .next_logits(prompt, &mut cache, &mut ws)
+        .unwrap()
+        .to_vec();
+    for &t in rest {
+        out.extend_from_slice(runner.next_logits(&[t], &mut cache, &mut ws).unwrap());
+    }
+    out
 }

@@ -651,6 +651,26 @@ impl Gpu {
         self.down(&dy, y)
     }
 
+    /// The host-slice methods' one path: checks `x` against `cols`, returns early for an
+    /// empty product, else uploads the matrix by `upload` and runs it once.
+    fn once(
+        &self,
+        cols: usize,
+        r0: usize,
+        x: &[f32],
+        y: &mut [f32],
+        upload: impl FnOnce(&Self) -> Result<Resident, CudaError>,
+    ) -> Result<(), CudaError> {
+        if x.len() != cols {
+            return Err(shape(format!("x has {} values, W {cols} columns", x.len())));
+        }
+        if cols == 0 || y.is_empty() {
+            return Ok(());
+        }
+        let m = upload(self)?;
+        self.resident_rows(&m, r0, x, y)
+    }
+
     /// Dense `W` (`cols` columns, any value type): `y[i] += W[r0 + i, :]·x`, as
     /// `cpu::Kernels::dense_rows`.
     pub fn dense_rows(
@@ -661,14 +681,8 @@ impl Gpu {
         x: &[f32],
         y: &mut [f32],
     ) -> Result<(), CudaError> {
-        if x.len() != cols {
-            return Err(shape(format!("x has {} values, W {cols} columns", x.len())));
-        }
-        if cols == 0 || y.is_empty() {
-            return Ok(());
-        }
-        let m = self.upload_dense(w, r0 + y.len(), cols)?;
-        self.resident_rows(&m, r0, x, y)
+        let rows = r0 + y.len();
+        self.once(cols, r0, x, y, |g| g.upload_dense(w, rows, cols))
     }
 
     /// Low-rank `W = B·A` (`A`: `rank × cols`, `B`: `rows × rank`, the format's
@@ -698,18 +712,7 @@ impl Gpu {
         x: &[f32],
         y: &mut [f32],
     ) -> Result<(), CudaError> {
-        if x.len() != m.cols {
-            return Err(shape(format!(
-                "x has {} values, W {} columns",
-                x.len(),
-                m.cols
-            )));
-        }
-        if m.cols == 0 || y.is_empty() {
-            return Ok(());
-        }
-        let m = self.upload_bitmask(m)?;
-        self.resident_rows(&m, r0, x, y)
+        self.once(m.cols, r0, x, y, |g| g.upload_bitmask(m))
     }
 
     /// Block-CSR `W`, as `cpu::Kernels::csr_rows`.
@@ -720,18 +723,7 @@ impl Gpu {
         x: &[f32],
         y: &mut [f32],
     ) -> Result<(), CudaError> {
-        if x.len() != m.cols {
-            return Err(shape(format!(
-                "x has {} values, W {} columns",
-                x.len(),
-                m.cols
-            )));
-        }
-        if m.cols == 0 || y.is_empty() {
-            return Ok(());
-        }
-        let m = self.upload_csr(m)?;
-        self.resident_rows(&m, r0, x, y)
+        self.once(m.cols, r0, x, y, |g| g.upload_csr(m))
     }
 
     /// 2:4 `W`, as `cpu::Kernels::two_four_rows`.
@@ -742,18 +734,8 @@ impl Gpu {
         x: &[f32],
         y: &mut [f32],
     ) -> Result<(), CudaError> {
-        if x.len() != m.cols {
-            return Err(shape(format!(
-                "x has {} values, W {} columns",
-                x.len(),
-                m.cols
-            )));
-        }
-        if m.cols == 0 || y.is_empty() {
-            return Ok(());
-        }
-        let m = self.upload_two_four(m, r0 + y.len())?;
-        self.resident_rows(&m, r0, x, y)
+        let rows = r0 + y.len();
+        self.once(m.cols, r0, x, y, |g| g.upload_two_four(m, rows))
     }
 
     /// RMSNorm of each `weight.len()`-wide row of `x`, as `ops::rms_norm`.
