@@ -23,25 +23,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The path of test binary TEST of PACKAGE, built (release, feature cuda) and not run.
+test_binary() {
+  cargo test --release -p "$1" --features cuda --test "$2" --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$2"
+}
+
 prepare() {
   local dir=$1
   mkdir -p "$dir"
-  local test_bin
-  test_bin=$(cargo test --release -p cap-kernels --features cuda --test cuda --no-run \
-    --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
-        print(m["executable"])')
-  local model_bin
-  model_bin=$(cargo test --release -p cap-device --features cuda --test gpu_model --no-run \
-    --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu_model":
-        print(m["executable"])')
+  local test_bin model_bin
+  test_bin=$(test_binary cap-kernels cuda)
+  model_bin=$(test_binary cap-device gpu_model)
   cargo build --release -q -p cap-kernels --features cuda --example cuda_bench
   cargo build --release -q -p cap-device --features cuda --bin cap-device
   cargo build --release -q -p cap-host --bin cap-host

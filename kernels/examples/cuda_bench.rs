@@ -17,33 +17,7 @@ use cap_kernels::cuda::{self, CudaError, Gpu};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::Lcg;
-
-/// A `rows × cols` matrix with about `density` of its values non-zero (2:4: the first
-/// two non-zeros of each group of four kept).
-fn matrix(rng: &mut Lcg, rows: usize, cols: usize, density: f64, two_four: bool) -> Vec<f32> {
-    let mut w: Vec<f32> = (0..rows * cols)
-        .map(|_| {
-            if rng.unit() < density {
-                rng.signed() + 1e-3
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    if two_four {
-        for g in w.chunks_mut(4) {
-            let mut kept = 0;
-            for v in g.iter_mut().filter(|v| **v != 0.0) {
-                kept += 1;
-                if kept > 2 {
-                    *v = 0.0;
-                }
-            }
-        }
-    }
-    w
-}
+use common::{Lcg, matrix};
 
 /// The stored parts of `w` as `kind` with `dt` values (one part for dense).
 fn parts(w: &[f32], rows: usize, cols: usize, kind: Option<SparseKind>, dt: DType) -> Vec<Vec<u8>> {

@@ -12,7 +12,7 @@ use std::io::Write;
 // The tests' generator (reproducible inputs).
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::Lcg;
+use common::{Lcg, matrix};
 
 /// The case file: a text header line per case, then length-prefixed arrays.
 struct Out(Vec<u8>);
@@ -42,36 +42,6 @@ fn code(dt: DType) -> (u32, &'static str) {
         DType::Q8 { .. } => (3, "q8"),
         DType::Q4 { .. } => (4, "q4"),
     }
-}
-
-fn matrix(rng: &mut Lcg, rows: usize, cols: usize, density: f64, two_four: bool) -> Vec<f32> {
-    let mut w: Vec<f32> = (0..rows * cols)
-        .map(|_| {
-            if rng.unit() < density {
-                rng.signed() + 1e-3
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    if rows >= 3 {
-        w[..cols].fill(0.0);
-        for v in &mut w[(rows - 1) * cols..] {
-            *v = rng.signed() + 1e-3;
-        }
-    }
-    if two_four {
-        for g in w.chunks_mut(4) {
-            let mut k = 0;
-            for v in g.iter_mut().filter(|v| **v != 0.0) {
-                k += 1;
-                if k > 2 {
-                    *v = 0.0;
-                }
-            }
-        }
-    }
-    w
 }
 
 fn by_ranges(rows: usize, mut f: impl FnMut(usize, &mut [f32])) -> Vec<f32> {

@@ -22,7 +22,7 @@ use cap_format::{extend_rows, to_bytes};
 use cap_kernels::cpu::{self, BitmaskRef, CsrRef, DType, SparseRef, TwoFourRef, Values};
 use cap_kernels::cuda::{self, CudaError, Gpu};
 use cap_kernels::ops;
-use common::Lcg;
+use common::{Lcg, matrix};
 
 /// The architectures CI compiles for: Jetson AGX Xavier, Jetson Orin, Hopper.
 const ARCHS: [&str; 3] = ["sm_72", "sm_87", "sm_90"];
@@ -218,38 +218,6 @@ const COLS_2_4: [usize; 6] = [4, 32, 36, 256, 260, 1028];
 
 fn all_dtypes() -> impl Iterator<Item = DType> {
     FLOATS.into_iter().chain(QUANTS)
-}
-
-/// A `rows × cols` matrix, about `density` non-zero, with row 0 empty and the last
-/// row full when there are at least 3 rows (2:4: at most 2 kept per group of 4).
-fn matrix(rng: &mut Lcg, rows: usize, cols: usize, density: f64, two_four: bool) -> Vec<f32> {
-    let mut w: Vec<f32> = (0..rows * cols)
-        .map(|_| {
-            if rng.unit() < density {
-                rng.signed() + 1e-3
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    if rows >= 3 {
-        w[..cols].fill(0.0);
-        for v in &mut w[(rows - 1) * cols..] {
-            *v = rng.signed() + 1e-3;
-        }
-    }
-    if two_four {
-        for g in w.chunks_mut(4) {
-            let mut kept = 0;
-            for v in g.iter_mut().filter(|v| **v != 0.0) {
-                kept += 1;
-                if kept > 2 {
-                    *v = 0.0;
-                }
-            }
-        }
-    }
-    w
 }
 
 /// `y = W·x` by `f(r0, y_rows)` over three row ranges (kernels start past row 0).

@@ -530,7 +530,10 @@ fn selftest(
             let m = measure(&model, th, &tokens, &opts, window, progress)?;
             (m.0, m.1, m.2, None)
         }
-        DeviceArg::Cuda => selftest_cuda(&model, th, &tokens, &opts, window, progress)?,
+        DeviceArg::Cuda => {
+            let (m, gpu) = on_gpu(&model, |g| measure(g, th, &tokens, &opts, window, progress))?;
+            (m.0, m.1, m.2, gpu)
+        }
     };
     if !json {
         eprintln!();
@@ -650,44 +653,6 @@ fn measure<L: Linear, E: Embedding>(
     Ok((report, secs, diff))
 }
 
-/// [`measure`] with the linear layers on the first CUDA GPU; also returns the GPU's
-/// description. One line and exit status 2 when there is no usable GPU or a layer
-/// fails there.
-#[cfg(feature = "cuda")]
-fn selftest_cuda(
-    model: &cap_device::load::CapModel<'_>,
-    th: usize,
-    tokens: &[u32],
-    opts: &PplOptions,
-    window: &[u32],
-    progress: impl FnMut(usize, usize) + Send,
-) -> Result<(PplReport, f64, f64, Option<String>)> {
-    use cap_kernels::cuda::{Gpu, probe};
-    let info = probe().map_err(|u| anyhow::anyhow!("--device cuda: {u}"))?;
-    let gpu = std::sync::Arc::new(Gpu::new().context("--device cuda")?);
-    let g = cap_device::gpu::upload(&gpu, model).context("--device cuda: uploading the weights")?;
-    let (report, secs, diff) = measure(&g.model, th, tokens, opts, window, progress)?;
-    if let Some(e) = g.error() {
-        bail!("--device cuda: a layer failed on the GPU: {e}");
-    }
-    Ok((report, secs, diff, Some(info.to_string())))
-}
-
-/// Without the `cuda` feature, `--device cuda` is an error.
-#[cfg(not(feature = "cuda"))]
-fn selftest_cuda(
-    _: &cap_device::load::CapModel<'_>,
-    _: usize,
-    _: &[u32],
-    _: &PplOptions,
-    _: &[u32],
-    _: impl FnMut(usize, usize) + Send,
-) -> Result<(PplReport, f64, f64, Option<String>)> {
-    bail!(
-        "--device cuda: this cap-device was built without the `cuda` feature (cargo build --features cuda)"
-    )
-}
-
 /// Largest |NLL difference| over the tokens of `window` (but its last) between the batched
 /// forward pass and decoding one token at a time with a fresh cache.
 fn decode_check<L: Linear, E: Embedding>(
@@ -775,7 +740,7 @@ fn generate(
     };
     let (r, gpu) = match device {
         DeviceArg::Cpu | DeviceArg::Auto => (job.run(&model)?, None),
-        DeviceArg::Cuda => generate_cuda(&model, &job)?,
+        DeviceArg::Cuda => on_gpu(&model, |g| job.run(g))?,
     };
     let Generated {
         out,
@@ -907,18 +872,26 @@ impl Sampling<'_> {
     }
 }
 
-/// `generate` with the linear layers on the first CUDA GPU ([`Sampling::run`] on the
-/// uploaded model), and the GPU's description.
+/// The model `on_gpu` hands to its closure: the file's linears on the GPU.
 #[cfg(feature = "cuda")]
-fn generate_cuda(
-    model: &cap_device::load::CapModel<'_>,
-    job: &Sampling<'_>,
-) -> Result<(Generated, Option<String>)> {
+type GpuSide<'a> = cap_device::gpu::GpuModelInner<'a>;
+/// Without `cuda` no GPU model is ever built; the type only lets callers compile.
+#[cfg(not(feature = "cuda"))]
+type GpuSide<'a> = cap_device::load::CapModel<'a>;
+
+/// Runs `f` on `model` with its linear layers uploaded to the first CUDA GPU; returns
+/// its result and the GPU's description. One line (exit status 2) when no GPU is
+/// usable or a layer failed there.
+#[cfg(feature = "cuda")]
+fn on_gpu<'a, T>(
+    model: &cap_device::load::CapModel<'a>,
+    f: impl FnOnce(&GpuSide<'a>) -> Result<T>,
+) -> Result<(T, Option<String>)> {
     use cap_kernels::cuda::{Gpu, probe};
     let info = probe().map_err(|u| anyhow::anyhow!("--device cuda: {u}"))?;
     let gpu = std::sync::Arc::new(Gpu::new().context("--device cuda")?);
     let g = cap_device::gpu::upload(&gpu, model).context("--device cuda: uploading the weights")?;
-    let r = job.run(&g.model);
+    let r = f(&g.model);
     if let Some(e) = g.error() {
         bail!("--device cuda: a layer failed on the GPU: {e}");
     }
@@ -927,10 +900,10 @@ fn generate_cuda(
 
 /// Without the `cuda` feature, `--device cuda` is an error.
 #[cfg(not(feature = "cuda"))]
-fn generate_cuda(
-    _: &cap_device::load::CapModel<'_>,
-    _: &Sampling<'_>,
-) -> Result<(Generated, Option<String>)> {
+fn on_gpu<'a, T>(
+    _: &cap_device::load::CapModel<'a>,
+    _: impl FnOnce(&GpuSide<'a>) -> Result<T>,
+) -> Result<(T, Option<String>)> {
     bail!(
         "--device cuda: this cap-device was built without the `cuda` feature (cargo build --features cuda)"
     )

@@ -39,3 +39,35 @@ impl Lcg {
         }
     }
 }
+
+/// A `rows × cols` matrix, about `density` non-zero, with row 0 empty and the last
+/// row full when there are at least 3 rows (2:4: at most 2 kept per group of 4).
+pub fn matrix(rng: &mut Lcg, rows: usize, cols: usize, density: f64, two_four: bool) -> Vec<f32> {
+    let mut w: Vec<f32> = (0..rows * cols)
+        .map(|_| {
+            if rng.unit() < density {
+                rng.signed() + 1e-3
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    if rows >= 3 {
+        w[..cols].fill(0.0);
+        for v in &mut w[(rows - 1) * cols..] {
+            *v = rng.signed() + 1e-3;
+        }
+    }
+    if two_four {
+        for g in w.chunks_mut(4) {
+            let mut kept = 0;
+            for v in g.iter_mut().filter(|v| **v != 0.0) {
+                kept += 1;
+                if kept > 2 {
+                    *v = 0.0;
+                }
+            }
+        }
+    }
+    w
+}
