@@ -169,3 +169,99 @@ fn reconstruction_refuses_what_it_cannot_do() {
     assert!(err.contains("ffn"), "{err}");
     assert!(!out.exists());
 }
+
+/// `--distill-epochs` (end-to-end distillation after pruning): on a llama and on
+/// Gemma-3 the file keeps every mask of the plain run (distillation runs after all
+/// blocks are pruned, so every block's masks are the plain run's), changes kept values,
+/// logs a held-out divergence that the kept epoch does not raise, and passes its
+/// self-test.
+#[test]
+fn distillation_keeps_every_mask_and_passes_the_self_test() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calib_text(dir.path());
+    let cache = dir.path().join("rpca").display().to_string();
+    for name in ["llama-tied", "gemma3"] {
+        let model = common::tiny(name);
+        let plain = dir.path().join(format!("{name}-plain.cap"));
+        let dist = dir.path().join(format!("{name}-distill.cap"));
+        let base = ["--ratio", "0.5", "--method", "sparsegpt"];
+        let r0 = run_json(&small_compress(
+            &model,
+            &plain.display().to_string(),
+            &calib,
+            &cache,
+            &base,
+        ));
+        assert!(r0.get("distillation").is_none(), "{r0}");
+        let extra = ["--distill-epochs", "3", "--distill-lr", "1e-2"];
+        let r = run_json(&small_compress(
+            &model,
+            &dist.display().to_string(),
+            &calib,
+            &cache,
+            &[&base[..], &extra[..]].concat(),
+        ));
+        let log = &r["distillation"];
+        let held: Vec<f64> = log["heldout"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(held.len(), 4, "{name}: {log}");
+        let kept = log["kept_epoch"].as_u64().unwrap() as usize;
+        assert!(held[kept] <= held[0], "{name}: {log}");
+        let (p, q) = (bitmasks(&plain), bitmasks(&dist));
+        assert_eq!(p.len(), q.len());
+        let mut changed = 0;
+        for ((n, mp, vp), (_, mq, vq)) in p.iter().zip(&q) {
+            assert_eq!(mp, mq, "{name} {n}: the mask changed");
+            changed += usize::from(vp != vq);
+        }
+        // No epoch kept: the plain run's values, byte for byte.
+        if kept == 0 {
+            assert_eq!(changed, 0, "{name}");
+        } else {
+            assert!(changed > 0, "{name}: epoch {kept} kept, no value changed");
+        }
+        self_test(&dist);
+    }
+}
+
+/// What distillation cannot do fails in one line, before any work, nothing written.
+#[test]
+fn distillation_refuses_what_it_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calib_text(dir.path());
+    let cache = dir.path().join("rpca").display().to_string();
+    let model = common::tiny("llama-tied");
+    let out = dir.path().join("bad.cap");
+    let out_s = out.display().to_string();
+    for (extra, needles) in [
+        (
+            &["--method", "magnitude", "--distill-epochs", "1"][..],
+            &["--distill-epochs", "magnitude"][..],
+        ),
+        (
+            &["--variant", "paper", "--distill-epochs", "1"],
+            &["--distill-epochs", "paper"],
+        ),
+        (
+            &["--values", "q8", "--distill-epochs", "1"],
+            &["--distill-epochs", "quantized"],
+        ),
+        (
+            &["--stream", "--distill-epochs", "1"],
+            &["--distill-epochs", "--stream"],
+        ),
+        (
+            &["--distill-epochs", "1", "--distill-lr", "0"],
+            &["--distill-lr"],
+        ),
+    ] {
+        let mut v = small_compress(&model, &out_s, &calib, &cache, &["--ratio", "0.5"]);
+        v.extend(extra.iter().map(|s| s.to_string()));
+        assert_clean_failure(&v, needles);
+        assert!(!out.exists());
+    }
+}

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use anyhow::{Result, bail};
 use cap_format::DType;
 use cap_host::compress::budget::{Budget, BudgetSpec};
+use cap_host::compress::distill::DistillOptions;
 use cap_host::compress::joint::LowrankFit;
 use cap_host::compress::methods::{Allocation, Method, Variant};
 use cap_host::compress::pattern::Pattern;
@@ -243,6 +244,17 @@ pub struct CompressArgs {
     /// measured better for SparseGPT, 28.28 → 27.89, not yet for cap's default).
     #[arg(long, value_enum, default_value = "block")]
     pub reconstruct_target: ReconTarget,
+    /// End-to-end distillation after every block is pruned (cap, sparsegpt, admm;
+    /// float values; not streamed): this many passes over the calibration sequences
+    /// refit all kept weights together, masks fixed, so the pruned model's next-token
+    /// distribution matches the source model's (KL divergence, gradients through every
+    /// block). Holds out the last eighth of the sequences and keeps the epoch that did
+    /// best on them (the starting weights included). 0: off.
+    #[arg(long, value_name = "N", default_value_t = DistillOptions::default().epochs)]
+    pub distill_epochs: usize,
+    /// Adam's step size in distillation, relative to each layer's kept-weight RMS.
+    #[arg(long, value_name = "LR", default_value_t = DistillOptions::default().lr)]
+    pub distill_lr: f32,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -487,6 +499,10 @@ pub fn run(a: CompressArgs) -> Result<()> {
             epochs: a.reconstruct_epochs,
             lr: a.reconstruct_lr,
             global: a.reconstruct_target == ReconTarget::Model,
+        },
+        distill: DistillOptions {
+            epochs: a.distill_epochs,
+            lr: a.distill_lr,
         },
     };
     let bar: Mutex<Option<ProgressBar>> = Mutex::new(None);

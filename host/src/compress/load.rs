@@ -145,10 +145,15 @@ pub(crate) fn working_set(opts: &CompressOptions, config: &Config, streamed: boo
     let (samples, len) = (opts.calib_samples, opts.calib_len);
     let w = WorkingSet::of(config, samples, len, streamed);
     let r = &opts.reconstruct;
-    if r.steps.is_empty() {
+    let w = if r.steps.is_empty() {
         w
     } else {
         w.with_reconstruction(config, samples, len, r.global)
+    };
+    if opts.distill.epochs == 0 {
+        w
+    } else {
+        w.with_distillation(config, samples, len)
     }
 }
 
@@ -177,6 +182,9 @@ fn check_memory(opts: &CompressOptions, config: &Config) -> Result<()> {
     );
     if need.reconstruction > 0 {
         parts += &format!(", reconstruction {}", human(need.reconstruction));
+    }
+    if need.distillation > 0 {
+        parts += &format!(", distillation {}", human(need.distillation));
     }
     Err(CompressError::Invalid(if opts.stream {
         format!(

@@ -34,6 +34,12 @@ pub struct WorkingSet {
     /// dense block's targets for every window (and the dense model's stream with
     /// `--reconstruct-target model`), one window's forward tape and backward buffers.
     pub reconstruction: u64,
+    /// End-to-end distillation (`--distill-epochs`; 0 without): the pruned model's
+    /// copy in `f32`, Adam's two moments and the best epoch's copy of every block
+    /// linear, their masks, the source model's final hidden states for every window,
+    /// one window's block inputs, one block's tape and backward buffers, and two
+    /// chunks of logits.
+    pub distillation: u64,
     /// The program, tokenizer, texts, thread stacks and allocator slack: a constant.
     pub runtime: u64,
 }
@@ -52,6 +58,7 @@ impl WorkingSet {
             + self.hessians
             + self.activations
             + self.reconstruction
+            + self.distillation
             + self.runtime
     }
 
@@ -78,6 +85,26 @@ impl WorkingSet {
         let tape =
             f32b * len * (6 * h + 3 * q + 4 * kv + 3 * inter) + f32b * c.n_heads as u64 * len * len;
         self.reconstruction = state + targets + 2 * tape;
+        self
+    }
+
+    /// This working set with distillation's term set for `c`, `samples × len`
+    /// calibration tokens.
+    pub fn with_distillation(mut self, c: &Config, samples: usize, len: usize) -> WorkingSet {
+        let f32b = 4u64;
+        let (h, q, kv, inter) = widths(c);
+        let heads = if c.tie_embeddings { 1 } else { 2 };
+        let layers = c.n_layers as u64;
+        let block = block_params(c);
+        let model = f32b * (layers * block + heads * c.vocab_size as u64 * h);
+        let state = 3 * f32b * layers * block + layers * block;
+        let (samples, len) = (samples as u64, len as u64);
+        let teacher = f32b * samples * len * h;
+        let inputs = f32b * (layers + 2) * len * h;
+        let tape =
+            f32b * len * (6 * h + 3 * q + 4 * kv + 3 * inter) + f32b * c.n_heads as u64 * len * len;
+        let logits = 2 * f32b * super::distill::LOGIT_ROWS as u64 * c.vocab_size as u64;
+        self.distillation = model + state + teacher + inputs + 2 * tape + logits;
         self
     }
 
@@ -109,6 +136,7 @@ impl WorkingSet {
             hessians,
             activations: streams + window,
             reconstruction: 0,
+            distillation: 0,
             runtime: RUNTIME_BYTES,
         }
     }

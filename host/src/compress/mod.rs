@@ -15,6 +15,7 @@ pub mod blockcache;
 pub mod budget;
 pub mod calibration;
 pub mod candidate;
+pub mod distill;
 pub mod error;
 pub mod joint;
 pub mod load;

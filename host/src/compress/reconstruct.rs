@@ -148,8 +148,11 @@ impl Dims {
 
 /// The block's forward pass for one window, every intermediate kept for the backward
 /// pass.
-struct Tape {
+pub(super) struct Tape {
     t: usize,
+    /// The block's input and its norm's `1/rms` per row (for the input's gradient).
+    x: Vec<f32>,
+    inv1: Vec<f32>,
     xn: Vec<f32>,
     /// q and k after their biases, before the per-head norms (Gemma-3 only).
     q_raw: Vec<f32>,
@@ -177,12 +180,12 @@ struct Tape {
     d: Vec<f32>,
     pm_inv: Vec<f32>,
     /// The block's output.
-    y: Vec<f32>,
+    pub(super) y: Vec<f32>,
 }
 
 /// The block, its RoPE table and the model's settings: what the forward and backward
 /// passes need.
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     c: &'a Config,
     dims: Dims,
     rope: RopeTable,
@@ -235,7 +238,7 @@ fn weight_grad(grad: &mut [f32], dy: &[f32], x: &[f32], t: usize, rows: usize, t
 
 /// RMSNorm of each `w.len()`-wide row, as [`ops::rms_norm`], also returning each row's
 /// `1/rms`.
-fn rms_fwd(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+pub(super) fn rms_fwd(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let mut y = vec![0.0f32; x.len()];
     ops::rms_norm(&mut y, x, w, eps);
     let d = w.len();
@@ -251,7 +254,7 @@ fn rms_fwd(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
 
 /// The gradient of RMSNorm's input: with `y_j = w_j·x_j·r`, `r = (mean x² + ε)^-½`,
 /// `∂L/∂x_j = r·g_j − x_j·r³·(Σ_k g_k·x_k)/d` where `g = w ⊙ ∂L/∂y`.
-fn rms_back(x: &[f32], w: &[f32], inv: &[f32], dy: &[f32]) -> Vec<f32> {
+pub(super) fn rms_back(x: &[f32], w: &[f32], inv: &[f32], dy: &[f32]) -> Vec<f32> {
     let d = w.len();
     let mut dx = vec![0.0f32; x.len()];
     for (((dx, x), dy), &r) in dx
@@ -298,6 +301,11 @@ impl<'a> Ctx<'a> {
             .map(|x| x.len() / c.hidden_size)
             .max()
             .unwrap_or(0);
+        Self::new(c, layer, t, threads)
+    }
+
+    /// What layer `layer` needs to run windows of up to `t` positions.
+    pub(super) fn new(c: &'a Config, layer: usize, t: usize, threads: usize) -> Self {
         Ctx {
             c,
             dims: Dims::of(c),
@@ -308,11 +316,10 @@ impl<'a> Ctx<'a> {
     }
 
     /// The block `b` on one window `x` (`t × hidden`, positions `0..t`).
-    fn forward(&self, b: &Block<DenseLinear>, x: &[f32]) -> Tape {
+    pub(super) fn forward(&self, b: &Block<DenseLinear>, x: &[f32]) -> Tape {
         let (c, d, th) = (self.c, self.dims, self.threads);
         let t = x.len() / d.h;
-        // The block's input is fixed: its norm's gradient is never needed.
-        let (xn, _) = rms_fwd(x, &b.attn_norm, c.rms_eps);
+        let (xn, inv1) = rms_fwd(x, &b.attn_norm, c.rms_eps);
         let mut q = linear(&xn, t, &b.q, th);
         let mut k = linear(&xn, t, &b.k, th);
         let mut v = linear(&xn, t, &b.v, th);
@@ -372,6 +379,8 @@ impl<'a> Ctx<'a> {
         }
         Tape {
             t,
+            x: x.to_vec(),
+            inv1,
             xn,
             q_raw,
             k_raw,
@@ -453,17 +462,19 @@ impl<'a> Ctx<'a> {
 
     /// The gradients of the linears `want` (block order; `None` for the others) of a
     /// loss whose gradient is `dy` at the block's output and `dx2` at the residual after
-    /// attention.
-    fn backward(
+    /// attention; with `want_dx`, also returns the gradient at the block's input (what
+    /// the block before it receives as its `dy`).
+    pub(super) fn backward(
         &self,
         b: &Block<DenseLinear>,
         tp: &Tape,
         dy: Option<&[f32]>,
         dx2: Option<&[f32]>,
         grads: &mut [Option<Vec<f32>>; 7],
-    ) {
+        want_dx: bool,
+    ) -> Option<Vec<f32>> {
         let (c, d, th, t) = (self.c, self.dims, self.threads, tp.t);
-        let want_attn = (0..4).any(|i| grads[i].is_some());
+        let want_attn = want_dx || (0..4).any(|i| grads[i].is_some());
         let mut dx2_total = dx2.map_or_else(|| vec![0.0f32; t * d.h], <[f32]>::to_vec);
         if let Some(dy) = dy {
             let dd = match &b.post_norms {
@@ -501,8 +512,10 @@ impl<'a> Ctx<'a> {
             }
         }
         if !want_attn {
-            return;
+            return None;
         }
+        // x2 = x + attention's output: the residual carries dx2 to the input as is.
+        let mut dx = want_dx.then(|| dx2_total.clone());
         let dao = match &b.post_norms {
             Some([pa, _]) => rms_back(&tp.ao, pa, &tp.pa_inv, &dx2_total),
             None => dx2_total,
@@ -537,6 +550,16 @@ impl<'a> Ctx<'a> {
                 weight_grad(g, dm, &tp.xn, t, rows, th);
             }
         }
+        if let Some(dx) = &mut dx {
+            let mut dxn = linear_back(&dq, t, &b.q, th);
+            for (dm, l) in [(&dk, &b.k), (&dv, &b.v)] {
+                let part = linear_back(dm, t, l, th);
+                dxn.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+            }
+            let through = rms_back(&tp.x, &b.attn_norm, &tp.inv1, &dxn);
+            dx.iter_mut().zip(&through).for_each(|(a, b)| *a += b);
+        }
+        dx
     }
 
     /// Attention's gradients with respect to q, k and v (as attention saw them) from
@@ -718,10 +741,46 @@ pub fn apply_refit(c: &mut Candidate, old: &[f32], new: &[f32]) {
 }
 
 /// Adam's state for one linear.
-struct Adam {
+pub(super) struct Adam {
     m: Vec<f32>,
     v: Vec<f32>,
     lr: f32,
+}
+
+impl Adam {
+    /// A fresh state for the weights `w` whose entries `mask` keeps, with step size
+    /// `lr` times the kept weights' RMS (so one setting suits layers of any scale).
+    pub(super) fn for_kept(w: &[f32], mask: &[bool], lr: f32) -> Self {
+        let (ss, n) = w
+            .iter()
+            .zip(mask)
+            .filter(|(_, k)| **k)
+            .fold((0.0f64, 0usize), |(s, n), (w, _)| {
+                (s + f64::from(*w).powi(2), n + 1)
+            });
+        let rms = (ss / n.max(1) as f64).sqrt() as f32;
+        Adam {
+            m: vec![0.0; w.len()],
+            v: vec![0.0; w.len()],
+            lr: lr * rms,
+        }
+    }
+
+    /// Step `n` (from 1) along the gradient `g`, on the entries `mask` keeps only.
+    pub(super) fn step(&mut self, w: &mut [f32], g: &[f32], mask: &[bool], n: i32) {
+        let (b1, b2) = (0.9f32, 0.999f32);
+        let (c1, c2) = (1.0 - b1.powi(n), 1.0 - b2.powi(n));
+        for (j, &keep) in mask.iter().enumerate() {
+            if !keep {
+                continue;
+            }
+            self.m[j] = b1 * self.m[j] + (1.0 - b1) * g[j];
+            self.v[j] = b2 * self.v[j] + (1.0 - b2) * g[j] * g[j];
+            let mh = self.m[j] / c1;
+            let vh = self.v[j] / c2;
+            w[j] -= self.lr * mh / (vh.sqrt() + 1e-30);
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -802,21 +861,8 @@ pub fn reconstruct(
         let mut adam: Vec<Adam> = which
             .iter()
             .map(|&i| {
-                let (w, m) = (&pruned.linears()[i].1.weight, masks[i].as_deref());
-                let kept: Vec<f32> = w
-                    .iter()
-                    .zip(m.unwrap_or(&[]))
-                    .filter(|(_, k)| **k)
-                    .map(|(w, _)| *w)
-                    .collect();
-                let rms = (kept.iter().map(|w| f64::from(*w).powi(2)).sum::<f64>()
-                    / kept.len().max(1) as f64)
-                    .sqrt() as f32;
-                Adam {
-                    m: vec![0.0; w.len()],
-                    v: vec![0.0; w.len()],
-                    lr: opts.lr * rms,
-                }
+                let w = &pruned.linears()[i].1.weight;
+                Adam::for_kept(w, masks[i].as_deref().unwrap_or(&[]), opts.lr)
             })
             .collect();
         let mut n_step = 0i32;
@@ -832,25 +878,19 @@ pub fn reconstruct(
                     let l = pruned.linears()[i].1;
                     grads[i] = Some(vec![0.0; l.weight.len()]);
                 }
-                cx.backward(pruned, &tp, dy.as_deref(), dx2.as_deref(), &mut grads);
+                cx.backward(
+                    pruned,
+                    &tp,
+                    dy.as_deref(),
+                    dx2.as_deref(),
+                    &mut grads,
+                    false,
+                );
                 n_step += 1;
-                let (b1, b2) = (0.9f32, 0.999f32);
-                let (c1, c2) = (1.0 - b1.powi(n_step), 1.0 - b2.powi(n_step));
                 let lin = pruned.linears_mut();
                 for (ai, &i) in which.iter().enumerate() {
                     let (g, mask) = (grads[i].as_deref().unwrap_or(&[]), masks[i].as_deref());
-                    let st = &mut adam[ai];
-                    let wv = &mut lin[i].weight;
-                    for (j, &keep) in mask.unwrap_or(&[]).iter().enumerate() {
-                        if !keep {
-                            continue;
-                        }
-                        st.m[j] = b1 * st.m[j] + (1.0 - b1) * g[j];
-                        st.v[j] = b2 * st.v[j] + (1.0 - b2) * g[j] * g[j];
-                        let mh = st.m[j] / c1;
-                        let vh = st.v[j] / c2;
-                        wv[j] -= st.lr * mh / (vh.sqrt() + 1e-30);
-                    }
+                    adam[ai].step(&mut lin[i].weight, g, mask.unwrap_or(&[]), n_step);
                 }
             }
             let l = loss_of(pruned, &heldout, e_held);
@@ -986,7 +1026,7 @@ mod tests {
                 for &i in step.linears() {
                     grads[i] = Some(vec![0.0; b.linears()[i].1.weight.len()]);
                 }
-                cx.backward(&b, &tp, dy.as_deref(), dx2.as_deref(), &mut grads);
+                cx.backward(&b, &tp, dy.as_deref(), dx2.as_deref(), &mut grads, false);
                 for &i in step.linears() {
                     let g = grads[i].as_ref().unwrap();
                     let gmax = g.iter().fold(0.0f32, |a, b| a.max(b.abs()));
@@ -1010,6 +1050,57 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The block's input gradient (what end-to-end distillation hands the block
+    /// before) equals central finite differences of the output loss, on every tiny
+    /// architecture, with no linear's gradient asked for. Tolerance as the weights'
+    /// test: 2% of the largest gradient plus 2% of the entry's own.
+    #[test]
+    fn input_gradient_equals_finite_differences() {
+        for name in FIXTURES {
+            let m = fixture(name);
+            let c = &m.config;
+            let layer = m.blocks.len() - 1;
+            let t = 24;
+            let x = window(&m, layer, t, 13);
+            let b = &m.blocks[layer];
+            let cx = Ctx::for_windows(c, layer, std::slice::from_ref(&x), 1);
+            // A fixed random direction at the output: the loss is `Σ r ⊙ y`.
+            let mut rng = cap_device::rng::SplitMix64::new(11);
+            let r: Vec<f32> = (0..x.len()).map(|_| rng.uniform_f32() - 0.5).collect();
+            let loss = |x: &[f32]| -> f64 {
+                let tp = cx.forward(b, x);
+                tp.y.iter()
+                    .zip(&r)
+                    .map(|(y, r)| f64::from(*y) * f64::from(*r))
+                    .sum()
+            };
+            let tp = cx.forward(b, &x);
+            let mut none: [Option<Vec<f32>>; 7] = Default::default();
+            let dx = cx
+                .backward(b, &tp, Some(&r), None, &mut none, true)
+                .unwrap();
+            let gmax = dx.iter().fold(0.0f32, |a, b| a.max(b.abs()));
+            let top = (0..dx.len())
+                .max_by(|&a, &b| dx[a].abs().total_cmp(&dx[b].abs()))
+                .unwrap();
+            // Positions early and late in the window, so attention's gradient through
+            // later queries (causal) is part of what is checked.
+            for j in [top, 0, 5, dx.len() / 2, dx.len() - 1] {
+                let h = 1e-3f32 * x[j].abs().max(0.05);
+                let (mut xp, mut xm) = (x.clone(), x.clone());
+                xp[j] += h;
+                xm[j] -= h;
+                let fd = (loss(&xp) - loss(&xm)) / (2.0 * f64::from(h));
+                let tol = 0.02 * f64::from(gmax) + 0.02 * fd.abs();
+                assert!(
+                    (fd - f64::from(dx[j])).abs() <= tol,
+                    "{name} input entry {j}: analytic {} vs numeric {fd}",
+                    dx[j]
+                );
             }
         }
     }

@@ -111,6 +111,9 @@ pub struct CompressOptions {
     pub threads: usize,
     /// Block reconstruction after each block is pruned (cap, sparsegpt, admm).
     pub reconstruct: super::reconstruct::ReconOptions,
+    /// End-to-end distillation of the pruned model's kept weights after every block is
+    /// pruned (cap, sparsegpt, admm; `epochs` 0: none).
+    pub distill: super::distill::DistillOptions,
     /// Resolve the budget and stop: nothing is computed or written.
     pub dry_run: bool,
     /// Also evaluate the source model on the held-out windows (for the report).
@@ -262,6 +265,10 @@ pub struct CompressReport {
     /// Block reconstruction (`--reconstruct`): each block's steps, with the relative
     /// output error on held-out calibration sequences before and after.
     pub reconstruction: Vec<super::reconstruct::StepLog>,
+    /// End-to-end distillation (`--distill-epochs`): the divergence from the source
+    /// model per epoch and the epoch kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distillation: Option<super::distill::DistillLog>,
     /// `--lowrank-fit joint` without a pattern: per linear, the loss of `S` alone and of
     /// `S + L` at the same parameters, and which was kept.
     pub lowrank_choices: Vec<super::joint::LowrankChoice>,
@@ -315,6 +322,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     }
     check_stream(opts)?;
     check_reconstruct(opts)?;
+    check_distill(opts)?;
     let mut notes = Notes::start();
     let mut input = load(opts, on_event)?;
     let windows: Vec<&[u32]> = input.windows.iter().map(|w| w.as_slice()).collect();
@@ -406,12 +414,33 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     };
     let computed: usize = todo.iter().map(|r| r.len()).sum();
     // A streamed run whose blocks are all cached only assembles the file.
-    let cands = if computed == 0 && cache.is_some() {
+    let mut cands = if computed == 0 && cache.is_some() {
         vec![]
     } else {
         method.candidates(&cx, &mut notes)?
     };
     notes.lap("candidates");
+    // Refused with --stream (check_distill): the model and every candidate are here.
+    let distillation = if opts.distill.epochs > 0 {
+        let w = windows.len();
+        let train = w - if w >= 4 { (w / 8).max(1) } else { 0 };
+        on_event(Event::Stage {
+            name: "distill",
+            total: (opts.distill.epochs * train) as u64,
+        });
+        let log = super::distill::distill(
+            input.model(),
+            &mut cands,
+            &windows,
+            &opts.distill,
+            opts.threads,
+            &mut |n| on_event(Event::Progress(n)),
+        )?;
+        notes.lap("distill");
+        Some(log)
+    } else {
+        None
+    };
     if let (Some(c), Some(sh)) = (&cache, &opts.shard) {
         return Ok(Outcome::Shard(ShardReport {
             shard: sh.index,
@@ -557,6 +586,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         steps: notes.steps,
         allocation_search: notes.allocation_search,
         reconstruction: notes.reconstruction,
+        distillation,
         lowrank_choices: notes.lowrank,
         embed_search: match notes.embed_choice {
             Some((chosen, losses)) => losses
@@ -754,6 +784,41 @@ fn check_reconstruct(opts: &CompressOptions) -> Result<()> {
         return Err(CompressError::Invalid(format!(
             "--reconstruct-epochs must be at least 1 and --reconstruct-lr finite and positive (got {} and {})",
             r.epochs, r.lr
+        )));
+    }
+    Ok(())
+}
+
+/// What `--distill-epochs` applies to, refused before anything is loaded.
+fn check_distill(opts: &CompressOptions) -> Result<()> {
+    let d = &opts.distill;
+    if d.epochs == 0 {
+        return Ok(());
+    }
+    let prunes = matches!(
+        (opts.method, opts.variant),
+        (Method::Cap, Variant::Cap) | (Method::Sparsegpt | Method::Admm, _)
+    );
+    if !prunes {
+        return Err(CompressError::Invalid(
+            "--distill-epochs refits the block-by-block methods' kept weights (cap, sparsegpt, admm); magnitude, wanda, svd and --variant paper have none".into(),
+        ));
+    }
+    if opts.values.is_quantized() || opts.auto_values {
+        return Err(CompressError::Invalid(
+            "--distill-epochs refits float values; quantized values are fixed by GPTQ when each layer is pruned (use --values f16|bf16|f32)".into(),
+        ));
+    }
+    if opts.stream {
+        return Err(CompressError::Invalid(
+            "--distill-epochs runs the whole model at once; it is not streamed (drop --stream)"
+                .into(),
+        ));
+    }
+    if !(d.lr.is_finite() && d.lr > 0.0) {
+        return Err(CompressError::Invalid(format!(
+            "--distill-lr must be finite and positive (got {})",
+            d.lr
         )));
     }
     Ok(())
