@@ -760,26 +760,34 @@ fn check_stream(opts: &CompressOptions) -> Result<()> {
     Ok(())
 }
 
+/// The refits after pruning (`flag`: `--reconstruct`, `--distill-epochs`) change the
+/// block-by-block methods' float values (their `what`): anything else is refused in one
+/// line naming the flag.
+fn check_refit_applies(opts: &CompressOptions, flag: &str, what: &str) -> Result<()> {
+    let prunes = matches!(
+        (opts.method, opts.variant),
+        (Method::Cap, Variant::Cap) | (Method::Sparsegpt | Method::Admm, _)
+    );
+    if !prunes {
+        return Err(CompressError::Invalid(format!(
+            "{flag} refits the block-by-block methods' {what} (cap, sparsegpt, admm); magnitude, wanda, svd and --variant paper have none"
+        )));
+    }
+    if opts.values.is_quantized() || opts.auto_values {
+        return Err(CompressError::Invalid(format!(
+            "{flag} refits float values; quantized values are fixed by GPTQ when each layer is pruned (use --values f16|bf16|f32)"
+        )));
+    }
+    Ok(())
+}
+
 /// What `--reconstruct` applies to, refused before anything is loaded.
 fn check_reconstruct(opts: &CompressOptions) -> Result<()> {
     let r = &opts.reconstruct;
     if r.steps.is_empty() {
         return Ok(());
     }
-    let prunes = matches!(
-        (opts.method, opts.variant),
-        (Method::Cap, Variant::Cap) | (Method::Sparsegpt | Method::Admm, _)
-    );
-    if !prunes {
-        return Err(CompressError::Invalid(
-            "--reconstruct refits the block-by-block methods' blocks (cap, sparsegpt, admm); magnitude, wanda, svd and --variant paper have none".into(),
-        ));
-    }
-    if opts.values.is_quantized() || opts.auto_values {
-        return Err(CompressError::Invalid(
-            "--reconstruct refits float values; quantized values are fixed by GPTQ when each layer is pruned (use --values f16|bf16|f32)".into(),
-        ));
-    }
+    check_refit_applies(opts, "--reconstruct", "blocks")?;
     if r.epochs == 0 || !(r.lr.is_finite() && r.lr > 0.0) {
         return Err(CompressError::Invalid(format!(
             "--reconstruct-epochs must be at least 1 and --reconstruct-lr finite and positive (got {} and {})",
@@ -795,20 +803,7 @@ fn check_distill(opts: &CompressOptions) -> Result<()> {
     if d.epochs == 0 {
         return Ok(());
     }
-    let prunes = matches!(
-        (opts.method, opts.variant),
-        (Method::Cap, Variant::Cap) | (Method::Sparsegpt | Method::Admm, _)
-    );
-    if !prunes {
-        return Err(CompressError::Invalid(
-            "--distill-epochs refits the block-by-block methods' kept weights (cap, sparsegpt, admm); magnitude, wanda, svd and --variant paper have none".into(),
-        ));
-    }
-    if opts.values.is_quantized() || opts.auto_values {
-        return Err(CompressError::Invalid(
-            "--distill-epochs refits float values; quantized values are fixed by GPTQ when each layer is pruned (use --values f16|bf16|f32)".into(),
-        ));
-    }
+    check_refit_applies(opts, "--distill-epochs", "kept weights")?;
     if opts.stream {
         return Err(CompressError::Invalid(
             "--distill-epochs runs the whole model at once; it is not streamed (drop --stream)"
