@@ -306,9 +306,9 @@ pub fn distill(
     let mut adam: Vec<Option<Adam>> = s
         .blocks
         .iter()
-        .flat_map(|b| b.linears().into_iter().map(|l| l.1.weight.clone()))
+        .flat_map(|b| b.linears())
         .zip(&masks)
-        .map(|(w, m)| m.as_ref().map(|m| Adam::for_kept(&w, m, opts.lr)))
+        .map(|((_, l), m)| m.as_ref().map(|m| Adam::for_kept(&l.weight, m, opts.lr)))
         .collect();
     let (mut n_step, mut done) = (0i32, 0u64);
     for epoch in 1..=opts.epochs {
