@@ -255,6 +255,13 @@ pub struct CompressArgs {
     /// Adam's step size in distillation, relative to each layer's kept-weight RMS.
     #[arg(long, value_name = "LR", default_value_t = DistillOptions::default().lr)]
     pub distill_lr: f32,
+    /// Start from FILE's kept entries instead of pruning (a .cap compressed from
+    /// --model with the --method, --pattern and budget given here): pruning is
+    /// skipped, --distill-epochs refines the file's values (masks fixed), and the
+    /// result is written to --out and measured as usual. With --distill-epochs 0 the
+    /// file's layers are written again as they are.
+    #[arg(long, value_name = "FILE.cap")]
+    pub from: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -487,7 +494,8 @@ pub fn run(a: CompressArgs) -> Result<()> {
         reconstruct: ReconOptions {
             steps: match &a.reconstruct {
                 Some(s) => s.0.clone(),
-                None if a.method == Method::Cap
+                None if a.from.is_none()
+                    && a.method == Method::Cap
                     && a.variant == Variant::Cap
                     && !values.is_quantized()
                     && a.values != Some(ValuesArg::Auto) =>
@@ -504,6 +512,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
             epochs: a.distill_epochs,
             lr: a.distill_lr,
         },
+        from: a.from.clone(),
     };
     let bar: Mutex<Option<ProgressBar>> = Mutex::new(None);
     let on_event = |ev: Event<'_>| {

@@ -17,6 +17,7 @@ pub mod calibration;
 pub mod candidate;
 pub mod distill;
 pub mod error;
+pub mod from_file;
 pub mod joint;
 pub mod load;
 pub mod lowrank;

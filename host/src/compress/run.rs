@@ -26,7 +26,7 @@ use super::stamp::{
     base_manifest, record_budget, record_layers, record_perplexity, restamp, unmeasured,
 };
 use super::strategy::BlockSink;
-use super::strategy::{Context, Notes, strategy};
+use super::strategy::{Context, Notes, method_name, strategy};
 use super::tensors::block_linears;
 use super::write::write;
 use super::write::{EncodedLinear, encoded_linear, write_encoded};
@@ -114,6 +114,9 @@ pub struct CompressOptions {
     /// End-to-end distillation of the pruned model's kept weights after every block is
     /// pruned (cap, sparsegpt, admm; `epochs` 0: none).
     pub distill: super::distill::DistillOptions,
+    /// Start from this file's kept entries (compressed from `model` with the same
+    /// method and budget) instead of pruning: the stages after pruning refine it.
+    pub from: Option<PathBuf>,
     /// Resolve the budget and stop: nothing is computed or written.
     pub dry_run: bool,
     /// Also evaluate the source model on the held-out windows (for the report).
@@ -269,6 +272,9 @@ pub struct CompressReport {
     /// model per epoch and the epoch kept.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub distillation: Option<super::distill::DistillLog>,
+    /// `--from`: the file whose kept entries this run started from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
     /// `--lowrank-fit joint` without a pattern: per linear, the loss of `S` alone and of
     /// `S + L` at the same parameters, and which was kept.
     pub lowrank_choices: Vec<super::joint::LowrankChoice>,
@@ -323,6 +329,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     check_stream(opts)?;
     check_reconstruct(opts)?;
     check_distill(opts)?;
+    check_from(opts)?;
     let mut notes = Notes::start();
     let mut input = load(opts, on_event)?;
     let windows: Vec<&[u32]> = input.windows.iter().map(|w| w.as_slice()).collect();
@@ -414,12 +421,18 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
     };
     let computed: usize = todo.iter().map(|r| r.len()).sum();
     // A streamed run whose blocks are all cached only assembles the file.
-    let mut cands = if computed == 0 && cache.is_some() {
+    let mut cands = if let Some(path) = &opts.from {
+        let c = read_candidates(path, &cx, &input.source_sha256)?;
+        notes.lap("read");
+        c
+    } else if computed == 0 && cache.is_some() {
+        notes.lap("candidates");
         vec![]
     } else {
-        method.candidates(&cx, &mut notes)?
+        let c = method.candidates(&cx, &mut notes)?;
+        notes.lap("candidates");
+        c
     };
-    notes.lap("candidates");
     // Refused with --stream (check_distill): the model and every candidate are here.
     let distillation = if opts.distill.epochs > 0 {
         let w = windows.len();
@@ -460,9 +473,11 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         limit: budget.limit,
         ..cx
     };
-    let sels = match &cache {
-        Some(_) => vec![],
-        None => method.select(&cx, &cands, &mut notes)?,
+    let sels = match (&cache, &opts.from) {
+        (Some(_), _) => vec![],
+        // Checked against the budget when read: the file's entries are the selection.
+        (None, Some(_)) => super::strategy::keep_all(&cands),
+        (None, None) => method.select(&cx, &cands, &mut notes)?,
     };
     notes.lap("allocation");
 
@@ -587,6 +602,7 @@ pub fn compress(opts: &CompressOptions, on_event: &(dyn Fn(Event<'_>) + Sync)) -
         allocation_search: notes.allocation_search,
         reconstruction: notes.reconstruction,
         distillation,
+        from: opts.from.as_ref().map(|p| p.display().to_string()),
         lowrank_choices: notes.lowrank,
         embed_search: match notes.embed_choice {
             Some((chosen, losses)) => losses
@@ -768,7 +784,8 @@ fn check_refit_applies(opts: &CompressOptions, flag: &str, what: &str) -> Result
         (opts.method, opts.variant),
         (Method::Cap, Variant::Cap) | (Method::Sparsegpt | Method::Admm, _)
     );
-    if !prunes {
+    // A file's entries (`--from`) are masked whatever method made them.
+    if !prunes && opts.from.is_none() {
         return Err(CompressError::Invalid(format!(
             "{flag} refits the block-by-block methods' {what} (cap, sparsegpt, admm); magnitude, wanda, svd and --variant paper have none"
         )));
@@ -817,6 +834,61 @@ fn check_distill(opts: &CompressOptions) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// What `--from` applies to, refused before anything is loaded.
+fn check_from(opts: &CompressOptions) -> Result<()> {
+    if opts.from.is_none() {
+        return Ok(());
+    }
+    if opts.stream {
+        return Err(CompressError::Invalid(
+            "--from refines a file with the whole model in memory; it is not streamed (drop --stream)".into(),
+        ));
+    }
+    if !opts.reconstruct.steps.is_empty() {
+        return Err(CompressError::Invalid(
+            "--reconstruct runs while each block is pruned; --from starts after pruning (use --distill-epochs)".into(),
+        ));
+    }
+    if opts.auto_values || opts.auto_embed {
+        return Err(CompressError::Invalid(
+            "--from keeps the file's entries: give --values and --embed-values as types, not auto"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Stage "read" (`--from`): the file's entries as candidates, refused in one line when
+/// the file was made by another method, or its entries do not fit this run's budget.
+fn read_candidates(path: &Path, cx: &Context<'_>, source_sha256: &str) -> Result<Vec<Candidate>> {
+    (cx.on_event)(Event::Stage {
+        name: "read",
+        total: 0,
+    });
+    let bytes = crate::capmodel::map(path).map_err(step_error)?;
+    let file = crate::capmodel::parse_verified(path, &bytes).map_err(step_error)?;
+    let (theirs, ours) = (super::from_file::method_of(&file), method_name(cx.opts));
+    if theirs != ours {
+        return Err(CompressError::Invalid(format!(
+            "--from {}: made by method \"{theirs}\", this run is \"{ours}\": give the --method and --pattern it was made with",
+            path.display()
+        )));
+    }
+    let cands = super::from_file::candidates(path, &file, source_sha256, cx.linears)?;
+    let cost: u64 = cands
+        .iter()
+        .map(|c| super::select::selection_cost(cx.cost, c, &Selection::all(c)))
+        .sum();
+    if cost > cx.limit {
+        return Err(CompressError::Invalid(format!(
+            "--from {}: its linears cost {cost} bytes, over this run's budget for them ({}): give the --ratio, --budget or --target it was made with",
+            path.display(),
+            cx.limit
+        )));
+    }
+    Ok(cands)
 }
 
 /// The block linears of a model with configuration `c`, their shapes set and no
