@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use anyhow::{Result, bail};
 use cap_format::DType;
 use cap_host::compress::budget::{Budget, BudgetSpec};
-use cap_host::compress::distill::DistillOptions;
+use cap_host::compress::distill::{DistillOptions, Schedule};
 use cap_host::compress::joint::LowrankFit;
 use cap_host::compress::methods::{Allocation, Method, Variant};
 use cap_host::compress::pattern::Pattern;
@@ -255,6 +255,10 @@ pub struct CompressArgs {
     /// Adam's step size in distillation, relative to each layer's kept-weight RMS.
     #[arg(long, value_name = "LR", default_value_t = DistillOptions::default().lr)]
     pub distill_lr: f32,
+    /// Distillation's step size over the run: constant, or cosine (from --distill-lr
+    /// at the first step down to zero after the last of all epochs).
+    #[arg(long, value_enum, default_value = "constant")]
+    pub distill_schedule: Schedule,
     /// Start from FILE's kept entries instead of pruning (a .cap compressed from
     /// --model with the --method, --pattern and budget given here): pruning is
     /// skipped, --distill-epochs refines the file's values (masks fixed), and the
@@ -511,6 +515,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
         distill: DistillOptions {
             epochs: a.distill_epochs,
             lr: a.distill_lr,
+            schedule: a.distill_schedule,
         },
         from: a.from.clone(),
     };

@@ -34,6 +34,31 @@ pub struct DistillOptions {
     pub epochs: usize,
     /// Adam's step size relative to each linear's kept-weight RMS.
     pub lr: f32,
+    /// How the step size changes over the run's steps.
+    pub schedule: Schedule,
+}
+
+/// The step size over a run of `total` steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// The same at every step.
+    Constant,
+    /// Half a cosine from the full step size at the first step to zero after the last.
+    Cosine,
+}
+
+impl Schedule {
+    /// The factor of step `n` (from 1) of `total`.
+    pub fn factor(self, n: usize, total: usize) -> f32 {
+        match self {
+            Schedule::Constant => 1.0,
+            Schedule::Cosine => {
+                let x = (n.saturating_sub(1)) as f64 / total.max(1) as f64;
+                (0.5 * (1.0 + (std::f64::consts::PI * x).cos())) as f32
+            }
+        }
+    }
 }
 
 impl Default for DistillOptions {
@@ -42,6 +67,7 @@ impl Default for DistillOptions {
         DistillOptions {
             epochs: 0,
             lr: 1e-4,
+            schedule: Schedule::Constant,
         }
     }
 }
@@ -327,6 +353,9 @@ pub fn distill(
             );
             train_kl += kl;
             n_step += 1;
+            let scale = opts
+                .schedule
+                .factor(n_step as usize, opts.epochs * train.len());
             backward(
                 &ctxs,
                 &mut s,
@@ -338,7 +367,7 @@ pub fn distill(
                         if let (Some(a), Some(g), Some(m)) =
                             (&mut adam[bi * 7 + k], &grads[k], &masks[bi * 7 + k])
                         {
-                            a.step(&mut l.weight, g, m, n_step);
+                            a.step_scaled(&mut l.weight, g, m, n_step, scale);
                         }
                     }
                 },
@@ -420,6 +449,19 @@ mod tests {
     /// embedding scale). Tolerance: 3% of the largest compared gradient plus 3% of
     /// the entry's own: f32 forward passes through every block differenced at a
     /// relative step of 1e-3.
+    /// The cosine schedule: the full step first, half at the middle, nearly zero last
+    /// (closed form `(1 + cos(π·(n − 1)/T))/2`).
+    #[test]
+    fn cosine_schedule_halves_at_the_middle() {
+        let f = |n| Schedule::Cosine.factor(n, 100);
+        assert_eq!(f(1), 1.0);
+        assert!((f(51) - 0.5).abs() < 1e-6, "{}", f(51));
+        assert!((f(100) - 0.5 * (1.0 + (0.99 * std::f64::consts::PI).cos()) as f32).abs() < 1e-6);
+        assert!(f(100) < 1e-3 && f(100) > 0.0);
+        assert!((1..100).all(|n| f(n + 1) < f(n)));
+        assert_eq!(Schedule::Constant.factor(77, 100), 1.0);
+    }
+
     #[test]
     fn model_gradient_equals_finite_differences() {
         for name in ["llama-tied", "gemma3/gemma3.gguf"] {
@@ -489,6 +531,7 @@ mod tests {
         let opts = DistillOptions {
             epochs: 3,
             lr: 1e-2,
+            ..DistillOptions::default()
         };
         let mut steps = 0;
         let log = distill(&m, &mut cands, &windows, &opts, 1, &mut |n| steps = n).unwrap();

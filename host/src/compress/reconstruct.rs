@@ -768,6 +768,19 @@ impl Adam {
 
     /// Step `n` (from 1) along the gradient `g`, on the entries `mask` keeps only.
     pub(super) fn step(&mut self, w: &mut [f32], g: &[f32], mask: &[bool], n: i32) {
+        self.step_scaled(w, g, mask, n, 1.0);
+    }
+
+    /// [`Adam::step`] with the step size times `scale` (a schedule's factor).
+    pub(super) fn step_scaled(
+        &mut self,
+        w: &mut [f32],
+        g: &[f32],
+        mask: &[bool],
+        n: i32,
+        scale: f32,
+    ) {
+        let lr = self.lr * scale;
         let (b1, b2) = (0.9f32, 0.999f32);
         let (c1, c2) = (1.0 - b1.powi(n), 1.0 - b2.powi(n));
         for (j, &keep) in mask.iter().enumerate() {
@@ -778,7 +791,7 @@ impl Adam {
             self.v[j] = b2 * self.v[j] + (1.0 - b2) * g[j] * g[j];
             let mh = self.m[j] / c1;
             let vh = self.v[j] / c2;
-            w[j] -= self.lr * mh / (vh.sqrt() + 1e-30);
+            w[j] -= lr * mh / (vh.sqrt() + 1e-30);
         }
     }
 }
