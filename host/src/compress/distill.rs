@@ -8,8 +8,9 @@
 //! The loss here is that distribution's divergence, `KL(p_source ‖ p_pruned)` per
 //! token, and its gradient runs back through the final norm and every block (the
 //! blocks' differentiable copy in [`super::reconstruct`], with its input gradient).
-//! Memory stays at one block's tape: the forward pass keeps each block's input only
-//! and the backward pass recomputes the block's tape from it (checkpointing), updating
+//! Memory is bounded: the forward pass keeps each block's input and the tapes of the
+//! first blocks up to [`TAPE_BYTES`] (all of SmolLM2's at 256 tokens); the backward
+//! pass recomputes any other block's tape from its input (checkpointing), updating
 //! each block's weights (Adam, one step per sequence) as soon as its gradient is
 //! complete. The embedding, the norms and the head are not refit.
 //!
@@ -24,7 +25,7 @@ use rayon::prelude::*;
 
 use super::candidate::Candidate;
 use super::error::{CompressError, Result};
-use super::reconstruct::{Adam, Ctx, apply_refit, refit_mask, rms_back, rms_fwd};
+use super::reconstruct::{Adam, Ctx, Tape, apply_refit, refit_mask, rms_back, rms_fwd};
 use super::select::Selection;
 
 /// How the pruned model is distilled.
@@ -202,34 +203,52 @@ fn kl_and_grad(
     (total, dh)
 }
 
-/// One sequence through the student: each block's input (for the backward pass) and the
-/// final hidden state before and after the final norm, with the norm's `1/rms`.
+/// Bytes of block tapes one pass keeps for its backward pass (beyond them, a block's
+/// tape is recomputed from its input there). Keeping a tape saves one of the four
+/// passes through a block each step takes; SmolLM2's 30 tapes at 256 tokens are about
+/// 0.4 GB, at 2048 tokens about 7 GB (the attention probabilities grow with `t²`).
+pub(super) const TAPE_BYTES: usize = 1 << 30;
+
+/// One sequence through the student: each block's input (for the backward pass), the
+/// tapes of the first blocks while they fit in [`TAPE_BYTES`], and the final hidden
+/// state before and after the final norm, with the norm's `1/rms`.
 struct Pass {
     inputs: Vec<Vec<f32>>,
+    tapes: Vec<Tape>,
     last: Vec<f32>,
     normed: Vec<f32>,
     inv: Vec<f32>,
 }
 
-/// Runs `w` through the student `s` ([`Pass`]).
+/// Runs `w` through the student `s` ([`Pass`]); `keep`: keep tapes for the backward
+/// pass (not for a divergence alone).
 fn forward(
     ctxs: &[Ctx<'_>],
     s: &Model<DenseLinear>,
     runner: &Runner<'_, DenseLinear>,
     w: &[u32],
+    keep: bool,
 ) -> Pass {
     let h = s.config.hidden_size;
     let mut x = vec![0.0f32; w.len() * h];
     // The embedding is not refit: the teacher's runner embeds as the student would.
     runner.embed(w, &mut x);
     let mut inputs = Vec::with_capacity(s.blocks.len());
+    let (mut tapes, mut kept) = (Vec::new(), 0usize);
     for (cx, b) in ctxs.iter().zip(&s.blocks) {
-        let y = cx.forward(b, &x).y;
+        let tp = cx.forward(b, &x);
+        let y = tp.y.clone();
+        // Only a run of first blocks keeps tapes: block `i`'s tape is `tapes[i]`.
+        if keep && tapes.len() == inputs.len() && kept + tp.bytes() <= TAPE_BYTES {
+            kept += tp.bytes();
+            tapes.push(tp);
+        }
         inputs.push(std::mem::replace(&mut x, y));
     }
     let (normed, inv) = rms_fwd(&x, &s.norm, s.config.rms_eps);
     Pass {
         inputs,
+        tapes,
         last: x,
         normed,
         inv,
@@ -237,21 +256,29 @@ fn forward(
 }
 
 /// The backward pass of one sequence `p` from `dh`, the gradient at the final
-/// normalized hidden states: block by block from the last, each block's tape recomputed
-/// from its input, the gradients of the linears `masks` allows (`masks[b·7 + k]`) handed
+/// normalized hidden states: block by block from the last, each block's tape the pass
+/// kept or recomputed from its input, the gradients of the linears `masks` allows (`masks[b·7 + k]`) handed
 /// to `update(b, block, grads)` as soon as they are complete. The block may be changed
 /// there: the gradient the blocks before it receive is computed before the call.
 fn backward(
     ctxs: &[Ctx<'_>],
     s: &mut Model<DenseLinear>,
-    p: &Pass,
+    mut p: Pass,
     dh: &[f32],
     masks: &[Option<Vec<bool>>],
     update: &mut dyn FnMut(usize, &mut Block<DenseLinear>, &BlockGrads),
 ) {
     let mut dy = rms_back(&p.last, &s.norm, &p.inv, dh);
     for bi in (0..s.blocks.len()).rev() {
-        let tp = ctxs[bi].forward(&s.blocks[bi], &p.inputs[bi]);
+        // The blocks after `bi` are already updated, block `bi` not: a kept tape is
+        // the one a recomputation would give.
+        let tp = match bi < p.tapes.len() {
+            true => p
+                .tapes
+                .pop()
+                .unwrap_or_else(|| unreachable!("bi < tapes.len()")),
+            false => ctxs[bi].forward(&s.blocks[bi], &p.inputs[bi]),
+        };
         let mut grads: [Option<Vec<f32>>; 7] =
             std::array::from_fn(|k| masks[bi * 7 + k].as_ref().map(|m| vec![0.0f32; m.len()]));
         let dx = ctxs[bi].backward(&s.blocks[bi], &tp, Some(&dy), None, &mut grads, bi > 0);
@@ -306,7 +333,7 @@ pub fn distill(
     let kl_of = |s: &Model<DenseLinear>, idx: &[usize]| -> f64 {
         idx.iter()
             .map(|&i| {
-                let p = forward(&ctxs, s, &runner, windows[i]);
+                let p = forward(&ctxs, s, &runner, windows[i], false);
                 kl_and_grad(&runner, &p.normed, &teacher[i], false, 1.0, threads).0
             })
             .sum::<f64>()
@@ -341,7 +368,7 @@ pub fn distill(
         let mut train_kl = 0.0f64;
         for &wi in &train {
             let w = windows[wi];
-            let p = forward(&ctxs, &s, &runner, w);
+            let p = forward(&ctxs, &s, &runner, w, true);
             // The loss is the mean divergence per token of this sequence.
             let (kl, dh) = kl_and_grad(
                 &runner,
@@ -359,7 +386,7 @@ pub fn distill(
             backward(
                 &ctxs,
                 &mut s,
-                &p,
+                p,
                 &dh.unwrap_or_default(),
                 &masks,
                 &mut |bi, block, grads| {
@@ -478,17 +505,28 @@ mod tests {
                 .forward(w, &mut runner.new_cache(), &mut hid)
                 .unwrap();
             let kl = |s: &Model<DenseLinear>| -> f64 {
-                let p = forward(&ctxs, s, &runner, w);
+                let p = forward(&ctxs, s, &runner, w, false);
                 kl_and_grad(&runner, &p.normed, &hid, false, 1.0, 1).0
             };
-            let p = forward(&ctxs, &s, &runner, w);
-            let (k0, dh) = kl_and_grad(&runner, &p.normed, &hid, true, 1.0, 1);
+            // The gradients with every tape kept, and with every tape recomputed.
+            let grads_of = |keep: bool| {
+                let p = forward(&ctxs, &s, &runner, w, keep);
+                assert_eq!(p.tapes.len(), if keep { c.n_layers } else { 0 });
+                let (k0, dh) = kl_and_grad(&runner, &p.normed, &hid, true, 1.0, 1);
+                let mut grads: Vec<BlockGrads> = vec![Default::default(); c.n_layers];
+                let mut s2 = s.clone();
+                backward(&ctxs, &mut s2, p, &dh.unwrap(), &masks, &mut |bi, _, g| {
+                    grads[bi] = g.clone();
+                });
+                (k0, grads)
+            };
+            let (k0, grads) = grads_of(true);
             assert!(k0 > 1e-4, "{name}: pruning changed nothing ({k0})");
-            let mut grads: Vec<BlockGrads> = vec![Default::default(); c.n_layers];
-            let mut s2 = s.clone();
-            backward(&ctxs, &mut s2, &p, &dh.unwrap(), &masks, &mut |bi, _, g| {
-                grads[bi] = g.clone();
-            });
+            // Recomputation runs the same arithmetic on the same inputs.
+            assert!(
+                grads == grads_of(false).1,
+                "{name}: kept and recomputed tapes differ"
+            );
             for bi in [0, c.n_layers - 1] {
                 for k in [0, 3, 4, 6] {
                     let g = grads[bi][k].as_ref().unwrap();
@@ -560,7 +598,7 @@ mod tests {
                 runner
                     .forward(w, &mut runner.new_cache(), &mut hid)
                     .unwrap();
-                let p = forward(&ctxs, &s, &runner, w);
+                let p = forward(&ctxs, &s, &runner, w, false);
                 kl_and_grad(&runner, &p.normed, &hid, false, 1.0, 1).0
             })
             .sum::<f64>()

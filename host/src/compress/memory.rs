@@ -37,7 +37,8 @@ pub struct WorkingSet {
     /// End-to-end distillation (`--distill-epochs`; 0 without): the pruned model's
     /// copy in `f32`, Adam's two moments, the best epoch's copy and the refit matrices
     /// of every block linear, their masks, the source model's final hidden states for every window,
-    /// one window's block inputs, one block's tape and backward buffers, and two
+    /// one window's block inputs, the block tapes one window keeps (at most
+    /// [`super::distill::TAPE_BYTES`]), one block's tape and backward buffers, and two
     /// chunks of logits.
     pub distillation: u64,
     /// The program, tokenizer, texts, thread stacks and allocator slack: a constant.
@@ -108,7 +109,9 @@ impl WorkingSet {
         let tape =
             f32b * len * (6 * h + 3 * q + 4 * kv + 3 * inter) + f32b * c.n_heads as u64 * len * len;
         let logits = 2 * f32b * super::distill::LOGIT_ROWS as u64 * c.vocab_size as u64;
-        self.distillation = model + state + teacher + inputs + 2 * tape + logits;
+        // The tapes one pass keeps for its backward pass, up to their bound.
+        let kept = (layers * tape).min(super::distill::TAPE_BYTES as u64);
+        self.distillation = model + state + teacher + inputs + 2 * tape + kept + logits;
         self
     }
 

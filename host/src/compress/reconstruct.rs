@@ -183,6 +183,38 @@ pub(super) struct Tape {
     pub(super) y: Vec<f32>,
 }
 
+impl Tape {
+    /// Bytes its buffers hold.
+    pub(super) fn bytes(&self) -> usize {
+        let parts = [
+            &self.x,
+            &self.inv1,
+            &self.xn,
+            &self.q_raw,
+            &self.k_raw,
+            &self.q_inv,
+            &self.k_inv,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.p,
+            &self.att,
+            &self.ao,
+            &self.pa_inv,
+            &self.x2,
+            &self.inv2,
+            &self.xn2,
+            &self.g,
+            &self.u,
+            &self.a,
+            &self.d,
+            &self.pm_inv,
+            &self.y,
+        ];
+        parts.iter().map(|v| v.len() * 4).sum()
+    }
+}
+
 /// The block, its RoPE table and the model's settings: what the forward and backward
 /// passes need.
 pub(super) struct Ctx<'a> {
