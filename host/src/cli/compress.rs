@@ -680,6 +680,21 @@ pub fn render(r: &CompressReport) -> String {
         );
     }
     let _ = writeln!(s, "calibration: {}", r.calibration);
+    if let Some(f) = &r.from {
+        let _ = writeln!(s, "started from {f}'s kept entries (no pruning)");
+    }
+    if let Some(d) = &r.distillation {
+        let kept = d.heldout.get(d.kept_epoch).copied().unwrap_or(f64::NAN);
+        let _ = writeln!(
+            s,
+            "distillation: held-out divergence {:.4} → {kept:.4} nats per token (epoch {} of {} kept; {} sequences trained on, {} held out)",
+            d.heldout.first().copied().unwrap_or(f64::NAN),
+            d.kept_epoch,
+            d.heldout.len().saturating_sub(1),
+            d.windows[0],
+            d.windows[1]
+        );
+    }
     let source = r
         .dense_eval
         .as_ref()
