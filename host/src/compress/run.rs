@@ -883,7 +883,7 @@ fn read_candidates(path: &Path, cx: &Context<'_>, source_sha256: &str) -> Result
         .sum();
     if cost > cx.limit {
         return Err(CompressError::Invalid(format!(
-            "--from {}: its linears cost {cost} bytes, over this run's budget for them ({}): give the --ratio, --budget or --target it was made with",
+            "--from {}: its linears cost {cost}, over this run's budget for them ({}): give the --ratio, --budget or --target it was made with",
             path.display(),
             cx.limit
         )));
