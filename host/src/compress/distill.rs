@@ -242,8 +242,12 @@ fn forward(
         if keep && tapes.len() == inputs.len() && kept + tp.bytes() <= TAPE_BYTES {
             kept += tp.bytes();
             tapes.push(tp);
+            // The tape holds the block's input: no second copy.
+            inputs.push(Vec::new());
+            x = y;
+        } else {
+            inputs.push(std::mem::replace(&mut x, y));
         }
-        inputs.push(std::mem::replace(&mut x, y));
     }
     let (normed, inv) = rms_fwd(&x, &s.norm, s.config.rms_eps);
     Pass {
